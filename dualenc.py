@@ -594,13 +594,14 @@ def run(cfg):
         print(f"[{name}] {timings[name]:.1f} s", file=sys.stderr)
         t0 = time.perf_counter()
 
+    text = read_text(cfg.text)  # input errors surface before the slow model load
     torch.manual_seed(cfg.seed)
     lm, tokenizer = load_lm(cfg.model, device)
     n_blocks = len(decoder_blocks(lm))
     layer = n_blocks // 2 if cfg.layer is None else cfg.layer
     if not 0 <= layer < n_blocks:
         raise DualencError(f"--layer {layer} is outside the model's blocks 0..{n_blocks - 1}")
-    windows_NT = make_windows(tokenizer, read_text(cfg.text), cfg.tokens, cfg.ctx)
+    windows_NT = make_windows(tokenizer, text, cfg.tokens, cfg.ctx)
     # Shuffle windows before the 90/10 split so held-out text comes from all over the corpus.
     windows_NT = windows_NT[torch.randperm(len(windows_NT), generator=torch.Generator().manual_seed(cfg.seed))]
     n_train = int(0.9 * len(windows_NT))
@@ -711,14 +712,15 @@ def format_report(report):
                     f"{m['kl_eps_random']:>9.4f}{m['pathology_ratio']:>7.2f}{m['ce']:>8.3f}{m['ce_recovered']:>8.3f}")
     rows.append(f"clean ce {report['clean_ce']:.3f}, zero-ablation ce {report['zero_ce']:.3f}")
     rows.append("")
-    rows.append(f"{'error reduction':<28}{'paper':>8}{'vs joint_sae_path':>19}{'vs sae (fair)':>15}")
+    header = ("error reduction", "paper", "ours, paper's way", "ours vs sae")
+    rows.append(f"{header[0]:<28}{header[1]:>8}{header[2]:>19}{header[3]:>13}")
     red = report["reductions"]
     for name in ("sequential", "joint"):
         for metric in ("mse", "kl"):
             paper = PAPER.get((name, metric))
             paper_s = f"{paper:>8.1%}" if paper is not None else f"{'-':>8}"
             paper_way = red["joint_sae_path"][name][metric] if name == "joint" else red["sae"][name][metric]
-            rows.append(f"{name + ' ' + metric:<28}{paper_s}{paper_way:>19.1%}{red['sae'][name][metric]:>15.1%}")
+            rows.append(f"{name + ' ' + metric:<28}{paper_s}{paper_way:>19.1%}{red['sae'][name][metric]:>13.1%}")
     d = report["data"]
     rows.append("")
     rows.append(f"{d['model']} block {d['layer']}: {d['train_tokens']:,} train tokens, {d['eval_tokens']:,} held out, "

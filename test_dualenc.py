@@ -1,0 +1,408 @@
+"""Tests for dualenc, written as examples of its API. Offline: tiny random transformers models built
+from a config for the plumbing, and the real SmolLM2 GGUF for one end-to-end --quick run."""
+
+import itertools
+import json
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+import dualenc as de
+
+D, FEATS, K, M = 16, 64, 8, 12
+
+
+def tiny_llama():
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def tiny_gpt2():
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=97, n_embd=32, n_layer=4, n_head=4, n_positions=64)
+    return GPT2LMHeadModel(cfg).eval()
+
+
+TINY_LMS = {"llama": tiny_llama, "gpt2": tiny_gpt2}
+
+
+def small_cfg(**kw):
+    return de.Config(**{"features": FEATS, "k": K, "embed_dim": M, "epochs": 4, "batch_size": 64,
+                        "eval_every": 10, "lr": 3e-3, **kw})
+
+
+def synthetic_acts(n=1024, d=D, seed=0):
+    """Sparse-ish data with pairwise structure, so every model has something to learn."""
+    g = torch.Generator().manual_seed(seed)
+    atoms = torch.randn(32, d, generator=g)
+    w = F.relu(torch.randn(n, 32, generator=g) - 1.0)
+    x = w @ atoms + 0.5 * (w[:, :1] * w[:, 1:2]) * atoms[2]
+    return (x - x.mean(0)) / x.std(0)
+
+
+# ----------------------------------------------------------------------------- SAE and NFM
+
+def test_sae_shapes_and_exactly_k_active():
+    sae = de.TopKSAE(D, FEATS, K)
+    x = torch.randn(5, D)
+    vals, idx = sae.encode(x)
+    assert vals.shape == idx.shape == (5, K)
+    codes = de.to_dense(vals, idx, FEATS)
+    assert codes.shape == (5, FEATS)
+    assert ((codes != 0).sum(-1) == K).all()
+    recon, (vals2, idx2) = sae(x)
+    assert recon.shape == (5, D)
+    # the sparse decode is the dense formula x_s = W_dec f + b_dec
+    torch.testing.assert_close(recon, codes @ sae.W_dec + sae.b_dec)
+
+
+def test_sae_encoder_starts_as_decoder_transpose():
+    sae = de.TopKSAE(D, FEATS, K)
+    torch.testing.assert_close(sae.W_enc, sae.W_dec.T)
+
+
+def test_nfm_shapes():
+    nfm = de.NFM(FEATS, D, M)
+    vals, idx = de.TopKSAE(D, FEATS, K).encode(torch.randn(5, D))
+    linear, interaction = nfm(vals, idx)
+    assert linear.shape == interaction.shape == (5, D)
+    assert nfm.pair(vals, idx).shape == (5, M)
+
+
+def test_pair_equals_sum_over_pairs():
+    nfm = de.NFM(FEATS, D, M)
+    vals, idx = torch.rand(3, K), torch.stack([torch.randperm(FEATS)[:K] for _ in range(3)])
+    v = nfm.embed
+    explicit = torch.stack([
+        sum(vals[b, i] * vals[b, j] * v[idx[b, i]] * v[idx[b, j]] for i, j in itertools.combinations(range(K), 2))
+        for b in range(3)])
+    torch.testing.assert_close(nfm.pair(vals, idx), explicit, rtol=1e-5, atol=1e-6)
+
+
+def test_nfm_reads_only_the_largest_codes():
+    nfm = de.NFM(FEATS, D, M, n_read=3).eval()
+    vals = torch.tensor([[5.0, 0.1, 4.0, 0.2, 3.0]])
+    idx = torch.tensor([[1, 2, 3, 4, 5]])
+    keep = torch.tensor([[5.0, 4.0, 3.0]]), torch.tensor([[1, 3, 5]])
+    for a, b in zip(nfm(vals, idx), nfm(*keep)):
+        torch.testing.assert_close(a, b)
+
+
+def test_nfm_without_linear_term_outputs_zero_linear():
+    nfm = de.NFM(FEATS, D, M, linear=False)
+    linear, interaction = nfm(*de.TopKSAE(D, FEATS, K).encode(torch.randn(4, D)))
+    assert (linear == 0).all() and interaction.abs().sum() > 0
+    assert nfm.W_lin is None
+
+
+def test_dual_encoder_sums_its_pathways():
+    model = de.DualEncoder(de.TopKSAE(D, FEATS, K), de.NFM(FEATS, D, M)).eval()
+    x = torch.randn(6, D)
+    x_s, code = model.sae(x)
+    linear, interaction = model.nfm(*code)
+    torch.testing.assert_close(model(x), x_s + linear + interaction)
+    with de.pathways(model):
+        torch.testing.assert_close(model(x), x_s)
+    with de.pathways(model, "interaction"):
+        torch.testing.assert_close(model(x), x_s + interaction)
+    assert model.pathways == de.PATHWAYS
+
+
+def test_reconstruct_inverts_the_normalisation():
+    mean, std = torch.randn(D), torch.rand(D) + 0.5
+    model = de.DualEncoder(de.TopKSAE(D, FEATS, K), None, mean, std).eval()
+    h = torch.randn(2, 3, D) * 4
+    expected = model(((h - mean) / std).reshape(-1, D)).reshape(h.shape) * std + mean
+    torch.testing.assert_close(model.reconstruct(h), expected)
+
+
+# ----------------------------------------------------------------------------- training
+
+def trained(kind, x, cfg):
+    torch.manual_seed(0)
+    sae = de.DualEncoder(de.TopKSAE(D, FEATS, K))
+    if kind == "sae":
+        return de.train_sae(sae, x, x, cfg), sae
+    if kind == "sequential":
+        de.train_sae(sae, x, x, cfg)
+        model = de.DualEncoder(sae.sae, de.NFM(FEATS, D, M, n_read=K))
+        return de.train_sequential(model, x, x, cfg), model
+    model = de.DualEncoder(de.TopKSAE(D, FEATS, K), de.NFM(FEATS, D, M, n_read=K))
+    return de.train_joint(model, x, x, cfg), model
+
+
+@pytest.mark.parametrize("kind", ["sae", "sequential", "joint"])
+def test_training_loss_decreases(kind):
+    x = synthetic_acts()
+    cfg = small_cfg()
+    history, model = trained(kind, x, cfg)
+    assert history[-1]["step"] == cfg.epochs * (len(x) // cfg.batch_size)
+    assert history[-1]["mse"] < 0.9 * history[0]["mse"]
+    assert history[-1]["train_mse"] < history[0]["train_mse"]
+
+
+def test_sequential_leaves_the_sae_untouched_and_beats_it():
+    x, cfg = synthetic_acts(), small_cfg()
+    _, model = trained("sequential", x, cfg)
+    before = model.sae.W_dec.clone()
+    de.train_sequential(model, x, x, cfg)
+    torch.testing.assert_close(model.sae.W_dec, before)
+    with de.pathways(model):
+        sae_only = de.evaluate(model, x)
+    assert de.evaluate(model, x)["mse"] < sae_only["mse"]
+
+
+def test_same_seed_same_history():
+    x, cfg = synthetic_acts(), small_cfg(epochs=1)
+    assert trained("joint", x, cfg)[0] == trained("joint", x, cfg)[0]
+
+
+def test_evaluate_fvu_is_centred():
+    x = synthetic_acts() + 3.0
+    model = de.DualEncoder(de.TopKSAE(D, FEATS, K))
+    with torch.no_grad():
+        model.sae.W_dec.zero_()
+        model.sae.b_dec.copy_(x.mean(0))  # predicts the mean: explains no variance
+    assert de.evaluate(model, x)["fvu"] == pytest.approx(1.0, rel=1e-4)
+
+
+def test_lr_schedule_is_the_papers():
+    cfg = small_cfg(lr=1e-4, lr_end=0.1, decay_frac=0.8)
+    assert de.lr_at(0, 100, cfg) == pytest.approx(1e-4)
+    assert de.lr_at(40, 100, cfg) == pytest.approx(0.55e-4)
+    assert de.lr_at(80, 100, cfg) == de.lr_at(99, 100, cfg) == pytest.approx(1e-5)
+
+
+def test_nan_in_training_fails_loudly():
+    x = synthetic_acts()
+    x[3, 2] = float("nan")
+    with pytest.raises(de.DualencError, match="non-finite|nan"):
+        de.train_sae(de.DualEncoder(de.TopKSAE(D, FEATS, K)), x, x, small_cfg())
+
+
+# ----------------------------------------------------------------------------- hook, extraction, splicing
+
+@pytest.mark.parametrize("arch", TINY_LMS)
+def test_hook_captures_what_the_model_computes(arch):
+    lm = TINY_LMS[arch]()
+    ids = torch.randint(0, 97, (3, 10))
+    acts = de.extract_activations(lm, ids, layer=1)
+    with torch.no_grad():
+        hidden = lm(ids, output_hidden_states=True).hidden_states
+    assert acts.shape == (3, 10, 32)
+    torch.testing.assert_close(acts, hidden[2])  # hidden_states[0] is the embeddings
+
+
+@pytest.mark.parametrize("arch", TINY_LMS)
+def test_early_exit_extraction_equals_full_forward(arch):
+    lm = TINY_LMS[arch]()
+    ids = torch.randint(0, 97, (5, 12))
+    seen = []
+    with torch.no_grad(), de.block_hook(lm, 2, seen.append):
+        lm(ids)
+    assert torch.equal(de.extract_activations(lm, ids, 2, batch_size=2), seen[0])
+
+
+class ToyBlock(nn.Module):
+    def __init__(self, as_tuple):
+        super().__init__()
+        self.lin, self.as_tuple = nn.Linear(4, 4), as_tuple
+
+    def forward(self, h):
+        h = h + self.lin(h)
+        return (h, "extra") if self.as_tuple else h
+
+
+class ToyLM(nn.Module):
+    def __init__(self, as_tuple):
+        super().__init__()
+        self.config = SimpleNamespace(num_hidden_layers=3)
+        self.blocks = nn.ModuleList(ToyBlock(as_tuple) for _ in range(3))
+
+    def forward(self, h):
+        for block in self.blocks:
+            out = block(h)
+            h = out[0] if isinstance(out, tuple) else out
+        return h
+
+
+@pytest.mark.parametrize("as_tuple", [False, True])
+def test_block_hook_reads_and_replaces_tuple_or_tensor_outputs(as_tuple):
+    lm, h = ToyLM(as_tuple), torch.randn(2, 5, 4)
+    seen = []
+    with de.block_hook(lm, 1, seen.append):
+        clean = lm(h)
+    assert seen[0].shape == (2, 5, 4)
+    with de.block_hook(lm, 1, lambda x: x + 1.0):
+        shifted = lm(h)
+    assert not torch.allclose(clean, shifted)
+    with de.block_hook(lm, 2, torch.zeros_like):
+        assert (lm(h) == 0).all()
+    assert torch.equal(lm(h), clean)  # the hook is removed on exit
+
+
+@pytest.mark.parametrize("arch", TINY_LMS)
+def test_splicing_the_identity_changes_nothing(arch):
+    lm = TINY_LMS[arch]()
+    ids = torch.randint(0, 97, (4, 16))
+    m = de.splice_metrics(lm, ids, 1, lambda h: h)
+    assert m["kl"] == pytest.approx(0.0, abs=1e-6)
+    assert m["ce"] == pytest.approx(m["clean_ce"], abs=1e-6)
+    assert m["clean_ce"] > 0
+
+
+def test_splicing_zeros_hurts():
+    lm = tiny_llama()
+    ids = torch.randint(0, 97, (4, 16))
+    both = de.splice_metrics(lm, ids, 1, {"same": lambda h: h, "zero": torch.zeros_like})
+    assert both["same"]["kl"] == pytest.approx(0.0, abs=1e-6)
+    assert both["zero"]["kl"] > 0.01 and both["zero"]["ce"] > both["clean_ce"]
+
+
+def test_splice_touches_and_averages_only_kept_positions():
+    lm = tiny_llama()
+    ids = torch.randint(0, 97, (2, 16))
+    keep = torch.zeros(ids.shape, dtype=torch.bool)
+    keep[:, 8:] = True
+    got = de.splice_metrics(lm, ids, 1, torch.zeros_like, keep_NT=keep)
+
+    def zero_late(h):
+        h = h.clone()
+        h[:, 8:] = 0
+        return h
+
+    with torch.no_grad():
+        clean = F.log_softmax(lm(ids).logits, -1)
+        with de.block_hook(lm, 1, zero_late):
+            spliced = F.log_softmax(lm(ids).logits, -1)
+    kl = (clean.exp() * (clean - spliced)).sum(-1)
+    nll = -spliced[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1)
+    assert kl[:, :8].abs().max() < 1e-6  # causal: positions before the splice are unchanged
+    assert got["kl"] == pytest.approx(kl[:, 8:].mean().item(), rel=1e-5)
+    assert got["ce"] == pytest.approx(nll[:, 8:].mean().item(), rel=1e-5)
+
+
+def test_eps_random_has_the_errors_norm():
+    h, h_hat = torch.randn(3, 7, D), torch.randn(3, 7, D)
+    eps = de.eps_random(h, h_hat, torch.Generator().manual_seed(0))
+    torch.testing.assert_close((eps - h).norm(dim=-1), (h_hat - h).norm(dim=-1))
+    cos = F.cosine_similarity(eps - h, h_hat - h, dim=-1)
+    assert cos.abs().mean() < 0.5  # a different direction
+
+
+def test_keep_mask_drops_position_zero_and_massive_tokens():
+    acts = torch.ones(2, 5, 4)
+    acts[1, 3] *= 1000
+    keep = de.keep_mask(acts, max_norm=10.0)
+    assert not keep[:, 0].any() and not keep[1, 3]
+    assert keep.sum() == 2 * 4 - 1
+
+
+# ----------------------------------------------------------------------------- bad input
+
+@pytest.mark.parametrize("kw, msg", [
+    (dict(k=100, features=50), "exceeds"),
+    (dict(features=0), "positive"),
+    (dict(batch_size=-1), "positive"),
+    (dict(nfm_k=100), "nfm-k"),
+    (dict(lr=0.0), "lr"),
+])
+def test_bad_settings_raise(kw, msg):
+    with pytest.raises(de.DualencError, match=msg):
+        de.Config(**kw)
+
+
+def test_layer_outside_the_model_raises():
+    with pytest.raises(de.DualencError, match="outside"):
+        de.extract_activations(tiny_llama(), torch.zeros(1, 4, dtype=torch.long), layer=4)
+
+
+def test_text_errors(tmp_path):
+    with pytest.raises(de.DualencError, match="no text"):
+        de.read_text(str(tmp_path / "missing.txt"))
+    (tmp_path / "empty.txt").write_text("  \n")
+    with pytest.raises(de.DualencError, match="empty"):
+        de.read_text(str(tmp_path / "empty.txt"))
+    (tmp_path / "empty_dir").mkdir()
+    with pytest.raises(de.DualencError, match="no text"):
+        de.read_text(str(tmp_path / "empty_dir"))
+    tok = lambda text, verbose=False: {"input_ids": list(range(len(text.split())))}  # noqa: E731
+    with pytest.raises(de.DualencError, match="longer text"):
+        de.make_windows(tok, "a few words only", n_tokens=4096, ctx=128)
+
+
+def test_stdlib_corpus_is_long_and_deterministic():
+    text = de.stdlib_docstrings()
+    assert len(text) > 500_000 and text == de.stdlib_docstrings()
+
+
+def test_device_and_output_errors(tmp_path):
+    if not torch.cuda.is_available():
+        with pytest.raises(de.DualencError, match="CUDA"):
+            de.resolve_device("cuda")
+    with pytest.raises(de.DualencError, match="auto, cpu or cuda"):
+        de.resolve_device("tpu")
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    with pytest.raises(de.DualencError, match="cannot write"):
+        de.prepare_out(str(blocker / "run"))
+
+
+def test_missing_model_raises():
+    with pytest.raises(de.DualencError, match="no such"):
+        de.load_lm("./no/such/model", "cpu")
+    with pytest.raises(de.DualencError, match="no such file"):
+        de.load_lm("missing.gguf", "cpu")
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "dualenc.py", *args], capture_output=True, text=True,
+                          cwd=Path(__file__).parent, timeout=600)
+
+
+@pytest.mark.parametrize("args, msg", [
+    (["--k", "5000", "--features", "100"], "exceeds"),
+    (["--model", "./nowhere/model"], "no such model folder"),
+    (["--text", "/nonexistent.txt", "--out", "OUT"], "no text"),
+])
+def test_cli_bad_input_is_one_line_and_nonzero(args, msg, tmp_path):
+    out = tmp_path / "run"
+    r = run_cli(*[str(out) if a == "OUT" else a for a in args])
+    assert r.returncode == 2
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and msg in lines[0] and "Traceback" not in r.stderr
+    assert not (out / "results.json").exists()
+
+
+def test_cli_flags_mirror_the_config():
+    cfg = de.parse_args(["--features", "128", "--k", "4", "--layer", "3", "--lr", "0.01"])
+    assert (cfg.features, cfg.k, cfg.layer, cfg.lr, cfg.embed_dim) == (128, 4, 3, 0.01, 64)
+    quick = de.parse_args(["--quick", "--k", "8"])
+    assert quick.quick and quick.k == 8 and quick.tokens == de.QUICK["tokens"]
+
+
+# ----------------------------------------------------------------------------- end to end, real LM
+
+def test_quick_run_on_smollm2_writes_complete_results(tmp_path):
+    r = run_cli("--quick", "--out", str(tmp_path))
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert {"config", "data", "models", "clean_ce", "zero_ce", "timings_s"} <= res.keys()
+    assert res["data"]["d_model"] == 576 and res["data"]["layer"] == 15
+    assert res["data"]["train_tokens"] > 10_000 and res["data"]["excluded_tokens"] >= res["config"]["tokens"] // 128
+    for name in ("sae", "sequential", "joint", "joint_sae_path"):
+        m = res["models"][name]
+        assert {"params", "mse", "fvu", "kl", "kl_eps_random", "pathology_ratio", "ce", "ce_recovered"} <= m.keys()
+        assert 0 < m["fvu"] < 1 and m["kl"] > 0 and 0 < m["ce_recovered"] < 1
+    assert res["zero_ce"] > res["models"]["sae"]["ce"] > res["clean_ce"]
+    for name in ("sae", "sequential", "joint"):
+        assert (tmp_path / f"{name}.safetensors").stat().st_size > 0
