@@ -406,3 +406,18 @@ def test_quick_run_on_smollm2_writes_complete_results(tmp_path):
     assert res["zero_ce"] > res["models"]["sae"]["ce"] > res["clean_ce"]
     for name in ("sae", "sequential", "joint"):
         assert (tmp_path / f"{name}.safetensors").stat().st_size > 0
+
+
+@pytest.mark.parametrize("arch", TINY_LMS)
+def test_cached_prefix_splice_equals_full_forward_splice(arch):
+    lm = TINY_LMS[arch]()
+    ids = torch.randint(0, 97, (5, 12))
+    acts = de.extract_activations(lm, ids, 2)
+    reps = {"zero": torch.zeros_like, "half": lambda h: 0.5 * h}
+    full = de.splice_metrics(lm, ids, 2, reps, batch_size=2)
+    cached = de.splice_metrics(lm, ids, 2, reps, acts_NTD=acts, batch_size=2)
+    assert cached["clean_ce"] == pytest.approx(full["clean_ce"], rel=1e-5)
+    for name in reps:
+        assert cached[name] == pytest.approx(full[name], rel=1e-5, abs=1e-6)
+    assert full["zero"]["kl"] > 0.001
+    assert not any(isinstance(b, de._Cached) for b in de.decoder_blocks(lm))  # the real blocks are back
