@@ -76,7 +76,7 @@ class Config:
     lr_end: float = opt(0.1, "final lr as a fraction of --lr (paper: 1e-5 / 1e-4)")
     decay_frac: float = opt(0.8, "fraction of steps over which lr decays linearly (paper: 0.8)")
     eval_every: int = opt(100, "steps between held-out evaluations and log lines")
-    splice_tokens: int = opt(4096, "held-out tokens run through the LM for KL / CE")
+    splice_tokens: int = opt(3072, "held-out tokens run through the LM for KL / CE")
     outlier_factor: float = opt(10.0, "drop tokens whose norm exceeds this times the median (§2)")
     seed: int = opt(0, "seed for data order, initialisation and the epsilon-random baseline")
     device: str = opt("auto", "auto (CUDA when available), cpu or cuda")
