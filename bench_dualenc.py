@@ -99,11 +99,17 @@ def peak_memory_mb(cfg_name, impl, device, cap_gb=None):
     return float(r.stdout) if r.returncode == 0 else None
 
 
+def peak_rss_mb():
+    # VmHWM, not getrusage's ru_maxrss: the latter keeps the parent's high-water mark across fork + exec
+    line = next(ln for ln in open("/proc/self/status") if ln.startswith("VmHWM:"))
+    return int(line.split()[1]) / 1024
+
+
 def peak_child(cfg_name, impl):
     step = nfm_step(CONFIGS[cfg_name], impl, torch.device("cpu"))
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    base = peak_rss_mb()
     step()
-    print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024)
+    print(peak_rss_mb() - base)
 
 
 def fmt(t):
