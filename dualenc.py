@@ -734,6 +734,33 @@ def splice_metrics(lm, input_ids_NT, layer, replace, keep_NT=None, acts_NTD=None
     return {**out, "clean_ce": clean_ce / n_ce}
 
 
+def evaluate_variants(lm, layer, evaluated, x_eval_ND, ids_NT, keep_NT, acts_NTD, generator):
+    """Every variant {name: (model, pathways)} evaluated the same way (§6): MSE and FVU on x_eval_ND;
+    KL, CE and CE recovered with its reconstruction spliced, and the KL of its epsilon-random twin.
+    One splice_metrics call, so the clean pass (and the zero-ablation) serves all of them."""
+    def spliced(model, paths, eps):
+        def fn(h):
+            with pathways(model, *paths):
+                h_hat = model.reconstruct(h)
+            return eps_random(h, h_hat, generator) if eps else h_hat
+        return fn
+
+    replacements = {"zero": torch.zeros_like}
+    for name, (model, paths) in evaluated.items():
+        replacements[name] = spliced(model, paths, eps=False)
+        replacements[name + "/eps"] = spliced(model, paths, eps=True)
+    m = splice_metrics(lm, ids_NT, layer, replacements, keep_NT, acts_NTD)
+    clean_ce, zero_ce = m["clean_ce"], m["zero"]["ce"]
+    results = {}
+    for name, (model, paths) in evaluated.items():
+        with pathways(model, *paths):
+            recon = evaluate(model, x_eval_ND)
+        kl, kl_eps, ce = m[name]["kl"], m[name + "/eps"]["kl"], m[name]["ce"]
+        results[name] = {**recon, "kl": kl, "kl_eps_random": kl_eps, "pathology_ratio": kl / kl_eps,
+                         "ce": ce, "ce_recovered": (zero_ce - ce) / (zero_ce - clean_ce)}
+    return results, clean_ce, zero_ce
+
+
 # ----------------------------------------------------------------------------- analysis
 
 def variants(sae, sequential, joint, joint_no_linear):
@@ -894,6 +921,22 @@ def claims(models, analysis):
                 "holds_paper_way": bc["joint_W_dec"] > 5 / 9 and unimodal_sae,
                 "holds_fair": bc["joint_merged"] > 5 / 9 and unimodal_sae})
     return out
+
+
+def analyse(models, results, x_eval_ND):
+    """The §7 analyses with the §9 controls, and the claims table, for the four trained models."""
+    counts = {name: param_counts(model) for name, model in models.items()}
+    analysis = {
+        "contributions": {name: contributions(models[name], x_eval_ND) for name in ("sequential", "joint")},
+        "params": counts,
+        "param_shares": {name: {"sae": (c["sae_encoder"] + c["sae_decoder"]) / sum(c.values()),
+                                "linear": c["nfm_linear"] / sum(c.values()),
+                                "interaction": (c["nfm_embed"] + c["nfm_mlp"]) / sum(c.values())}
+                         for name, c in counts.items()},
+        "decoder_norms": decoder_norm_analysis(models["sae"], models["joint"], x_eval_ND),
+    }
+    analysis["claims"] = claims(results, analysis)
+    return analysis
 
 
 def plot_figures(report, out):
@@ -1093,42 +1136,14 @@ def run(cfg):
 
     # evaluation: reconstruction on all held-out tokens, KL / CE on the first splice_tokens of them
     evaluated = variants(*(models[name] for name in STAGES))
-    results = {}
-    for name, (model, paths) in evaluated.items():
-        with pathways(model, *paths):
-            results[name] = {"params": params_used(model, paths), **evaluate(model, x_eval_ND)}
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
-
-    def recon(model, paths):
-        def fn(h):
-            with pathways(model, *paths):
-                return model.reconstruct(h)
-        return fn
-
-    replacements = {"zero": torch.zeros_like}
+    results, clean_ce, zero_ce = evaluate_variants(lm, layer, evaluated, x_eval_ND, ids_NT, keep_NT,
+                                                   splice_acts_NTD, gen)
     for name, (model, paths) in evaluated.items():
-        replacements[name] = recon(model, paths)
-        replacements[name + "/eps"] = (lambda f: lambda h: eps_random(h, f(h), gen))(recon(model, paths))
-    spliced = splice_metrics(lm, ids_NT, layer, replacements, keep_NT, splice_acts_NTD)
-    clean_ce, zero_ce = spliced["clean_ce"], spliced["zero"]["ce"]
-    for name in evaluated:
-        m, eps = spliced[name], spliced[name + "/eps"]
-        results[name].update(kl=m["kl"], kl_eps_random=eps["kl"], pathology_ratio=m["kl"] / eps["kl"],
-                             ce=m["ce"], ce_recovered=(zero_ce - m["ce"]) / (zero_ce - clean_ce))
+        results[name] = {"params": params_used(model, paths), **results[name]}
     stage("evaluate")
 
-    # analysis (§7, §9)
-    counts = {name: param_counts(models[name]) for name in STAGES}
-    analysis = {
-        "contributions": {name: contributions(models[name], x_eval_ND) for name in ("sequential", "joint")},
-        "params": counts,
-        "param_shares": {name: {"sae": (c["sae_encoder"] + c["sae_decoder"]) / sum(c.values()),
-                                "linear": c["nfm_linear"] / sum(c.values()),
-                                "interaction": (c["nfm_embed"] + c["nfm_mlp"]) / sum(c.values())}
-                         for name, c in counts.items()},
-        "decoder_norms": decoder_norm_analysis(models["sae"], models["joint"], x_eval_ND),
-    }
-    analysis["claims"] = claims(results, analysis)
+    analysis = analyse(models, results, x_eval_ND)  # §7, §9
     report.update(status="complete", models=results, clean_ce=clean_ce, zero_ce=zero_ce, analysis=analysis)
     report["data"]["steps_per_model"] = report["curves"]["sae"][-1]["step"]
     plot_figures(report, out)
