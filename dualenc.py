@@ -1196,6 +1196,10 @@ def parse_args(argv=None):
         p.add_argument(flag, type=kind, default=argparse.SUPPRESS,
                        metavar=f.metadata["metavar"] or kind.__name__.upper(), help=f.metadata["help"] + shown)
     given = vars(p.parse_args(argv))
+    extra = given.keys() - {"resume", "eval_only", "device"}
+    if (given.get("resume") or given.get("eval_only")) and extra:
+        raise DualencError(f"--resume and --eval-only take the run's own settings; only --device may be "
+                           f"given with them, not {', '.join(sorted('--' + k.replace('_', '-') for k in extra))}")
     return Config(**{**(QUICK if given.get("quick") else {}), **given})
 
 

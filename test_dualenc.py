@@ -490,6 +490,9 @@ def test_cli_flags_mirror_the_config():
     assert (cfg.features, cfg.k, cfg.layer, cfg.lr, cfg.embed_dim) == (128, 4, 3, 0.01, 64)
     quick = de.parse_args(["--quick", "--k", "8"])
     assert quick.quick and quick.k == 8 and quick.tokens == de.QUICK["tokens"]
+    assert de.parse_args(["--resume", "runs/x", "--device", "cpu"]).resume == "runs/x"
+    with pytest.raises(de.DualencError, match="only --device"):
+        de.parse_args(["--resume", "runs/x", "--epochs", "5"])
 
 
 # ----------------------------------------------------------------------------- end to end, real LM
