@@ -54,6 +54,11 @@ class DualencError(Exception):
     """A problem with the user's input or environment; the command line prints it as one line."""
 
 
+def one_line(e, limit=300):
+    """An exception's message folded onto one line (state_dict and safetensors errors span several)."""
+    return " ".join(str(e).split())[:limit]
+
+
 # ----------------------------------------------------------------------------- config
 
 def opt(default, help, metavar=None):
@@ -515,7 +520,7 @@ def load_model(folder):
             nfm = NFM(**json.loads((folder / "nfm_cfg.json").read_text()))
             nfm.load_state_dict(load_file(folder / "nfm.safetensors"))
     except (OSError, KeyError, TypeError, ValueError, RuntimeError, SafetensorError) as e:
-        raise DualencError(f"cannot load the model in {folder}: {' '.join(str(e).split())[:300]}") from None
+        raise DualencError(f"cannot load the model in {folder}: {one_line(e)}") from None
     return DualEncoder(sae, nfm, norm["mean"], norm["std"]).eval()
 
 
@@ -604,7 +609,7 @@ def load_train_state(path, model, opt):
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
     except (OSError, KeyError, ValueError, RuntimeError, EOFError, pickle.UnpicklingError) as e:
-        raise DualencError(f"cannot resume from {path}: {' '.join(str(e).split())[:300]}") from None
+        raise DualencError(f"cannot resume from {path}: {one_line(e)}") from None
     torch.set_rng_state(state["rng"])
     if "cuda_rng" in state:
         torch.cuda.set_rng_state(state["cuda_rng"])
@@ -1038,7 +1043,7 @@ def load_run(path):
         done = [name for name in report["stages_done"] if name in STAGES]
         config = Config(**report["config"])
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise DualencError(f"{path} is not a dualenc run folder: {' '.join(str(e).split())[:200]}") from None
+        raise DualencError(f"{path} is not a dualenc run folder: {one_line(e)}") from None
     return {name: load_model(path / name) for name in done}, {**report, "config": asdict(config)}
 
 
@@ -1069,9 +1074,7 @@ def run(cfg):
     # data
     lm, tokenizer = load_lm(cfg.model, device)
     n_blocks = len(decoder_blocks(lm))
-    layer = n_blocks // 2 if cfg.layer is None else cfg.layer
-    if not 0 <= layer < n_blocks:
-        raise DualencError(f"--layer {layer} is outside the model's blocks 0..{n_blocks - 1}")
+    layer = n_blocks // 2 if cfg.layer is None else cfg.layer  # block_hook rejects one outside the model
     windows_NT = make_windows(tokenizer, text, cfg.tokens, cfg.ctx)
     # Shuffle windows before the 90/10 split (§5) so held-out text comes from all over the corpus.
     windows_NT = windows_NT[torch.randperm(len(windows_NT), generator=torch.Generator().manual_seed(cfg.seed))]
