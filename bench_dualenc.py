@@ -35,7 +35,7 @@ def dense_nfm(nfm, vals_BK, idx_BK):
     codes_BF = de.to_dense(vals_BK, idx_BK, nfm.embed.shape[0])
     fv_BFM = codes_BF[:, :, None] * nfm.embed
     pair_BM = 0.5 * (fv_BFM.sum(1).square() - fv_BFM.square().sum(1))
-    return codes_BF @ nfm.W_lin + nfm.b_lin, nfm.mlp(pair_BM)
+    return codes_BF @ nfm.W_lin, nfm.mlp(pair_BM)
 
 
 def random_code(cfg, device, seed=0):

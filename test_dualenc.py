@@ -65,9 +65,18 @@ def test_sae_shapes_and_exactly_k_active():
     torch.testing.assert_close(recon, codes @ sae.W_dec + sae.b_dec)
 
 
-def test_sae_encoder_starts_as_decoder_transpose():
-    sae = de.TopKSAE(D, FEATS, K)
+def test_sae_starts_as_the_papers_linear_layer_with_the_encoder_its_transpose():
+    d, f = 576, 4608
+    sae = de.TopKSAE(d, f, K)
     torch.testing.assert_close(sae.W_enc, sae.W_dec.T)
+    assert sae.W_dec.abs().max() <= f ** -0.5  # nn.Linear(F, D)'s default: uniform(-1/sqrt(F), 1/sqrt(F))
+    assert sae.W_dec.norm(dim=-1).mean().item() == pytest.approx((d / (3 * f)) ** 0.5, rel=0.01)  # 0.20
+    assert (sae.b_enc == 0).all() and (sae.b_dec == 0).all()
+    unit = de.TopKSAE(d, f, K, init="unit")
+    torch.testing.assert_close(unit.W_dec.norm(dim=-1), torch.ones(f))
+    torch.testing.assert_close(unit.W_enc, unit.W_dec.T)
+    with pytest.raises(ValueError, match="init"):
+        de.TopKSAE(d, f, K, init="xavier")
 
 
 def test_nfm_shapes():
@@ -161,20 +170,37 @@ def test_param_counts_match_a_hand_count():
     model = de.DualEncoder(de.TopKSAE(D, FEATS, K), de.NFM(FEATS, D, M))
     counts = de.param_counts(model)
     assert counts == {"sae_encoder": D * FEATS + FEATS, "sae_decoder": FEATS * D + D,
-                      "nfm_linear": FEATS * D + D, "nfm_embed": FEATS * M,
-                      "nfm_mlp": (M * M + M) + (M * D + D)}
+                      "nfm_linear": FEATS * D, "nfm_embed": FEATS * M,
+                      "nfm_mlp": (M * M + M) + M * D}  # b_dec is the one output bias
     assert sum(counts.values()) == sum(p.numel() for p in model.parameters())
     assert de.params_used(model, ()) == counts["sae_encoder"] + counts["sae_decoder"]
     assert de.params_used(model, de.PATHWAYS) == sum(counts.values())
 
 
-def test_merged_decoder_reproduces_sae_plus_linear():
-    model = de.DualEncoder(de.TopKSAE(D, FEATS, K), de.NFM(FEATS, D, M, n_read=K)).eval()
+def test_merged_decoder_is_exact_only_on_the_codes_the_nfm_reads():
     x = torch.randn(7, D)
-    codes = de.to_dense(*model.sae.encode(x), FEATS)
-    merged = codes @ (model.sae.W_dec + model.nfm.W_lin) + model.sae.b_dec + model.nfm.b_lin
-    with de.pathways(model, "linear"):
-        torch.testing.assert_close(model(x), merged, rtol=1e-5, atol=1e-5)
+    for n_read in (K, K // 2):
+        model = de.DualEncoder(de.TopKSAE(D, FEATS, K), de.NFM(FEATS, D, M, n_read=n_read)).eval()
+        vals, idx = model.sae.encode(x)
+        codes = de.to_dense(vals, idx, FEATS)
+        read = de.to_dense(*model.nfm.read(vals, idx), FEATS)
+        with de.pathways(model, "linear"):
+            x_hat = model(x)
+        # x_s + linear(f) = W_dec f + W_lin f_read + b_dec, whatever n_read is
+        torch.testing.assert_close(x_hat, codes @ model.sae.W_dec + read @ model.nfm.W_lin + model.sae.b_dec,
+                                   rtol=1e-5, atol=1e-5)
+        merged = codes @ (model.sae.W_dec + model.nfm.W_lin) + model.sae.b_dec
+        assert torch.allclose(x_hat, merged, rtol=1e-5, atol=1e-5) == (n_read == K)
+
+
+def test_an_ablation_keeps_the_one_output_bias():
+    model = de.DualEncoder(de.TopKSAE(D, FEATS, K), de.NFM(FEATS, D, M)).eval()
+    nn.init.normal_(model.sae.b_dec)
+    assert [n for n, _ in model.named_parameters() if "bias" in n or n.startswith("b_") or ".b_" in n] == \
+        ["sae.b_enc", "sae.b_dec", "nfm.mlp.0.bias"]  # no b_lin, no MLP output bias
+    x = torch.randn(5, D)
+    with de.pathways(model):
+        torch.testing.assert_close(model(x), model.sae(x)[0])  # b_dec stays when both pathways are off
 
 
 def test_zeroing_a_pathway_removes_exactly_that_pathway():
@@ -194,29 +220,94 @@ def test_bimodality_statistics_separate_two_modes_from_one():
     bimodal = torch.cat([0.05 + 0.01 * torch.randn(2000, generator=g), 0.37 + 0.03 * torch.randn(2000, generator=g)])
     assert de.bimodality_coefficient(unimodal) < 0.4 < 5 / 9 < de.bimodality_coefficient(bimodal)
     fit = de.gmm2(bimodal)
-    assert fit["means"] == pytest.approx([0.05, 0.37], abs=0.01)
-    assert fit["weights"] == pytest.approx([0.5, 0.5], abs=0.02)
+    assert fit["means"].tolist() == pytest.approx([0.05, 0.37], abs=0.01)
+    assert fit["weights"].tolist() == pytest.approx([0.5, 0.5], abs=0.02)
+    assert de.two_modes(fit) and not de.two_modes(de.gmm2(unimodal))
 
 
-def test_claims_hold_only_when_our_number_shows_it():
-    models = {n: {"mse": 1.0, "kl": 1.0} for n in ("sae", "sequential", "joint", "joint_sae_path",
-                                                    "joint_interaction_only", "joint_no_linear")}
-    models["joint"] = {"mse": 0.5, "kl": 0.5}  # -50 % against both baselines
-    models["sequential"] = {"mse": 1.1, "kl": 1.0}  # worse than the SAE
-    models["joint_interaction_only"] = models["joint_no_linear"] = {"mse": 1.0, "kl": 0.9}
-    analysis = {"param_shares": {"joint": {"interaction": 0.001}},
-                "contributions": {"joint": {"interaction_share": 0.06}},
-                "decoder_norms": {"r_sq_norm_vs_nfm_share": -0.9,
-                                  "summary": {"sae": {"bimodality_coefficient": 0.3},
-                                              "joint_W_dec": {"bimodality_coefficient": 0.7},
-                                              "joint_merged": {"bimodality_coefficient": 0.4}}}}
-    rows = {c["claim"]: c for c in de.claims(models, analysis)}
-    assert rows["joint vs SAE, KL reduction"]["holds_fair"] is True
-    assert rows["sequential vs SAE, reconstruction error reduction"]["holds_fair"] is False
-    assert rows["nonlinear part alone, share of the KL gain"]["ours_fair"] == pytest.approx(0.2)
-    assert rows["interaction parameters, share of all"]["holds_paper_way"] is False
-    bimodal = [c for c in rows.values() if c["claim"].startswith("decoder")][0]
-    assert bimodal["holds_paper_way"] is True and bimodal["holds_fair"] is False
+def test_bic_prefers_two_gaussians_only_for_a_bimodal_sample():
+    g = torch.Generator().manual_seed(1)
+    normal = 0.4 + 0.1 * torch.randn(4000, generator=g)
+    bimodal = torch.cat([0.05 + 0.02 * torch.randn(1500, generator=g), 0.37 + 0.05 * torch.randn(2500, generator=g)])
+    assert de.gmm_bic(normal) < 0 < 10 < de.gmm_bic(bimodal)
+
+
+def test_weighted_statistics_equal_the_statistics_of_the_resampled_sample():
+    g = torch.Generator().manual_seed(2)
+    x, y = torch.rand(300, generator=g), torch.rand(300, generator=g)
+    w = de.bootstrap_weights(300, 3, g)
+    drawn = torch.repeat_interleave(torch.arange(300), w[2].long())  # resample 2 written out
+    assert de.bimodality_coefficient(x, w)[2] == pytest.approx(de.bimodality_coefficient(x[drawn]).item(), rel=1e-9)
+    assert de.pearson(x, y, w)[2] == pytest.approx(de.pearson(x[drawn], y[drawn]).item(), rel=1e-9)
+    assert de.bimodality_coefficient(x, w)[0] == pytest.approx(de.bimodality_coefficient(x).item(), rel=1e-12)
+
+
+# ----------------------------------------------------------------------------- intervals and verdicts
+
+def test_bootstrap_of_a_constant_is_a_point_and_widens_with_noise():
+    g = torch.Generator().manual_seed(0)
+    w = de.bootstrap_weights(40, 500, g)
+    assert w.shape == (501, 40) and (w[0] == 1).all() and (w.sum(-1) == 40).all()
+    widths = []
+    for noise in (0.0, 0.1, 1.0):
+        per_window = 2.0 + noise * torch.randn(40, generator=g, dtype=torch.float64)
+        s = de.summarise((w @ per_window) / 40)
+        assert s["value"] == pytest.approx(per_window.mean().item())
+        widths.append(s["ci"][1] - s["ci"][0])
+    assert widths[0] == pytest.approx(0.0, abs=1e-12) and 0 < widths[1] < widths[2]
+
+
+def test_seed_interval_is_students_t():
+    assert de.t_quantile(0.975, 1) == pytest.approx(12.706, abs=2e-3)
+    assert de.t_quantile(0.975, 2) == pytest.approx(4.303, abs=2e-3)
+    lo, hi = de.seed_interval([1.0, 2.0, 3.0])
+    assert (lo + hi) / 2 == pytest.approx(2.0) and (hi - lo) / 2 == pytest.approx(4.303 / 3 ** 0.5, abs=2e-3)
+    s = de.summarise(torch.tensor([[1.0, 0.9, 1.1], [3.0, 2.9, 3.1]]))
+    assert s["value"] == 2.0 and s["per_seed"] == [1.0, 3.0] and "seed_ci" in s
+
+
+@pytest.mark.parametrize("ci, seed_ci, expected", [
+    ([0.30, 0.40], None, "holds"), ([0.05, 0.10], None, "no"), ([0.10, 0.30], None, "unclear"),
+    ([0.30, 0.40], [0.10, 0.50], "unclear"), ([0.30, 0.40], [0.25, 0.45], "holds")])
+def test_verdict_needs_every_interval_on_one_side(ci, seed_ci, expected):
+    summary = {"value": sum(ci) / 2, "ci": ci, **({"seed_ci": seed_ci} if seed_ci else {})}
+    assert de.verdict(summary, 0.2, above=True) == expected
+
+
+def fake_seed(R=200, seed=0, joint_kl=0.5, noise=0.01):
+    """One seed's samples as analyse_seed returns them, with chosen values and bootstrap noise."""
+    g = torch.Generator().manual_seed(seed)
+
+    def sample(v):
+        return v + torch.cat([torch.zeros(1), noise * torch.randn(R, generator=g)]).double()
+
+    names = ("sae", "sae_matched", "sequential", "joint", "joint_sae_path", "joint_interaction_only", "joint_no_linear")
+    models = {n: {"mse": sample(1.0), "kl": sample(1.0)} for n in names}
+    models["joint"] = {"mse": sample(0.5), "kl": sample(joint_kl)}
+    models["sequential"] = {"mse": sample(1.1), "kl": sample(1.0)}  # worse than the SAE
+    models["joint_interaction_only"] = models["joint_no_linear"] = {"mse": sample(1.0), "kl": sample(0.9)}
+    norms = {"r_sq_norm_vs_nfm_share": sample(-0.9), "bc_joint_W_dec": sample(0.7), "bc_joint_merged": sample(0.4),
+             "bc_sae": sample(0.3), "delta_bic_joint_W_dec": sample(50.0), "delta_bic_joint_merged": sample(-5.0),
+             "delta_bic_sae": sample(-20.0)}
+    return {"models": models, "contrib": {"joint": sample(0.06)}, "norms": norms}
+
+
+def test_claims_give_a_verdict_per_reading_from_their_intervals():
+    rows = {c["claim"]: c["readings"] for c in de.claims([fake_seed()])}
+    assert rows["joint vs SAE, KL reduction"]["fair"]["verdict"] == "holds"
+    assert rows["sequential vs SAE, reconstruction error reduction"]["paper_way"]["verdict"] == "no"
+    assert rows["nonlinear part alone, share of the joint model's KL gain"]["fair"]["value"] == pytest.approx(0.2)
+    assert rows["nonlinear part alone, its own KL reduction"]["fair"]["value"] == pytest.approx(0.1)
+    assert rows["joint decoder sq. norms bimodal: bimodality coef."]["paper_way"]["verdict"] == "holds"
+    assert rows["joint decoder sq. norms bimodal: bimodality coef."]["fair"]["verdict"] == "no"
+    assert not any("parameters" in claim for claim in rows)  # the parameter share is a design figure
+    # a KL reduction at the threshold, with noise: the interval straddles it
+    rows = {c["claim"]: c["readings"] for c in de.claims([fake_seed(joint_kl=1 - 0.258, noise=0.05)])}
+    assert rows["joint vs SAE, KL reduction"]["fair"]["verdict"] == "unclear"
+    # two seeds: the seed interval is reported beside the bootstrap one and both decide
+    rows = {c["claim"]: c["readings"] for c in de.claims([fake_seed(seed=0), fake_seed(seed=1, joint_kl=0.8)])}
+    fair = rows["joint vs SAE, KL reduction"]["fair"]
+    assert fair["per_seed"] == pytest.approx([0.5, 0.2]) and fair["verdict"] == "unclear"
 
 
 # ----------------------------------------------------------------------------- training
@@ -356,18 +447,19 @@ def test_block_hook_reads_and_replaces_tuple_or_tensor_outputs(as_tuple):
 def test_splicing_the_identity_changes_nothing(arch):
     lm = TINY_LMS[arch]()
     ids = torch.randint(0, 97, (4, 16))
-    m = de.splice_metrics(lm, ids, 1, lambda h: h)
-    assert m["kl"] == pytest.approx(0.0, abs=1e-6)
-    assert m["ce"] == pytest.approx(m["clean_ce"], abs=1e-6)
-    assert m["clean_ce"] > 0
+    m = de.splice_metrics(lm, ids, 1, {"same": lambda h: h})
+    assert m["kl"]["same"].abs().max() < 1e-6
+    torch.testing.assert_close(m["nll"]["same"], m["nll"]["clean"], rtol=0, atol=1e-6)
+    assert de.token_mean(m["nll"]["clean"], m["nll_mask"]) > 0
 
 
 def test_splicing_zeros_hurts():
     lm = tiny_llama()
     ids = torch.randint(0, 97, (4, 16))
-    both = de.splice_metrics(lm, ids, 1, {"same": lambda h: h, "zero": torch.zeros_like})
-    assert both["same"]["kl"] == pytest.approx(0.0, abs=1e-6)
-    assert both["zero"]["kl"] > 0.01 and both["zero"]["ce"] > both["clean_ce"]
+    m = de.splice_metrics(lm, ids, 1, {"same": lambda h: h, "zero": torch.zeros_like})
+    assert de.token_mean(m["kl"]["same"], m["kl_mask"]) == pytest.approx(0.0, abs=1e-6)
+    assert de.token_mean(m["kl"]["zero"], m["kl_mask"]) > 0.01
+    assert de.token_mean(m["nll"]["zero"], m["nll_mask"]) > de.token_mean(m["nll"]["clean"], m["nll_mask"])
 
 
 def test_splice_touches_and_averages_only_kept_positions():
@@ -375,7 +467,7 @@ def test_splice_touches_and_averages_only_kept_positions():
     ids = torch.randint(0, 97, (2, 16))
     keep = torch.zeros(ids.shape, dtype=torch.bool)
     keep[:, 8:] = True
-    got = de.splice_metrics(lm, ids, 1, torch.zeros_like, keep_NT=keep)
+    got = de.splice_metrics(lm, ids, 1, {"zero": torch.zeros_like}, keep_NT=keep)
 
     def zero_late(h):
         h = h.clone()
@@ -389,8 +481,10 @@ def test_splice_touches_and_averages_only_kept_positions():
     kl = (clean.exp() * (clean - spliced)).sum(-1)
     nll = -spliced[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1)
     assert kl[:, :8].abs().max() < 1e-6  # causal: positions before the splice are unchanged
-    assert got["kl"] == pytest.approx(kl[:, 8:].mean().item(), rel=1e-5)
-    assert got["ce"] == pytest.approx(nll[:, 8:].mean().item(), rel=1e-5)
+    assert de.token_mean(got["kl"]["zero"], got["kl_mask"]) == pytest.approx(kl[:, 8:].mean().item(), rel=1e-5)
+    assert de.token_mean(got["nll"]["zero"], got["nll_mask"]) == pytest.approx(nll[:, 8:].mean().item(), rel=1e-5)
+    torch.testing.assert_close(got["kl"]["zero"][:, 8:], kl[:, 8:], rtol=1e-4, atol=1e-5)  # per token, per window
+    assert (got["kl"]["zero"][:, :8] == 0).all() and (got["nll"]["zero"][:, -1] == 0).all()
 
 
 def test_eps_random_has_the_errors_norm():
@@ -504,18 +598,26 @@ def test_quick_run_on_smollm2_writes_complete_results(tmp_path):
     assert {"config", "data", "models", "clean_ce", "zero_ce", "timings_s"} <= res.keys()
     assert res["data"]["d_model"] == 576 and res["data"]["layer"] == 15
     assert res["data"]["train_tokens"] > 10_000 and res["data"]["excluded_tokens"] >= res["config"]["tokens"] // 128
-    for name in ("sae", "sequential", "joint", "joint_sae_path"):
+    for name in ("sae", "sae_matched", "sequential", "joint", "joint_sae_path"):
         m = res["models"][name]
         assert {"params", "mse", "fvu", "kl", "kl_eps_random", "pathology_ratio", "ce", "ce_recovered"} <= m.keys()
         assert 0 < m["fvu"] < 1 and m["kl"] > 0 and 0 < m["ce_recovered"] < 1
+        for metric in ("kl", "ce", "fvu"):
+            lo, hi = m["ci"][metric]
+            assert lo < m[metric] < hi
+    assert abs(res["models"]["sae_matched"]["params"] / res["models"]["joint"]["params"] - 1) < 0.02
     assert res["zero_ce"] > res["models"]["sae"]["ce"] > res["clean_ce"]
     for name in ("joint_linear_only", "joint_interaction_only", "joint_no_linear"):
         assert res["models"][name]["fvu"] > 0
     analysis = res["analysis"]
-    assert {"contributions", "params", "param_shares", "decoder_norms", "claims"} <= analysis.keys()
-    assert len(analysis["claims"]) == 9
+    assert {"interaction_share_of_nfm_output", "params", "interaction_param_share", "decoder_norms",
+            "claims"} <= analysis.keys()
+    assert len(analysis["claims"]) == 12
+    for claim in analysis["claims"]:
+        for reading in claim["readings"].values():
+            assert reading["verdict"] in ("holds", "no", "unclear") and len(reading["ci"]) == 2
     assert res["status"] == "complete" and res["stages_done"][-1] == "analyse"
-    for name in ("sae", "sequential", "joint", "joint_no_linear"):
+    for name in de.STAGES:
         assert {"cfg.json", "sae_weights.safetensors", "normalization.safetensors"} <= {
             p.name for p in (tmp_path / name).iterdir()}
     for figure in ("curves.png", "decoder_norms.png", "models.png"):
@@ -530,10 +632,10 @@ def test_cached_prefix_splice_equals_full_forward_splice(arch):
     reps = {"zero": torch.zeros_like, "half": lambda h: 0.5 * h}
     full = de.splice_metrics(lm, ids, 2, reps, batch_size=2)
     cached = de.splice_metrics(lm, ids, 2, reps, acts_NTD=acts, batch_size=2)
-    assert cached["clean_ce"] == pytest.approx(full["clean_ce"], rel=1e-5)
-    for name in reps:
-        assert cached[name] == pytest.approx(full[name], rel=1e-5, abs=1e-6)
-    assert full["zero"]["kl"] > 0.001
+    for kind in ("kl", "nll"):
+        for name, v in full[kind].items():
+            torch.testing.assert_close(cached[kind][name], v, rtol=1e-5, atol=1e-6)
+    assert de.token_mean(full["kl"]["zero"], full["kl_mask"]) > 0.001
     assert not any(isinstance(b, de._Cached) for b in de.decoder_blocks(lm))  # the real blocks are back
 
 
@@ -639,7 +741,10 @@ def test_eval_only_reproduces_a_saved_run(tiny_run):
     out, first = tiny_run
     again = de.run(de.Config(eval_only=str(out), device="cpu"))
     for name, metrics in first["models"].items():
-        assert again["models"][name] == pytest.approx(metrics, rel=1e-6, abs=1e-6)
+        for metric, value in metrics.items():
+            if metric != "ci":
+                assert again["models"][name][metric] == pytest.approx(value, rel=1e-6, abs=1e-6)
+        assert again["models"][name]["ci"]["kl"] == pytest.approx(metrics["ci"]["kl"], rel=1e-6, abs=1e-6)
     assert (out / "results_eval_only.json").exists()
     models, report = de.load_run(out)
     assert set(models) == set(de.STAGES) and report["status"] == "complete"
@@ -652,7 +757,7 @@ def test_interrupted_run_resumes_to_the_same_result(tiny_lm_folder, tiny_run, tm
 
     def flaky_step(*args):
         calls[0] += 1
-        if calls[0] == 2 * steps + 12:  # the joint model's 12th step: last checkpoint at step 10
+        if calls[0] == 3 * steps + 12:  # the joint model's 12th step: last checkpoint at step 10
             raise KeyboardInterrupt
         return real_step(*args)
 
@@ -660,7 +765,7 @@ def test_interrupted_run_resumes_to_the_same_result(tiny_lm_folder, tiny_run, tm
     with pytest.raises(KeyboardInterrupt):
         de.run(tiny_run_cfg(tiny_lm_folder, tmp_path))
     partial = json.loads((tmp_path / "results.json").read_text())
-    assert partial["status"] == "incomplete" and partial["stages_done"] == ["sae", "sequential"]
+    assert partial["status"] == "incomplete" and partial["stages_done"] == ["sae", "sae_matched", "sequential"]
     assert (tmp_path / "joint" / "train_state.pt").exists() and not (tmp_path / "joint" / "cfg.json").exists()
     with pytest.raises(de.DualencError, match="unfinished"):
         de.run(de.Config(eval_only=str(tmp_path), device="cpu"))
@@ -670,3 +775,31 @@ def test_interrupted_run_resumes_to_the_same_result(tiny_lm_folder, tiny_run, tm
     assert resumed["curves"]["joint"][-1]["train_mse"] == uninterrupted["curves"]["joint"][-1]["train_mse"]
     assert resumed["models"] == uninterrupted["models"]
     assert not (tmp_path / "joint" / "train_state.pt").exists()
+
+
+def test_sae_matched_has_the_joint_models_parameter_budget(tiny_run):
+    _, report = tiny_run
+    models = report["models"]
+    assert abs(models["sae_matched"]["params"] / models["joint"]["params"] - 1) < 0.02
+    assert models["sae_matched"]["params"] > 1.2 * models["sae"]["params"]
+    # at the default config: the joint model with F 4608 and an SAE widened to its budget
+    joint = de.DualEncoder(de.TopKSAE(576, 4608, 64), de.NFM(4608, 576, 64, 32))
+    n_joint = sum(p.numel() for p in joint.parameters())
+    wide = de.TopKSAE(576, de.matched_features(576, n_joint), 64)
+    assert abs(sum(p.numel() for p in wide.parameters()) / n_joint - 1) < 0.001
+
+
+def test_two_seeds_report_both_runs_and_a_seed_interval(tiny_lm_folder, tiny_run, tmp_path):
+    _, one_seed = tiny_run
+    report = de.run(tiny_run_cfg(tiny_lm_folder, tmp_path, seeds=2))
+    assert report["seeds"] == [0, 1] and (tmp_path / "seed1" / "joint" / "cfg.json").exists()
+    joint = report["models"]["joint"]
+    assert len(joint["per_seed"]["kl"]) == 2 and joint["per_seed"]["kl"][0] == one_seed["models"]["joint"]["kl"]
+    assert joint["kl"] == pytest.approx(sum(joint["per_seed"]["kl"]) / 2)
+    lo, hi = joint["seed_ci"]["kl"]
+    assert lo < joint["kl"] < hi and len(joint["ci"]["kl"]) == 2
+    for claim in report["analysis"]["claims"]:
+        for reading in claim["readings"].values():
+            assert "seed_ci" in reading and len(reading["per_seed"]) == 2
+    models, _ = de.load_run(tmp_path)
+    assert set(models) == {*de.STAGES, *(f"seed1/{name}" for name in de.STAGES)}
