@@ -217,10 +217,16 @@ def load_lm(name, device):
     from transformers.utils import logging as hf_logging
 
     source, kw, to_cache = model_source(name)
+    if to_cache is not None:
+        print(f"de-quantising {to_cache.name} (first run only, about 25 s on 2 CPU cores)", file=sys.stderr)
     hf_logging.set_verbosity_error()
-    with model_errors(name):
-        tokenizer = AutoTokenizer.from_pretrained(source, **kw)
-        lm = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, **kw)
+    hf_logging.disable_progress_bar()  # its bars would stand between the user and a one-line error
+    try:
+        with model_errors(name):
+            tokenizer = AutoTokenizer.from_pretrained(source, **kw)
+            lm = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, **kw)
+    finally:
+        hf_logging.enable_progress_bar()
     if to_cache is not None:
         save_gguf_cache(tokenizer, lm, gguf_cache_dir(to_cache))
     return lm.to(device).eval(), tokenizer
