@@ -796,20 +796,18 @@ def verdict(summary, threshold, above):
 
 def model_stats(sums, shared, w_eval, w_splice, d_model):
     """Every variant's figures (§6) on every window resample: {name: {metric: [1 + R]}}, row 0 the
-    figure on the windows as they are. w_eval resamples the held-out windows, w_splice the spliced ones."""
-    def total(w, v):
-        return w @ v
-
-    n_nll = total(w_splice, shared["nll_tokens"])
-    clean_ce, zero_ce = total(w_splice, shared["clean_nll"]) / n_nll, total(w_splice, shared["zero_nll"]) / n_nll
+    figure on the windows as they are. w_eval resamples the held-out windows, w_splice the spliced ones;
+    a resampled total is a weighted sum, w @ per-window sums."""
+    n_nll, n_kl = w_splice @ shared["nll_tokens"], w_splice @ shared["kl_tokens"]
+    n_tokens, sst = w_eval @ shared["tokens"], w_eval @ shared["sst"]
+    clean_ce, zero_ce = (w_splice @ shared["clean_nll"]) / n_nll, (w_splice @ shared["zero_nll"]) / n_nll
     stats = {}
     for name, v in sums.items():
-        sse, n_kl = total(w_eval, v["sse"]), total(w_splice, shared["kl_tokens"])
-        kl, ce = total(w_splice, v["kl"]) / n_kl, total(w_splice, v["nll"]) / n_nll
-        stats[name] = {"mse": sse / (total(w_eval, shared["tokens"]) * d_model), "fvu": sse / total(w_eval, shared["sst"]),
-                       "kl": kl, "ce": ce, "ce_recovered": (zero_ce - ce) / (zero_ce - clean_ce)}
+        sse, kl, ce = w_eval @ v["sse"], (w_splice @ v["kl"]) / n_kl, (w_splice @ v["nll"]) / n_nll
+        stats[name] = {"mse": sse / (n_tokens * d_model), "fvu": sse / sst, "kl": kl, "ce": ce,
+                       "ce_recovered": (zero_ce - ce) / (zero_ce - clean_ce)}
         if "kl_eps" in v:
-            kl_eps = total(w_splice, v["kl_eps"]) / n_kl
+            kl_eps = (w_splice @ v["kl_eps"]) / n_kl
             stats[name].update(kl_eps_random=kl_eps, pathology_ratio=kl / kl_eps)
     return stats, {"clean_ce": clean_ce, "zero_ce": zero_ce}
 
