@@ -16,6 +16,8 @@ Sections, in the order data flows:
   evaluation     evaluate (reconstruction), splice_metrics (per-token KL / CE), eps_random, evaluate_variants
   statistics     paired bootstrap over windows (or features), seed intervals, the holds / no / unclear rule
   analysis       variants and baselines, parameter counts, contributions, decoder norms, claims, figures
+  stages 3-4     the secondary SAE on the NFM's hidden layer (integration features), the 2 x 2 stimulus
+                 design, held-out contrasts with permutation tests, the intervention and its controls
   checkpoints    save_model / load_model (SAELens-format SAE + NFM + normalisation), atomic writes
   model files    the offline SmolLM2 GGUF, and its de-quantised cache
   command line   load_data, train_models (one seed), run (the whole pipeline), load_run, main
@@ -101,6 +103,10 @@ class Config:
     quick: bool = opt(False, "small preset for smoke runs (fewer tokens, smaller dictionary)")
     resume: str | None = opt(None, "finish an interrupted run, with the settings it was started with", "RUN_DIR")
     eval_only: str | None = opt(None, "re-evaluate a finished run's saved models, no training", "RUN_DIR")
+    stage34: bool = opt(False, "also run the paper's stages 3-4 on the joint model: integration features "
+                        "(secondary SAE) and the 2 x 2 intervention with controls (§13)")
+    stimuli: str | None = opt(None, "2 x 2 stimulus design for --stage34, JSON like stimuli.json (the default)",
+                              "PATH")
     sae: str | None = opt(None, "study an existing SAELens TopK SAE (folder with cfg.json and "
                           "sae_weights.safetensors): no SAE training, the NFM learns its residual", "SAE_DIR")
 
@@ -397,10 +403,15 @@ class NFM(nn.Module):
                                     mode="sum")
         return 0.5 * (sum_BM.square() - sum_sq_BM)
 
-    def forward(self, vals_BK, idx_BK):
-        """(linear(f), interaction(f)), each [B, D]; linear is zeros when the model has none."""
+    def forward(self, vals_BK, idx_BK, edit_hidden=None):
+        """(linear(f), interaction(f)), each [B, D]; linear is zeros when the model has none.
+        edit_hidden, if given, maps the interaction hidden layer W_1 pair(f) + c_1 (before the ReLU,
+        [B, M]) to the one the MLP continues from: stages 3-4 read and edit it there."""
         vals_BK, idx_BK = self.read(vals_BK, idx_BK)
-        interaction_BD = self.mlp(self.pair(vals_BK, idx_BK))
+        hidden_BM = self.mlp[0](self.pair(vals_BK, idx_BK))
+        if edit_hidden is not None:
+            hidden_BM = edit_hidden(hidden_BM)
+        interaction_BD = self.mlp[1:](hidden_BM)
         if self.W_lin is None:
             return torch.zeros_like(interaction_BD), interaction_BD
         linear_BD = F.embedding_bag(idx_BK, self.W_lin, per_sample_weights=vals_BK, mode="sum")
@@ -1134,6 +1145,8 @@ def plot_figures(report, out):
     if "decoder_norms" in report["analysis"]:  # runs with a joint model
         plot_decoder_norms(report["analysis"]["decoder_norms"], out)
     plot_models(report["models"], out)
+    if "stage34" in report:
+        plot_stage34(report["stage34"], out)
 
 
 def plot_decoder_norms(dn, out):
@@ -1153,6 +1166,29 @@ def plot_decoder_norms(dn, out):
                                         f"delta BIC {dbic['value']:.0f} {fmt_ci(dbic['ci'])}, mean {s['mean']:.2f}")
     axes[-1].set_xlabel("squared decoder norm ||W_dec[i]||^2 of features that fire on held-out tokens")
     fig.savefig(out / "decoder_norms.png", dpi=110)
+
+
+def plot_stage34(st, out):
+    """stage34.png: per scale, the 2 x 2 interaction plot of the word lists' log-probability changes
+    (x: the first factor's lists, lines: the second factor's), for the selected feature and controls."""
+    from matplotlib.figure import Figure
+
+    (fa, (a1, a2)), (fb, (b1, b2)) = st["design"]["factors"].items()
+    styles = {"selected": ("tab:blue", 2.5), "random_matched": ("0.6", 1.2), "primary_read": ("tab:orange", 1.2),
+              "shuffled_selection": ("tab:green", 1.2)}
+    scales = list(st["intervention"]["selected"])
+    fig = Figure(figsize=(4.2 * len(scales), 4), layout="constrained")
+    for ax, f in zip(fig.subplots(1, len(scales), sharey=True), scales):
+        for name, (color, width) in styles.items():
+            ch = st["intervention"][name][f]["word_list_changes"]  # cells (a1 b1, a1 b2, a2 b1, a2 b2)
+            ax.plot([a1, a2], [ch[0], ch[2]], "-o", color=color, lw=width, label=f"{name}: {b1} words")
+            ax.plot([a1, a2], [ch[1], ch[3]], "--s", color=color, lw=width, label=f"{name}: {b2} words")
+        ax.axhline(0, color="k", lw=0.5)
+        ax.set(title=f"feature x{f}", xlabel=f"{fa} of the word list")
+    fig.axes[0].set_ylabel("change in mean log P(word list) at the next token")
+    fig.axes[-1].legend(fontsize=7)
+    fig.suptitle("Scaling an integration feature: selected on held-out-tested contrast vs controls (test prompts)")
+    fig.savefig(out / "stage34.png", dpi=110)
 
 
 def plot_models(models, out):
@@ -1177,6 +1213,326 @@ def plot_models(models, out):
         ax.set_xticks(x, names, rotation=30, ha="right")
         ax.grid(axis="y", alpha=0.3)
     fig.savefig(out / "models.png", dpi=110)
+
+
+# ----------------------------------------------------------------------------- stages 3-4: integration features
+
+SECONDARY_EXPANSION = 25  # dictionary = 25 x M, the paper's 300 -> 7,500 (§13)
+SECONDARY_K_PER_M = 250 / 300  # the paper's k = 250 at M = 300; the same ratio here (53 at M = 64)
+N_RANDOM_CONTROLS, N_SHUFFLED_CONTROLS, N_PRIMARY_READ = 12, 4, 2  # control (a), (c) and (b) sizes
+SCALES = (0.0, 2.0, 4.0)  # factors applied to a feature; x1 is the unscaled pipeline every change is against
+CONTRASTS = {"interaction": (1.0, -1.0, -1.0, 1.0), "main_a": (0.5, 0.5, -0.5, -0.5), "main_b": (0.5, -0.5, 0.5, -0.5)}
+
+
+@torch.no_grad()
+def interaction_hidden(joint, x_ND, batch_size=4096):
+    """The joint NFM's interaction hidden layer W_1 pair(f) + c_1, before its ReLU (§13, the paper's
+    choice): [N, M], the layer integration features are read from."""
+    hidden = []
+
+    def keep(h_BM):
+        hidden.append(h_BM)
+        return h_BM
+
+    for x_BD in x_ND.split(batch_size):
+        joint.nfm(*joint.sae.encode(x_BD), edit_hidden=keep)
+    return torch.cat(hidden)
+
+
+def train_secondary(joint, x_train_ND, x_eval_ND, cfg):
+    """Stage 3 (§13): a TopK SAE on the frozen joint model's interaction hidden layer, 25 x M features,
+    k = M * 250 / 300, trained as the primary SAE is (train_sae: the same loop, schedule, batches and
+    steps) on the training tokens' hidden vectors, z-scored with their own statistics."""
+    h_train_NM, h_eval_NM = interaction_hidden(joint, x_train_ND), interaction_hidden(joint, x_eval_ND)
+    mean_M, std_M = fit_normalisation(h_train_NM)
+    m = h_train_NM.shape[1]
+    torch.manual_seed(cfg.seed)
+    sae = TopKSAE(m, SECONDARY_EXPANSION * m, max(1, round(SECONDARY_K_PER_M * m)), cfg.sae_init)
+    secondary = DualEncoder(sae, None, mean_M, std_M).to(x_train_ND.device)
+    curve = train_sae(secondary, secondary.normalize(h_train_NM), secondary.normalize(h_eval_NM), cfg,
+                      name="secondary")
+    return secondary, curve, secondary.normalize(h_eval_NM)
+
+
+class IntegrationPipeline(DualEncoder):
+    """The joint model with its interaction hidden layer passed through the secondary SAE (§13):
+        x -> f (primary SAE) -> h = W_1 pair(f) + c_1 -> g (secondary code) -> h_hat -> W_2 ReLU(h_hat)
+        x_hat = x_s + linear(f) + W_2 ReLU(h_hat)
+    `scale` = (code, feature indices, factor) multiplies those features' values in the secondary code g
+    (code "secondary": the intervention) or in the primary code f ("primary": control b); None, or a
+    factor of 1, is the unscaled pipeline."""
+
+    def __init__(self, joint, secondary):
+        super().__init__(joint.sae, joint.nfm, joint.mean_D, joint.std_D)
+        self.secondary, self.scale = secondary, None
+
+    def scaled(self, code, vals_BK, idx_BK):
+        if self.scale is None or self.scale[0] != code:
+            return vals_BK
+        _, features, factor = self.scale
+        return torch.where(torch.isin(idx_BK, features), vals_BK * factor, vals_BK)
+
+    def through_secondary(self, h_BM):
+        sec = self.secondary
+        g_vals, g_idx = sec.sae.encode(sec.normalize(h_BM))
+        return sec.sae.decode(self.scaled("secondary", g_vals, g_idx), g_idx) * sec.std_D + sec.mean_D
+
+    def forward(self, x_BD):
+        vals_BK, idx_BK = self.sae.encode(x_BD)
+        vals_BK = self.scaled("primary", vals_BK, idx_BK)
+        linear_BD, interaction_BD = self.nfm(vals_BK, idx_BK, edit_hidden=self.through_secondary)
+        return self.sae.decode(vals_BK, idx_BK) + linear_BD + interaction_BD
+
+    @torch.no_grad()
+    def secondary_codes(self, x_BD):
+        """The integration features' activations, dense: [B, F2]."""
+        h_BM = self.nfm.mlp[0](self.nfm.pair(*self.nfm.read(*self.sae.encode(x_BD))))
+        vals, idx = self.secondary.sae.encode(self.secondary.normalize(h_BM))
+        return to_dense(vals, idx, self.secondary.sae.W_dec.shape[0])
+
+
+DEFAULT_STIMULI = "stimuli.json"  # beside dualenc.py: dualenc's own 2 x 2 design
+
+
+def read_stimuli(path):
+    """A 2 x 2 design as JSON (stimuli.json is dualenc's): {"factors": {A: [a1, a2], B: [b1, b2]},
+    "prompts": {"a b": [...]} and "words": {"a b": [...]} for the four cells "a1 b1", "a1 b2", "a2 b1",
+    "a2 b2"}, at least 4 prompts (2 to select, 2 to test) and one word per cell. Read and checked
+    before any slow work; anything else is one line."""
+    path = Path(path or Path(__file__).with_name(DEFAULT_STIMULI))
+    try:
+        spec = json.loads(path.read_text())
+        (fa, (a1, a2)), (fb, (b1, b2)) = spec["factors"].items()
+        cells = [f"{a} {b}" for a in (a1, a2) for b in (b1, b2)]
+        prompts = {c: [str(p) for p in spec["prompts"][c]] for c in cells}
+        words = {c: [str(w) for w in spec["words"][c]] for c in cells}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise DualencError(f"stimuli {path}: not a 2 x 2 design like {DEFAULT_STIMULI} "
+                           f"({type(e).__name__}: {one_line(e, 120)})") from None
+    for c in cells:
+        if len(prompts[c]) < 4 or not words[c]:
+            raise DualencError(f"stimuli {path}: cell {c!r} needs at least 4 prompts and one word")
+    return {"path": str(path), "factors": {fa: [a1, a2], fb: [b1, b2]}, "cells": cells, "prompts": prompts,
+            "words": words}
+
+
+def load_stimuli(spec, tokenizer):
+    """The design's prompts as (token ids, cell index) and each cell's words as token ids; a word that
+    is not a single token after a space is a one-line error."""
+    word_ids = {}
+    for c in spec["cells"]:
+        ids = [tokenizer(" " + w, add_special_tokens=False)["input_ids"] for w in spec["words"][c]]
+        bad = [w for w, i in zip(spec["words"][c], ids) if len(i) != 1]
+        if bad:
+            raise DualencError(f"stimuli {spec['path']}: words {bad} of cell {c!r} are not single tokens after a space")
+        word_ids[c] = torch.tensor([i[0] for i in ids])
+    prompts = [(torch.tensor(tokenizer(p)["input_ids"]), i) for i, c in enumerate(spec["cells"]) for p in spec["prompts"][c]]
+    return {**spec, "prompt_ids": prompts, "word_ids": word_ids}
+
+
+def contrasts(A_PF, cell_P, weights_CP=None):
+    """Per feature, the 2 x 2 contrasts of per-prompt activations A [P, F] with cell indices 0..3 in the
+    order (a1 b1, a1 b2, a2 b1, a2 b2), from the cell means m:
+        interaction = m11 - m12 - m21 + m22    main_a = (m11 + m12 - m21 - m22) / 2    main_b likewise
+    and t = contrast / its standard error from the within-cell variances (0 for a silent feature).
+    weights_CP [R, P] (bootstrap counts) gives one set per row."""
+    onehot_PC = F.one_hot(cell_P, 4).double()
+    w = torch.ones(1, len(cell_P), dtype=torch.float64) if weights_CP is None else weights_CP
+    n_RC = w @ onehot_PC
+    mean_RCF = torch.einsum("rp,pc,pf->rcf", w, onehot_PC, A_PF.double()) / n_RC[..., None]
+    sq_RCF = torch.einsum("rp,pc,pf->rcf", w, onehot_PC, A_PF.double().square()) / n_RC[..., None]
+    var_RCF = (sq_RCF - mean_RCF.square()).clamp_min(0) * n_RC[..., None] / (n_RC[..., None] - 1)
+    out = {}
+    for name, c in CONTRASTS.items():
+        c = torch.tensor(c, dtype=torch.float64)
+        value = torch.einsum("c,rcf->rf", c, mean_RCF)
+        se = torch.einsum("c,rcf->rf", c.square(), var_RCF / n_RC[..., None]).sqrt()
+        out[name] = (value.squeeze(0), torch.where(se > 0, value / se.clamp_min(1e-30), 0).squeeze(0))
+    return out
+
+
+def stratified_weights(cell_P, n_boot, generator):
+    """[1 + R, P] bootstrap counts that resample the prompts within each cell (row 0 all ones)."""
+    w = torch.zeros(n_boot + 1, len(cell_P), dtype=torch.float64)
+    for c in range(4):
+        members = (cell_P == c).nonzero()[:, 0]
+        w[:, members] = bootstrap_weights(len(members), n_boot, generator)
+    return w
+
+
+def permutation_p(a_P, cell_P, contrast, n_perm, generator):
+    """Two-sided permutation p-value of one feature's contrast: shuffle the cell labels n_perm times,
+    p = (1 + #{|c*| >= |c|}) / (1 + n_perm)."""
+    observed = contrasts(a_P[:, None], cell_P)[contrast][0].abs()
+    shuffled = torch.stack([cell_P[torch.randperm(len(cell_P), generator=generator)] for _ in range(n_perm)])
+    c = torch.tensor(CONTRASTS[contrast], dtype=torch.float64)
+    means = (F.one_hot(shuffled, 4).double() * a_P.double()[None, :, None]).sum(1) / F.one_hot(shuffled, 4).sum(1)
+    return ((1 + ((means @ c).abs() >= observed - 1e-12).sum()) / (1 + n_perm)).item()
+
+
+@torch.no_grad()
+def word_logprobs(lm, layer, prompts, word_ids, pipeline, keep_fn):
+    """Per prompt, the mean next-token log-probability of each word list at the prompt's last position,
+    with block `layer`'s output replaced by pipeline.reconstruct at the positions keep_fn(h) keeps:
+    [P, 4]. Log-probabilities, not raw logits: a logit vector has a free additive constant, which would
+    move every list alike (the 2 x 2 interaction of the changes is the same either way)."""
+    device = next(lm.parameters()).device
+    lists = [word_ids[c].to(device) for c in word_ids]
+    out = []
+
+    def splice(h):
+        return torch.where(keep_fn(h)[..., None], pipeline.reconstruct(h), h)
+
+    for ids, _ in prompts:
+        with block_hook(lm, layer, splice):
+            logp_V = F.log_softmax(lm(ids[None].to(device), use_cache=False).logits[0, -1].float(), dim=-1)
+        out.append(torch.stack([logp_V[i].mean() for i in lists]))
+    return torch.stack(out).double().cpu()
+
+
+def intervention_effect(lm, layer, prompts, word_ids, pipeline, keep_fn, scale, base_P4):
+    """The changes in each word list's log-probability when `scale` is applied, for every factor in
+    SCALES, against the unscaled pipeline base_P4: {factor: [P, 4]}; and per prompt the 2 x 2
+    interaction of those changes (the word lists in cell order), {factor: [P]}."""
+    changes, inter = {}, {}
+    c = torch.tensor(CONTRASTS["interaction"], dtype=torch.float64)
+    for factor in SCALES:
+        pipeline.scale = (*scale, factor)
+        changes[factor] = word_logprobs(lm, layer, prompts, word_ids, pipeline, keep_fn) - base_P4
+        inter[factor] = changes[factor] @ c
+    pipeline.scale = None
+    return changes, inter
+
+
+@torch.no_grad()
+def primary_read(pipeline, x_ND, feature, n=N_PRIMARY_READ):
+    """The n primary features an integration feature reads most: those whose mean activation rises most
+    on the held-out tokens where the integration feature is active (control b)."""
+    active_N = pipeline.secondary_codes(x_ND)[:, feature] > 0
+    dense_NF = to_dense(*pipeline.sae.encode(x_ND), pipeline.sae.W_dec.shape[0])
+    lift_F = dense_NF[active_N].mean(0) - dense_NF.mean(0) if active_N.any() else dense_NF.mean(0)
+    return lift_F.topk(n).indices.tolist()
+
+
+def beyond(a, b, sign):
+    """Whether interval a lies wholly further than interval b in the direction `sign` (+1 or -1)."""
+    return a[0] > b[1] if sign >= 0 else a[1] < b[0]
+
+
+def beyond_controls(rows, factor):
+    """The intervention verdict at one scale factor: holds when the selected feature's interval lies
+    wholly beyond every control's, away from zero; no when its effect lies inside a control's interval
+    or a control moves the word lists further than it does; unclear otherwise."""
+    sel = rows["selected"][factor]
+    sign = 1 if sel["effect"] >= 0 else -1
+    controls = [r[factor] for name, r in rows.items() if name != "selected"]
+    if all(beyond(sel["ci"], c["ci"], sign) for c in controls):
+        return "holds"
+    if any(c["ci"][0] <= sel["effect"] <= c["ci"][1] or beyond(c["ci"], sel["ci"], sign) for c in controls):
+        return "no"
+    return "unclear"
+
+
+def stage34(lm, tokenizer, joint, data, cfg, out, generator):
+    """Stages 3 and 4 of the paper (§13), with a referee's controls. Returns the report's "stage34"."""
+    layer, device = data["layer"], data["x_train"].device
+    # stage 3: integration features
+    secondary, curve, h_eval_NM = train_secondary(joint, data["x_train"], data["x_eval"], cfg)
+    save_model(secondary, out / "secondary", {**sae_metadata(cfg, layer),
+                                             "hook_name": f"blocks.{layer}.hook_resid_post.nfm.hook_interaction_pre_relu"})
+    pipeline = IntegrationPipeline(joint, secondary).eval()
+    firing_F2 = firing_counts(secondary.sae, h_eval_NM)
+    m = splice_metrics(lm, data["splice_ids"], layer, {"joint": joint.reconstruct, "secondary": pipeline.reconstruct},
+                       data["splice_keep"], data["splice_acts"])
+    w_splice = bootstrap_weights(len(data["splice_ids"]), cfg.n_boot, generator)
+    n_kl = w_splice @ m["kl_mask"].sum(-1).double()
+    kl = {name: (w_splice @ v.double().sum(-1)) / n_kl for name, v in m["kl"].items()}
+    secondary_report = {"features": secondary.sae.W_dec.shape[0], "k": secondary.sae.k, "curve": curve,
+                        **evaluate(secondary, h_eval_NM), "dead_features": int((firing_F2 == 0).sum()),
+                        "kl_joint": summarise(kl["joint"]), "kl_with_secondary": summarise(kl["secondary"]),
+                        "kl_increase": summarise(kl["secondary"] - kl["joint"])}
+
+    # stage 4: which integration features track the 2 x 2 design, chosen on one half, tested on the other
+    design = load_stimuli(read_stimuli(cfg.stimuli), tokenizer)
+    cell_P = torch.tensor([c for _, c in design["prompt_ids"]])
+
+    def keep_fn(h_BTD):
+        keep_BT = h_BTD.norm(dim=-1) <= data["max_norm"]
+        keep_BT[:, 0] = False
+        return keep_BT
+
+    acts = []
+    for ids, _ in design["prompt_ids"]:
+        h_1TD = extract_activations(lm, ids[None], layer)
+        acts.append(pipeline.secondary_codes(joint.normalize(h_1TD[keep_fn(h_1TD)])).mean(0))
+    A_PF = torch.stack(acts).cpu()
+    order = torch.randperm(len(cell_P), generator=generator)
+    half = torch.zeros(len(cell_P), dtype=torch.bool)  # True: selection half, per cell
+    for c in range(4):
+        members = order[cell_P[order] == c]
+        half[members[: len(members) // 2]] = True
+    sel, test = half.nonzero()[:, 0], (~half).nonzero()[:, 0]
+
+    def select(cells, contrast="interaction"):
+        return int(contrasts(A_PF[sel], cells)[contrast][1].abs().argmax())
+
+    w_test = stratified_weights(cell_P[test], cfg.n_boot, generator)
+    selected = {}
+    for contrast in CONTRASTS:
+        j = select(cell_P[sel], contrast)
+        value = contrasts(A_PF[test][:, [j]], cell_P[test], w_test)[contrast][0][:, 0]
+        p = permutation_p(A_PF[test, j], cell_P[test], contrast, 2000, generator)
+        all_j = int(contrasts(A_PF, cell_P)[contrast][1].abs().argmax())
+        selected[contrast] = {
+            "feature": j, "selection_half": contrasts(A_PF[sel][:, [j]], cell_P[sel])[contrast][0].item(),
+            "test_half": value[0].item(), "test_half_ci": interval(value[1:]), "p": p,
+            "p_bonferroni": min(1.0, p * len(CONTRASTS)),
+            "paper_way": {"feature": all_j, "contrast": contrasts(A_PF[:, [all_j]], cell_P)[contrast][0].item(),
+                          "p_same_prompts_uncorrected": permutation_p(A_PF[:, all_j], cell_P, contrast, 2000, generator)}}
+
+    # the intervention on the selected interaction feature, on the test prompts, beside three controls
+    prompts = [design["prompt_ids"][i] for i in test]
+    base_P4 = word_logprobs(lm, layer, prompts, design["word_ids"], pipeline, keep_fn)
+    pipeline.scale = ("secondary", torch.tensor([selected["interaction"]["feature"]], device=device), 1.0)
+    x1_change = (word_logprobs(lm, layer, prompts, design["word_ids"], pipeline, keep_fn) - base_P4).abs().max().item()
+    w_prompts = bootstrap_weights(len(prompts), cfg.n_boot, generator)
+
+    def effect(code, features):
+        changes, inter = intervention_effect(lm, layer, prompts, design["word_ids"], pipeline, keep_fn,
+                                             (code, torch.tensor(features, device=device)), base_P4)
+        return {f: {"changes": changes[f].mean(0).tolist(), "samples": (w_prompts @ inter[f]) / len(prompts)}
+                for f in SCALES}
+
+    j = selected["interaction"]["feature"]
+    rank = firing_F2.argsort().argsort()
+    near = (rank - rank[j]).abs().argsort().tolist()
+    random_features = [f for f in near if f != j][: 2 * N_RANDOM_CONTROLS]
+    random_features = [random_features[i] for i in torch.randperm(len(random_features), generator=generator)[:N_RANDOM_CONTROLS]]
+    primary = primary_read(pipeline, data["x_eval"], j)
+    shuffled = [select(cell_P[sel][torch.randperm(len(sel), generator=generator)]) for _ in range(N_SHUFFLED_CONTROLS)]
+    effects = {"selected": [effect("secondary", [j])], "random_matched": [effect("secondary", [f]) for f in random_features],
+               "primary_read": [effect("primary", primary)], "shuffled_selection": [effect("secondary", [f]) for f in shuffled]}
+
+    rows = {}
+    for name, runs in effects.items():
+        rows[name] = {}
+        for f in SCALES:
+            pooled = torch.cat([r[f]["samples"][1:] for r in runs])
+            rows[name][f] = {"effect": sum(r[f]["samples"][0].item() for r in runs) / len(runs), "ci": interval(pooled),
+                             "word_list_changes": [sum(r[f]["changes"][i] for r in runs) / len(runs) for i in range(4)]}
+    verdicts = {f"intervention_x{f:g}_beyond_controls": beyond_controls(rows, f) for f in SCALES}
+    s = selected["interaction"]
+    ci_excludes_0 = not s["test_half_ci"][0] <= 0 <= s["test_half_ci"][1]
+    selectivity = "holds" if s["p_bonferroni"] < 0.05 and ci_excludes_0 else \
+        "no" if s["p_bonferroni"] >= 0.05 and not ci_excludes_0 else "unclear"
+    overall = "holds" if selectivity == "holds" and set(verdicts.values()) == {"holds"} else \
+        "no" if selectivity == "no" or set(verdicts.values()) == {"no"} else "unclear"
+    return {"secondary": secondary_report, "design": {"factors": design["factors"], "cells": design["cells"],
+                                                      "prompts_per_half": [int((cell_P[sel] == c).sum()) for c in range(4)]},
+            "selected": selected, "x1_max_change": x1_change,
+            "controls": {"random_matched": random_features, "primary_read": primary, "shuffled_selection": shuffled},
+            "intervention": {name: {str(f): v for f, v in r.items()} for name, r in rows.items()},
+            "verdicts": {"selectivity_on_held_out_prompts": selectivity, **verdicts, "overall": overall}}
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -1419,8 +1775,8 @@ def resolve_layer(cfg, n_blocks, d_model, saelens=None):
 
 
 def load_data(cfg, layer, device):
-    """The LM, and block-L activations of the corpus split into training and held-out tokens, with the
-    windows that are spliced for KL / CE (the first splice_tokens // ctx held-out windows)."""
+    """The LM, its tokenizer, and block-L activations of the corpus split into training and held-out
+    tokens, with the windows that are spliced for KL / CE (the first splice_tokens // ctx held-out windows)."""
     text = read_text(cfg.text)
     lm, tokenizer = load_lm(cfg.model, device)
     n_blocks = len(decoder_blocks(lm))
@@ -1436,7 +1792,7 @@ def load_data(cfg, layer, device):
                 splice_keep=data["keep"][held_out], splice_acts=acts_NTD[held_out].clone(),  # reused by every splice
                 x_train=data["x_train"].to(device), x_eval=data["x_eval"].to(device),
                 mean=data["mean"].to(device), std=data["std"].to(device))
-    return lm, data
+    return lm, tokenizer, data
 
 
 STAGES = ("sae", "sae_matched", "sequential", "joint", "joint_no_linear")  # the trained models, in order
@@ -1529,7 +1885,7 @@ def settings(cfg):
         return cfg, {}, {}
     models, previous = load_run(run_dir)
     cfg = replace(Config(**previous["config"]), device=cfg.device, out=run_dir, resume=cfg.resume,
-                  eval_only=cfg.eval_only)
+                  eval_only=cfg.eval_only, stage34=cfg.stage34, stimuli=cfg.stimuli)
     expected = {model_key(name, seed, cfg.seed) for seed in range(cfg.seed, cfg.seed + cfg.seeds)
                 for name in trained_stages(cfg)}
     if cfg.eval_only and not expected <= models.keys():
@@ -1565,6 +1921,10 @@ def run(cfg):
             raise DualencError(f"the saved {key} model has d_model {model.sae.W_dec.shape[1]}, the LM {d_model}")
     saelens = read_saelens(cfg.sae) if cfg.sae and "sae" not in models else None
     layer = resolve_layer(cfg, n_blocks, d_model, saelens)
+    if cfg.stage34 and cfg.sae:
+        raise DualencError("--stage34 studies the joint model's integration features; a --sae run has no joint model")
+    if cfg.stage34:
+        read_stimuli(cfg.stimuli)
     if saelens is not None:  # the SAE fixes the layer, F and k; the NFM reads the top k/2 as usual
         cfg = replace(cfg, layer=layer, features=saelens["cfg"]["d_sae"], k=saelens["cfg"]["k"], nfm_k=None)
     timings, t0 = {k: v for k, v in previous.get("timings_s", {}).items() if k != "total"}, time.perf_counter()
@@ -1575,7 +1935,7 @@ def run(cfg):
         print(f"[{name}] {timings[name]:.1f} s", file=sys.stderr)
         t0 = time.perf_counter()
 
-    lm, data = load_data(cfg, layer, device)
+    lm, tokenizer, data = load_data(cfg, layer, device)
     print(f"block {layer} of {n_blocks}, d_model {d_model}: {len(data['x_train']):,} train / "
           f"{len(data['x_eval']):,} held-out tokens; excluded {data['n_windows']:,} position-0 tokens and "
           f"{data['n_massive']} massive-norm tokens (> {data['max_norm']:.0f} = {cfg.outlier_factor:g} x median)",
@@ -1608,6 +1968,10 @@ def run(cfg):
                   bootstrap={"resamples": cfg.n_boot, "eval_windows": data["n_eval_windows"],
                              "splice_windows": len(data["splice_ids"]), "delta_bic_resamples": BIC_RESAMPLES})
     report["data"]["steps_per_model"] = report["curves"][trained_stages(cfg)[0]][-1]["step"]
+    if cfg.stage34:
+        report["stage34"] = stage34(lm, tokenizer, models["joint"], data, cfg, out, torch.Generator().manual_seed(cfg.seed))
+        atomic_write(out / "stage34.txt", lambda p: p.write_text(format_stage34(report["stage34"]) + "\n"))
+        stage("stage34")
     plot_figures(report, out)
     stage("report")
     timings["total"] = round(sum(timings.values()), 2)
@@ -1659,6 +2023,35 @@ def format_report(report):
              f"{d['model']} block {d['layer']}: {d['train_tokens']:,} train tokens, {d['eval_tokens']:,} held out "
              f"({d['eval_windows']} windows), {d['splice_tokens']:,} spliced ({d['splice_windows']} windows); "
              f"{d['steps_per_model']} steps per model; {seeds} seed(s); {report['timings_s']['total']:.0f} s"]
+    if "stage34" in report:
+        rows += ["", format_stage34(report["stage34"])]
+    return "\n".join(rows)
+
+
+def format_stage34(st):
+    """The stages 3-4 table (§13): the secondary SAE, the selected features on both halves, the
+    intervention beside its controls, and the verdicts."""
+    sec = st["secondary"]
+    rows = [f"stage 3: secondary SAE on the joint NFM's interaction hidden layer: {sec['features']} features, "
+            f"k {sec['k']}; held-out fvu {sec['fvu']:.4f}, dead {sec['dead_features']}; spliced KL "
+            f"{sec['kl_with_secondary']['value']:.4f} against the joint model's {sec['kl_joint']['value']:.4f} "
+            f"(increase {sec['kl_increase']['value']:.4f} {fmt_ci(sec['kl_increase']['ci'])})",
+            f"stage 4: {' x '.join(f'{k} ({a} / {b})' for k, (a, b) in st['design']['factors'].items())}, "
+            f"{st['design']['prompts_per_half']} selection prompts per cell, the rest tested",
+            "{:<13}{:>8}{:>12}{:>12}{:>18}{:>9}{:>9}   {}".format(
+                "contrast", "feature", "selection", "test half", "test 95%", "p", "p x3", "paper's way: same prompts")]
+    for name, c in st["selected"].items():
+        pw = c["paper_way"]
+        rows.append(f"{name:<13}{c['feature']:>8}{c['selection_half']:>12.4f}{c['test_half']:>12.4f}"
+                    f"{fmt_ci(c['test_half_ci']):>18}{c['p']:>9.4f}{c['p_bonferroni']:>9.4f}   feature {pw['feature']}, "
+                    f"contrast {pw['contrast']:.4f}, p {pw['p_same_prompts_uncorrected']:.4f} (uncorrected)")
+    rows.append(f"intervention on feature {st['selected']['interaction']['feature']}: 2 x 2 interaction of the word "
+                f"lists' log-prob changes, mean over test prompts (x1 changes nothing: max {st['x1_max_change']:.1e})")
+    rows.append("{:<20}".format("") + "".join(f"{'x' + f:>32}" for f in st["intervention"]["selected"]))
+    for name, by_scale in st["intervention"].items():
+        rows.append(f"{name:<20}" + "".join(f"{v['effect']:>10.1e} [{v['ci'][0]:.1e}, {v['ci'][1]:.1e}]"
+                                            for v in by_scale.values()))
+    rows.append("verdicts: " + ", ".join(f"{k} {v}" for k, v in st["verdicts"].items()))
     return "\n".join(rows)
 
 
@@ -1676,10 +2069,10 @@ def parse_args(argv=None):
         p.add_argument(flag, type=kind, default=argparse.SUPPRESS,
                        metavar=f.metadata["metavar"] or kind.__name__.upper(), help=f.metadata["help"] + shown)
     given = vars(p.parse_args(argv))
-    extra = given.keys() - {"resume", "eval_only", "device"}
+    extra = given.keys() - {"resume", "eval_only", "device", "stage34", "stimuli"}
     if (given.get("resume") or given.get("eval_only")) and extra:
-        raise DualencError(f"--resume and --eval-only take the run's own settings; only --device may be "
-                           f"given with them, not {', '.join(sorted('--' + k.replace('_', '-') for k in extra))}")
+        raise DualencError(f"--resume and --eval-only take the run's own settings; only --device, --stage34 and "
+                           f"--stimuli may be given with them, not {', '.join(sorted('--' + k.replace('_', '-') for k in extra))}")
     from_sae = given.keys() & {"features", "k", "nfm_k", "sae_init"}
     if given.get("sae") and from_sae:
         raise DualencError(f"--sae brings its own dictionary size and k (the NFM reads its top k/2); "

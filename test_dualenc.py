@@ -906,3 +906,127 @@ def test_layer_outside_the_model_fails_before_the_corpus_is_read(tiny_lm_folder,
 def test_sae_settings_that_the_sae_fixes_are_refused():
     with pytest.raises(de.DualencError, match="--k do not apply"):
         de.parse_args(["--sae", "some/sae", "--k", "16"])
+
+
+# ----------------------------------------------------------------------------- stages 3-4
+
+def tiny_joint_and_secondary(x):
+    torch.manual_seed(0)
+    joint = de.DualEncoder(de.TopKSAE(D, FEATS, K), de.NFM(FEATS, D, M, n_read=K))
+    de.train_joint(joint, x, x, small_cfg())
+    secondary, curve, h_eval = de.train_secondary(joint, x, x, small_cfg())
+    return joint.eval(), secondary.eval(), curve, h_eval
+
+
+def test_secondary_sae_learns_the_interaction_hidden_layer():
+    x = synthetic_acts()
+    joint, secondary, curve, h_eval = tiny_joint_and_secondary(x)
+    assert secondary.sae.W_dec.shape == (25 * M, M) and secondary.sae.k == round(M * 250 / 300)
+    assert curve[-1]["train_mse"] < curve[0]["train_mse"] and curve[-1]["fvu"] < curve[0]["fvu"]
+    torch.testing.assert_close(secondary.normalize(de.interaction_hidden(joint, x)), h_eval)
+    # the pipeline with the secondary SAE in place reconstructs x, a little worse than the joint model
+    pipeline = de.IntegrationPipeline(joint, secondary).eval()
+    assert de.evaluate(joint, x)["fvu"] <= de.evaluate(pipeline, x)["fvu"] < 1
+
+
+def test_scaling_by_one_or_a_silent_feature_by_zero_changes_nothing():
+    x = synthetic_acts(n=256)
+    joint, secondary, _, _ = tiny_joint_and_secondary(x)
+    pipeline = de.IntegrationPipeline(joint, secondary).eval()
+    with torch.no_grad():
+        base = pipeline(x)
+        active = pipeline.secondary_codes(x)
+        busy, silent = int(active.count_nonzero(0).argmax()), int((active.count_nonzero(0) == 0).nonzero()[0])
+        pipeline.scale = ("secondary", torch.tensor([busy]), 1.0)
+        assert torch.equal(pipeline(x), base)
+        pipeline.scale = ("secondary", torch.tensor([silent]), 0.0)
+        assert torch.equal(pipeline(x), base)
+        pipeline.scale = ("secondary", torch.tensor([busy]), 0.0)
+        assert not torch.allclose(pipeline(x), base)
+    # and through the LM: x1 leaves the next-token log-probabilities where they were
+    lm, ids = tiny_llama(), torch.randint(0, 97, (3, 10))
+    joint_lm, secondary_lm = de.DualEncoder(de.TopKSAE(32, FEATS, K), de.NFM(FEATS, 32, M)).eval(), None
+    secondary_lm = de.DualEncoder(de.TopKSAE(M, 25 * M, 8), None).eval()
+    pipe = de.IntegrationPipeline(joint_lm, secondary_lm).eval()
+    prompts, words = [(i, 0) for i in ids], {c: torch.tensor([1, 2, 3]) for c in "abcd"}
+
+    def keep_fn(h):
+        return torch.ones(h.shape[:-1], dtype=torch.bool)
+
+    base = de.word_logprobs(lm, 2, prompts, words, pipe, keep_fn)
+    changes, inter = de.intervention_effect(lm, 2, prompts, words, pipe, keep_fn, ("secondary", torch.tensor([0])), base)
+    pipe.scale = ("secondary", torch.tensor([0]), 1.0)
+    torch.testing.assert_close(de.word_logprobs(lm, 2, prompts, words, pipe, keep_fn), base, rtol=0, atol=1e-5)
+    assert set(changes) == set(de.SCALES) and inter[0.0].shape == (3,)
+
+
+def planted_design(effect, seed=0, per_cell=16, n_features=30):
+    """Per-prompt activations of a 2 x 2 design; feature 3 gets an interaction of size `effect`."""
+    g = torch.Generator().manual_seed(seed)
+    cell = torch.arange(4).repeat_interleave(per_cell)
+    A = torch.rand(4 * per_cell, n_features, generator=g)
+    A[:, 3] += effect * torch.tensor([1.0, -1.0, -1.0, 1.0])[cell] / 4
+    return A, cell
+
+
+def test_a_planted_interaction_is_found_and_its_permutation_p_is_small():
+    A, cell = planted_design(effect=1.0)
+    value, t = de.contrasts(A, cell)["interaction"]
+    assert int(t.abs().argmax()) == 3 and value[3].item() == pytest.approx(1.0, abs=0.3)
+    assert de.permutation_p(A[:, 3], cell, "interaction", 999, torch.Generator().manual_seed(0)) < 0.01
+    null, cell = planted_design(effect=0.0)
+    assert de.contrasts(null, cell)["interaction"][1][3].abs() < 3
+    assert de.permutation_p(null[:, 3], cell, "interaction", 999, torch.Generator().manual_seed(0)) > 0.05
+    # main effects: a feature that only rises with the first factor has no interaction
+    A[:, 5] += 2.0 * (cell < 2)
+    c = de.contrasts(A, cell)
+    assert int(c["main_a"][1].abs().argmax()) == 5 and c["interaction"][1][5].abs() < 3
+
+
+@pytest.mark.parametrize("content, msg", [
+    ("{not json", "stimuli"), ('{"factors": {"a": ["x", "y"]}}', "not a 2 x 2 design"),
+    ('{"factors": {"a": ["x", "y"], "b": ["u", "v"]}, "prompts": {}, "words": {}}', "not a 2 x 2 design"),
+    (json.dumps({"factors": {"a": ["x", "y"], "b": ["u", "v"]},
+                 "prompts": {c: ["p"] * 3 for c in ("x u", "x v", "y u", "y v")},
+                 "words": {c: ["w"] for c in ("x u", "x v", "y u", "y v")}}), "at least 4 prompts")])
+def test_a_malformed_stimulus_file_fails_with_one_line(content, msg, tmp_path):
+    path = tmp_path / "s.json"
+    path.write_text(content)
+    with pytest.raises(de.DualencError, match=msg) as err:
+        de.read_stimuli(path)
+    assert "\n" not in str(err.value)
+
+
+def test_the_shipped_stimuli_are_a_full_design_of_single_token_words():
+    spec = de.read_stimuli(None)
+    _, tokenizer = de.load_lm(de.SMOLLM2, "cpu")
+    design = de.load_stimuli(spec, tokenizer)
+    assert [sum(1 for _, c in design["prompt_ids"] if c == i) for i in range(4)] == [16, 16, 16, 16]
+    assert all(len(w) == 8 for w in design["word_ids"].values())
+    bad = {**spec, "words": {**spec["words"], spec["cells"][0]: ["extraordinarily-long-word"]}}
+    with pytest.raises(de.DualencError, match="single tokens"):
+        de.load_stimuli(bad, tokenizer)
+
+
+def test_stage34_on_a_tiny_run_writes_its_table_figure_and_secondary_sae(tiny_run, capsys):
+    out, _ = tiny_run
+    report = de.run(de.Config(eval_only=str(out), device="cpu", stage34=True))
+    st = report["stage34"]
+    assert st["x1_max_change"] < 1e-5 and set(st["selected"]) == set(de.CONTRASTS)
+    assert set(st["intervention"]) == {"selected", "random_matched", "primary_read", "shuffled_selection"}
+    assert st["verdicts"]["overall"] in ("holds", "no", "unclear")
+    assert (out / "stage34.png").read_bytes()[:4] == b"\x89PNG" and (out / "stage34.txt").exists()
+    cfg = json.loads((out / "secondary" / "cfg.json").read_text())
+    assert cfg["metadata"]["hook_name"] == "blocks.2.hook_resid_post.nfm.hook_interaction_pre_relu"
+    assert "stage 4" in capsys.readouterr().out
+
+
+def test_an_intervention_holds_only_beyond_every_control():
+    def rows(selected, *controls):
+        return {"selected": {4.0: {"effect": sum(selected) / 2, "ci": selected}},
+                **{f"c{i}": {4.0: {"effect": sum(c) / 2, "ci": c}} for i, c in enumerate(controls)}}
+    assert de.beyond_controls(rows([0.5, 0.9], [-0.1, 0.1], [0.0, 0.3]), 4.0) == "holds"
+    assert de.beyond_controls(rows([-0.9, -0.5], [-0.1, 0.1]), 4.0) == "holds"
+    assert de.beyond_controls(rows([0.5, 0.9], [-0.1, 0.1], [1.0, 2.0]), 4.0) == "no"  # a control moves them more
+    assert de.beyond_controls(rows([0.5, 0.9], [0.6, 0.8]), 4.0) == "no"
+    assert de.beyond_controls(rows([0.2, 0.9], [-0.1, 0.3]), 4.0) == "unclear"
