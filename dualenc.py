@@ -752,7 +752,8 @@ def bootstrap_weights(n, n_boot, generator):
     (windows, or features) is drawn in resample r. A sum over units becomes a matrix product, and one
     matrix serves every model, so the resamples are paired across models (§9.6)."""
     draws = torch.randint(n, (n_boot, n), generator=generator)
-    counts = torch.zeros(n_boot, n, dtype=torch.float64).scatter_add_(1, draws, torch.ones(n_boot, n, dtype=torch.float64))
+    ones = torch.ones(n_boot, n, dtype=torch.float64)
+    counts = torch.zeros(n_boot, n, dtype=torch.float64).scatter_add_(1, draws, ones)
     return torch.cat([torch.ones(1, n, dtype=torch.float64), counts])
 
 
@@ -832,7 +833,8 @@ def variants(models):
     the rest are the §9.3 ablations."""
     spec = {"sae": ("sae", ()), "sae_matched": ("sae_matched", ()), "sequential": ("sequential", PATHWAYS),
             "joint": ("joint", PATHWAYS), "joint_sae_path": ("joint", ()), "joint_linear_only": ("joint", ("linear",)),
-            "joint_interaction_only": ("joint", ("interaction",)), "joint_no_linear": ("joint_no_linear", ("interaction",))}
+            "joint_interaction_only": ("joint", ("interaction",)),
+            "joint_no_linear": ("joint_no_linear", ("interaction",))}
     return {name: (models[model], paths) for name, (model, paths) in spec.items() if model in models}
 
 
@@ -1111,7 +1113,8 @@ def report_analysis(per_seed, models):
     ce = {k: across(per_seed, lambda s: s["ce"][k]) for k in ("clean_ce", "zero_ce")}
     counts = {name: param_counts(model) for name, model in models.items() if model.nfm is not None}
     analysis = {
-        "interaction_share_of_nfm_output": {n: across(per_seed, lambda s: s["contrib"][n]) for n in per_seed[0]["contrib"]},
+        "interaction_share_of_nfm_output": {n: across(per_seed, lambda s: s["contrib"][n])
+                                            for n in per_seed[0]["contrib"]},
         "params": counts,
         # a design figure, fixed by F, M and D before any training: shown, not judged
         "interaction_param_share": {n: (c["nfm_embed"] + c["nfm_mlp"]) / sum(c.values()) for n, c in counts.items()},
@@ -1187,7 +1190,7 @@ def plot_stage34(st, out):
         ax.set(title=f"feature x{f}", xlabel=f"{fa} of the word list")
     fig.axes[0].set_ylabel("change in mean log P(word list) at the next token")
     fig.axes[-1].legend(fontsize=7)
-    fig.suptitle("Scaling an integration feature: selected on held-out-tested contrast vs controls (test prompts)")
+    fig.suptitle("Scaling the selected integration feature, and the controls: word-list changes on the test prompts")
     fig.savefig(out / "stage34.png", dpi=110)
 
 
@@ -1326,7 +1329,8 @@ def load_stimuli(spec, tokenizer):
         if bad:
             raise DualencError(f"stimuli {spec['path']}: words {bad} of cell {c!r} are not single tokens after a space")
         word_ids[c] = torch.tensor([i[0] for i in ids])
-    prompts = [(torch.tensor(tokenizer(p)["input_ids"]), i) for i, c in enumerate(spec["cells"]) for p in spec["prompts"][c]]
+    prompts = [(torch.tensor(tokenizer(p)["input_ids"]), i)
+               for i, c in enumerate(spec["cells"]) for p in spec["prompts"][c]]
     return {**spec, "prompt_ids": prompts, "word_ids": word_ids}
 
 
@@ -1433,13 +1437,14 @@ def beyond_controls(rows, factor):
     return "unclear"
 
 
-def stage34(lm, tokenizer, joint, data, cfg, out, generator):
-    """Stages 3 and 4 of the paper (§13), with a referee's controls. Returns the report's "stage34"."""
-    layer, device = data["layer"], data["x_train"].device
-    # stage 3: integration features
+def stage3(lm, joint, data, cfg, out, generator):
+    """The secondary SAE (train_secondary), saved in out/secondary, and what it costs: held-out FVU of the
+    hidden layer, dead features, and the spliced KL with the hidden layer replaced by its reconstruction,
+    against the joint model's own (paired bootstrap over windows)."""
+    layer = data["layer"]
     secondary, curve, h_eval_NM = train_secondary(joint, data["x_train"], data["x_eval"], cfg)
-    save_model(secondary, out / "secondary", {**sae_metadata(cfg, layer),
-                                             "hook_name": f"blocks.{layer}.hook_resid_post.nfm.hook_interaction_pre_relu"})
+    hook = f"blocks.{layer}.hook_resid_post.nfm.hook_interaction_pre_relu"
+    save_model(secondary, out / "secondary", {**sae_metadata(cfg, layer), "hook_name": hook})
     pipeline = IntegrationPipeline(joint, secondary).eval()
     firing_F2 = firing_counts(secondary.sae, h_eval_NM)
     m = splice_metrics(lm, data["splice_ids"], layer, {"joint": joint.reconstruct, "secondary": pipeline.reconstruct},
@@ -1447,10 +1452,61 @@ def stage34(lm, tokenizer, joint, data, cfg, out, generator):
     w_splice = bootstrap_weights(len(data["splice_ids"]), cfg.n_boot, generator)
     n_kl = w_splice @ m["kl_mask"].sum(-1).double()
     kl = {name: (w_splice @ v.double().sum(-1)) / n_kl for name, v in m["kl"].items()}
-    secondary_report = {"features": secondary.sae.W_dec.shape[0], "k": secondary.sae.k, "curve": curve,
-                        **evaluate(secondary, h_eval_NM), "dead_features": int((firing_F2 == 0).sum()),
-                        "kl_joint": summarise(kl["joint"]), "kl_with_secondary": summarise(kl["secondary"]),
-                        "kl_increase": summarise(kl["secondary"] - kl["joint"])}
+    return pipeline, firing_F2, {
+        "features": secondary.sae.W_dec.shape[0], "k": secondary.sae.k, "curve": curve,
+        **evaluate(secondary, h_eval_NM), "dead_features": int((firing_F2 == 0).sum()),
+        "kl_joint": summarise(kl["joint"]), "kl_with_secondary": summarise(kl["secondary"]),
+        "kl_increase": summarise(kl["secondary"] - kl["joint"])}
+
+
+def top_feature(A_PF, cell_P, contrast="interaction"):
+    """The feature with the largest |t| of a contrast."""
+    return int(contrasts(A_PF, cell_P)[contrast][1].abs().argmax())
+
+
+def select_and_test(A_PF, cell_P, n_boot, generator, n_perm=2000):
+    """Split each cell's prompts in half; on the selection half pick each contrast's top feature; on
+    the test half report its contrast, a stratified bootstrap interval, a permutation p-value, and that
+    p Bonferroni-corrected for the len(CONTRASTS) features carried over. Beside each, the paper's way:
+    the top feature picked and tested on all prompts, uncorrected. Returns (selected, sel, test)."""
+    order = torch.randperm(len(cell_P), generator=generator)
+    half = torch.zeros(len(cell_P), dtype=torch.bool)  # True: selection half
+    for c in range(4):
+        members = order[cell_P[order] == c]
+        half[members[: len(members) // 2]] = True
+    sel, test = half.nonzero()[:, 0], (~half).nonzero()[:, 0]
+    w_test = stratified_weights(cell_P[test], n_boot, generator)
+    selected = {}
+    for contrast in CONTRASTS:
+        j = top_feature(A_PF[sel], cell_P[sel], contrast)
+        value = contrasts(A_PF[test][:, [j]], cell_P[test], w_test)[contrast][0][:, 0]
+        p = permutation_p(A_PF[test, j], cell_P[test], contrast, n_perm, generator)
+        all_j = top_feature(A_PF, cell_P, contrast)
+        selected[contrast] = {
+            "feature": j, "selection_half": contrasts(A_PF[sel][:, [j]], cell_P[sel])[contrast][0].item(),
+            "test_half": value[0].item(), "test_half_ci": interval(value[1:]), "p": p,
+            "p_bonferroni": min(1.0, p * len(CONTRASTS)),
+            "paper_way": {"feature": all_j, "contrast": contrasts(A_PF[:, [all_j]], cell_P)[contrast][0].item(),
+                          "p_same_prompts_uncorrected": permutation_p(A_PF[:, all_j], cell_P, contrast, n_perm,
+                                                                      generator)}}
+    return selected, sel, test
+
+
+def pool(runs):
+    """One row of the intervention table from the runs of one feature set (several for controls a and c):
+    per scale, the mean effect, the interval of all their bootstrap means pooled, the word-list changes."""
+    rows = {}
+    for f in SCALES:
+        rows[f] = {"effect": sum(r[f]["samples"][0].item() for r in runs) / len(runs),
+                   "ci": interval(torch.cat([r[f]["samples"][1:] for r in runs])),
+                   "word_list_changes": [sum(r[f]["changes"][i] for r in runs) / len(runs) for i in range(4)]}
+    return rows
+
+
+def stage34(lm, tokenizer, joint, data, cfg, out, generator):
+    """Stages 3 and 4 of the paper (§13), with a referee's controls. Returns the report's "stage34"."""
+    layer, device = data["layer"], data["x_train"].device
+    pipeline, firing_F2, secondary_report = stage3(lm, joint, data, cfg, out, generator)
 
     # stage 4: which integration features track the 2 x 2 design, chosen on one half, tested on the other
     design = load_stimuli(read_stimuli(cfg.stimuli), tokenizer)
@@ -1466,60 +1522,33 @@ def stage34(lm, tokenizer, joint, data, cfg, out, generator):
         h_1TD = extract_activations(lm, ids[None], layer)
         acts.append(pipeline.secondary_codes(joint.normalize(h_1TD[keep_fn(h_1TD)])).mean(0))
     A_PF = torch.stack(acts).cpu()
-    order = torch.randperm(len(cell_P), generator=generator)
-    half = torch.zeros(len(cell_P), dtype=torch.bool)  # True: selection half, per cell
-    for c in range(4):
-        members = order[cell_P[order] == c]
-        half[members[: len(members) // 2]] = True
-    sel, test = half.nonzero()[:, 0], (~half).nonzero()[:, 0]
-
-    def select(cells, contrast="interaction"):
-        return int(contrasts(A_PF[sel], cells)[contrast][1].abs().argmax())
-
-    w_test = stratified_weights(cell_P[test], cfg.n_boot, generator)
-    selected = {}
-    for contrast in CONTRASTS:
-        j = select(cell_P[sel], contrast)
-        value = contrasts(A_PF[test][:, [j]], cell_P[test], w_test)[contrast][0][:, 0]
-        p = permutation_p(A_PF[test, j], cell_P[test], contrast, 2000, generator)
-        all_j = int(contrasts(A_PF, cell_P)[contrast][1].abs().argmax())
-        selected[contrast] = {
-            "feature": j, "selection_half": contrasts(A_PF[sel][:, [j]], cell_P[sel])[contrast][0].item(),
-            "test_half": value[0].item(), "test_half_ci": interval(value[1:]), "p": p,
-            "p_bonferroni": min(1.0, p * len(CONTRASTS)),
-            "paper_way": {"feature": all_j, "contrast": contrasts(A_PF[:, [all_j]], cell_P)[contrast][0].item(),
-                          "p_same_prompts_uncorrected": permutation_p(A_PF[:, all_j], cell_P, contrast, 2000, generator)}}
+    selected, sel, test = select_and_test(A_PF, cell_P, cfg.n_boot, generator)
 
     # the intervention on the selected interaction feature, on the test prompts, beside three controls
-    prompts = [design["prompt_ids"][i] for i in test]
-    base_P4 = word_logprobs(lm, layer, prompts, design["word_ids"], pipeline, keep_fn)
-    pipeline.scale = ("secondary", torch.tensor([selected["interaction"]["feature"]], device=device), 1.0)
-    x1_change = (word_logprobs(lm, layer, prompts, design["word_ids"], pipeline, keep_fn) - base_P4).abs().max().item()
+    prompts, words = [design["prompt_ids"][i] for i in test], design["word_ids"]
+    base_P4 = word_logprobs(lm, layer, prompts, words, pipeline, keep_fn)
+    j = selected["interaction"]["feature"]
+    pipeline.scale = ("secondary", torch.tensor([j], device=device), 1.0)
+    x1_change = (word_logprobs(lm, layer, prompts, words, pipeline, keep_fn) - base_P4).abs().max().item()
     w_prompts = bootstrap_weights(len(prompts), cfg.n_boot, generator)
 
     def effect(code, features):
-        changes, inter = intervention_effect(lm, layer, prompts, design["word_ids"], pipeline, keep_fn,
+        changes, inter = intervention_effect(lm, layer, prompts, words, pipeline, keep_fn,
                                              (code, torch.tensor(features, device=device)), base_P4)
         return {f: {"changes": changes[f].mean(0).tolist(), "samples": (w_prompts @ inter[f]) / len(prompts)}
                 for f in SCALES}
 
-    j = selected["interaction"]["feature"]
     rank = firing_F2.argsort().argsort()
-    near = (rank - rank[j]).abs().argsort().tolist()
-    random_features = [f for f in near if f != j][: 2 * N_RANDOM_CONTROLS]
-    random_features = [random_features[i] for i in torch.randperm(len(random_features), generator=generator)[:N_RANDOM_CONTROLS]]
+    near = [f for f in (rank - rank[j]).abs().argsort().tolist() if f != j][: 2 * N_RANDOM_CONTROLS]
+    random_features = [near[i] for i in torch.randperm(len(near), generator=generator)[:N_RANDOM_CONTROLS]]
     primary = primary_read(pipeline, data["x_eval"], j)
-    shuffled = [select(cell_P[sel][torch.randperm(len(sel), generator=generator)]) for _ in range(N_SHUFFLED_CONTROLS)]
-    effects = {"selected": [effect("secondary", [j])], "random_matched": [effect("secondary", [f]) for f in random_features],
-               "primary_read": [effect("primary", primary)], "shuffled_selection": [effect("secondary", [f]) for f in shuffled]}
+    shuffled = [top_feature(A_PF[sel], cell_P[sel][torch.randperm(len(sel), generator=generator)])
+                for _ in range(N_SHUFFLED_CONTROLS)]
+    rows = {"selected": pool([effect("secondary", [j])]),
+            "random_matched": pool([effect("secondary", [f]) for f in random_features]),
+            "primary_read": pool([effect("primary", primary)]),
+            "shuffled_selection": pool([effect("secondary", [f]) for f in shuffled])}
 
-    rows = {}
-    for name, runs in effects.items():
-        rows[name] = {}
-        for f in SCALES:
-            pooled = torch.cat([r[f]["samples"][1:] for r in runs])
-            rows[name][f] = {"effect": sum(r[f]["samples"][0].item() for r in runs) / len(runs), "ci": interval(pooled),
-                             "word_list_changes": [sum(r[f]["changes"][i] for r in runs) / len(runs) for i in range(4)]}
     verdicts = {f"intervention_x{f:g}_beyond_controls": beyond_controls(rows, f) for f in SCALES}
     s = selected["interaction"]
     ci_excludes_0 = not s["test_half_ci"][0] <= 0 <= s["test_half_ci"][1]
@@ -1527,8 +1556,9 @@ def stage34(lm, tokenizer, joint, data, cfg, out, generator):
         "no" if s["p_bonferroni"] >= 0.05 and not ci_excludes_0 else "unclear"
     overall = "holds" if selectivity == "holds" and set(verdicts.values()) == {"holds"} else \
         "no" if selectivity == "no" or set(verdicts.values()) == {"no"} else "unclear"
-    return {"secondary": secondary_report, "design": {"factors": design["factors"], "cells": design["cells"],
-                                                      "prompts_per_half": [int((cell_P[sel] == c).sum()) for c in range(4)]},
+    return {"secondary": secondary_report,
+            "design": {"factors": design["factors"], "cells": design["cells"],
+                       "prompts_per_half": [int((cell_P[sel] == c).sum()) for c in range(4)]},
             "selected": selected, "x1_max_change": x1_change,
             "controls": {"random_matched": random_features, "primary_read": primary, "shuffled_selection": shuffled},
             "intervention": {name: {str(f): v for f, v in r.items()} for name, r in rows.items()},
@@ -1969,7 +1999,8 @@ def run(cfg):
                              "splice_windows": len(data["splice_ids"]), "delta_bic_resamples": BIC_RESAMPLES})
     report["data"]["steps_per_model"] = report["curves"][trained_stages(cfg)[0]][-1]["step"]
     if cfg.stage34:
-        report["stage34"] = stage34(lm, tokenizer, models["joint"], data, cfg, out, torch.Generator().manual_seed(cfg.seed))
+        gen = torch.Generator().manual_seed(cfg.seed)
+        report["stage34"] = stage34(lm, tokenizer, models["joint"], data, cfg, out, gen)
         atomic_write(out / "stage34.txt", lambda p: p.write_text(format_stage34(report["stage34"]) + "\n"))
         stage("stage34")
     plot_figures(report, out)
@@ -2043,8 +2074,8 @@ def format_stage34(st):
     for name, c in st["selected"].items():
         pw = c["paper_way"]
         rows.append(f"{name:<13}{c['feature']:>8}{c['selection_half']:>12.4f}{c['test_half']:>12.4f}"
-                    f"{fmt_ci(c['test_half_ci']):>18}{c['p']:>9.4f}{c['p_bonferroni']:>9.4f}   feature {pw['feature']}, "
-                    f"contrast {pw['contrast']:.4f}, p {pw['p_same_prompts_uncorrected']:.4f} (uncorrected)")
+                    f"{fmt_ci(c['test_half_ci']):>18}{c['p']:>9.4f}{c['p_bonferroni']:>9.4f}   "
+                    f"feature {pw['feature']}, contrast {pw['contrast']:.4f}, p {pw['p_same_prompts_uncorrected']:.4f} (uncorrected)")
     rows.append(f"intervention on feature {st['selected']['interaction']['feature']}: 2 x 2 interaction of the word "
                 f"lists' log-prob changes, mean over test prompts (x1 changes nothing: max {st['x1_max_change']:.1e})")
     rows.append("{:<20}".format("") + "".join(f"{'x' + f:>32}" for f in st["intervention"]["selected"]))
