@@ -1378,20 +1378,25 @@ def permutation_p(a_P, cell_P, contrast, n_perm, generator):
 def word_logprobs(lm, layer, prompts, word_ids, pipeline, keep_fn):
     """Per prompt, the mean next-token log-probability of each word list at the prompt's last position,
     with block `layer`'s output replaced by pipeline.reconstruct at the positions keep_fn(h) keeps:
-    [P, 4]. Log-probabilities, not raw logits: a logit vector has a free additive constant, which would
-    move every list alike (the 2 x 2 interaction of the changes is the same either way)."""
+    [P, 4]. The prompts run as one batch, padded at the end: a causal LM's positions never see what
+    follows them, so each prompt's last position is exact. Log-probabilities, not raw logits: a logit
+    vector has a free additive constant, which would move every list alike (the 2 x 2 interaction of
+    the changes is the same either way)."""
     device = next(lm.parameters()).device
-    lists = [word_ids[c].to(device) for c in word_ids]
-    out = []
+    lengths = torch.tensor([len(ids) for ids, _ in prompts])
+    ids_PT = torch.zeros(len(prompts), int(lengths.max()), dtype=torch.long)
+    for i, (ids, _) in enumerate(prompts):
+        ids_PT[i, :len(ids)] = ids
+    real_PT = torch.arange(ids_PT.shape[1]) < lengths[:, None]
 
     def splice(h):
-        return torch.where(keep_fn(h)[..., None], pipeline.reconstruct(h), h)
+        keep = keep_fn(h) & real_PT.to(h.device)
+        return torch.where(keep[..., None], pipeline.reconstruct(h), h)
 
-    for ids, _ in prompts:
-        with block_hook(lm, layer, splice):
-            logp_V = F.log_softmax(lm(ids[None].to(device), use_cache=False).logits[0, -1].float(), dim=-1)
-        out.append(torch.stack([logp_V[i].mean() for i in lists]))
-    return torch.stack(out).double().cpu()
+    with block_hook(lm, layer, splice):
+        logits_PV = lm(ids_PT.to(device), use_cache=False).logits[torch.arange(len(prompts)), lengths - 1]
+    logp_PV = F.log_softmax(logits_PV.float(), dim=-1)
+    return torch.stack([logp_PV[:, ids.to(device)].mean(-1) for ids in word_ids.values()], dim=-1).double().cpu()
 
 
 def intervention_effect(lm, layer, prompts, word_ids, pipeline, keep_fn, scale, base_P4):
@@ -1936,6 +1941,12 @@ def new_report(cfg, data, models, previous, timings):
             "curves": previous.get("curves", {}), "timings_s": timings}
 
 
+def add_stage34(report, lm, tokenizer, joint, data, cfg, out):
+    """Stages 3-4 on the run's joint model, into report["stage34"] and the run folder's stage34.txt."""
+    report["stage34"] = stage34(lm, tokenizer, joint, data, cfg, out, torch.Generator().manual_seed(cfg.seed))
+    atomic_write(out / "stage34.txt", lambda p: p.write_text(format_stage34(report["stage34"]) + "\n"))
+
+
 def run(cfg):
     """The whole pipeline of the README: check the inputs; extract; for each seed, train and evaluate;
     summarise with intervals; report. With cfg.resume, finished models are loaded and an interrupted
@@ -1975,6 +1986,15 @@ def run(cfg):
     if saelens is not None:
         models["sae"] = import_sae(saelens, data["mean"], data["std"]).to(device)
         save_model(models["sae"], out / "sae", sae_metadata(cfg, layer))
+    if cfg.eval_only and cfg.stage34:  # a finished run's evaluation stands; stages 3-4 are added to it
+        report = {**previous, "config": {**previous["config"], "stage34": True, "stimuli": cfg.stimuli}}
+        add_stage34(report, lm, tokenizer, models["joint"], data, cfg, out)
+        plot_stage34(report["stage34"], out)
+        stage("stage34")
+        write_json(out / "results.json", report)
+        print(format_stage34(report["stage34"]))
+        print(f"added stages 3-4 to {out / 'results.json'}; wrote stage34.txt, stage34.png, secondary/", file=sys.stderr)
+        return report
     report = new_report(cfg, data, models, previous, timings)
     if not cfg.eval_only:
         write_json(out / "results.json", report)
@@ -1999,9 +2019,7 @@ def run(cfg):
                              "splice_windows": len(data["splice_ids"]), "delta_bic_resamples": BIC_RESAMPLES})
     report["data"]["steps_per_model"] = report["curves"][trained_stages(cfg)[0]][-1]["step"]
     if cfg.stage34:
-        gen = torch.Generator().manual_seed(cfg.seed)
-        report["stage34"] = stage34(lm, tokenizer, models["joint"], data, cfg, out, gen)
-        atomic_write(out / "stage34.txt", lambda p: p.write_text(format_stage34(report["stage34"]) + "\n"))
+        add_stage34(report, lm, tokenizer, models["joint"], data, cfg, out)
         stage("stage34")
     plot_figures(report, out)
     stage("report")

@@ -1009,8 +1009,11 @@ def test_the_shipped_stimuli_are_a_full_design_of_single_token_words():
 
 
 def test_stage34_on_a_tiny_run_writes_its_table_figure_and_secondary_sae(tiny_run, capsys):
-    out, _ = tiny_run
+    out, first = tiny_run
     report = de.run(de.Config(eval_only=str(out), device="cpu", stage34=True))
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["stage34"] == json.loads(json.dumps(report["stage34"]))  # added to the run's results.json
+    assert saved["models"] == json.loads(json.dumps(first["models"]))  # whose evaluation stands
     st = report["stage34"]
     assert st["x1_max_change"] < 1e-5 and set(st["selected"]) == set(de.CONTRASTS)
     assert set(st["intervention"]) == {"selected", "random_matched", "primary_read", "shuffled_selection"}
