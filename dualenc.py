@@ -102,7 +102,8 @@ class Config:
     out: str | None = opt(None, "output folder (default: runs/<timestamp>)", "DIR")
     quick: bool = opt(False, "small preset for smoke runs (fewer tokens, smaller dictionary)")
     resume: str | None = opt(None, "finish an interrupted run, with the settings it was started with", "RUN_DIR")
-    eval_only: str | None = opt(None, "re-evaluate a finished run's saved models, no training", "RUN_DIR")
+    eval_only: str | None = opt(None, "re-evaluate a finished run's saved models, no training (with --stage34: "
+                                "add stages 3-4 to it, its evaluation as it stands)", "RUN_DIR")
     stage34: bool = opt(False, "also run the paper's stages 3-4 on the joint model: integration features "
                         "(secondary SAE) and the 2 x 2 intervention with controls (§13)")
     stimuli: str | None = opt(None, "2 x 2 stimulus design for --stage34, JSON like stimuli.json (the default)",
