@@ -1290,8 +1290,7 @@ class IntegrationPipeline(DualEncoder):
     @torch.no_grad()
     def secondary_codes(self, x_BD):
         """The integration features' activations, dense: [B, F2]."""
-        h_BM = self.nfm.mlp[0](self.nfm.pair(*self.nfm.read(*self.sae.encode(x_BD))))
-        vals, idx = self.secondary.sae.encode(self.secondary.normalize(h_BM))
+        vals, idx = self.secondary.sae.encode(self.secondary.normalize(interaction_hidden(self, x_BD)))
         return to_dense(vals, idx, self.secondary.sae.W_dec.shape[0])
 
 
@@ -1519,9 +1518,7 @@ def stage34(lm, tokenizer, joint, data, cfg, out, generator):
     cell_P = torch.tensor([c for _, c in design["prompt_ids"]])
 
     def keep_fn(h_BTD):
-        keep_BT = h_BTD.norm(dim=-1) <= data["max_norm"]
-        keep_BT[:, 0] = False
-        return keep_BT
+        return keep_mask(h_BTD, data["max_norm"])
 
     acts = []
     for ids, _ in design["prompt_ids"]:
