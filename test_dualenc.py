@@ -1,5 +1,6 @@
-"""Tests for dualenc, written as examples of its API. Offline: tiny random transformers models built
-from a config for the plumbing, and the real SmolLM2 GGUF for one end-to-end --quick run."""
+"""Tests for dualenc.py, the method, written as examples of its API. Offline: tiny random transformers
+models built from a config for the plumbing, and the real SmolLM2 GGUF for one end-to-end --quick run.
+The referee (replicate.py) has its own tests in test_replicate.py, which reuse the helpers here."""
 
 import itertools
 import json
@@ -166,17 +167,6 @@ def test_reconstruct_inverts_the_normalisation():
     torch.testing.assert_close(model.reconstruct(h), expected)
 
 
-def test_param_counts_match_a_hand_count():
-    model = de.DualEncoder(de.TopKSAE(D, FEATS, K), de.NFM(FEATS, D, M))
-    counts = de.param_counts(model)
-    assert counts == {"sae_encoder": D * FEATS + FEATS, "sae_decoder": FEATS * D + D,
-                      "nfm_linear": FEATS * D, "nfm_embed": FEATS * M,
-                      "nfm_mlp": (M * M + M) + M * D}  # b_dec is the one output bias
-    assert sum(counts.values()) == sum(p.numel() for p in model.parameters())
-    assert de.params_used(model, ()) == counts["sae_encoder"] + counts["sae_decoder"]
-    assert de.params_used(model, de.PATHWAYS) == sum(counts.values())
-
-
 def test_merged_decoder_is_exact_only_on_the_codes_the_nfm_reads():
     x = torch.randn(7, D)
     for n_read in (K, K // 2):
@@ -212,102 +202,6 @@ def test_zeroing_a_pathway_removes_exactly_that_pathway():
         torch.testing.assert_close(full - model(x), interaction)
     with de.pathways(model, "interaction"):
         torch.testing.assert_close(full - model(x), linear)
-
-
-def test_bimodality_statistics_separate_two_modes_from_one():
-    g = torch.Generator().manual_seed(0)
-    unimodal = torch.randn(4000, generator=g)
-    bimodal = torch.cat([0.05 + 0.01 * torch.randn(2000, generator=g), 0.37 + 0.03 * torch.randn(2000, generator=g)])
-    assert de.bimodality_coefficient(unimodal) < 0.4 < 5 / 9 < de.bimodality_coefficient(bimodal)
-    fit = de.gmm2(bimodal)
-    assert fit["means"].tolist() == pytest.approx([0.05, 0.37], abs=0.01)
-    assert fit["weights"].tolist() == pytest.approx([0.5, 0.5], abs=0.02)
-    assert de.two_modes(fit) and not de.two_modes(de.gmm2(unimodal))
-
-
-def test_bic_prefers_two_gaussians_only_for_a_bimodal_sample():
-    g = torch.Generator().manual_seed(1)
-    normal = 0.4 + 0.1 * torch.randn(4000, generator=g)
-    bimodal = torch.cat([0.05 + 0.02 * torch.randn(1500, generator=g), 0.37 + 0.05 * torch.randn(2500, generator=g)])
-    assert de.gmm_bic(normal) < 0 < 10 < de.gmm_bic(bimodal)
-
-
-def test_weighted_statistics_equal_the_statistics_of_the_resampled_sample():
-    g = torch.Generator().manual_seed(2)
-    x, y = torch.rand(300, generator=g), torch.rand(300, generator=g)
-    w = de.bootstrap_weights(300, 3, g)
-    drawn = torch.repeat_interleave(torch.arange(300), w[2].long())  # resample 2 written out
-    assert de.bimodality_coefficient(x, w)[2] == pytest.approx(de.bimodality_coefficient(x[drawn]).item(), rel=1e-9)
-    assert de.pearson(x, y, w)[2] == pytest.approx(de.pearson(x[drawn], y[drawn]).item(), rel=1e-9)
-    assert de.bimodality_coefficient(x, w)[0] == pytest.approx(de.bimodality_coefficient(x).item(), rel=1e-12)
-
-
-# ----------------------------------------------------------------------------- intervals and verdicts
-
-def test_bootstrap_of_a_constant_is_a_point_and_widens_with_noise():
-    g = torch.Generator().manual_seed(0)
-    w = de.bootstrap_weights(40, 500, g)
-    assert w.shape == (501, 40) and (w[0] == 1).all() and (w.sum(-1) == 40).all()
-    widths = []
-    for noise in (0.0, 0.1, 1.0):
-        per_window = 2.0 + noise * torch.randn(40, generator=g, dtype=torch.float64)
-        s = de.summarise((w @ per_window) / 40)
-        assert s["value"] == pytest.approx(per_window.mean().item())
-        widths.append(s["ci"][1] - s["ci"][0])
-    assert widths[0] == pytest.approx(0.0, abs=1e-12) and 0 < widths[1] < widths[2]
-
-
-def test_seed_interval_is_students_t():
-    assert de.t_quantile(0.975, 1) == pytest.approx(12.706, abs=2e-3)
-    assert de.t_quantile(0.975, 2) == pytest.approx(4.303, abs=2e-3)
-    lo, hi = de.seed_interval([1.0, 2.0, 3.0])
-    assert (lo + hi) / 2 == pytest.approx(2.0) and (hi - lo) / 2 == pytest.approx(4.303 / 3 ** 0.5, abs=2e-3)
-    s = de.summarise(torch.tensor([[1.0, 0.9, 1.1], [3.0, 2.9, 3.1]]))
-    assert s["value"] == 2.0 and s["per_seed"] == [1.0, 3.0] and "seed_ci" in s
-
-
-@pytest.mark.parametrize("ci, seed_ci, expected", [
-    ([0.30, 0.40], None, "holds"), ([0.05, 0.10], None, "no"), ([0.10, 0.30], None, "unclear"),
-    ([0.30, 0.40], [0.10, 0.50], "unclear"), ([0.30, 0.40], [0.25, 0.45], "holds")])
-def test_verdict_needs_every_interval_on_one_side(ci, seed_ci, expected):
-    summary = {"value": sum(ci) / 2, "ci": ci, **({"seed_ci": seed_ci} if seed_ci else {})}
-    assert de.verdict(summary, 0.2, above=True) == expected
-
-
-def fake_seed(R=200, seed=0, joint_kl=0.5, noise=0.01):
-    """One seed's samples as analyse_seed returns them, with chosen values and bootstrap noise."""
-    g = torch.Generator().manual_seed(seed)
-
-    def sample(v):
-        return v + torch.cat([torch.zeros(1), noise * torch.randn(R, generator=g)]).double()
-
-    names = ("sae", "sae_matched", "sequential", "joint", "joint_sae_path", "joint_interaction_only", "joint_no_linear")
-    models = {n: {"mse": sample(1.0), "kl": sample(1.0)} for n in names}
-    models["joint"] = {"mse": sample(0.5), "kl": sample(joint_kl)}
-    models["sequential"] = {"mse": sample(1.1), "kl": sample(1.0)}  # worse than the SAE
-    models["joint_interaction_only"] = models["joint_no_linear"] = {"mse": sample(1.0), "kl": sample(0.9)}
-    norms = {"r_sq_norm_vs_nfm_share": sample(-0.9), "bc_joint_W_dec": sample(0.7), "bc_joint_merged": sample(0.4),
-             "bc_sae": sample(0.3), "delta_bic_joint_W_dec": sample(50.0), "delta_bic_joint_merged": sample(-5.0),
-             "delta_bic_sae": sample(-20.0)}
-    return {"models": models, "contrib": {"joint": sample(0.06)}, "norms": norms}
-
-
-def test_claims_give_a_verdict_per_reading_from_their_intervals():
-    rows = {c["claim"]: c["readings"] for c in de.claims([fake_seed()])}
-    assert rows["joint vs SAE, KL reduction"]["fair"]["verdict"] == "holds"
-    assert rows["sequential vs SAE, reconstruction error reduction"]["paper_way"]["verdict"] == "no"
-    assert rows["nonlinear part alone, share of the joint model's KL gain"]["fair"]["value"] == pytest.approx(0.2)
-    assert rows["nonlinear part alone, its own KL reduction"]["fair"]["value"] == pytest.approx(0.1)
-    assert rows["joint decoder sq. norms bimodal: bimodality coef."]["paper_way"]["verdict"] == "holds"
-    assert rows["joint decoder sq. norms bimodal: bimodality coef."]["fair"]["verdict"] == "no"
-    assert not any("parameters" in claim for claim in rows)  # the parameter share is a design figure
-    # a KL reduction at the threshold, with noise: the interval straddles it
-    rows = {c["claim"]: c["readings"] for c in de.claims([fake_seed(joint_kl=1 - 0.258, noise=0.05)])}
-    assert rows["joint vs SAE, KL reduction"]["fair"]["verdict"] == "unclear"
-    # two seeds: the seed interval is reported beside the bootstrap one and both decide
-    rows = {c["claim"]: c["readings"] for c in de.claims([fake_seed(seed=0), fake_seed(seed=1, joint_kl=0.8)])}
-    fair = rows["joint vs SAE, KL reduction"]["fair"]
-    assert fair["per_seed"] == pytest.approx([0.5, 0.2]) and fair["verdict"] == "unclear"
 
 
 # ----------------------------------------------------------------------------- training
@@ -560,19 +454,20 @@ def test_missing_model_raises():
         de.load_lm("missing.gguf", "cpu")
 
 
-def run_cli(*args):
-    return subprocess.run([sys.executable, "dualenc.py", *args], capture_output=True, text=True,
+def run_cli(script, *args):
+    return subprocess.run([sys.executable, script, *args], capture_output=True, text=True,
                           cwd=Path(__file__).parent, timeout=600)
 
 
+@pytest.mark.parametrize("script", ["dualenc.py", "replicate.py"])
 @pytest.mark.parametrize("args, msg", [
     (["--k", "5000", "--features", "100"], "exceeds"),
     (["--model", "./nowhere/model"], "no such model folder"),
     (["--text", "/nonexistent.txt", "--out", "OUT"], "no text"),
 ])
-def test_cli_bad_input_is_one_line_and_nonzero(args, msg, tmp_path):
+def test_cli_bad_input_is_one_line_and_nonzero(script, args, msg, tmp_path):
     out = tmp_path / "run"
-    r = run_cli(*[str(out) if a == "OUT" else a for a in args])
+    r = run_cli(script, *[str(out) if a == "OUT" else a for a in args])
     assert r.returncode == 2
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and msg in lines[0] and "Traceback" not in r.stderr
@@ -591,37 +486,28 @@ def test_cli_flags_mirror_the_config():
 
 # ----------------------------------------------------------------------------- end to end, real LM
 
-def test_quick_run_on_smollm2_writes_complete_results(tmp_path):
-    r = run_cli("--quick", "--out", str(tmp_path))
+def test_quick_run_of_the_method_on_smollm2_writes_its_results(tmp_path):
+    r = run_cli("dualenc.py", "--quick", "--out", str(tmp_path))
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.loads((tmp_path / "results.json").read_text())
-    assert {"config", "data", "models", "clean_ce", "zero_ce", "timings_s"} <= res.keys()
-    assert res["data"]["d_model"] == 576 and res["data"]["layer"] == 15
-    assert res["data"]["train_tokens"] > 10_000 and res["data"]["excluded_tokens"] >= res["config"]["tokens"] // 128
-    for name in ("sae", "sae_matched", "sequential", "joint", "joint_sae_path"):
-        m = res["models"][name]
-        assert {"params", "mse", "fvu", "kl", "kl_eps_random", "pathology_ratio", "ce", "ce_recovered"} <= m.keys()
-        assert 0 < m["fvu"] < 1 and m["kl"] > 0 and 0 < m["ce_recovered"] < 1
-        for metric in ("kl", "ce", "fvu"):
-            lo, hi = m["ci"][metric]
-            assert lo < m[metric] < hi
-    assert abs(res["models"]["sae_matched"]["params"] / res["models"]["joint"]["params"] - 1) < 0.02
+    assert res["data"]["d_model"] == 576 and res["data"]["layer"] == 15 and res["status"] == "complete"
+    assert list(res["models"]) == ["sae", "sequential", "joint"] == list(res["curves"])
+    for name, m in res["models"].items():
+        assert m.keys() == {"params", "mse", "fvu", "kl", "ce", "ce_recovered", "kl_eps_random", "pathology_ratio"}
+        assert 0 < m["fvu"] < 1 and 0 < m["kl"] < m["kl_eps_random"] * 10 and 0 < m["ce_recovered"] < 1
+        assert res["curves"][name][-1]["step"] == res["data"]["steps_per_model"]
+        assert (tmp_path / name / "cfg.json").exists()
+    assert res["models"]["joint"]["params"] > res["models"]["sae"]["params"]
     assert res["zero_ce"] > res["models"]["sae"]["ce"] > res["clean_ce"]
-    for name in ("joint_linear_only", "joint_interaction_only", "joint_no_linear"):
-        assert res["models"][name]["fvu"] > 0
-    analysis = res["analysis"]
-    assert {"interaction_share_of_nfm_output", "params", "interaction_param_share", "decoder_norms",
-            "claims"} <= analysis.keys()
-    assert len(analysis["claims"]) == 12
-    for claim in analysis["claims"]:
-        for reading in claim["readings"].values():
-            assert reading["verdict"] in ("holds", "no", "unclear") and len(reading["ci"]) == 2
-    assert res["status"] == "complete" and res["stages_done"][-1] == "analyse"
-    for name in de.STAGES:
-        assert {"cfg.json", "sae_weights.safetensors", "normalization.safetensors"} <= {
-            p.name for p in (tmp_path / name).iterdir()}
-    for figure in ("curves.png", "decoder_norms.png", "models.png"):
-        assert (tmp_path / figure).read_bytes()[:4] == b"\x89PNG"
+    assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    assert "ci" not in res["models"]["sae"] and "claims" not in res  # intervals and claims are the referee's
+    assert "joint" in r.stdout and "steps per model" in r.stdout
+
+
+def test_importing_the_method_leaves_the_referee_unimported():
+    code = "import sys, dualenc; assert 'replicate' not in sys.modules; print(len(dualenc.Config.STAGES))"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parent)
+    assert r.returncode == 0 and r.stdout.strip() == "3", r.stderr
 
 
 @pytest.mark.parametrize("arch", TINY_LMS)
@@ -718,181 +604,10 @@ def tiny_lm_folder(tmp_path_factory):
     return str(folder)
 
 
-def tiny_run_cfg(model, out, **kw):
-    return de.Config(**{"model": model, "tokens": 4096, "ctx": 32, "features": 64, "k": 8, "embed_dim": 8,
+def tiny_run_cfg(model, out, cls=de.Config, **kw):
+    return cls(**{"model": model, "tokens": 4096, "ctx": 32, "features": 64, "k": 8, "embed_dim": 8,
                         "epochs": 2, "batch_size": 128, "eval_every": 5, "splice_tokens": 256, "out": str(out),
                         "device": "cpu", **kw})
-
-
-@pytest.fixture(scope="session")
-def tiny_run(tiny_lm_folder, tmp_path_factory):
-    out = tmp_path_factory.mktemp("tiny_run")
-    return out, de.run(tiny_run_cfg(tiny_lm_folder, out))
-
-
-def test_same_seed_gives_identical_results(tiny_lm_folder, tiny_run, tmp_path):
-    _, first = tiny_run
-    second = de.run(tiny_run_cfg(tiny_lm_folder, tmp_path))
-    assert second["models"] == first["models"] and second["curves"] == first["curves"]
-    assert second["analysis"]["claims"] == first["analysis"]["claims"]
-
-
-def test_eval_only_reproduces_a_saved_run(tiny_run):
-    out, first = tiny_run
-    again = de.run(de.Config(eval_only=str(out), device="cpu"))
-    for name, metrics in first["models"].items():
-        for metric, value in metrics.items():
-            if metric != "ci":
-                assert again["models"][name][metric] == pytest.approx(value, rel=1e-6, abs=1e-6)
-        assert again["models"][name]["ci"]["kl"] == pytest.approx(metrics["ci"]["kl"], rel=1e-6, abs=1e-6)
-    assert (out / "results_eval_only.json").exists()
-    models, report = de.load_run(out)
-    assert set(models) == set(de.STAGES) and report["status"] == "complete"
-
-
-def test_interrupted_run_resumes_to_the_same_result(tiny_lm_folder, tiny_run, tmp_path, monkeypatch):
-    _, uninterrupted = tiny_run
-    calls, real_step = [0], de.train_step
-    steps = uninterrupted["data"]["steps_per_model"]
-
-    def flaky_step(*args):
-        calls[0] += 1
-        if calls[0] == 3 * steps + 12:  # the joint model's 12th step: last checkpoint at step 10
-            raise KeyboardInterrupt
-        return real_step(*args)
-
-    monkeypatch.setattr(de, "train_step", flaky_step)
-    with pytest.raises(KeyboardInterrupt):
-        de.run(tiny_run_cfg(tiny_lm_folder, tmp_path))
-    partial = json.loads((tmp_path / "results.json").read_text())
-    assert partial["status"] == "incomplete" and partial["stages_done"] == ["sae", "sae_matched", "sequential"]
-    assert (tmp_path / "joint" / "train_state.pt").exists() and not (tmp_path / "joint" / "cfg.json").exists()
-    with pytest.raises(de.DualencError, match="unfinished"):
-        de.run(de.Config(eval_only=str(tmp_path), device="cpu"))
-
-    monkeypatch.setattr(de, "train_step", real_step)
-    resumed = de.run(de.Config(resume=str(tmp_path), device="cpu"))
-    assert resumed["curves"]["joint"][-1]["train_mse"] == uninterrupted["curves"]["joint"][-1]["train_mse"]
-    assert resumed["models"] == uninterrupted["models"]
-    assert not (tmp_path / "joint" / "train_state.pt").exists()
-
-
-def test_sae_matched_has_the_joint_models_parameter_budget(tiny_run):
-    _, report = tiny_run
-    models = report["models"]
-    assert abs(models["sae_matched"]["params"] / models["joint"]["params"] - 1) < 0.02
-    assert models["sae_matched"]["params"] > 1.2 * models["sae"]["params"]
-    # at the default config: the joint model with F 4608 and an SAE widened to its budget
-    joint = de.DualEncoder(de.TopKSAE(576, 4608, 64), de.NFM(4608, 576, 64, 32))
-    n_joint = sum(p.numel() for p in joint.parameters())
-    wide = de.TopKSAE(576, de.matched_features(576, n_joint), 64)
-    assert abs(sum(p.numel() for p in wide.parameters()) / n_joint - 1) < 0.001
-
-
-def test_two_seeds_report_both_runs_and_a_seed_interval(tiny_lm_folder, tiny_run, tmp_path):
-    _, one_seed = tiny_run
-    report = de.run(tiny_run_cfg(tiny_lm_folder, tmp_path, seeds=2))
-    assert report["seeds"] == [0, 1] and (tmp_path / "seed1" / "joint" / "cfg.json").exists()
-    joint = report["models"]["joint"]
-    assert len(joint["per_seed"]["kl"]) == 2 and joint["per_seed"]["kl"][0] == one_seed["models"]["joint"]["kl"]
-    assert joint["kl"] == pytest.approx(sum(joint["per_seed"]["kl"]) / 2)
-    lo, hi = joint["seed_ci"]["kl"]
-    assert lo < joint["kl"] < hi and len(joint["ci"]["kl"]) == 2
-    for claim in report["analysis"]["claims"]:
-        for reading in claim["readings"].values():
-            assert "seed_ci" in reading and len(reading["per_seed"]) == 2
-    models, _ = de.load_run(tmp_path)
-    assert set(models) == {*de.STAGES, *(f"seed1/{name}" for name in de.STAGES)}
-
-
-# ----------------------------------------------------------------------------- bring your own SAE
-
-def write_saelens(folder, d_in=32, d_sae=48, k=6, seed=0, **cfg):
-    """A random TopK SAE in SAELens' v6 layout, as someone else's training would leave it."""
-    from safetensors.torch import save_file
-
-    g = torch.Generator().manual_seed(seed)
-    folder.mkdir(parents=True, exist_ok=True)
-    save_file({"W_enc": torch.randn(d_in, d_sae, generator=g), "b_enc": 0.1 * torch.randn(d_sae, generator=g),
-               "W_dec": torch.randn(d_sae, d_in, generator=g), "b_dec": torch.randn(d_in, generator=g)},
-              folder / "sae_weights.safetensors")
-    meta = {"model_name": "m", "hook_name": "blocks.2.hook_resid_post", "context_size": 32, "prepend_bos": False,
-            "exclude_special_tokens": False, "sae_lens_version": "6.0.0"}
-    (folder / "cfg.json").write_text(json.dumps({
-        "d_in": d_in, "d_sae": d_sae, "k": k, "dtype": "float32", "device": "cpu", "architecture": "topk",
-        "apply_b_dec_to_input": False, "normalize_activations": "none", "metadata": meta, **cfg}))
-    return folder
-
-
-@pytest.mark.parametrize("apply_b_dec", [False, True])
-def test_imported_sae_computes_what_saelens_computes_on_raw_activations(apply_b_dec, tmp_path):
-    from safetensors.torch import load_file
-
-    folder = write_saelens(tmp_path / "sae", apply_b_dec_to_input=apply_b_dec)
-    w = load_file(folder / "sae_weights.safetensors")
-    mean, std = torch.randn(32), torch.rand(32) + 0.5
-    model = de.import_sae(de.read_saelens(folder), mean, std)
-    h = 3 * torch.randn(40, 32) + 1
-    pre = (h - w["b_dec"] if apply_b_dec else h) @ w["W_enc"] + w["b_enc"]
-    vals, idx = F.relu(pre).topk(6, dim=-1)
-    expected = de.to_dense(vals, idx, 48) @ w["W_dec"] + w["b_dec"]
-    torch.testing.assert_close(model.reconstruct(h), expected, rtol=1e-5, atol=1e-4)
-    got_vals, got_idx = model.sae.encode(model.normalize(h))
-    torch.testing.assert_close(de.to_dense(got_vals, got_idx, 48), de.to_dense(vals, idx, 48), rtol=1e-5, atol=1e-4)
-
-
-def test_a_runs_exported_sae_comes_back_through_sae(tiny_lm_folder, tiny_run, tmp_path):
-    out, first = tiny_run
-    original = de.load_run(out)[0]["sae"]
-    imported = de.import_sae(de.read_saelens(out / "sae"), original.mean_D, original.std_D)
-    x = 2 * torch.randn(64, 32)
-    (v1, i1), (v2, i2) = original.sae.encode(x), imported.sae.encode(x)
-    torch.testing.assert_close(de.to_dense(v2, i2, 64), de.to_dense(v1, i1, 64), rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(imported(x), original(x), rtol=1e-5, atol=1e-5)
-
-    report = de.run(tiny_run_cfg(tiny_lm_folder, tmp_path / "byo", sae=str(out / "sae")))
-    assert set(report["models"]) == {"sae", "sequential"}
-    assert report["models"]["sae"]["fvu"] == pytest.approx(first["models"]["sae"]["fvu"], rel=1e-5)
-    assert report["models"]["sae"]["kl"] == pytest.approx(first["models"]["sae"]["kl"], rel=1e-4)
-    assert report["models"]["sequential"]["fvu"] < report["models"]["sae"]["fvu"]
-    assert {c["claim"] for c in report["analysis"]["claims"]} == {
-        "sequential vs SAE, reconstruction error reduction", "sequential vs SAE, KL reduction"}
-    again = de.run(de.Config(eval_only=str(tmp_path / "byo"), device="cpu"))  # the run folder is complete
-    assert again["models"]["sequential"]["fvu"] == pytest.approx(report["models"]["sequential"]["fvu"], rel=1e-6)
-
-
-def break_sae(folder, case):
-    """One way an SAE folder can be unusable."""
-    if case == "missing file":
-        (folder / "sae_weights.safetensors").unlink()
-    elif case == "truncated safetensors":
-        data = (folder / "sae_weights.safetensors").read_bytes()
-        (folder / "sae_weights.safetensors").write_bytes(data[: len(data) // 2])
-    else:
-        cfg = json.loads((folder / "cfg.json").read_text())
-        change = {"wrong hook": {"metadata": {**cfg["metadata"], "hook_name": "blocks.2.hook_resid_pre"}},
-                  "hook outside the model": {"metadata": {**cfg["metadata"], "hook_name": "blocks.9.hook_resid_post"}},
-                  "unsupported architecture": {"architecture": "jumprelu"},
-                  "normalised activations": {"normalize_activations": "layer_norm"}}[case]
-        (folder / "cfg.json").write_text(json.dumps({**cfg, **change}))
-
-
-@pytest.mark.parametrize("case, msg", [
-    ("missing file", "cannot read the SAE"), ("truncated safetensors", "cannot read the SAE"),
-    ("wrong hook", "not a block output"), ("hook outside the model", "outside the model's blocks"),
-    ("unsupported architecture", "'jumprelu' is not supported"), ("normalised activations", "'layer_norm'"),
-    ("wrong d_in", "d_in 16"), ("other layer", "--layer 1, but the SAE reads blocks.2")])
-def test_a_bad_sae_folder_fails_with_one_line_before_any_slow_work(case, msg, tiny_lm_folder, tmp_path, monkeypatch,
-                                                                    capsys):
-    folder = write_saelens(tmp_path / "sae", d_in=16 if case == "wrong d_in" else 32)
-    if case not in ("wrong d_in", "other layer"):
-        break_sae(folder, case)
-    monkeypatch.setattr(de, "read_text", lambda path: pytest.fail("the corpus was read"))
-    args = ["--model", tiny_lm_folder, "--sae", str(folder), "--out", str(tmp_path / "run")]
-    with pytest.raises(SystemExit) as exit_:
-        de.main(args + (["--layer", "1"] if case == "other layer" else []))
-    err = capsys.readouterr().err
-    assert exit_.value.code == 2 and len(err.strip().splitlines()) == 1 and msg in err, err
 
 
 def test_layer_outside_the_model_fails_before_the_corpus_is_read(tiny_lm_folder, tmp_path, monkeypatch, capsys):
@@ -903,133 +618,49 @@ def test_layer_outside_the_model_fails_before_the_corpus_is_read(tiny_lm_folder,
     assert exit_.value.code == 2 and err.strip() == "dualenc: error: --layer 999 is outside the model's blocks 0..3"
 
 
-def test_sae_settings_that_the_sae_fixes_are_refused():
-    with pytest.raises(de.DualencError, match="--k do not apply"):
-        de.parse_args(["--sae", "some/sae", "--k", "16"])
+@pytest.fixture(scope="session")
+def tiny_method_run(tiny_lm_folder, tmp_path_factory):
+    out = tmp_path_factory.mktemp("tiny_method_run")
+    return out, de.run(tiny_run_cfg(tiny_lm_folder, out))
 
 
-# ----------------------------------------------------------------------------- stages 3-4
-
-def tiny_joint_and_secondary(x):
-    torch.manual_seed(0)
-    joint = de.DualEncoder(de.TopKSAE(D, FEATS, K), de.NFM(FEATS, D, M, n_read=K))
-    de.train_joint(joint, x, x, small_cfg())
-    secondary, curve, h_eval = de.train_secondary(joint, x, x, small_cfg())
-    return joint.eval(), secondary.eval(), curve, h_eval
-
-
-def test_secondary_sae_learns_the_interaction_hidden_layer():
-    x = synthetic_acts()
-    joint, secondary, curve, h_eval = tiny_joint_and_secondary(x)
-    assert secondary.sae.W_dec.shape == (25 * M, M) and secondary.sae.k == round(M * 250 / 300)
-    assert curve[-1]["train_mse"] < curve[0]["train_mse"] and curve[-1]["fvu"] < curve[0]["fvu"]
-    torch.testing.assert_close(secondary.normalize(de.interaction_hidden(joint, x)), h_eval)
-    # the pipeline with the secondary SAE in place reconstructs x, a little worse than the joint model
-    pipeline = de.IntegrationPipeline(joint, secondary).eval()
-    assert de.evaluate(joint, x)["fvu"] <= de.evaluate(pipeline, x)["fvu"] < 1
+def test_the_method_run_trains_and_evaluates_its_three_models(tiny_method_run):
+    out, report = tiny_method_run
+    assert list(report["models"]) == list(de.Config.STAGES) and report["status"] == "complete"
+    models, saved = de.load_run(out)
+    assert set(models) == set(de.Config.STAGES) and saved["stages_done"][-1] == "evaluate"
+    # sequential reuses the SAE it was built on: its SAE path is the SAE's
+    x = 2 * torch.randn(16, 32)
+    torch.testing.assert_close(models["sequential"].sae(x)[0], models["sae"].sae(x)[0])
+    assert report["models"]["sequential"]["mse"] < report["models"]["sae"]["mse"]
 
 
-def test_scaling_by_one_or_a_silent_feature_by_zero_changes_nothing():
-    x = synthetic_acts(n=256)
-    joint, secondary, _, _ = tiny_joint_and_secondary(x)
-    pipeline = de.IntegrationPipeline(joint, secondary).eval()
-    with torch.no_grad():
-        base = pipeline(x)
-        active = pipeline.secondary_codes(x)
-        busy, silent = int(active.count_nonzero(0).argmax()), int((active.count_nonzero(0) == 0).nonzero()[0])
-        pipeline.scale = ("secondary", torch.tensor([busy]), 1.0)
-        assert torch.equal(pipeline(x), base)
-        pipeline.scale = ("secondary", torch.tensor([silent]), 0.0)
-        assert torch.equal(pipeline(x), base)
-        pipeline.scale = ("secondary", torch.tensor([busy]), 0.0)
-        assert not torch.allclose(pipeline(x), base)
-    # and through the LM: x1 leaves the next-token log-probabilities where they were
-    lm, ids = tiny_llama(), torch.randint(0, 97, (3, 10))
-    joint_lm, secondary_lm = de.DualEncoder(de.TopKSAE(32, FEATS, K), de.NFM(FEATS, 32, M)).eval(), None
-    secondary_lm = de.DualEncoder(de.TopKSAE(M, 25 * M, 8), None).eval()
-    pipe = de.IntegrationPipeline(joint_lm, secondary_lm).eval()
-    prompts, words = [(i, 0) for i in ids], {c: torch.tensor([1, 2, 3]) for c in "abcd"}
-
-    def keep_fn(h):
-        return torch.ones(h.shape[:-1], dtype=torch.bool)
-
-    base = de.word_logprobs(lm, 2, prompts, words, pipe, keep_fn)
-    changes, inter = de.intervention_effect(lm, 2, prompts, words, pipe, keep_fn, ("secondary", torch.tensor([0])), base)
-    pipe.scale = ("secondary", torch.tensor([0]), 1.0)
-    torch.testing.assert_close(de.word_logprobs(lm, 2, prompts, words, pipe, keep_fn), base, rtol=0, atol=1e-5)
-    assert set(changes) == set(de.SCALES) and inter[0.0].shape == (3,)
+def test_the_method_run_is_deterministic_and_its_eval_only_reproduces_it(tiny_lm_folder, tiny_method_run, tmp_path):
+    out, first = tiny_method_run
+    second = de.run(tiny_run_cfg(tiny_lm_folder, tmp_path))
+    assert second["models"] == first["models"] and second["curves"] == first["curves"]
+    again = de.run(de.Config(eval_only=str(out), device="cpu"))
+    assert again["models"] == first["models"] and (out / "results_eval_only.json").exists()
 
 
-def planted_design(effect, seed=0, per_cell=16, n_features=30):
-    """Per-prompt activations of a 2 x 2 design; feature 3 gets an interaction of size `effect`."""
-    g = torch.Generator().manual_seed(seed)
-    cell = torch.arange(4).repeat_interleave(per_cell)
-    A = torch.rand(4 * per_cell, n_features, generator=g)
-    A[:, 3] += effect * torch.tensor([1.0, -1.0, -1.0, 1.0])[cell] / 4
-    return A, cell
+def test_an_interrupted_method_run_resumes_to_the_same_result(tiny_lm_folder, tiny_method_run, tmp_path, monkeypatch):
+    _, uninterrupted = tiny_method_run
+    calls, real_step = [0], de.train_step
+    steps = uninterrupted["data"]["steps_per_model"]
 
+    def flaky_step(*args):
+        calls[0] += 1
+        if calls[0] == 2 * steps + 7:  # the joint model's 7th step: last checkpoint at step 5
+            raise KeyboardInterrupt
+        return real_step(*args)
 
-def test_a_planted_interaction_is_found_and_its_permutation_p_is_small():
-    A, cell = planted_design(effect=1.0)
-    value, t = de.contrasts(A, cell)["interaction"]
-    assert int(t.abs().argmax()) == 3 and value[3].item() == pytest.approx(1.0, abs=0.3)
-    assert de.permutation_p(A[:, 3], cell, "interaction", 999, torch.Generator().manual_seed(0)) < 0.01
-    null, cell = planted_design(effect=0.0)
-    assert de.contrasts(null, cell)["interaction"][1][3].abs() < 3
-    assert de.permutation_p(null[:, 3], cell, "interaction", 999, torch.Generator().manual_seed(0)) > 0.05
-    # main effects: a feature that only rises with the first factor has no interaction
-    A[:, 5] += 2.0 * (cell < 2)
-    c = de.contrasts(A, cell)
-    assert int(c["main_a"][1].abs().argmax()) == 5 and c["interaction"][1][5].abs() < 3
-
-
-@pytest.mark.parametrize("content, msg", [
-    ("{not json", "stimuli"), ('{"factors": {"a": ["x", "y"]}}', "not a 2 x 2 design"),
-    ('{"factors": {"a": ["x", "y"], "b": ["u", "v"]}, "prompts": {}, "words": {}}', "not a 2 x 2 design"),
-    (json.dumps({"factors": {"a": ["x", "y"], "b": ["u", "v"]},
-                 "prompts": {c: ["p"] * 3 for c in ("x u", "x v", "y u", "y v")},
-                 "words": {c: ["w"] for c in ("x u", "x v", "y u", "y v")}}), "at least 4 prompts")])
-def test_a_malformed_stimulus_file_fails_with_one_line(content, msg, tmp_path):
-    path = tmp_path / "s.json"
-    path.write_text(content)
-    with pytest.raises(de.DualencError, match=msg) as err:
-        de.read_stimuli(path)
-    assert "\n" not in str(err.value)
-
-
-def test_the_shipped_stimuli_are_a_full_design_of_single_token_words():
-    spec = de.read_stimuli(None)
-    _, tokenizer = de.load_lm(de.SMOLLM2, "cpu")
-    design = de.load_stimuli(spec, tokenizer)
-    assert [sum(1 for _, c in design["prompt_ids"] if c == i) for i in range(4)] == [16, 16, 16, 16]
-    assert all(len(w) == 8 for w in design["word_ids"].values())
-    bad = {**spec, "words": {**spec["words"], spec["cells"][0]: ["extraordinarily-long-word"]}}
-    with pytest.raises(de.DualencError, match="single tokens"):
-        de.load_stimuli(bad, tokenizer)
-
-
-def test_stage34_on_a_tiny_run_writes_its_table_figure_and_secondary_sae(tiny_run, capsys):
-    out, first = tiny_run
-    report = de.run(de.Config(eval_only=str(out), device="cpu", stage34=True))
-    saved = json.loads((out / "results.json").read_text())
-    assert saved["stage34"] == json.loads(json.dumps(report["stage34"]))  # added to the run's results.json
-    assert saved["models"] == json.loads(json.dumps(first["models"]))  # whose evaluation stands
-    st = report["stage34"]
-    assert st["x1_max_change"] < 1e-5 and set(st["selected"]) == set(de.CONTRASTS)
-    assert set(st["intervention"]) == {"selected", "random_matched", "primary_read", "shuffled_selection"}
-    assert st["verdicts"]["overall"] in ("holds", "no", "unclear")
-    assert (out / "stage34.png").read_bytes()[:4] == b"\x89PNG" and (out / "stage34.txt").exists()
-    cfg = json.loads((out / "secondary" / "cfg.json").read_text())
-    assert cfg["metadata"]["hook_name"] == "blocks.2.hook_resid_post.nfm.hook_interaction_pre_relu"
-    assert "stage 4" in capsys.readouterr().out
-
-
-def test_an_intervention_holds_only_beyond_every_control():
-    def rows(selected, *controls):
-        return {"selected": {4.0: {"effect": sum(selected) / 2, "ci": selected}},
-                **{f"c{i}": {4.0: {"effect": sum(c) / 2, "ci": c}} for i, c in enumerate(controls)}}
-    assert de.beyond_controls(rows([0.5, 0.9], [-0.1, 0.1], [0.0, 0.3]), 4.0) == "holds"
-    assert de.beyond_controls(rows([-0.9, -0.5], [-0.1, 0.1]), 4.0) == "holds"
-    assert de.beyond_controls(rows([0.5, 0.9], [-0.1, 0.1], [1.0, 2.0]), 4.0) == "no"  # a control moves them more
-    assert de.beyond_controls(rows([0.5, 0.9], [0.6, 0.8]), 4.0) == "no"
-    assert de.beyond_controls(rows([0.2, 0.9], [-0.1, 0.3]), 4.0) == "unclear"
+    monkeypatch.setattr(de, "train_step", flaky_step)
+    with pytest.raises(KeyboardInterrupt):
+        de.run(tiny_run_cfg(tiny_lm_folder, tmp_path))
+    partial = json.loads((tmp_path / "results.json").read_text())
+    assert partial["status"] == "incomplete" and partial["stages_done"] == ["sae", "sequential"]
+    with pytest.raises(de.DualencError, match="unfinished"):
+        de.run(de.Config(eval_only=str(tmp_path), device="cpu"))
+    monkeypatch.setattr(de, "train_step", real_step)
+    resumed = de.run(de.Config(resume=str(tmp_path), device="cpu"))
+    assert resumed["models"] == uninterrupted["models"] and resumed["curves"] == uninterrupted["curves"]
