@@ -405,19 +405,21 @@ class NFM(nn.Module):
                                     mode="sum")
         return 0.5 * (sum_BM.square() - sum_sq_BM)
 
-    def forward(self, vals_BK, idx_BK, edit_hidden=None):
-        """(linear(f), interaction(f)), each [B, D]; linear is zeros when the model has none.
-        edit_hidden, if given, maps the interaction hidden layer W_1 pair(f) + c_1 (before the ReLU,
-        [B, M]) to the one the MLP continues from: stages 3-4 read and edit it there."""
-        vals_BK, idx_BK = self.read(vals_BK, idx_BK)
-        hidden_BM = self.mlp[0](self.pair(vals_BK, idx_BK))
-        if edit_hidden is not None:
-            hidden_BM = edit_hidden(hidden_BM)
-        interaction_BD = self.mlp[1:](hidden_BM)
+    def hidden(self, vals_BK, idx_BK):
+        """h = W_1 pair(f) + c_1, the interaction MLP's hidden layer before its ReLU: [B, M]."""
+        return self.mlp[0](self.pair(vals_BK, idx_BK))
+
+    def linear(self, vals_BK, idx_BK):
         if self.W_lin is None:
-            return torch.zeros_like(interaction_BD), interaction_BD
-        linear_BD = F.embedding_bag(idx_BK, self.W_lin, per_sample_weights=vals_BK, mode="sum")
-        return linear_BD, interaction_BD
+            return vals_BK.new_zeros(len(vals_BK), self.mlp[3].out_features)
+        return F.embedding_bag(idx_BK, self.W_lin, per_sample_weights=vals_BK, mode="sum")
+
+    def forward(self, vals_BK, idx_BK):
+        """(linear(f), interaction(f)), each [B, D], from the n_read largest codes; linear is zeros
+        when the model has none."""
+        vals_BK, idx_BK = self.read(vals_BK, idx_BK)
+        interaction_BD = self.mlp[1:](self.hidden(vals_BK, idx_BK))  # first: autograd sums the codes' gradients
+        return self.linear(vals_BK, idx_BK), interaction_BD          # in creation order, kept as it was
 
 
 # ----------------------------------------------------------------------------- dual encoder

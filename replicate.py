@@ -198,6 +198,8 @@ def across(per_seed, figure):
 def verdict(summary, threshold, above):
     """holds when every interval of `summary` lies on the rule's side of the threshold (>= when above,
     <= otherwise), no when every interval lies wholly on the other side, unclear otherwise."""
+    if summary["ci"] is None:  # an undefined figure (a ratio over a denominator that may be 0)
+        return "unclear"
     cis = [summary["ci"]] + ([summary["seed_ci"]] if "seed_ci" in summary else [])
     meets = [lo >= threshold if above else hi <= threshold for lo, hi in cis]
     misses = [hi < threshold if above else lo > threshold for lo, hi in cis]
@@ -291,6 +293,17 @@ def bimodality_coefficient(x, w=None):
     return (g ** 2 + 1) / (kappa + 3 * (n - 1) ** 2 / ((n - 2) * (n - 3)))
 
 
+def gmm_floor(x):
+    """gmm2's sd floor, the sample's resolution (Silverman's rule-of-thumb bandwidth)
+        h = 0.9 sd(x) n^(-1/5)
+    n points cannot resolve structure narrower than h. Taken from the sample, not a resample's weights,
+    so every resample shares it. As each point's mixture density is at most 1 / (h sqrt(2 pi)), two
+    Gaussians beat one (of sd s_w, the resample's) by at most n (ln(s_w / h) + 1/2) nats, whatever the
+    ties a bootstrap resample piles up (about 1.7 n at n = 200, where a floor of 1e-6 sd allowed 14 n)."""
+    x = x.double()
+    return 0.9 * x.std().clamp_min(1e-300) * x.shape[-1] ** -0.2
+
+
 def gmm2(x, w=None, iters=200):
     """Two-component 1-D Gaussian mixture fitted by EM from the quartiles, under weights w [..., n]
     (bootstrap counts; one fit per row): means, stds and weights [..., 2] sorted by mean, and the
@@ -301,7 +314,7 @@ def gmm2(x, w=None, iters=200):
     lead = w.shape[:-1]
     mu = torch.quantile(x, torch.tensor([0.25, 0.75], dtype=x.dtype)).expand(*lead, 2).clone()
     sd, pi = x.std().expand(*lead, 2).clone(), torch.full((*lead, 2), 0.5, dtype=x.dtype)
-    floor = 1e-6 * x.std()  # a component collapsing onto one point would send the likelihood to infinity
+    floor = gmm_floor(x)  # a component collapsing onto tied points gains no more than the resolution allows
 
     def log_joint():  # log pi_c + log N(x | mu_c, sd_c): [..., n, 2]
         return (torch.log(pi) - torch.log(sd) - 0.5 * math.log(2 * math.pi))[..., None, :] \
@@ -310,8 +323,8 @@ def gmm2(x, w=None, iters=200):
     for _ in range(iters):
         r = torch.softmax(log_joint(), dim=-1) * w[..., None]  # responsibilities, weighted
         n_c = r.sum(-2)
-        pi, mu = n_c / n, (r * x[:, None]).sum(-2) / n_c
-        sd = ((r * (x[:, None] - mu[..., None, :]) ** 2).sum(-2) / n_c).sqrt().clamp_min(floor)
+        pi, mu = n_c / n, (r * x[:, None]).sum(-2) / n_c.clamp_min(1e-300)
+        sd = ((r * (x[:, None] - mu[..., None, :]) ** 2).sum(-2) / n_c.clamp_min(1e-300)).sqrt().clamp_min(floor)
     loglik = (torch.logsumexp(log_joint(), dim=-1) * w).sum(-1)
     order = mu.argsort(-1)
     return {"means": mu.gather(-1, order), "stds": sd.gather(-1, order), "weights": pi.gather(-1, order),
@@ -400,14 +413,10 @@ def reduction(base, new):
     return (base - new) / base
 
 
-def kl_gain_share(kl, base, part, full):
-    """The share of the KL gain of `full` over `base` that `part` (a nonlinear-only model) achieves."""
-    return (kl[base] - kl[part]) / (kl[base] - kl[full])
-
-
 def claim_table():
     """The §8 / §7 claims, each as (claim, paper figure, threshold, above, readings). A reading maps
-    one seed's samples s (s["models"][variant][metric], s["norms"][stat], s["contrib"]) to its figure;
+    one seed's samples s (s["models"][variant][metric], s["norms"][stat], s["contrib"]) to its figure, or
+    is a pair (numerator, denominator) of such maps for a ratio (ratio_summary);
     the rule is figure >= threshold (above) or <= threshold. For the paper's numbers the threshold is half
     the paper's figure, in its direction. Readings: the paper's way (the joint model against its own SAE
     path, as the paper's 41.3 % is measured), fair (against an SAE trained alone with the same F, k, data
@@ -415,8 +424,10 @@ def claim_table():
     def red(base, new, metric):
         return lambda s: reduction(s["models"][base][metric], s["models"][new][metric])
 
-    def share(base, part):
-        return lambda s: kl_gain_share({n: m["kl"] for n, m in s["models"].items()}, base, part, "joint")
+    def share(base, part):  # the share of the joint model's KL gain over base that part (nonlinear only) achieves
+        def gain(model):
+            return lambda s: s["models"][base]["kl"] - s["models"][model]["kl"]
+        return gain(part), gain("joint")
 
     def stat(key):
         return lambda s: s["norms"][key]
@@ -455,6 +466,17 @@ def claim_table():
     return table
 
 
+def ratio_summary(per_seed, num, den):
+    """summarise(num / den), or undefined (value and interval None, with the reason) when an interval of
+    the denominator contains 0: the resampled ratios are then unbounded and their percentiles mean nothing."""
+    d = across(per_seed, den)
+    for ci in [d["ci"]] + ([d["seed_ci"]] if "seed_ci" in d else []):
+        if ci[0] <= 0 <= ci[1]:
+            return {"value": None, "ci": None,
+                    "undefined": f"its denominator's 95% interval [{ci[0]:.3g}, {ci[1]:.3g}] contains 0"}
+    return across(per_seed, lambda s: num(s) / den(s))
+
+
 def claims(per_seed):
     """Every claim of claim_table() measured on each seed's samples: each reading's figure, its intervals
     (summarise) and its verdict (holds / no / unclear). Readings that need a model the run did not
@@ -464,7 +486,7 @@ def claims(per_seed):
         row = {"claim": claim, "paper": paper, "rule": f"{'>=' if above else '<='} {threshold:.4g}", "readings": {}}
         for reading, figure in readings.items():
             try:
-                s = across(per_seed, figure)
+                s = ratio_summary(per_seed, *figure) if isinstance(figure, tuple) else across(per_seed, figure)
             except KeyError:  # a model this run did not train (with --sae: only sae and sequential)
                 continue
             row["readings"][reading] = {**s, "verdict": verdict(s, threshold, above)}
@@ -525,22 +547,14 @@ SECONDARY_K_PER_M = 250 / 300  # the paper's k = 250 at M = 300; the same ratio 
 N_RANDOM_CONTROLS, N_SHUFFLED_CONTROLS, N_PRIMARY_READ = 12, 4, 2  # control (a), (c) and (b) sizes
 SCALES = (0.0, 2.0, 4.0)  # factors applied to a feature; x1 is the unscaled pipeline every change is against
 CONTRASTS = {"interaction": (1.0, -1.0, -1.0, 1.0), "main_a": (0.5, 0.5, -0.5, -0.5), "main_b": (0.5, -0.5, 0.5, -0.5)}
-
+TIE_TOLERANCE = 1e-9  # permutation t values equal up to rounding count as ties (>=): p stays conservative
 
 
 @torch.no_grad()
 def interaction_hidden(joint, x_ND, batch_size=4096):
     """The joint NFM's interaction hidden layer W_1 pair(f) + c_1, before its ReLU (§13, the paper's
     choice): [N, M], the layer integration features are read from."""
-    hidden = []
-
-    def keep(h_BM):
-        hidden.append(h_BM)
-        return h_BM
-
-    for x_BD in x_ND.split(batch_size):
-        joint.nfm(*joint.sae.encode(x_BD), edit_hidden=keep)
-    return torch.cat(hidden)
+    return torch.cat([joint.nfm.hidden(*joint.nfm.read(*joint.sae.encode(x_BD))) for x_BD in x_ND.split(batch_size)])
 
 
 def train_secondary(joint, x_train_ND, x_eval_ND, cfg):
@@ -554,17 +568,19 @@ def train_secondary(joint, x_train_ND, x_eval_ND, cfg):
     sae = de.TopKSAE(m, SECONDARY_EXPANSION * m, max(1, round(SECONDARY_K_PER_M * m)), cfg.sae_init)
     secondary = de.DualEncoder(sae, None, mean_M, std_M).to(x_train_ND.device)
     curve = de.train_sae(secondary, secondary.normalize(h_train_NM), secondary.normalize(h_eval_NM), cfg,
-                      name="secondary")
+                         name="secondary")
     return secondary, curve, secondary.normalize(h_eval_NM)
 
 
 class IntegrationPipeline(de.DualEncoder):
     """The joint model with its interaction hidden layer passed through the secondary SAE (§13):
-        x -> f (primary SAE) -> h = W_1 pair(f) + c_1 -> g (secondary code) -> h_hat -> W_2 ReLU(h_hat)
-        x_hat = x_s + linear(f) + W_2 ReLU(h_hat)
-    `scale` = (code, feature indices, factor) multiplies those features' values in the secondary code g
-    (code "secondary": the intervention) or in the primary code f ("primary": control b); None, or a
-    factor of 1, is the unscaled pipeline."""
+        x -> f (primary SAE) -> f_read (the NFM's n_read codes) -> h = W_1 pair(f_read) + c_1
+          -> g (secondary code) -> h_hat;     x_hat = x_s + linear(f_read) + W_2 ReLU(h_hat)
+    `scale` = (code, feature indices, factor) multiplies those features' values in one code:
+        "secondary"  g: the intervention on an integration feature
+        "pair"       the codes pair() reads, and nothing else: control (b), on the selected feature's pathway
+        "primary"    f itself, so x_s, linear and pair at once: control (b) on the whole code, a reference
+    None, or a factor of 1, is the unscaled pipeline."""
 
     def __init__(self, joint, secondary):
         super().__init__(joint.sae, joint.nfm, joint.mean_D, joint.std_D)
@@ -584,8 +600,10 @@ class IntegrationPipeline(de.DualEncoder):
     def forward(self, x_BD):
         vals_BK, idx_BK = self.sae.encode(x_BD)
         vals_BK = self.scaled("primary", vals_BK, idx_BK)
-        linear_BD, interaction_BD = self.nfm(vals_BK, idx_BK, edit_hidden=self.through_secondary)
-        return self.sae.decode(vals_BK, idx_BK) + linear_BD + interaction_BD
+        read_vals, read_idx = self.nfm.read(vals_BK, idx_BK)
+        hidden_BM = self.nfm.hidden(self.scaled("pair", read_vals, read_idx), read_idx)
+        interaction_BD = self.nfm.mlp[1:](self.through_secondary(hidden_BM))
+        return self.sae.decode(vals_BK, idx_BK) + self.nfm.linear(read_vals, read_idx) + interaction_BD
 
     @torch.no_grad()
     def secondary_codes(self, x_BD):
@@ -611,7 +629,7 @@ def read_stimuli(path):
         words = {c: [str(w) for w in spec["words"][c]] for c in cells}
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise de.DualencError(f"stimuli {path}: not a 2 x 2 design like {DEFAULT_STIMULI} "
-                           f"({type(e).__name__}: {de.one_line(e, 120)})") from None
+                              f"({type(e).__name__}: {de.one_line(e, 120)})") from None
     for c in cells:
         if len(prompts[c]) < 4 or not words[c]:
             raise de.DualencError(f"stimuli {path}: cell {c!r} needs at least 4 prompts and one word")
@@ -627,51 +645,162 @@ def load_stimuli(spec, tokenizer):
         ids = [tokenizer(" " + w, add_special_tokens=False)["input_ids"] for w in spec["words"][c]]
         bad = [w for w, i in zip(spec["words"][c], ids) if len(i) != 1]
         if bad:
-            raise de.DualencError(f"stimuli {spec['path']}: words {bad} of cell {c!r} are not single tokens after a space")
+            raise de.DualencError(f"stimuli {spec['path']}: words {bad} of cell {c!r} are not single tokens "
+                                  f"after a space")
         word_ids[c] = torch.tensor([i[0] for i in ids])
     prompts = [(torch.tensor(tokenizer(p)["input_ids"]), i)
                for i, c in enumerate(spec["cells"]) for p in spec["prompts"][c]]
     return {**spec, "prompt_ids": prompts, "word_ids": word_ids}
 
 
-def contrasts(A_PF, cell_P, weights_CP=None):
+def contrasts(A_PF, cell_P, weights_RP=None):
     """Per feature, the 2 x 2 contrasts of per-prompt activations A [P, F] with cell indices 0..3 in the
     order (a1 b1, a1 b2, a2 b1, a2 b2), from the cell means m:
         interaction = m11 - m12 - m21 + m22    main_a = (m11 + m12 - m21 - m22) / 2    main_b likewise
-    and t = contrast / its standard error from the within-cell variances (0 for a silent feature).
-    weights_CP [R, P] (bootstrap counts) gives one set per row."""
+    and t = contrast / se, se^2 = sum_c k_c^2 s_c^2 / n_c from the within-cell variances s_c^2 (Welch's
+    form; 0 for a feature silent within its cells). {name: (value [F], t [F])}; with weights_RP [R, P]
+    (bootstrap counts), [R, F] each, a row per resample."""
     onehot_PC = F.one_hot(cell_P, 4).double()
-    w = torch.ones(1, len(cell_P), dtype=torch.float64) if weights_CP is None else weights_CP
-    n_RC = w @ onehot_PC
-    mean_RCF = torch.einsum("rp,pc,pf->rcf", w, onehot_PC, A_PF.double()) / n_RC[..., None]
-    sq_RCF = torch.einsum("rp,pc,pf->rcf", w, onehot_PC, A_PF.double().square()) / n_RC[..., None]
-    var_RCF = (sq_RCF - mean_RCF.square()).clamp_min(0) * n_RC[..., None] / (n_RC[..., None] - 1)
+    w_RP = torch.ones(1, len(cell_P), dtype=torch.float64) if weights_RP is None else weights_RP
+    n_RC1 = (w_RP @ onehot_PC)[..., None]
+    mean_RCF = torch.einsum("rp,pc,pf->rcf", w_RP, onehot_PC, A_PF.double()) / n_RC1
+    sq_RCF = torch.einsum("rp,pc,pf->rcf", w_RP, onehot_PC, A_PF.double().square()) / n_RC1
+    var_RCF = (sq_RCF - mean_RCF.square()).clamp_min(0) * n_RC1 / (n_RC1 - 1)
     out = {}
-    for name, c in CONTRASTS.items():
-        c = torch.tensor(c, dtype=torch.float64)
-        value = torch.einsum("c,rcf->rf", c, mean_RCF)
-        se = torch.einsum("c,rcf->rf", c.square(), var_RCF / n_RC[..., None]).sqrt()
-        out[name] = (value.squeeze(0), torch.where(se > 0, value / se.clamp_min(1e-30), 0).squeeze(0))
+    for name, k in CONTRASTS.items():
+        k_C = torch.tensor(k, dtype=torch.float64)
+        value_RF = torch.einsum("c,rcf->rf", k_C, mean_RCF)
+        se_RF = torch.einsum("c,rcf->rf", k_C.square(), var_RCF / n_RC1).sqrt()
+        t_RF = torch.where(se_RF > 0, value_RF / se_RF.clamp_min(1e-300), 0.0)
+        out[name] = (value_RF, t_RF) if weights_RP is not None else (value_RF[0], t_RF[0])
     return out
 
 
 def stratified_weights(cell_P, n_boot, generator):
     """[1 + R, P] bootstrap counts that resample the prompts within each cell (row 0 all ones)."""
-    w = torch.zeros(n_boot + 1, len(cell_P), dtype=torch.float64)
+    w_RP = torch.zeros(n_boot + 1, len(cell_P), dtype=torch.float64)
     for c in range(4):
         members = (cell_P == c).nonzero()[:, 0]
-        w[:, members] = bootstrap_weights(len(members), n_boot, generator)
-    return w
+        w_RP[:, members] = bootstrap_weights(len(members), n_boot, generator)
+    return w_RP
 
 
-def permutation_p(a_P, cell_P, contrast, n_perm, generator):
-    """Two-sided permutation p-value of one feature's contrast: shuffle the cell labels n_perm times,
-    p = (1 + #{|c*| >= |c|}) / (1 + n_perm)."""
-    observed = contrasts(a_P[:, None], cell_P)[contrast][0].abs()
-    shuffled = torch.stack([cell_P[torch.randperm(len(cell_P), generator=generator)] for _ in range(n_perm)])
-    c = torch.tensor(CONTRASTS[contrast], dtype=torch.float64)
-    means = (F.one_hot(shuffled, 4).double() * a_P.double()[None, :, None]).sum(1) / F.one_hot(shuffled, 4).sum(1)
-    return ((1 + ((means @ c).abs() >= observed - 1e-12).sum()) / (1 + n_perm)).item()
+def random_permutations(n_perm, n, generator):
+    """[R, n]: R independent uniform permutations of range(n), in one call (the argsort of uniforms)."""
+    return torch.rand(n_perm, n, generator=generator, dtype=torch.float64).argsort(-1)
+
+
+def shuffle_within(A_PF, strata_P, n_perm, generator):
+    """[R, P, F]: A's rows permuted among the prompts of each stratum, R times: one factor's labels
+    shuffled within each level of the other, so the other factor's effect is kept."""
+    src_RP = torch.arange(len(strata_P)).expand(n_perm, -1).clone()
+    for s in strata_P.unique():
+        members = (strata_P == s).nonzero()[:, 0]
+        src_RP[:, members] = members[random_permutations(n_perm, len(members), generator)]
+    return A_PF.double()[src_RP]
+
+
+def additive_fit(A_PF, cell_P):
+    """[P, F]: per feature, the least-squares fit of the main-effects-only model
+        A_pf ~ mu_f + alpha_f [a_p = a2] + beta_f [b_p = b2]
+    (least squares: exact on an unbalanced design too, where row + column - grand mean is not)."""
+    a_P, b_P = (cell_P // 2).double(), (cell_P % 2).double()
+    X_P3 = torch.stack([torch.ones_like(a_P), a_P, b_P], dim=1)
+    return X_P3 @ torch.linalg.lstsq(X_P3, A_PF.double()).solution
+
+
+def freedman_lane(A_PF, cell_P, n_perm, generator):
+    """[R, P, F]: Freedman-Lane samples for the interaction's null, the additive fit plus its residuals
+    permuted across all prompts,   A*_r = fit + e[pi_r],  fit = additive_fit(A),  e = A - fit:
+    both main effects stay, the interaction is what the shuffle removes."""
+    fit_PF = additive_fit(A_PF, cell_P)
+    return fit_PF + (A_PF.double() - fit_PF)[random_permutations(n_perm, len(cell_P), generator)]
+
+
+def null_t(A_PF, cell_P, contrast, n_perm, generator):
+    """[R, F]: the contrast's t on n_perm samples of its own null, in one batch:
+        main_a: A permuted within each level of b (b's effect kept);  main_b: within each level of a;
+        interaction: Freedman-Lane (both main effects kept).
+    Shuffling all four labels would test "nothing differs" instead: with a real main effect and no
+    interaction, that test almost never rejects. Memory goes as n_perm P F: for the features carried over."""
+    if contrast == "interaction":
+        null_RPF = freedman_lane(A_PF, cell_P, n_perm, generator)
+    else:
+        null_RPF = shuffle_within(A_PF, cell_P % 2 if contrast == "main_a" else cell_P // 2, n_perm, generator)
+    n_R, n_P, n_F = null_RPF.shape
+    t = contrasts(null_RPF.permute(1, 0, 2).reshape(n_P, n_R * n_F), cell_P)[contrast][1]  # a sample per column
+    return t.reshape(n_R, n_F)
+
+
+def permutation_p(A_PF, cell_P, contrast, n_perm, generator, sign=None):
+    """[F]: permutation p-value of each feature's studentised contrast t against null_t,
+        one-sided (sign +1 or -1, a number or [F]):  p = (1 + #{s t* >= s t}) / (1 + n_perm)
+        two-sided (sign None):                       p = (1 + #{|t*| >= |t|}) / (1 + n_perm)
+    The +1 counts the observed design among the permutations, so p is never 0. The restricted
+    permutations are exact under their null; Freedman-Lane is approximate (the tests check its rate)."""
+    t_F = contrasts(A_PF, cell_P)[contrast][1]
+    t_RF = null_t(A_PF, cell_P, contrast, n_perm, generator)
+    if sign is None:
+        exceed_RF = t_RF.abs() >= t_F.abs() - TIE_TOLERANCE
+    else:
+        s_F = torch.as_tensor(sign, dtype=torch.float64)
+        exceed_RF = s_F * t_RF >= s_F * t_F - TIE_TOLERANCE
+    return (1 + exceed_RF.sum(0)) / (1 + n_perm)
+
+
+def split_halves(cell_P, generator):
+    """[P] bool, True for the selection half: each cell's prompts split in two at random (the first
+    floor(n_c / 2) of a random order), so both halves keep the design."""
+    order = torch.randperm(len(cell_P), generator=generator)
+    half_P = torch.zeros(len(cell_P), dtype=torch.bool)
+    for c in range(4):
+        members = order[cell_P[order] == c]
+        half_P[members[: len(members) // 2]] = True
+    return half_P
+
+
+def top_feature(A_PF, cell_P, contrast="interaction", exclude=()):
+    """(feature, sign, t): the feature with the largest |t| of a contrast (none of `exclude`), and the
+    sign of its t (+1 for t = 0: a silent selection, whose test then gives p = 1)."""
+    t_F = contrasts(A_PF, cell_P)[contrast][1]
+    j = int(t_F.abs().index_fill(0, torch.tensor(list(exclude), dtype=torch.long), -1.0).argmax())
+    return j, 1 if t_F[j] >= 0 else -1, t_F[j].item()
+
+
+def held_out_verdict(p_corrected, value, ci, sign, alpha=0.05):
+    """holds: p_corrected < alpha, with the estimate and its whole interval on the selected sign's side
+    of 0; no: the estimate and its whole interval on the opposite side (a sign flip: never "holds");
+    unclear otherwise: a test that does not reject is absence of evidence, not evidence of absence."""
+    if p_corrected < alpha and value * sign > 0 and on_side(ci, sign):
+        return "holds"
+    return "no" if value * sign < 0 and on_side(ci, -sign) else "unclear"
+
+
+def select_and_test(A_PF, cell_P, n_boot, generator, n_perm=2000, half_P=None, alpha=0.05):
+    """Choose on one half, test on the other (§13). On the selection half (half_P True; split_halves if
+    None) each contrast's top_feature and its sign; on the test half its contrast, a within-cell
+    stratified bootstrap interval, the one-sided permutation p in the selected direction (each contrast
+    against its own null), p_bonferroni = min(1, 3 p) for the len(CONTRASTS) features carried over, and
+    held_out_verdict. Beside each, the paper's way: the top feature picked and tested on all prompts,
+    two-sided and uncorrected. Returns (per-contrast dicts, selection indices, test indices)."""
+    half_P = split_halves(cell_P, generator) if half_P is None else half_P
+    sel, test = half_P.nonzero()[:, 0], (~half_P).nonzero()[:, 0]
+    w_RP = stratified_weights(cell_P[test], n_boot, generator)
+    out = {}
+    for name in CONTRASTS:
+        j, sign, t_sel = top_feature(A_PF[sel], cell_P[sel], name)
+        a_P1 = A_PF[test][:, [j]]
+        value_R1, t_R1 = contrasts(a_P1, cell_P[test], w_RP)[name]  # row 0: the test half itself
+        p = permutation_p(a_P1, cell_P[test], name, n_perm, generator, sign).item()
+        p_bonferroni, value, ci = min(1.0, p * len(CONTRASTS)), value_R1[0, 0].item(), interval(value_R1[1:, 0])
+        all_j = top_feature(A_PF, cell_P, name)[0]
+        out[name] = {"feature": j, "sign": sign, "selection_t": t_sel, "test_half": value, "test_half_ci": ci,
+                     "test_t": t_R1[0, 0].item(), "p": p, "p_bonferroni": p_bonferroni,
+                     "verdict": held_out_verdict(p_bonferroni, value, ci, sign, alpha),
+                     "paper_way": {"feature": all_j, "contrast": contrasts(A_PF[:, [all_j]], cell_P)[name][0].item(),
+                                   "p_same_prompts_uncorrected": permutation_p(A_PF[:, [all_j]], cell_P, name,
+                                                                               n_perm, generator).item()}}
+    return out, sel, test
 
 
 @torch.no_grad()
@@ -723,23 +852,43 @@ def primary_read(pipeline, x_ND, feature, n=N_PRIMARY_READ):
     return lift_F.topk(n).indices.tolist()
 
 
-def beyond(a, b, sign):
-    """Whether interval a lies wholly further than interval b in the direction `sign` (+1 or -1)."""
-    return a[0] > b[1] if sign >= 0 else a[1] < b[0]
+def on_side(ci, sign, at=0.0):
+    """Whether the interval [lo, hi] lies wholly beyond `at` in the direction sign (+1: lo > at; -1: hi < at)."""
+    return ci[0] > at if sign > 0 else ci[1] < at
 
 
-def beyond_controls(rows, factor):
-    """The intervention verdict at one scale factor: holds when the selected feature's interval lies
-    wholly beyond every control's, away from zero; no when its effect lies inside a control's interval
-    or a control moves the word lists further than it does; unclear otherwise."""
-    sel = rows["selected"][factor]
-    sign = 1 if sel["effect"] >= 0 else -1
-    controls = [r[factor] for name, r in rows.items() if name != "selected"]
-    if all(beyond(sel["ci"], c["ci"], sign) for c in controls):
-        return "holds"
-    if any(c["ci"][0] <= sel["effect"] <= c["ci"][1] or beyond(c["ci"], sel["ci"], sign) for c in controls):
-        return "no"
-    return "unclear"
+def resampled_means(X_CP, w_RP):
+    """[R, C]: each row of X [C, P] averaged over the prompts of each resample, (w X^T) / P."""
+    return (w_RP @ X_CP.double().T) / X_CP.shape[-1]
+
+
+def paired_difference(sel_P, ctrl_CP, w_RP):
+    """[R]: per prompt resample (the same prompts for both, so the prompt-to-prompt spread cancels)
+        d_r = (w_r . sel) / P - (1/C) sum_c (w_r . ctrl_c) / P."""
+    return resampled_means(sel_P[None], w_RP)[:, 0] - resampled_means(ctrl_CP, w_RP).mean(-1)
+
+
+def beyond_controls(sel_P, controls, w_RP, reference=()):
+    """The selected feature's per-prompt effect sel_P [P] against each control {name: [C, P]} (C features
+    scaled one at a time, or one set scaled together), paired over prompts by w_RP [1 + R, P]. Per
+    control: its mean effect, the difference selected - control (estimate, interval), and the selected
+    feature's rank, the fraction of the control's features with |effect| >= the selected one's. With s
+    the sign of the selected effect: holds when every deciding control's difference lies wholly on s's
+    side of 0, no when some deciding control's lies wholly on the other side, unclear otherwise.
+    Controls in `reference` are shown but never decide."""
+    effect_R = resampled_means(sel_P[None], w_RP)[:, 0]
+    rows = {}
+    for name, ctrl_CP in controls.items():
+        d_R, effect_C = paired_difference(sel_P, ctrl_CP, w_RP), ctrl_CP.double().mean(-1)
+        rows[name] = {"effect": effect_C.mean().item(), "difference": d_R[0].item(), "ci": interval(d_R[1:]),
+                      "rank": (effect_C.abs() >= effect_R[0].abs()).double().mean().item(),
+                      "reference_only": name in reference}
+    sign = int(torch.sign(effect_R[0]))
+    deciding = [r["ci"] for r in rows.values() if not r["reference_only"]]
+    decision = "holds" if sign and deciding and all(on_side(ci, sign) for ci in deciding) else \
+        "no" if sign and any(on_side(ci, -sign) for ci in deciding) else "unclear"
+    return {"selected": {"effect": effect_R[0].item(), "ci": interval(effect_R[1:])}, "controls": rows,
+            "verdict": decision}
 
 
 def stage3(lm, joint, data, cfg, out, generator):
@@ -753,7 +902,7 @@ def stage3(lm, joint, data, cfg, out, generator):
     pipeline = IntegrationPipeline(joint, secondary).eval()
     firing_F2 = firing_counts(secondary.sae, h_eval_NM)
     m = de.splice_metrics(lm, data["splice_ids"], layer, {"joint": joint.reconstruct, "secondary": pipeline.reconstruct},
-                       data["splice_keep"], data["splice_acts"])
+                          data["splice_keep"], data["splice_acts"])
     w_splice = bootstrap_weights(len(data["splice_ids"]), cfg.n_boot, generator)
     n_kl = w_splice @ m["kl_mask"].sum(-1).double()
     kl = {name: (w_splice @ v.double().sum(-1)) / n_kl for name, v in m["kl"].items()}
@@ -762,50 +911,6 @@ def stage3(lm, joint, data, cfg, out, generator):
         **de.evaluate(secondary, h_eval_NM), "dead_features": int((firing_F2 == 0).sum()),
         "kl_joint": summarise(kl["joint"]), "kl_with_secondary": summarise(kl["secondary"]),
         "kl_increase": summarise(kl["secondary"] - kl["joint"])}
-
-
-def top_feature(A_PF, cell_P, contrast="interaction"):
-    """The feature with the largest |t| of a contrast."""
-    return int(contrasts(A_PF, cell_P)[contrast][1].abs().argmax())
-
-
-def select_and_test(A_PF, cell_P, n_boot, generator, n_perm=2000):
-    """Split each cell's prompts in half; on the selection half pick each contrast's top feature; on
-    the test half report its contrast, a stratified bootstrap interval, a permutation p-value, and that
-    p Bonferroni-corrected for the len(CONTRASTS) features carried over. Beside each, the paper's way:
-    the top feature picked and tested on all prompts, uncorrected. Returns (selected, sel, test)."""
-    order = torch.randperm(len(cell_P), generator=generator)
-    half = torch.zeros(len(cell_P), dtype=torch.bool)  # True: selection half
-    for c in range(4):
-        members = order[cell_P[order] == c]
-        half[members[: len(members) // 2]] = True
-    sel, test = half.nonzero()[:, 0], (~half).nonzero()[:, 0]
-    w_test = stratified_weights(cell_P[test], n_boot, generator)
-    selected = {}
-    for contrast in CONTRASTS:
-        j = top_feature(A_PF[sel], cell_P[sel], contrast)
-        value = contrasts(A_PF[test][:, [j]], cell_P[test], w_test)[contrast][0][:, 0]
-        p = permutation_p(A_PF[test, j], cell_P[test], contrast, n_perm, generator)
-        all_j = top_feature(A_PF, cell_P, contrast)
-        selected[contrast] = {
-            "feature": j, "selection_half": contrasts(A_PF[sel][:, [j]], cell_P[sel])[contrast][0].item(),
-            "test_half": value[0].item(), "test_half_ci": interval(value[1:]), "p": p,
-            "p_bonferroni": min(1.0, p * len(CONTRASTS)),
-            "paper_way": {"feature": all_j, "contrast": contrasts(A_PF[:, [all_j]], cell_P)[contrast][0].item(),
-                          "p_same_prompts_uncorrected": permutation_p(A_PF[:, all_j], cell_P, contrast, n_perm,
-                                                                      generator)}}
-    return selected, sel, test
-
-
-def pool(runs):
-    """One row of the intervention table from the runs of one feature set (several for controls a and c):
-    per scale, the mean effect, the interval of all their bootstrap means pooled, the word-list changes."""
-    rows = {}
-    for f in SCALES:
-        rows[f] = {"effect": sum(r[f]["samples"][0].item() for r in runs) / len(runs),
-                   "ci": interval(torch.cat([r[f]["samples"][1:] for r in runs])),
-                   "word_list_changes": [sum(r[f]["changes"][i] for r in runs) / len(runs) for i in range(4)]}
-    return rows
 
 
 def stage34(lm, tokenizer, joint, data, cfg, out, generator):
@@ -827,36 +932,42 @@ def stage34(lm, tokenizer, joint, data, cfg, out, generator):
     A_PF = torch.stack(acts).cpu()
     selected, sel, test = select_and_test(A_PF, cell_P, cfg.n_boot, generator)
 
-    # the intervention on the selected interaction feature, on the test prompts, beside three controls
+    # the intervention on the selected interaction feature, on the test prompts, beside its controls
     prompts, words = [design["prompt_ids"][i] for i in test], design["word_ids"]
     base_P4 = word_logprobs(lm, layer, prompts, words, pipeline, keep_fn)
     j = selected["interaction"]["feature"]
     pipeline.scale = ("secondary", torch.tensor([j], device=device), 1.0)
     x1_change = (word_logprobs(lm, layer, prompts, words, pipeline, keep_fn) - base_P4).abs().max().item()
-    w_prompts = bootstrap_weights(len(prompts), cfg.n_boot, generator)
+    w_RP = bootstrap_weights(len(prompts), cfg.n_boot, generator)  # one prompt resample for every comparison
 
-    def effect(code, features):
-        changes, inter = intervention_effect(lm, layer, prompts, words, pipeline, keep_fn,
-                                             (code, torch.tensor(features, device=device)), base_P4)
-        return {f: {"changes": changes[f].mean(0).tolist(), "samples": (w_prompts @ inter[f]) / len(prompts)}
-                for f in SCALES}
+    def effects(code, feature_sets):
+        """Per scale, the per-prompt interaction effect of each feature set [C, P] and the word-list changes."""
+        runs = [intervention_effect(lm, layer, prompts, words, pipeline, keep_fn,
+                                    (code, torch.tensor(fs, device=device)), base_P4) for fs in feature_sets]
+        return {f: (torch.stack([inter[f] for _, inter in runs]),
+                    torch.stack([changes[f].mean(0) for changes, _ in runs]).mean(0).tolist()) for f in SCALES}
 
     rank = firing_F2.argsort().argsort()
     near = [f for f in (rank - rank[j]).abs().argsort().tolist() if f != j][: 2 * N_RANDOM_CONTROLS]
     random_features = [near[i] for i in torch.randperm(len(near), generator=generator)[:N_RANDOM_CONTROLS]]
     primary = primary_read(pipeline, data["x_eval"], j)
-    shuffled = [top_feature(A_PF[sel], cell_P[sel][torch.randperm(len(sel), generator=generator)])
+    shuffled = [top_feature(A_PF[sel], cell_P[sel][torch.randperm(len(sel), generator=generator)], exclude=[j])[0]
                 for _ in range(N_SHUFFLED_CONTROLS)]
-    rows = {"selected": pool([effect("secondary", [j])]),
-            "random_matched": pool([effect("secondary", [f]) for f in random_features]),
-            "primary_read": pool([effect("primary", primary)]),
-            "shuffled_selection": pool([effect("secondary", [f]) for f in shuffled])}
+    runs = {"selected": effects("secondary", [[j]]),
+            "random_matched": effects("secondary", [[f] for f in random_features]),
+            "primary_read": effects("pair", [primary]),
+            "shuffled_selection": effects("secondary", [[f] for f in shuffled]),
+            "primary_read_whole_code": effects("primary", [primary])}
+    intervention = {}
+    for f in SCALES:
+        row = beyond_controls(runs["selected"][f][0][0], {name: r[f][0] for name, r in runs.items() if name != "selected"},
+                              w_RP, reference=("primary_read_whole_code",))
+        for name, r in runs.items():
+            (row["selected"] if name == "selected" else row["controls"][name])["word_list_changes"] = r[f][1]
+        intervention[f"{f:g}"] = row
 
-    verdicts = {f"intervention_x{f:g}_beyond_controls": beyond_controls(rows, f) for f in SCALES}
-    s = selected["interaction"]
-    ci_excludes_0 = not s["test_half_ci"][0] <= 0 <= s["test_half_ci"][1]
-    selectivity = "holds" if s["p_bonferroni"] < 0.05 and ci_excludes_0 else \
-        "no" if s["p_bonferroni"] >= 0.05 and not ci_excludes_0 else "unclear"
+    verdicts = {f"intervention_x{f}_beyond_controls": row["verdict"] for f, row in intervention.items()}
+    selectivity = selected["interaction"]["verdict"]
     overall = "holds" if selectivity == "holds" and set(verdicts.values()) == {"holds"} else \
         "no" if selectivity == "no" or set(verdicts.values()) == {"no"} else "unclear"
     return {"secondary": secondary_report,
@@ -864,7 +975,7 @@ def stage34(lm, tokenizer, joint, data, cfg, out, generator):
                        "prompts_per_half": [int((cell_P[sel] == c).sum()) for c in range(4)]},
             "selected": selected, "x1_max_change": x1_change,
             "controls": {"random_matched": random_features, "primary_read": primary, "shuffled_selection": shuffled},
-            "intervention": {name: {str(f): v for f, v in r.items()} for name, r in rows.items()},
+            "intervention": intervention,
             "verdicts": {"selectivity_on_held_out_prompts": selectivity, **verdicts, "overall": overall}}
 
 
@@ -972,8 +1083,8 @@ def plot_decoder_norms(dn, out):
         s = dn["summary"][key]
         ax.bar(centres, dn["histograms"][key], width=width, color="tab:blue", alpha=0.8)
         bc, dbic = dn[f"bc_{key}"], dn[f"delta_bic_{key}"]
-        ax.set(ylabel="features", title=f"{label}\nBC {bc['value']:.2f} {de.fmt_ci(bc['ci'])}, "
-                                        f"delta BIC {dbic['value']:.0f} {de.fmt_ci(dbic['ci'])}, mean {s['mean']:.2f}")
+        ax.set(ylabel="features", title=f"{label}\nBC {bc['value']:.2f} {fmt_ci(bc['ci'])}, "
+                                        f"delta BIC {dbic['value']:.0f} {fmt_ci(dbic['ci'])}, mean {s['mean']:.2f}")
     axes[-1].set_xlabel("squared decoder norm ||W_dec[i]||^2 of features that fire on held-out tokens")
     fig.savefig(out / "decoder_norms.png", dpi=110)
 
@@ -985,18 +1096,17 @@ def plot_stage34(st, out):
 
     (fa, (a1, a2)), (fb, (b1, b2)) = st["design"]["factors"].items()
     styles = {"selected": ("tab:blue", 2.5), "random_matched": ("0.6", 1.2), "primary_read": ("tab:orange", 1.2),
-              "shuffled_selection": ("tab:green", 1.2)}
-    scales = list(st["intervention"]["selected"])
-    fig = Figure(figsize=(4.2 * len(scales), 4), layout="constrained")
-    for ax, f in zip(fig.subplots(1, len(scales), sharey=True), scales):
+              "primary_read_whole_code": ("tab:red", 0.8), "shuffled_selection": ("tab:green", 1.2)}
+    fig = Figure(figsize=(4.2 * len(st["intervention"]), 4), layout="constrained")
+    for ax, (f, row) in zip(fig.subplots(1, len(st["intervention"]), sharey=True), st["intervention"].items()):
         for name, (color, width) in styles.items():
-            ch = st["intervention"][name][f]["word_list_changes"]  # cells (a1 b1, a1 b2, a2 b1, a2 b2)
+            ch = (row["selected"] if name == "selected" else row["controls"][name])["word_list_changes"]
             ax.plot([a1, a2], [ch[0], ch[2]], "-o", color=color, lw=width, label=f"{name}: {b1} words")
             ax.plot([a1, a2], [ch[1], ch[3]], "--s", color=color, lw=width, label=f"{name}: {b2} words")
         ax.axhline(0, color="k", lw=0.5)
         ax.set(title=f"feature x{f}", xlabel=f"{fa} of the word list")
     fig.axes[0].set_ylabel("change in mean log P(word list) at the next token")
-    fig.axes[-1].legend(fontsize=7)
+    fig.axes[-1].legend(fontsize=6)
     fig.suptitle("Scaling the selected integration feature, and the controls: word-list changes on the test prompts")
     fig.savefig(out / "stage34.png", dpi=110)
 
@@ -1106,14 +1216,22 @@ def run(cfg):
     return report
 
 
+def fmt_num(x):
+    return "undefined" if x is None else f"{x:.3f}" if abs(x) < 100 else f"{x:.0f}"
+
+
+def fmt_ci(ci):
+    return "-" if ci is None else f"[{fmt_num(ci[0])}, {fmt_num(ci[1])}]"
+
+
 def format_report(report):
     """dualenc's models table (with intervals), the seed intervals, the claims table, as printed at the end."""
     seeds = len(report["seeds"])
     rows = de.format_models(report)
     if seeds > 1:
         rows.append(f"mean of {seeds} seeds; seed intervals (95%, t over seeds):")
-        rows += [f"  {name:<22} fvu {de.fmt_ci(m['seed_ci']['fvu'])}  kl {de.fmt_ci(m['seed_ci']['kl'])}  "
-                 f"ce {de.fmt_ci(m['seed_ci']['ce'])}" for name, m in report["models"].items()]
+        rows += [f"  {name:<22} fvu {fmt_ci(m['seed_ci']['fvu'])}  kl {fmt_ci(m['seed_ci']['kl'])}  "
+                 f"ce {fmt_ci(m['seed_ci']['ce'])}" for name, m in report["models"].items()]
     labels = {"paper_way": "paper's way", "fair": "fair", "matched": "param-matched"}
     rows += ["", "{:<76}{:>7}  {:<14}{:>8}{:>18}{:>18}  {}".format(
         "claim (rule)", "paper", "reading", "ours", "bootstrap 95%", "seeds 95%" if seeds > 1 else "", "verdict")]
@@ -1121,9 +1239,10 @@ def format_report(report):
         head = f"{c['claim']} ({c['rule']})"
         paper = "-" if c["paper"] is None else f"{c['paper']:.3f}"
         for i, (reading, r) in enumerate(c["readings"].items()):
-            seed_ci = de.fmt_ci(r["seed_ci"]) if "seed_ci" in r else ""
+            seed_ci = fmt_ci(r["seed_ci"]) if "seed_ci" in r else ""
             rows.append(f"{head if i == 0 else '':<76}{paper if i == 0 else '':>7}  {labels[reading]:<14}"
-                        f"{de.fmt_num(r['value']):>8}{de.fmt_ci(r['ci']):>18}{seed_ci:>18}  {r['verdict']}")
+                        f"{fmt_num(r['value']):>8}{fmt_ci(r['ci']):>18}{seed_ci:>18}  {r['verdict']}"
+                        + (f" ({r['undefined']})" if "undefined" in r else ""))
     shares = report["analysis"]["interaction_param_share"]
     name = "joint" if "joint" in shares else "sequential"
     rows += ["", f"design figure, not a finding: the interaction pathway is {shares[name]:.1%} of the {name} "
@@ -1134,28 +1253,35 @@ def format_report(report):
 
 
 def format_stage34(st):
-    """The stages 3-4 table (§13): the secondary SAE, the selected features on both halves, the
-    intervention beside its controls, and the verdicts."""
+    """The stages 3-4 tables (§13): the secondary SAE, the selected features on both halves, the
+    intervention beside its controls as paired differences, and the verdicts."""
     sec = st["secondary"]
     rows = [f"stage 3: secondary SAE on the joint NFM's interaction hidden layer: {sec['features']} features, "
             f"k {sec['k']}; held-out fvu {sec['fvu']:.4f}, dead {sec['dead_features']}; spliced KL "
             f"{sec['kl_with_secondary']['value']:.4f} against the joint model's {sec['kl_joint']['value']:.4f} "
-            f"(increase {sec['kl_increase']['value']:.4f} {de.fmt_ci(sec['kl_increase']['ci'])})",
+            f"(increase {sec['kl_increase']['value']:.4f} {fmt_ci(sec['kl_increase']['ci'])})",
             f"stage 4: {' x '.join(f'{k} ({a} / {b})' for k, (a, b) in st['design']['factors'].items())}, "
             f"{st['design']['prompts_per_half']} selection prompts per cell, the rest tested",
-            "{:<13}{:>8}{:>12}{:>12}{:>18}{:>9}{:>9}   {}".format(
-                "contrast", "feature", "selection", "test half", "test 95%", "p", "p x3", "paper's way: same prompts")]
+            "{:<13}{:>8}{:>9}{:>11}{:>18}{:>8}{:>9}{:>8}  {:<9}{}".format(
+                "contrast", "feature", "sel. t", "test half", "test 95%", "test t", "p (1-s)", "p x3", "verdict",
+                "paper's way: same prompts")]
     for name, c in st["selected"].items():
         pw = c["paper_way"]
-        rows.append(f"{name:<13}{c['feature']:>8}{c['selection_half']:>12.4f}{c['test_half']:>12.4f}"
-                    f"{de.fmt_ci(c['test_half_ci']):>18}{c['p']:>9.4f}{c['p_bonferroni']:>9.4f}   "
-                    f"feature {pw['feature']}, contrast {pw['contrast']:.4f}, p {pw['p_same_prompts_uncorrected']:.4f} (uncorrected)")
+        rows.append(f"{name:<13}{c['feature']:>8}{c['selection_t']:>9.2f}{c['test_half']:>11.4f}"
+                    f"{fmt_ci(c['test_half_ci']):>18}{c['test_t']:>8.2f}{c['p']:>9.4f}{c['p_bonferroni']:>8.4f}  "
+                    f"{c['verdict']:<9}feature {pw['feature']}, contrast {pw['contrast']:.4f}, "
+                    f"p {pw['p_same_prompts_uncorrected']:.4f} (two-sided, uncorrected)")
     rows.append(f"intervention on feature {st['selected']['interaction']['feature']}: 2 x 2 interaction of the word "
-                f"lists' log-prob changes, mean over test prompts (x1 changes nothing: max {st['x1_max_change']:.1e})")
-    rows.append("{:<20}".format("") + "".join(f"{'x' + f:>32}" for f in st["intervention"]["selected"]))
-    for name, by_scale in st["intervention"].items():
-        rows.append(f"{name:<20}" + "".join(f"{v['effect']:>10.1e} [{v['ci'][0]:.1e}, {v['ci'][1]:.1e}]"
-                                            for v in by_scale.values()))
+                f"lists' log-prob changes, mean over test prompts (x1 changes nothing: max {st['x1_max_change']:.1e}); "
+                f"controls as paired differences selected - control, rank = share of the control's features "
+                f"moving the lists at least as much")
+    for f, row in st["intervention"].items():
+        sel = row["selected"]
+        rows.append(f"  x{f}: selected {sel['effect']:.2e} [{sel['ci'][0]:.2e}, {sel['ci'][1]:.2e}]; "
+                    f"verdict {row['verdict']}")
+        rows += [f"    {name:<26} effect {c['effect']:>10.2e}  difference {c['difference']:>10.2e} "
+                 f"[{c['ci'][0]:.2e}, {c['ci'][1]:.2e}]  rank {c['rank']:.2f}"
+                 + ("  (reference, does not decide)" if c["reference_only"] else "") for name, c in row["controls"].items()]
     rows.append("verdicts: " + ", ".join(f"{k} {v}" for k, v in st["verdicts"].items()))
     return "\n".join(rows)
 
