@@ -318,6 +318,7 @@ def split_activations(acts_NTD, n_train, outlier_factor):
             "eval_window": keep_NT[n_train:].nonzero()[:, 0], "n_eval_windows": len(acts_NTD) - n_train,
             "n_massive": int((norms_NT[:, 1:] > max_norm).sum())}
 
+
 # ----------------------------------------------------------------------------- identity SAE
 
 class TopKSAE(nn.Module):
@@ -418,8 +419,9 @@ class NFM(nn.Module):
         """(linear(f), interaction(f)), each [B, D], from the n_read largest codes; linear is zeros
         when the model has none."""
         vals_BK, idx_BK = self.read(vals_BK, idx_BK)
-        interaction_BD = self.mlp[1:](self.hidden(vals_BK, idx_BK))  # first: autograd sums the codes' gradients
-        return self.linear(vals_BK, idx_BK), interaction_BD          # in creation order, kept as it was
+        # interaction before linear: the order autograd sums the codes' gradients in, and so the numbers, stay
+        interaction_BD = self.mlp[1:](self.hidden(vals_BK, idx_BK))
+        return self.linear(vals_BK, idx_BK), interaction_BD
 
 
 # ----------------------------------------------------------------------------- dual encoder
@@ -871,8 +873,8 @@ def check_inputs(cfg, models):
 
 
 def load_data(cfg, layer, device):
-    """The LM, its tokenizer, and block-L activations of the corpus split into training and held-out
-    tokens, with the windows that are spliced for KL / CE (the first splice_tokens // ctx held-out windows)."""
+    """The LM, its tokenizer, and block-L activations split into training and held-out tokens, with the
+    windows spliced for KL / CE (the first splice_tokens // ctx held-out ones)."""
     text = read_text(cfg.text)
     lm, tokenizer = load_lm(cfg.model, device)
     n_blocks = len(decoder_blocks(lm))
@@ -888,10 +890,9 @@ def load_data(cfg, layer, device):
                 splice_keep=data["keep"][held_out], splice_acts=acts_NTD[held_out].clone(),  # reused by every splice
                 x_train=data["x_train"].to(device), x_eval=data["x_eval"].to(device),
                 mean=data["mean"].to(device), std=data["std"].to(device))
-    print(f"block {layer} of {n_blocks}, d_model {acts_NTD.shape[-1]}: {len(data['x_train']):,} train / "
-          f"{len(data['x_eval']):,} held-out tokens; excluded {len(windows_NT):,} position-0 tokens and "
-          f"{data['n_massive']} massive-norm tokens (> {data['max_norm']:.0f} = {cfg.outlier_factor:g} x median)",
-          file=sys.stderr)
+    print(f"block {layer} of {n_blocks}: {len(data['x_train']):,} train / {len(data['x_eval']):,} held-out tokens; "
+          f"excluded {len(windows_NT):,} at position 0 and {data['n_massive']} of norm > {data['max_norm']:.0f} "
+          f"({cfg.outlier_factor:g} x median)", file=sys.stderr)
     return lm, tokenizer, data
 
 
@@ -917,10 +918,9 @@ def recipes(cfg, data):
 
 
 def train_models(cfg, data, recipes, models, out, report, stage, key=lambda name: name):
-    """Train the models of `recipes` in order: every one starts from cfg.seed, sees the same batches in
-    the same order and takes the same steps. A model already in `models` (under key(name)) is kept; an
-    interrupted one resumes from its train_state.pt. Each is saved in out/key(name) as it finishes, and
-    results.json records it. Returns {name: model}."""
+    """Train the models of `recipes` in order, each from cfg.seed on the same batches and steps, into
+    out/key(name). One already in `models` (under key(name)) is kept; an interrupted one resumes from its
+    train_state.pt. Returns {name: model}."""
     done = {}
     for name, (make, train) in recipes.items():
         if key(name) not in models:
@@ -943,9 +943,8 @@ def train_models(cfg, data, recipes, models, out, report, stage, key=lambda name
 
 
 def load_run(path, cls=Config):
-    """A run folder's results.json and its finished models, {key: DualEncoder}, each carrying its
-    normalisation statistics. Its settings are read as cls (Config, or replicate's): settings cls lacks
-    are dropped, settings it adds take their defaults."""
+    """A run folder's finished models {key: DualEncoder} and results.json, its settings read as cls
+    (Config or replicate's: settings cls lacks are dropped, those it adds take their defaults)."""
     path = Path(path)
     try:
         report = json.loads((path / "results.json").read_text())
@@ -1007,9 +1006,8 @@ def write_results(report, cfg, out, done, format_report):
 
 def run(cfg):
     """python dualenc.py: check the inputs; extract; train sae, sequential and joint on the same data,
-    batches and steps; evaluate them; write results.json, curves.png and a checkpoint folder per model;
-    print the table. With cfg.resume, finished models are loaded and an interrupted one continues from
-    its last evaluation; with cfg.eval_only, nothing is trained."""
+    batches and steps; evaluate them; write results.json, curves.png and their checkpoints; print the
+    table. cfg.resume continues an interrupted run, cfg.eval_only trains nothing."""
     device = resolve_device(cfg.device)
     cfg, models, previous = settings(cfg)
     out = prepare_out(cfg.out)
