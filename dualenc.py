@@ -950,7 +950,7 @@ def load_run(path, cls=Config):
         report = json.loads((path / "results.json").read_text())
         known = {f.name for f in fields(cls)}
         config = cls(**{k: v for k, v in report["config"].items() if k in known})
-        done = [key for key in report["stages_done"] if key.split("/")[-1] in cls.STAGES]
+        done = [key for key in report["stages_done"] if key in config.model_keys()]
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise DualencError(f"{path} is not a dualenc run folder: {one_line(e)}") from None
     return {key: load_model(path / key) for key in done}, {**report, "config": asdict(config)}

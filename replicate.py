@@ -57,9 +57,9 @@ class Config(de.Config):
     def stages(self):
         return ("sequential",) if self.sae else self.STAGES  # with --sae, only the NFM on its residual
 
-    def model_keys(self):
-        return {model_key(name, seed, self.seed) for seed in range(self.seed, self.seed + self.seeds)
-                for name in self.stages()}
+    def model_keys(self):  # with --sae, the imported SAE ("sae") serves every seed
+        return {run_key(self, seed, name) for seed in range(self.seed, self.seed + self.seeds)
+                for name in ("sae", *self.stages())}
 
     @classmethod
     def check_flags(cls, given):

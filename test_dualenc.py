@@ -643,18 +643,24 @@ def test_the_method_run_is_deterministic_and_its_eval_only_reproduces_it(tiny_lm
     assert again["models"] == first["models"] and (out / "results_eval_only.json").exists()
 
 
-def test_an_interrupted_method_run_resumes_to_the_same_result(tiny_lm_folder, tiny_method_run, tmp_path, monkeypatch):
-    _, uninterrupted = tiny_method_run
+def interrupt_training_at(monkeypatch, n):
+    """Make a run's n-th optimiser step raise KeyboardInterrupt, as Ctrl-C would; returns the real step."""
     calls, real_step = [0], de.train_step
-    steps = uninterrupted["data"]["steps_per_model"]
 
     def flaky_step(*args):
         calls[0] += 1
-        if calls[0] == 2 * steps + 7:  # the joint model's 7th step: last checkpoint at step 5
+        if calls[0] == n:
             raise KeyboardInterrupt
         return real_step(*args)
 
     monkeypatch.setattr(de, "train_step", flaky_step)
+    return real_step
+
+
+def test_an_interrupted_method_run_resumes_to_the_same_result(tiny_lm_folder, tiny_method_run, tmp_path, monkeypatch):
+    _, uninterrupted = tiny_method_run
+    steps = uninterrupted["data"]["steps_per_model"]
+    real_step = interrupt_training_at(monkeypatch, 2 * steps + 7)  # the joint model's 7th step: checkpoint at 5
     with pytest.raises(KeyboardInterrupt):
         de.run(tiny_run_cfg(tiny_lm_folder, tmp_path))
     partial = json.loads((tmp_path / "results.json").read_text())
