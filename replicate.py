@@ -299,7 +299,8 @@ def gmm_floor(x):
     n points cannot resolve structure narrower than h. Taken from the sample, not a resample's weights,
     so every resample shares it. As each point's mixture density is at most 1 / (h sqrt(2 pi)), two
     Gaussians beat one (of sd s_w, the resample's) by at most n (ln(s_w / h) + 1/2) nats, whatever the
-    ties a bootstrap resample piles up (about 1.7 n at n = 200, where a floor of 1e-6 sd allowed 14 n)."""
+    ties a bootstrap resample piles up (about 1.7 n at n = 200, where a floor of 1e-6 sd allowed 14 n). A
+    bound, not a guarantee: a resample with a big enough tie can still pass delta BIC's threshold of 10."""
     x = x.double()
     return 0.9 * x.std().clamp_min(1e-300) * x.shape[-1] ** -0.2
 
@@ -469,8 +470,8 @@ def claim_table():
 def ratio_summary(per_seed, num, den):
     """summarise(num / den), or undefined (value and interval None, with the reason) when an interval of
     the denominator contains 0: the resampled ratios are then unbounded and their percentiles mean nothing."""
-    d = across(per_seed, den)
-    for ci in [d["ci"]] + ([d["seed_ci"]] if "seed_ci" in d else []):
+    d = across(per_seed, den)  # the mean over seeds, and each seed's own: a ratio is taken per seed
+    for ci in [d["ci"]] + ([d["seed_ci"]] if "seed_ci" in d else []) + [interval(den(s)[1:]) for s in per_seed]:
         if ci[0] <= 0 <= ci[1]:
             return {"value": None, "ci": None,
                     "undefined": f"its denominator's 95% interval [{ci[0]:.3g}, {ci[1]:.3g}] contains 0"}
@@ -578,7 +579,8 @@ class IntegrationPipeline(de.DualEncoder):
           -> g (secondary code) -> h_hat;     x_hat = x_s + linear(f_read) + W_2 ReLU(h_hat)
     `scale` = (code, feature indices, factor) multiplies those features' values in one code:
         "secondary"  g: the intervention on an integration feature
-        "pair"       the codes pair() reads, and nothing else: control (b), on the selected feature's pathway
+        "pair"       f as the interaction pathway reads it (its n_read largest then taken from the scaled
+                     code), x_s and linear(f) unscaled: control (b), on the selected feature's pathway
         "primary"    f itself, so x_s, linear and pair at once: control (b) on the whole code, a reference
     None, or a factor of 1, is the unscaled pipeline."""
 
@@ -600,10 +602,9 @@ class IntegrationPipeline(de.DualEncoder):
     def forward(self, x_BD):
         vals_BK, idx_BK = self.sae.encode(x_BD)
         vals_BK = self.scaled("primary", vals_BK, idx_BK)
-        read_vals, read_idx = self.nfm.read(vals_BK, idx_BK)
-        hidden_BM = self.nfm.hidden(self.scaled("pair", read_vals, read_idx), read_idx)
-        interaction_BD = self.nfm.mlp[1:](self.through_secondary(hidden_BM))
-        return self.sae.decode(vals_BK, idx_BK) + self.nfm.linear(read_vals, read_idx) + interaction_BD
+        hidden_BM = self.nfm.hidden(*self.nfm.read(self.scaled("pair", vals_BK, idx_BK), idx_BK))
+        linear_BD = self.nfm.linear(*self.nfm.read(vals_BK, idx_BK))
+        return self.sae.decode(vals_BK, idx_BK) + linear_BD + self.nfm.mlp[1:](self.through_secondary(hidden_BM))
 
     @torch.no_grad()
     def secondary_codes(self, x_BD):
@@ -737,7 +738,9 @@ def permutation_p(A_PF, cell_P, contrast, n_perm, generator, sign=None):
         one-sided (sign +1 or -1, a number or [F]):  p = (1 + #{s t* >= s t}) / (1 + n_perm)
         two-sided (sign None):                       p = (1 + #{|t*| >= |t|}) / (1 + n_perm)
     The +1 counts the observed design among the permutations, so p is never 0. The restricted
-    permutations are exact under their null; Freedman-Lane is approximate (the tests check its rate)."""
+    permutations are exact under "the factor has no effect at either level of the other" (so no
+    interaction either), and studentising keeps them close otherwise; Freedman-Lane is approximate. The
+    tests check both rates."""
     t_F = contrasts(A_PF, cell_P)[contrast][1]
     t_RF = null_t(A_PF, cell_P, contrast, n_perm, generator)
     if sign is None:
@@ -767,21 +770,22 @@ def top_feature(A_PF, cell_P, contrast="interaction", exclude=()):
     return j, 1 if t_F[j] >= 0 else -1, t_F[j].item()
 
 
-def held_out_verdict(p_corrected, value, ci, sign, alpha=0.05):
-    """holds: p_corrected < alpha, with the estimate and its whole interval on the selected sign's side
-    of 0; no: the estimate and its whole interval on the opposite side (a sign flip: never "holds");
-    unclear otherwise: a test that does not reject is absence of evidence, not evidence of absence."""
+def held_out_verdict(p_corrected, p_opposite_corrected, value, ci, sign, alpha=0.05):
+    """holds: the one-sided test in the selected direction rejects (p_corrected < alpha), with the
+    estimate and its whole interval on the selected sign's side of 0; no: the same in the opposite
+    direction (a sign flip that is itself significant); unclear otherwise: a test that does not reject
+    is absence of evidence, not evidence of absence, and a sign flip is never "holds"."""
     if p_corrected < alpha and value * sign > 0 and on_side(ci, sign):
         return "holds"
-    return "no" if value * sign < 0 and on_side(ci, -sign) else "unclear"
+    return "no" if p_opposite_corrected < alpha and value * sign < 0 and on_side(ci, -sign) else "unclear"
 
 
 def select_and_test(A_PF, cell_P, n_boot, generator, n_perm=2000, half_P=None, alpha=0.05):
     """Choose on one half, test on the other (§13). On the selection half (half_P True; split_halves if
     None) each contrast's top_feature and its sign; on the test half its contrast, a within-cell
     stratified bootstrap interval, the one-sided permutation p in the selected direction (each contrast
-    against its own null), p_bonferroni = min(1, 3 p) for the len(CONTRASTS) features carried over, and
-    held_out_verdict. Beside each, the paper's way: the top feature picked and tested on all prompts,
+    against its own null), p_bonferroni = min(1, 3 p) for the len(CONTRASTS) features carried over, the
+    opposite direction's p (p_opposite, for a sign flip), and held_out_verdict. Beside each, the paper's way: the top feature picked and tested on all prompts,
     two-sided and uncorrected. Returns (per-contrast dicts, selection indices, test indices)."""
     half_P = split_halves(cell_P, generator) if half_P is None else half_P
     sel, test = half_P.nonzero()[:, 0], (~half_P).nonzero()[:, 0]
@@ -791,12 +795,14 @@ def select_and_test(A_PF, cell_P, n_boot, generator, n_perm=2000, half_P=None, a
         j, sign, t_sel = top_feature(A_PF[sel], cell_P[sel], name)
         a_P1 = A_PF[test][:, [j]]
         value_R1, t_R1 = contrasts(a_P1, cell_P[test], w_RP)[name]  # row 0: the test half itself
-        p = permutation_p(a_P1, cell_P[test], name, n_perm, generator, sign).item()
+        p, p_opposite = (permutation_p(a_P1, cell_P[test], name, n_perm, generator, s).item() for s in (sign, -sign))
         p_bonferroni, value, ci = min(1.0, p * len(CONTRASTS)), value_R1[0, 0].item(), interval(value_R1[1:, 0])
         all_j = top_feature(A_PF, cell_P, name)[0]
         out[name] = {"feature": j, "sign": sign, "selection_t": t_sel, "test_half": value, "test_half_ci": ci,
                      "test_t": t_R1[0, 0].item(), "p": p, "p_bonferroni": p_bonferroni,
-                     "verdict": held_out_verdict(p_bonferroni, value, ci, sign, alpha),
+                     "p_opposite": p_opposite,
+                     "verdict": held_out_verdict(p_bonferroni, min(1.0, p_opposite * len(CONTRASTS)), value, ci,
+                                                 sign, alpha),
                      "paper_way": {"feature": all_j, "contrast": contrasts(A_PF[:, [all_j]], cell_P)[name][0].item(),
                                    "p_same_prompts_uncorrected": permutation_p(A_PF[:, [all_j]], cell_P, name,
                                                                                n_perm, generator).item()}}
@@ -862,33 +868,35 @@ def resampled_means(X_CP, w_RP):
     return (w_RP @ X_CP.double().T) / X_CP.shape[-1]
 
 
-def paired_difference(sel_P, ctrl_CP, w_RP):
-    """[R]: per prompt resample (the same prompts for both, so the prompt-to-prompt spread cancels)
-        d_r = (w_r . sel) / P - (1/C) sum_c (w_r . ctrl_c) / P."""
-    return resampled_means(sel_P[None], w_RP)[:, 0] - resampled_means(ctrl_CP, w_RP).mean(-1)
+def paired_difference(sel_P, ctrl_CP, w_RP, sign):
+    """[R]: per prompt resample (the same prompts for both, so the prompt-to-prompt spread cancels), how
+    much further the selected feature moves the lists than the control's features do, each by its size:
+        d_r = s (w_r . sel) / P - (1/C) sum_c |(w_r . ctrl_c) / P|      s = the selected effect's sign
+    Sizes, because a control's direction means nothing: signed, controls pushing both ways would cancel,
+    and one pushing the other way would count for the selected feature."""
+    return sign * resampled_means(sel_P[None], w_RP)[:, 0] - resampled_means(ctrl_CP, w_RP).abs().mean(-1)
 
 
 def beyond_controls(sel_P, controls, w_RP, reference=()):
     """The selected feature's per-prompt effect sel_P [P] against each control {name: [C, P]} (C features
     scaled one at a time, or one set scaled together), paired over prompts by w_RP [1 + R, P]. Per
-    control: its mean effect, the difference selected - control (estimate, interval), and the selected
-    feature's rank, the fraction of the control's features with |effect| >= the selected one's. With s
-    the sign of the selected effect: holds when every deciding control's difference lies wholly on s's
-    side of 0, no when some deciding control's lies wholly on the other side, unclear otherwise.
-    Controls in `reference` are shown but never decide."""
+    control: its mean effect, the paired difference in size (paired_difference: estimate, interval), and
+    the selected feature's rank, the fraction of the control's features with |effect| >= the selected
+    one's. holds when the selected effect's own interval excludes 0 and every deciding control's
+    difference lies wholly above 0; no when some deciding control's lies wholly below 0 (it moves the
+    lists further); unclear otherwise. Controls in `reference` are shown but never decide."""
     effect_R = resampled_means(sel_P[None], w_RP)[:, 0]
-    rows = {}
+    sign, rows = int(torch.sign(effect_R[0])), {}
     for name, ctrl_CP in controls.items():
-        d_R, effect_C = paired_difference(sel_P, ctrl_CP, w_RP), ctrl_CP.double().mean(-1)
+        d_R, effect_C = paired_difference(sel_P, ctrl_CP, w_RP, sign), ctrl_CP.double().mean(-1)
         rows[name] = {"effect": effect_C.mean().item(), "difference": d_R[0].item(), "ci": interval(d_R[1:]),
                       "rank": (effect_C.abs() >= effect_R[0].abs()).double().mean().item(),
                       "reference_only": name in reference}
-    sign = int(torch.sign(effect_R[0]))
+    selected = {"effect": effect_R[0].item(), "ci": interval(effect_R[1:])}
     deciding = [r["ci"] for r in rows.values() if not r["reference_only"]]
-    decision = "holds" if sign and deciding and all(on_side(ci, sign) for ci in deciding) else \
-        "no" if sign and any(on_side(ci, -sign) for ci in deciding) else "unclear"
-    return {"selected": {"effect": effect_R[0].item(), "ci": interval(effect_R[1:])}, "controls": rows,
-            "verdict": decision}
+    holds = sign and on_side(selected["ci"], sign) and deciding and all(on_side(ci, 1) for ci in deciding)
+    decision = "holds" if holds else "no" if any(on_side(ci, -1) for ci in deciding) else "unclear"
+    return {"selected": selected, "controls": rows, "verdict": decision}
 
 
 def stage3(lm, joint, data, cfg, out, generator):
@@ -948,7 +956,7 @@ def stage34(lm, tokenizer, joint, data, cfg, out, generator):
                     torch.stack([changes[f].mean(0) for changes, _ in runs]).mean(0).tolist()) for f in SCALES}
 
     rank = firing_F2.argsort().argsort()
-    near = [f for f in (rank - rank[j]).abs().argsort().tolist() if f != j][: 2 * N_RANDOM_CONTROLS]
+    near = [f for f in (rank - rank[j]).abs().argsort().tolist() if f != j and firing_F2[f] > 0][: 2 * N_RANDOM_CONTROLS]
     random_features = [near[i] for i in torch.randperm(len(near), generator=generator)[:N_RANDOM_CONTROLS]]
     primary = primary_read(pipeline, data["x_eval"], j)
     shuffled = [top_feature(A_PF[sel], cell_P[sel][torch.randperm(len(sel), generator=generator)], exclude=[j])[0]
@@ -1273,8 +1281,8 @@ def format_stage34(st):
                     f"p {pw['p_same_prompts_uncorrected']:.4f} (two-sided, uncorrected)")
     rows.append(f"intervention on feature {st['selected']['interaction']['feature']}: 2 x 2 interaction of the word "
                 f"lists' log-prob changes, mean over test prompts (x1 changes nothing: max {st['x1_max_change']:.1e}); "
-                f"controls as paired differences selected - control, rank = share of the control's features "
-                f"moving the lists at least as much")
+                f"controls as paired differences in size, s x selected - mean |control| (s the selected sign), rank = "
+                f"share of the control's features moving the lists at least as much")
     for f, row in st["intervention"].items():
         sel = row["selected"]
         rows.append(f"  x{f}: selected {sel['effect']:.2e} [{sel['ci'][0]:.2e}, {sel['ci'][1]:.2e}]; "

@@ -366,10 +366,10 @@ def test_scaling_by_one_or_a_silent_feature_by_zero_changes_nothing():
         scaled = pipeline(x)
         touched = (idx == feature).any(-1)
         assert not torch.allclose(scaled[touched], base[touched]) and torch.equal(scaled[~touched], base[~touched])
-        read_vals, read_idx = joint.nfm.read(vals, idx)
-        no_pair = torch.where(read_idx == feature, 0.0, read_vals)  # the same, written out: only pair(f) changes
-        expected = joint.sae.decode(vals, idx) + joint.nfm.linear(read_vals, read_idx) + \
-            joint.nfm.mlp[1:](pipeline.through_secondary(joint.nfm.hidden(no_pair, read_idx)))
+        # the same, written out: x_s and linear(f) as they were, pair(f) reads its codes from the scaled f
+        pair_input = joint.nfm.read(torch.where(idx == feature, 0.0, vals), idx)
+        expected = joint.sae.decode(vals, idx) + joint.nfm.linear(*joint.nfm.read(vals, idx)) + \
+            joint.nfm.mlp[1:](pipeline.through_secondary(joint.nfm.hidden(*pair_input)))
         torch.testing.assert_close(scaled, expected)
     # and through the LM: x1 leaves the next-token log-probabilities where they were
     lm, ids = tiny_llama(), torch.randint(0, 97, (3, 10))
@@ -541,6 +541,8 @@ def test_planted_effects_are_found_in_their_direction_only(one_thread):
     assert rp.permutation_p(y, CELL, "main_b", 999, g, 1).item() < 0.01
     assert rp.permutation_p(y, CELL, "interaction", 999, g).item() > 0.05
     assert rp.permutation_p(torch.zeros(64, 1), CELL, "main_a", 99, g, 1).item() == 1.0  # a silent feature
+    huge = planted(g, interaction=40.0)  # no permutation reaches it: p is the +1 correction's floor
+    assert rp.permutation_p(huge, CELL, "interaction", 199, g, 1).item() == pytest.approx(1 / 200)
 
 
 def test_the_nulls_keep_what_they_must(one_thread):
@@ -603,11 +605,12 @@ def test_a_sign_flip_never_holds_and_a_weak_test_is_unclear(one_thread):
     r = rp.select_and_test(torch.cat([faded, planted(g, n_features=30)], 1), CELL, 500, g, 999, half_P=half_P)[0]
     assert r["interaction"]["feature"] == 0 and r["interaction"]["p"] > 0.05
     assert r["interaction"]["verdict"] == "unclear"
-    for sign in (1, -1):  # the rule itself, in both directions
-        assert rp.held_out_verdict(0.001, sign * 0.5, [sign * 0.1, sign * 0.9][::sign], sign) == "holds"
-        assert rp.held_out_verdict(0.001, -sign * 0.5, [-sign * 0.9, -sign * 0.1][::sign], sign) == "no"
-        assert rp.held_out_verdict(0.3, sign * 0.5, [sign * 0.1, sign * 0.9][::sign], sign) == "unclear"
-        assert rp.held_out_verdict(0.001, sign * 0.5, [-0.1, 0.9], sign) == "unclear"
+    for sign in (1, -1):  # the rule itself, in both directions: (p, p the other way, estimate, interval, sign)
+        assert rp.held_out_verdict(0.001, 1.0, sign * 0.5, [sign * 0.1, sign * 0.9][::sign], sign) == "holds"
+        assert rp.held_out_verdict(1.0, 0.001, -sign * 0.5, [-sign * 0.9, -sign * 0.1][::sign], sign) == "no"
+        assert rp.held_out_verdict(1.0, 0.3, -sign * 0.5, [-sign * 0.9, -sign * 0.1][::sign], sign) == "unclear"
+        assert rp.held_out_verdict(0.3, 1.0, sign * 0.5, [sign * 0.1, sign * 0.9][::sign], sign) == "unclear"
+        assert rp.held_out_verdict(0.001, 1.0, sign * 0.5, [-0.1, 0.9], sign) == "unclear"
 
 
 def test_a_shuffled_selection_never_picks_the_selected_feature():
@@ -621,10 +624,12 @@ def test_the_paired_difference_is_the_difference_of_the_written_out_resampled_me
     sel_P = torch.randn(20, generator=g, dtype=torch.float64)
     ctrl_CP = torch.randn(12, 20, generator=g, dtype=torch.float64)
     w_RP = rp.bootstrap_weights(20, 30, g)
-    d_R = rp.paired_difference(sel_P, ctrl_CP, w_RP)
-    for r in range(len(w_RP)):
-        drawn = torch.arange(20).repeat_interleave(w_RP[r].long())  # the resample written out
-        assert d_R[r].item() == pytest.approx(sel_P[drawn].mean().item() - ctrl_CP[:, drawn].mean().item(), abs=1e-12)
+    for sign in (1, -1):
+        d_R = rp.paired_difference(sel_P, ctrl_CP, w_RP, sign)
+        for r in range(len(w_RP)):
+            drawn = torch.arange(20).repeat_interleave(w_RP[r].long())  # the resample written out
+            written_out = sign * sel_P[drawn].mean() - ctrl_CP[:, drawn].mean(1).abs().mean()
+            assert d_R[r].item() == pytest.approx(written_out.item(), abs=1e-12)
 
 
 def test_an_intervention_holds_only_beyond_every_deciding_control():
@@ -642,6 +647,12 @@ def test_an_intervention_holds_only_beyond_every_deciding_control():
     assert rp.beyond_controls(sel_P, {"random": quiet, "close": 1.0 + quiet}, w_RP)["verdict"] == "unclear"
     half = torch.cat([quiet[:6], 5.0 + quiet[6:]])
     assert rp.beyond_controls(sel_P, {"mixed": half}, w_RP)["controls"]["mixed"]["rank"] == 0.5
+    # a control's direction means nothing: features pushing both ways, or the other way, still count by size
+    both_ways = torch.cat([3.0 + quiet[:6], -3.0 + quiet[6:]])
+    assert rp.beyond_controls(sel_P, {"random": both_ways}, w_RP)["verdict"] == "no"
+    assert rp.beyond_controls(sel_P, {"other_way": -3.0 + quiet[:1]}, w_RP)["verdict"] == "no"
+    faint = 0.05 + torch.randn(40, generator=g, dtype=torch.float64)  # its own interval contains 0
+    assert rp.beyond_controls(faint, {"random": 0.01 * quiet}, w_RP)["verdict"] != "holds"
 
 
 def test_a_share_whose_denominator_may_be_zero_is_undefined_and_unclear():
