@@ -165,8 +165,9 @@ def read_text(path):
     """A .txt file, or every .txt file under a folder in sorted order; None means the stdlib corpus."""
     if path is None:
         return stdlib_docstrings()
-    files = sorted(Path(path).rglob("*.txt")) if Path(path).is_dir() else [Path(path)]
-    if not Path(path).exists() or not files:
+    p = Path(path)
+    files = sorted(p.rglob("*.txt")) if p.is_dir() else [p]
+    if not p.exists() or not files:
         raise DualencError(f"no text found at {path!r} (give a .txt file or a folder of them)")
     try:
         text = "\n\n".join(f.read_text(encoding="utf-8") for f in files)
