@@ -1073,6 +1073,10 @@ def parse_args(argv=None, cls=Config):
     """The command line, derived from cls (Config, or replicate's): one --flag per field, same names,
     same defaults."""
     p = argparse.ArgumentParser(prog=cls.PROG, description=sys.modules[cls.__module__].__doc__.split("\n\n")[0])
+
+    def error(message):  # argparse's own errors (an unknown flag, a bad value) as one line, like every other
+        raise DualencError(f"{message} (python {cls.PROG} --help lists the flags)")
+    p.error = error
     hints = typing.get_type_hints(cls)
     for f in fields(cls):
         flag = "--" + f.name.replace("_", "-")

@@ -464,6 +464,8 @@ def run_cli(script, *args):
     (["--k", "5000", "--features", "100"], "exceeds"),
     (["--model", "./nowhere/model"], "no such model folder"),
     (["--text", "/nonexistent.txt", "--out", "OUT"], "no text"),
+    (["--k", "many"], "invalid int value"),
+    (["--no-such-flag"], "unrecognized arguments"),
 ])
 def test_cli_bad_input_is_one_line_and_nonzero(script, args, msg, tmp_path):
     out = tmp_path / "run"
