@@ -602,8 +602,11 @@ class IntegrationPipeline(de.DualEncoder):
     def forward(self, x_BD):
         vals_BK, idx_BK = self.sae.encode(x_BD)
         vals_BK = self.scaled("primary", vals_BK, idx_BK)
-        hidden_BM = self.nfm.hidden(*self.nfm.read(self.scaled("pair", vals_BK, idx_BK), idx_BK))
-        linear_BD = self.nfm.linear(*self.nfm.read(vals_BK, idx_BK))
+        read_code = self.nfm.read(vals_BK, idx_BK)
+        pair_vals_BK = self.scaled("pair", vals_BK, idx_BK)  # the same tensor unless "pair" is scaled
+        pair_code = read_code if pair_vals_BK is vals_BK else self.nfm.read(pair_vals_BK, idx_BK)
+        hidden_BM = self.nfm.hidden(*pair_code)
+        linear_BD = self.nfm.linear(*read_code)
         return self.sae.decode(vals_BK, idx_BK) + linear_BD + self.nfm.mlp[1:](self.through_secondary(hidden_BM))
 
     @torch.no_grad()
