@@ -98,6 +98,8 @@ class Config:
     device: str = opt("auto", "auto (CUDA when available), cpu or cuda")
     out: str | None = opt(None, "output folder (default: runs/<timestamp>)", "DIR")
     quick: bool = opt(False, "small preset for smoke runs (fewer tokens, smaller dictionary)")
+    paper_density: bool = opt(False, "the paper's code density at the model's d_model (§14): F = 15.6 d, k = 2%% "
+                              "of F, the NFM reading k/2, M = 300, batch 1,024")
     resume: str | None = opt(None, "finish an interrupted run, with the settings it was started with", "RUN_DIR")
     eval_only: str | None = opt(None, "re-evaluate a finished run's saved models, no training", "RUN_DIR")
 
@@ -111,8 +113,7 @@ class Config:
             raise DualencError(f"--sae-init must be one of {', '.join(TopKSAE.INITS)}, got {self.sae_init!r}")
         if self.k > self.features:
             raise DualencError(f"--k {self.k} exceeds --features {self.features}")
-        if self.nfm_k is None:
-            self.nfm_k = max(1, self.k // 2)
+        self.nfm_k = max(1, self.k // 2) if self.nfm_k is None else self.nfm_k
         if not 0 < self.nfm_k <= self.k:
             raise DualencError(f"--nfm-k must be in 1..k={self.k}, got {self.nfm_k}")
         if self.ctx < 2:
@@ -126,15 +127,23 @@ class Config:
 
     @classmethod
     def check_flags(cls, given):  # the flags given on the command line
-        extra = given.keys() - set(cls.RUN_FLAGS)
+        extra = sorted(f"--{k.replace('_', '-')}" for k in given.keys() - set(cls.RUN_FLAGS))
         if (given.get("resume") or given.get("eval_only")) and extra:
             allowed = ", ".join(f"--{f.replace('_', '-')}" for f in cls.RUN_FLAGS if f not in ("resume", "eval_only"))
             raise DualencError(f"--resume and --eval-only take the run's own settings; only {allowed} may be given "
-                               f"with them, not {', '.join(sorted('--' + k.replace('_', '-') for k in extra))}")
+                               f"with them, not {', '.join(extra)}")
 
 
 # The --quick preset: a smoke run of the whole pipeline in about a minute on a laptop CPU.
 QUICK = dict(tokens=16_384, features=1024, k=32, embed_dim=32, epochs=2, eval_every=10, splice_tokens=1024)
+
+
+def paper_density(d_model):
+    """The --paper-density preset (§14): the paper's F / d (50,000 / 3,200), 2 % of F active, and its NFM
+    (M 300, reading the largest k/2 codes: Config's default). Batch 1,024 tokens as the paper's SAE:
+    at 512 the per-step costs (top-k, Adam) weigh twice as much against the encoder's GEMM."""
+    features = round(15.6 * d_model)
+    return dict(features=features, k=round(0.02 * features), embed_dim=300, batch_size=1024)
 
 
 # ----------------------------------------------------------------------------- data
@@ -233,10 +242,10 @@ def decoder_blocks(lm):
     """The ModuleList of decoder blocks, found by its length (Llama: model.layers, GPT-2:
     transformer.h, ...), so any transformers causal LM works without a per-architecture table."""
     n = lm.config.num_hidden_layers
-    for module in lm.modules():
-        if isinstance(module, nn.ModuleList) and len(module) == n:
-            return module
-    raise DualencError(f"cannot find the {n} decoder blocks of {type(lm).__name__}")
+    blocks = [m for m in lm.modules() if isinstance(m, nn.ModuleList) and len(m) == n]
+    if not blocks:
+        raise DualencError(f"cannot find the {n} decoder blocks of {type(lm).__name__}")
+    return blocks[0]
 
 
 @contextmanager
@@ -253,11 +262,9 @@ def block_hook(lm, layer, fn):
 
     def hook(module, args, output):
         info["tuple"] = isinstance(output, tuple)
-        h = output[0] if info["tuple"] else output
-        new = fn(h)
-        if new is None:
-            return None
-        return (new, *output[1:]) if info["tuple"] else new
+        new = fn(output[0] if info["tuple"] else output)
+        if new is not None:
+            return (new, *output[1:]) if info["tuple"] else new
 
     handle = blocks[layer].register_forward_hook(hook)
     try:
@@ -267,7 +274,22 @@ def block_hook(lm, layer, fn):
 
 
 class _StopForward(Exception):
-    """Raised by the extraction hook once block L's output is captured: blocks after L never run."""
+    """Raised by a hook once block L's output is known: the blocks after L need not run."""
+
+
+def run_to_block(lm, input_ids_BT, layer, fn=None):
+    """Run the LM up to block `layer` only, calling fn(h) on its output; returns block_hook's info."""
+    def stop(h):
+        if fn is not None:
+            fn(h)
+        raise _StopForward
+
+    with block_hook(lm, layer, stop) as info:
+        try:
+            lm(input_ids_BT, use_cache=False)
+        except _StopForward:
+            pass
+    return info
 
 
 @torch.no_grad()
@@ -275,17 +297,8 @@ def extract_activations(lm, input_ids_NT, layer, batch_size=16):
     """Block-`layer` outputs [N, T, D] (fp32, on the LM's device) for the windows input_ids_NT."""
     device = next(lm.parameters()).device
     captured = []
-
-    def grab(h):
-        captured.append(h.float())
-        raise _StopForward
-
-    with block_hook(lm, layer, grab):
-        for i in tqdm(range(0, len(input_ids_NT), batch_size), desc="extract", leave=False):
-            try:
-                lm(input_ids_NT[i:i + batch_size].to(device), use_cache=False)
-            except _StopForward:
-                pass
+    for i in tqdm(range(0, len(input_ids_NT), batch_size), desc="extract", leave=False):
+        run_to_block(lm, input_ids_NT[i:i + batch_size].to(device), layer, lambda h: captured.append(h.float()))
     acts_NTD = torch.cat(captured)
     if not torch.isfinite(acts_NTD).all():
         raise DualencError(f"the LM produced NaN/inf activations at block {layer}")
@@ -551,11 +564,9 @@ def fit(model, params, x_train_ND, x_eval_ND, cfg, name, state_path=None):
 
 
 def save_train_state(path, step, model, opt, history):
-    state = {"step": step, "model": model.state_dict(), "opt": opt.state_dict(), "history": history,
-             "rng": torch.get_rng_state()}  # dropout draws from the global RNG
-    if torch.cuda.is_available():
-        state["cuda_rng"] = torch.cuda.get_rng_state()
-    atomic_write(path, lambda p: torch.save(state, p))
+    rng = {"rng": torch.get_rng_state(), **({"cuda_rng": torch.cuda.get_rng_state()} if torch.cuda.is_available() else {})}
+    state = {"step": step, "model": model.state_dict(), "opt": opt.state_dict(), "history": history, **rng}
+    atomic_write(path, lambda p: torch.save(state, p))  # rng: dropout draws from the global generators
 
 
 def load_train_state(path, model, opt):
@@ -563,11 +574,11 @@ def load_train_state(path, model, opt):
         state = torch.load(path, weights_only=True)
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
+        torch.set_rng_state(state["rng"])
+        if "cuda_rng" in state:
+            torch.cuda.set_rng_state(state["cuda_rng"])
     except (OSError, KeyError, ValueError, RuntimeError, EOFError, pickle.UnpicklingError) as e:
         raise DualencError(f"cannot resume from {path}: {one_line(e)}") from None
-    torch.set_rng_state(state["rng"])
-    if "cuda_rng" in state:
-        torch.cuda.set_rng_state(state["cuda_rng"])
     print(f"resuming {path.parent.name} at step {state['step']}", file=sys.stderr)
     return state["step"], state["history"]
 
@@ -611,21 +622,13 @@ class _Cached(nn.Module):
         return (h,) if self.as_tuple else h
 
 
-def _stop(h):
-    raise _StopForward
-
-
 @contextmanager
 def cached_prefix(lm, layer, h_BTD):
     """Skip blocks 0..layer in every forward while active: block `layer` outputs h_BTD, its clean
     output saved at extraction. Every splice pass shares that prefix, so only blocks L+1.. and the
     head run again (about half the cost of a full forward for a middle block)."""
     blocks = decoder_blocks(lm)
-    with block_hook(lm, 0, _stop) as info:  # learn whether blocks return tuples in this version
-        try:
-            lm(torch.zeros(1, 1, dtype=torch.long, device=h_BTD.device), use_cache=False)
-        except _StopForward:
-            pass
+    info = run_to_block(lm, torch.zeros(1, 1, dtype=torch.long, device=h_BTD.device), 0)  # tuples or not?
     saved = list(blocks[:layer + 1])
     for i in range(layer + 1):
         blocks[i] = _Cached(h_BTD if i == layer else None, info["tuple"])
@@ -1089,7 +1092,8 @@ def parse_args(argv=None, cls=Config):
                        metavar=f.metadata["metavar"] or kind.__name__.upper(), help=f.metadata["help"] + shown)
     given = vars(p.parse_args(argv))
     cls.check_flags(given)
-    return cls(**{**(QUICK if given.get("quick") else {}), **given})
+    paper = paper_density(model_shape(given.get("model", cls.model))[1]) if given.get("paper_density") else {}
+    return cls(**{**(QUICK if given.get("quick") else {}), **paper, **given})
 
 
 def main(argv=None, cls=Config, run=run):

@@ -486,6 +486,13 @@ def test_cli_flags_mirror_the_config():
         de.parse_args(["--resume", "runs/x", "--epochs", "5"])
 
 
+def test_paper_density_sets_the_papers_ratios_at_the_models_width(tiny_lm_folder):
+    smollm2 = de.parse_args(["--paper-density"])  # d_model 576: F = 15.6 d, k = 2 % of F, the NFM reads k/2
+    assert (smollm2.features, smollm2.k, smollm2.nfm_k, smollm2.embed_dim, smollm2.batch_size) == (8986, 180, 90, 300, 1024)
+    tiny = de.parse_args(["--paper-density", "--model", tiny_lm_folder, "--k", "4"])  # d_model 32; a flag given wins
+    assert (tiny.features, tiny.k, tiny.nfm_k, tiny.embed_dim) == (499, 4, 2, 300)
+
+
 # ----------------------------------------------------------------------------- end to end, real LM
 
 def test_quick_run_of_the_method_on_smollm2_writes_its_results(tmp_path):
