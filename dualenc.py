@@ -341,10 +341,10 @@ def extract_activations(lm, input_ids_NT, layer, batch_size=16):
     return acts_NTD
 
 
-def keep_mask(acts_NTD, max_norm):
+def keep_mask(norms_NT, max_norm):
     """Positions to train and evaluate on: not position 0 and norm <= max_norm (§2 massive
     activations, attention sinks)."""
-    keep_NT = acts_NTD.norm(dim=-1) <= max_norm
+    keep_NT = norms_NT <= max_norm
     keep_NT[:, 0] = False
     return keep_NT
 
@@ -360,7 +360,7 @@ def split_activations(acts_NTD, n_train, outlier_factor):
     held-out token keeps the index of its window (eval_window): windows are the independent units."""
     norms_NT = acts_NTD.norm(dim=-1)
     max_norm = outlier_factor * norms_NT[:n_train, 1:].median().item()
-    keep_NT = keep_mask(acts_NTD, max_norm)
+    keep_NT = keep_mask(norms_NT, max_norm)
     x_train_ND, x_eval_ND = acts_NTD[:n_train][keep_NT[:n_train]], acts_NTD[n_train:][keep_NT[n_train:]]
     mean_D, std_D = fit_normalisation(x_train_ND)
     return {"x_train": (x_train_ND - mean_D) / std_D, "x_eval": (x_eval_ND - mean_D) / std_D,
@@ -965,10 +965,14 @@ def load_data(cfg, layer, device):
                 splice_keep=data["keep"][held_out], splice_acts=acts_NTD[held_out].clone(),  # reused by every splice
                 x_train=data["x_train"].to(device), x_eval=data["x_eval"].to(device),
                 mean=data["mean"].to(device), std=data["std"].to(device))
-    print(f"block {layer} of {n_blocks}: {len(data['x_train']):,} train / {len(data['x_eval']):,} held-out tokens; "
-          f"excluded {len(windows_NT):,} at position 0 and {data['n_massive']} of norm > {data['max_norm']:.0f} "
-          f"({cfg.outlier_factor:g} x median)", file=sys.stderr)
+    describe_data(data, cfg)
     return lm, tokenizer, data
+
+
+def describe_data(data, cfg):
+    print(f"block {data['layer']} of {data['n_blocks']}: {len(data['x_train']):,} train / {len(data['x_eval']):,} "
+          f"held-out tokens; excluded {data['n_windows']:,} at position 0 and {data['n_massive']} of norm > "
+          f"{data['max_norm']:.0f} ({cfg.outlier_factor:g} x median)", file=sys.stderr)
 
 
 def sae_metadata(cfg, layer):

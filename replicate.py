@@ -5,7 +5,8 @@ imports it and adds what a careful reviewer asks for (METHOD.md §9, §13): base
 care, intervals over windows and seeds, the paper's claims each read three ways with a verdict,
 the decoder-norm analysis, figures, and the paper's stages 3-4. `python replicate.py` runs all of it;
 it takes every flag of dualenc.py and the referee's own. Sections, in the order data flows:
-  config        Config: dualenc's settings and the referee's (--seeds, --n-boot, --stage34, --stimuli, --sae)
+  config        Config: dualenc's settings and the referee's (--seeds, --n-boot, --stage34, --stimuli, --sae, --store)
+  store         ActivationStore: block outputs on disk, extracted once per key, resumable; Tokens, load_data
   baselines     the models a reviewer adds (sae_matched, joint_no_linear), the variants evaluated (the
                 joint model's own SAE path, the pathway ablations), evaluate_variants (sums per window)
   statistics    paired bootstrap over windows (or features), seed intervals, the holds / no / unclear rule
@@ -19,8 +20,10 @@ Dimension letters as in dualenc.py, and P prompts, R bootstrap resamples, S seed
 """
 
 import functools
+import hashlib
 import json
 import math
+import os
 import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -29,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.torch import load_file
+from tqdm.auto import tqdm
 
 import dualenc as de
 
@@ -40,7 +44,7 @@ class Config(de.Config):
     """dualenc's settings and the referee's."""
 
     STAGES = ("sae", "sae_matched", "sequential", "joint", "joint_no_linear")  # the models trained, in order
-    RUN_FLAGS = (*de.Config.RUN_FLAGS, "stage34", "stimuli")
+    RUN_FLAGS = (*de.Config.RUN_FLAGS, "stage34", "stimuli", "store")
     POSITIVE = (*de.Config.POSITIVE, "seeds", "n_boot")
     PROG = "replicate.py"
 
@@ -53,6 +57,14 @@ class Config(de.Config):
                                  "PATH")
     sae: str | None = de.opt(None, "study an existing SAELens TopK SAE (folder with cfg.json and "
                              "sae_weights.safetensors): no SAE training, the NFM learns its residual", "SAE_DIR")
+    store: str = de.opt("runs/activations", "folder of activation stores, one per model, layer, text, tokens and "
+                        "ctx: extracted once, reused by every run with the same key", "DIR")
+    store_dtype: str = de.opt("float32", "activations on disk: float32, or float16 (half the disk)", "{float32,float16}")
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.store_dtype not in ("float32", "float16"):
+            raise de.DualencError(f"--store-dtype must be float32 or float16, got {self.store_dtype!r}")
 
     def stages(self):
         return ("sequential",) if self.sae else self.STAGES  # with --sae, only the NFM on its residual
@@ -68,6 +80,163 @@ class Config(de.Config):
         if given.get("sae") and from_sae:
             raise de.DualencError(f"--sae brings its own dictionary size and k (the NFM reads its top k/2); "
                                   f"{', '.join(sorted('--' + k.replace('_', '-') for k in from_sae))} do not apply")
+
+
+# ----------------------------------------------------------------------------- activation store
+
+class ActivationStore:
+    """Block-L outputs of a corpus's windows on disk, for runs larger than RAM (§15), in a folder named
+    by its key (model, layer, dtype and a hash of the token windows, so text, token count and ctx):
+        acts.bin   [N, T, D] in `dtype` (float32, or float16 at half the disk), window after window
+        norms.bin  [N, T] float32 norms of the float32 outputs (the outlier threshold, §2)
+        meta.json  the key, the shape, and how many windows are written (written after their bytes)
+    Extraction resumes at the last recorded window and gives the same bytes as an uninterrupted one.
+    A folder whose meta or file sizes do not match is refused in one line, never read."""
+
+    def __init__(self, root, key, shape_NTD):
+        self.key, self.shape = key, tuple(shape_NTD)
+        self.folder = Path(root) / hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+        self.dtype = getattr(torch, key["dtype"])
+        self.row_bytes = shape_NTD[2] * self.dtype.itemsize
+        self.done = 0
+        meta = self.folder / "meta.json"
+        if meta.exists():
+            try:
+                saved = json.loads(meta.read_text())
+                ok = saved["key"] == key and saved["shape"] == list(self.shape)
+                self.done = saved["windows_done"]
+            except (OSError, ValueError, KeyError) as e:
+                raise de.DualencError(f"activation store {self.folder} is unreadable ({de.one_line(e)}); delete it") from None
+            if not ok:
+                raise de.DualencError(f"activation store {self.folder} holds another key than this run's; delete it")
+            for name, size in self.sizes(self.done).items():
+                if (self.folder / name).stat().st_size < size:
+                    raise de.DualencError(f"activation store {self.folder} is truncated ({name}); delete it to rebuild")
+
+    def sizes(self, n_windows):
+        T = self.shape[1]
+        return {"acts.bin": n_windows * T * self.row_bytes, "norms.bin": n_windows * T * 4}
+
+    @property
+    def complete(self):
+        return self.done == self.shape[0]
+
+    @torch.no_grad()
+    def extract(self, lm, windows_NT, layer, batch_size=16):
+        """Fill the store from window self.done on, batch_size windows at a time (the batches of an
+        uninterrupted extraction, so the same bytes); each batch's bytes are flushed before meta.json
+        counts them. A full disk stops with one line; the store then reads as unfinished."""
+        sizes = self.sizes(self.done)
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            with open(self.folder / "acts.bin", "ab") as acts_f, open(self.folder / "norms.bin", "ab") as norms_f:
+                acts_f.truncate(sizes["acts.bin"])  # bytes written after the last record are dropped
+                norms_f.truncate(sizes["norms.bin"])
+                for i in tqdm(range(self.done, len(windows_NT), batch_size), desc="extract to store", leave=False):
+                    acts_BTD = de.extract_activations(lm, windows_NT[i:i + batch_size], layer, batch_size)
+                    acts_f.write(acts_BTD.to(self.dtype).cpu().numpy().tobytes())
+                    norms_f.write(acts_BTD.norm(dim=-1).cpu().numpy().tobytes())
+                    for f in (acts_f, norms_f):
+                        f.flush()
+                        os.fsync(f.fileno())
+                    self.done = min(i + batch_size, len(windows_NT))
+                    de.write_json(self.folder / "meta.json", {"key": self.key, "shape": list(self.shape),
+                                                              "windows_done": self.done})
+        except OSError as e:
+            raise de.DualencError(f"writing the activation store {self.folder} failed at window {self.done}: "
+                                  f"{e.strerror or e} (free space and run again: it resumes there)") from None
+
+    def norms(self):
+        """[N, T] float32."""
+        return torch.from_file(str(self.folder / "norms.bin"), size=self.shape[0] * self.shape[1]).view(self.shape[:2])
+
+    def windows(self, w_N):
+        """The given windows' activations, [len(w_N), T, D] float32."""
+        T, D = self.shape[1:]
+        with open(self.folder / "acts.bin", "rb") as f:
+            raw = b"".join(os.pread(f.fileno(), T * self.row_bytes, int(w) * T * self.row_bytes) for w in w_N)
+        return torch.frombuffer(bytearray(raw), dtype=self.dtype).view(len(w_N), T, D).float()
+
+    def rows(self, rows_B):
+        """Tokens (flat indices window * T + position) as [B, D] float32, read without mapping the file:
+        the page cache holds it, not this process."""
+        with open(self.folder / "acts.bin", "rb") as f:
+            raw = b"".join(os.pread(f.fileno(), self.row_bytes, int(r) * self.row_bytes) for r in rows_B)
+        return torch.frombuffer(bytearray(raw), dtype=self.dtype).view(len(rows_B), self.shape[2]).float()
+
+
+class Tokens:
+    """Some tokens of a store, z-scored on read: the training set that fit() samples its batches from,
+    with the tensor methods it uses (len, [idx], shape, device, split)."""
+
+    def __init__(self, store, rows_N, mean_D, std_D):
+        self.store, self.rows_N, self.mean_D, self.std_D = store, rows_N, mean_D, std_D
+        self.shape, self.device = (len(rows_N), store.shape[2]), mean_D.device
+
+    def __len__(self):
+        return len(self.rows_N)
+
+    def __getitem__(self, idx_B):
+        x_BD = self.store.rows(self.rows_N[idx_B.cpu()].tolist()).to(self.device)
+        return (x_BD - self.mean_D) / self.std_D
+
+    def split(self, n):
+        return (self[torch.arange(i, min(i + n, len(self)))] for i in range(0, len(self), n))
+
+
+def token_rows(windows_W, keep_NT):
+    """Flat indices (window * T + position) of the kept tokens of the given windows, in their order."""
+    T = keep_NT.shape[1]
+    return (windows_W[:, None] * T + torch.arange(T))[keep_NT[windows_W]]
+
+
+def streamed_moments(store, windows_W, keep_NT, chunk=256):
+    """Per-dimension mean and std (unbiased, as dualenc.fit_normalisation) of the kept tokens of the
+    given windows, in one streaming pass over them in float64."""
+    n, s_D, ss_D = 0, 0.0, 0.0
+    for i in range(0, len(windows_W), chunk):
+        w = windows_W[i:i + chunk].sort().values
+        x_ND = store.windows(w.tolist())[keep_NT[w]].double()
+        n, s_D, ss_D = n + len(x_ND), s_D + x_ND.sum(0), ss_D + x_ND.square().sum(0)
+    mean_D = s_D / n
+    return mean_D.float(), ((ss_D - n * mean_D.square()) / (n - 1)).clamp_min(0).sqrt().float().clamp_min(1e-6)
+
+
+def load_data(cfg, layer, device):
+    """dualenc.load_data with the activations in a store (ActivationStore): extracted once per key and
+    reused, the training tokens read from disk batch by batch, so memory holds the held-out tokens only.
+    The same split as dualenc's: windows shuffled by cfg.seed, the first 90 % train; massive norms over
+    cfg.outlier_factor x the training median and position 0 dropped; z-scored with training statistics."""
+    text = de.read_text(cfg.text)
+    lm, tokenizer = de.load_lm(cfg.model, device)
+    windows_NT = de.make_windows(tokenizer, text, cfg.tokens, cfg.ctx)
+    N, T = windows_NT.shape
+    key = {"model": cfg.model, "config": hashlib.sha1(lm.config.to_json_string().encode()).hexdigest(), "layer": layer,
+           "dtype": cfg.store_dtype,
+           "windows": hashlib.sha1(windows_NT.numpy().tobytes()).hexdigest(), "shape_NT": [N, T]}
+    store = ActivationStore(cfg.store, key, (N, T, lm.config.hidden_size))
+    if not store.complete:
+        store.extract(lm, windows_NT, layer)
+    else:
+        print(f"activations from the store {store.folder}", file=sys.stderr)
+    perm_N = torch.randperm(N, generator=torch.Generator().manual_seed(cfg.seed))
+    n_train = int(0.9 * N)
+    train_W, eval_W = perm_N[:n_train], perm_N[n_train:]
+    norms_NT = store.norms()
+    max_norm = cfg.outlier_factor * norms_NT[train_W][:, 1:].median().item()
+    keep_NT = de.keep_mask(norms_NT, max_norm)
+    mean_D, std_D = (t.to(device) for t in streamed_moments(store, train_W, keep_NT))
+    n_splice = max(1, min(len(eval_W), cfg.splice_tokens // cfg.ctx))
+    x_eval_ND = torch.cat([(store.windows(w.tolist())[keep_NT[w]].to(device) - mean_D) / std_D
+                           for w in eval_W.split(256)])  # the held-out tokens are all this process holds
+    data = {"x_train": Tokens(store, token_rows(train_W, keep_NT), mean_D, std_D), "x_eval": x_eval_ND,
+            "mean": mean_D, "std": std_D, "keep": keep_NT, "max_norm": max_norm,
+            "eval_window": keep_NT[eval_W].nonzero()[:, 0], "n_eval_windows": len(eval_W),
+            "n_massive": int((norms_NT[:, 1:] > max_norm).sum()), "layer": layer,
+            "n_blocks": len(de.decoder_blocks(lm)), "n_windows": N, "splice_ids": windows_NT[eval_W[:n_splice]],
+            "splice_keep": keep_NT[eval_W[:n_splice]], "splice_acts": store.windows(eval_W[:n_splice].tolist()).to(device)}
+    de.describe_data(data, cfg)
+    return lm, tokenizer, data
 
 
 # ----------------------------------------------------------------------------- baselines
@@ -934,7 +1103,7 @@ def stage34(lm, tokenizer, joint, data, cfg, out, generator):
     cell_P = torch.tensor([c for _, c in design["prompt_ids"]])
 
     def keep_fn(h_BTD):
-        return de.keep_mask(h_BTD, data["max_norm"])
+        return de.keep_mask(h_BTD.norm(dim=-1), data["max_norm"])
 
     acts = []
     for ids, _ in design["prompt_ids"]:
@@ -1178,7 +1347,7 @@ def run(cfg):
         read_stimuli(cfg.stimuli)
     timings = {k: v for k, v in previous.get("timings_s", {}).items() if k != "total"}
     stage = de.stopwatch(timings)
-    lm, tokenizer, data = de.load_data(cfg, layer, device)
+    lm, tokenizer, data = load_data(cfg, layer, device)
     stage("load_extract")
     models = {key: model.to(device) for key, model in models.items()}
     if saelens is not None:
