@@ -60,14 +60,25 @@ class Config(de.Config):
     store: str = de.opt("runs/activations", "folder of activation stores, one per model, layer, text, tokens and "
                         "ctx: extracted once, reused by every run with the same key", "DIR")
     store_dtype: str = de.opt("float32", "activations on disk: float32, or float16 (half the disk)", "{float32,float16}")
+    models: str | None = de.opt(None, "the models to train, comma-separated (default: all five; sae, the baseline "
+                                "of every claim, always)", "NAMES")
+    checkpoints: int = de.opt(0, "also evaluate every model at this many log-spaced steps, the first near 0.2 M "
+                              "token presentations (or a tenth of the run), the last the end: intervals and claims "
+                              "at each (0: the end only)")
 
     def __post_init__(self):
         super().__post_init__()
         if self.store_dtype not in ("float32", "float16"):
             raise de.DualencError(f"--store-dtype must be float32 or float16, got {self.store_dtype!r}")
+        if self.models is not None and not set(self.models.split(",")) <= set(self.STAGES):
+            raise de.DualencError(f"--models takes some of {', '.join(self.STAGES)}, got {self.models!r}")
+        if self.checkpoints < 0 or self.checkpoints == 1:
+            raise de.DualencError(f"--checkpoints must be 0 or at least 2, got {self.checkpoints}")
 
     def stages(self):
-        return ("sequential",) if self.sae else self.STAGES  # with --sae, only the NFM on its residual
+        if self.sae:
+            return ("sequential",)  # with --sae, only the NFM on its residual
+        return tuple(m for m in self.STAGES if self.models is None or m in {"sae", *self.models.split(",")})
 
     def model_keys(self):  # with --sae, the imported SAE ("sae") serves every seed
         return {run_key(self, seed, name) for seed in range(self.seed, self.seed + self.seeds)
@@ -710,6 +721,56 @@ def report_analysis(per_seed, models):
     return results, ce, analysis
 
 
+# ----------------------------------------------------------------------------- training length
+
+def checkpoint_steps(cfg, n_train):
+    """The steps at which every model is evaluated (cfg.checkpoints of them, none without): log-spaced
+    from the step nearest 0.2 M token presentations (the default run's length) or a tenth of the run,
+    whichever is earlier, to the last, on the evaluation cadence. The learning rate decays over the whole run, so an early checkpoint is a model
+    part-way through its schedule, not one trained to that length."""
+    steps = cfg.epochs * (n_train // cfg.batch_size)
+    if not cfg.checkpoints:
+        return []
+    first = max(1, min(round(200_000 / cfg.batch_size), steps // 10))
+    spaced = torch.logspace(math.log10(first), math.log10(steps), cfg.checkpoints, dtype=torch.float64).tolist()
+    return sorted({min(steps, max(cfg.eval_every, round(s / cfg.eval_every) * cfg.eval_every)) for s in spaced} | {steps})
+
+
+def saving_checkpoints(recipes, steps, folder_of, metadata):
+    """The recipes, their training also saving the model at each of `steps` but the last (the finished
+    model is the run's own) into folder_of(name) / step<N>; a resumed run keeps those already saved."""
+    def saving(train, folder):
+        def save(step, model):
+            if step in steps[:-1]:
+                de.save_model(model, folder / f"step{step}", metadata)
+        return functools.partial(train, on_eval=save)
+    return {name: (make, saving(train, folder_of(name))) for name, (make, train) in recipes.items()}
+
+
+def checkpoint_point(step, cfg, results, analysis):
+    """What a checkpoint keeps: each model's FVU and KL with their window intervals, and the claims."""
+    return {"step": step, "presentations": step * cfg.batch_size,
+            "models": {name: {"fvu": m["fvu"], "kl": m["kl"], "ci": {"fvu": m["ci"]["fvu"], "kl": m["ci"]["kl"]}}
+                       for name, m in results.items()},
+            "claims": analysis["claims"]}
+
+
+def along_training(lm, steps, folder_of, final, data, weights, cfg):
+    """Every model at each checkpoint step but the last, evaluated and judged as at the end (the first
+    seed's models, its window resamples and epsilon-random draws); an imported SAE (--sae) is the same
+    at every step."""
+    device = data["x_eval"].device
+    points = []
+    for step in tqdm(steps[:-1], desc="checkpoints", leave=False):
+        models = {name: model if cfg.sae and name == "sae" else de.load_model(folder_of(name) / f"step{step}").to(device)
+                  for name, model in final.items()}
+        sums, shared = evaluate_variants(lm, variants(models), data, torch.Generator(device=device).manual_seed(cfg.seed))
+        per_seed = [analyse_seed(models, sums, shared, data, weights, torch.Generator().manual_seed(cfg.seed))]
+        results, _, analysis = report_analysis(per_seed, models)
+        points.append(checkpoint_point(step, cfg, results, analysis))
+    return points
+
+
 # ----------------------------------------------------------------------------- stages 3-4: integration features
 
 SECONDARY_EXPANSION = 25  # dictionary = 25 x M, the paper's 300 -> 7,500 (§13)
@@ -1248,6 +1309,53 @@ def plot_figures(report, out):
     plot_models(report["models"], out)
     if "stage34" in report:
         plot_stage34(report["stage34"], out)
+    if "along_training" in report:
+        plot_along_training(report["along_training"], out)
+
+
+def plot_interval(ax, x, y, ci, label):
+    """A line through the estimates and a vertical bar for each interval (a percentile interval of a
+    skewed figure need not contain its estimate, so no error-bar offsets)."""
+    line, = ax.plot(x, y, "o-", label=label)
+    bars = [(xi, c) for xi, c in zip(x, ci) if c is not None]
+    if bars:
+        ax.vlines([b[0] for b in bars], [b[1][0] for b in bars], [b[1][1] for b in bars], color=line.get_color())
+
+
+def plot_along_training(points, out):
+    """along_training.png: each model's held-out FVU and spliced KL, and each claim's readings, with
+    their 95 % window intervals, against token presentations (log axis); dashed: a claim's threshold."""
+    from matplotlib.figure import Figure
+
+    x = [p["presentations"] for p in points]
+    claims = points[-1]["claims"]
+    cols = 3
+    fig = Figure(figsize=(5 * cols, 3.4 * (1 + math.ceil(len(claims) / cols))), layout="constrained")
+    axes = fig.subplots(1 + math.ceil(len(claims) / cols), cols, squeeze=False)
+    for ax, metric in zip(axes[0], ("fvu", "kl")):
+        for name in points[-1]["models"]:
+            if name in ("sae", "sae_matched", "sequential", "joint", "joint_no_linear", "joint_sae_path"):
+                plot_interval(ax, x, [p["models"][name][metric] for p in points],
+                              [p["models"][name]["ci"][metric] for p in points], name)
+        ax.set(xscale="log", yscale="log", title=f"held-out {metric.upper()}", xlabel="token presentations")
+        ax.legend(fontsize=7)
+    axes[0][2].axis("off")
+    for ax, claim in zip(axes[1:].flat, claims):
+        for reading in claim["readings"]:
+            rows = [(p["presentations"], r["value"], r["ci"]) for p in points
+                    if (r := next(c for c in p["claims"] if c["claim"] == claim["claim"])["readings"].get(reading))
+                    and r["value"] is not None]
+            if rows:
+                plot_interval(ax, *zip(*rows), reading)
+        ax.axhline(float(claim["rule"].split()[1]), color="grey", ls="--", lw=1)
+        ax.axhline(0, color="black", lw=0.5)
+        ax.set(xscale="log", title=claim["claim"], xlabel="token presentations")
+        ax.title.set_fontsize(8)
+        ax.legend(fontsize=7)
+    for ax in list(axes[1:].flat)[len(claims):]:
+        ax.axis("off")
+    fig.suptitle("Along the training length: the first seed's models at log-spaced steps (95 % window intervals)")
+    fig.savefig(out / "along_training.png", dpi=100)
 
 
 def plot_decoder_norms(dn, out):
@@ -1334,8 +1442,7 @@ def run(cfg):
     run); with cfg.sae, an existing SAE is studied instead of training one."""
     device = de.resolve_device(cfg.device)
     cfg, models, previous = de.settings(cfg)
-    out = de.prepare_out(cfg.out)
-    # every input error surfaces here, before the slow corpus and model loads
+    # every input error surfaces here, before the output folder is made and the slow corpus and model loads
     layer, n_blocks, d_model = de.check_inputs(cfg, models)
     saelens = read_saelens(cfg.sae) if cfg.sae and "sae" not in models else None
     if saelens is not None:  # the SAE fixes the layer, F and k; the NFM reads the top k/2 as usual
@@ -1345,6 +1452,7 @@ def run(cfg):
         raise de.DualencError("--stage34 studies the joint model's integration features; a --sae run has no joint model")
     if cfg.stage34:
         read_stimuli(cfg.stimuli)
+    out = de.prepare_out(cfg.out)
     timings = {k: v for k, v in previous.get("timings_s", {}).items() if k != "total"}
     stage = de.stopwatch(timings)
     lm, tokenizer, data = load_data(cfg, layer, device)
@@ -1370,17 +1478,23 @@ def run(cfg):
     gen = torch.Generator().manual_seed(cfg.seed)
     weights = {"eval": bootstrap_weights(data["n_eval_windows"], cfg.n_boot, gen),
                "splice": bootstrap_weights(len(data["splice_ids"]), cfg.n_boot, gen)}
-    per_seed = []
+    per_seed, steps = [], checkpoint_steps(cfg, len(data["x_train"]))
     for seed in range(cfg.seed, cfg.seed + cfg.seeds):
-        seed_cfg = replace(cfg, seed=seed)
-        trained = de.train_models(seed_cfg, data, recipes(seed_cfg, data), models, out, report, stage,
-                                  key=functools.partial(run_key, cfg, seed))
+        seed_cfg, key = replace(cfg, seed=seed), functools.partial(run_key, cfg, seed)
+        seed_recipes = recipes(seed_cfg, data)
+        if steps and seed == cfg.seed:  # along the training length: the first seed's models
+            seed_recipes = saving_checkpoints(seed_recipes, steps, lambda name: out / key(name), de.sae_metadata(cfg, layer))
+        trained = de.train_models(seed_cfg, data, seed_recipes, models, out, report, stage, key=key)
         eps_gen = torch.Generator(device=device).manual_seed(seed)
         sums, shared = evaluate_variants(lm, variants(trained), data, eps_gen)
         per_seed.append(analyse_seed(trained, sums, shared, data, weights, torch.Generator().manual_seed(seed)))
         stage(f"evaluate_seed{seed}")
 
     first_seed = {name: models[name] for name in dict.fromkeys(("sae", *cfg.stages()))}
+    if steps:
+        points = along_training(lm, steps, lambda name: out / run_key(cfg, cfg.seed, name), first_seed, data, weights, cfg)
+        report["along_training"] = points + [checkpoint_point(steps[-1], cfg, *report_analysis(per_seed[:1], first_seed)[::2])]
+        stage("along_training")
     results, ce, analysis = report_analysis(per_seed, first_seed)
     report.update(status="complete", models=results, clean_ce=ce["clean_ce"]["value"], zero_ce=ce["zero_ce"]["value"],
                   analysis=analysis, seeds=list(range(cfg.seed, cfg.seed + cfg.seeds)),
@@ -1427,8 +1541,25 @@ def format_report(report):
     name = "joint" if "joint" in shares else "sequential"
     rows += ["", f"design figure, not a finding: the interaction pathway is {shares[name]:.1%} of the {name} "
              f"model's parameters (paper ~3 %), fixed by F, M and D", f"seeds: {', '.join(map(str, report['seeds']))}"]
+    if "along_training" in report:
+        rows += ["", format_along_training(report["along_training"])]
     if "stage34" in report:
         rows += ["", format_stage34(report["stage34"])]
+    return "\n".join(rows)
+
+
+def format_along_training(points):
+    """Each claim's readings at each checkpoint: the figure and its verdict (+ holds, - no, ? unclear)."""
+    mark = {"holds": "+", "no": "-", "unclear": "?"}
+    rows = ["along the training length (first seed; + holds, - no, ? unclear; intervals in results.json):",
+            f"{'claim, reading':<70}" + "".join(f"{p['presentations'] / 1e6:>10.2f}M" for p in points)]
+    for claim in points[-1]["claims"]:
+        for reading in claim["readings"]:
+            cells = []
+            for p in points:
+                r = next(c for c in p["claims"] if c["claim"] == claim["claim"])["readings"].get(reading)
+                cells.append("-" if r is None else f"{fmt_num(r['value'])} {mark[r['verdict']]}")
+            rows.append(f"{(claim['claim'] + ', ' + reading)[:69]:<70}" + "".join(f"{c:>11}" for c in cells))
     return "\n".join(rows)
 
 

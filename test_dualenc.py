@@ -505,8 +505,10 @@ def run_cli(script, *args):
     (["--no-such-flag"], "unrecognized arguments"),
 ])
 def test_cli_bad_input_is_one_line_and_nonzero(script, args, msg, tmp_path):
-    out = tmp_path / "run"
+    out, runs = tmp_path / "run", Path(__file__).parent / "runs"
+    before = set(runs.iterdir()) if runs.exists() else set()
     r = run_cli(script, *[str(out) if a == "OUT" else a for a in args])
+    assert (set(runs.iterdir()) if runs.exists() else set()) == before  # no output folder made
     assert r.returncode == 2
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and msg in lines[0] and "Traceback" not in r.stderr

@@ -484,6 +484,31 @@ def test_the_referees_flags_extend_the_methods():
         rp.Config(seeds=0)
 
 
+def test_checkpoints_are_log_spaced_from_the_default_length_to_the_end():
+    cfg = rp.Config(checkpoints=5, batch_size=1024, epochs=10, eval_every=100)
+    assert rp.checkpoint_steps(cfg, n_train=1_000_000) == [200, 500, 1400, 3700, 9760]  # 0.2 M to 10 M presentations, x 2.7
+    assert rp.checkpoint_steps(rp.Config(), n_train=100_000) == []
+
+
+def test_a_run_with_checkpoints_judges_every_claim_along_the_training_length(tiny_lm_folder, tmp_path):
+    report = rp.run(tiny_run_cfg(tiny_lm_folder, tmp_path, checkpoints=3, models="joint,sae_matched"))
+    points = report["along_training"]
+    assert [p["step"] for p in points] == rp.checkpoint_steps(rp.Config(**report["config"]), report["data"]["train_tokens"])
+    assert len(points) == 3 and points[-1]["step"] == report["data"]["steps_per_model"]
+    assert set(report["models"]) == {"sae", "sae_matched", "joint", "joint_sae_path", "joint_linear_only",
+                                     "joint_interaction_only"}  # sequential and joint_no_linear not trained
+    for p in points:
+        curve = {name: next(h for h in report["curves"][name] if h["step"] == p["step"]) for name in ("sae", "joint")}
+        for name in curve:  # the model as it was at that step
+            assert p["models"][name]["fvu"] == pytest.approx(curve[name]["fvu"], rel=1e-4)
+            lo, hi = p["models"][name]["ci"]["kl"]
+            assert lo <= p["models"][name]["kl"] <= hi
+        assert {c["claim"] for c in p["claims"]} == {c["claim"] for c in report["analysis"]["claims"]}
+    assert points[-1]["models"]["joint"]["kl"] == report["models"]["joint"]["kl"]
+    assert (tmp_path / "along_training.png").exists() and (tmp_path / "joint" / f"step{points[0]['step']}" / "cfg.json").exists()
+    assert "along the training length" in rp.format_report(report)
+
+
 # ----------------------------------------------------------------------------- the activation store
 
 def store_data(model, root, monkeypatch=None, fail_at=None, **kw):
