@@ -6,8 +6,9 @@ of several repeats. Not a test: nothing here asserts a time.
     python bench_dualenc.py --results runs/X/results.json    # also split that run's wall time by stage
 
 Sections: NFM (sparse vs the dense [B, F, M] reference, with peak memory), SAE decode (embedding_bag
-vs dense matmul), the SAE step (sparse vs dense encoder backward, and a profile), extraction (early exit vs full forward), splicing (cached prefix vs full forward),
-training throughput, and the end-to-end stage split.
+vs dense matmul), the SAE step (sparse vs dense encoder backward, and where its time goes), extraction
+(early exit vs full forward), splicing (cached prefix vs full forward), training throughput, and the
+end-to-end stage split.
 """
 
 import argparse

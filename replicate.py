@@ -726,8 +726,8 @@ def report_analysis(per_seed, models):
 def checkpoint_steps(cfg, n_train):
     """The steps at which every model is evaluated (cfg.checkpoints of them, none without): log-spaced
     from the step nearest 0.2 M token presentations (the default run's length) or a tenth of the run,
-    whichever is earlier, to the last, on the evaluation cadence. The learning rate decays over the whole run, so an early checkpoint is a model
-    part-way through its schedule, not one trained to that length."""
+    whichever is earlier, to the last, on the evaluation cadence. The learning rate decays over the whole
+    run, so an early checkpoint is a model part-way through its schedule, not one trained to that length."""
     steps = cfg.epochs * (n_train // cfg.batch_size)
     if not cfg.checkpoints:
         return []
@@ -1018,8 +1018,8 @@ def select_and_test(A_PF, cell_P, n_boot, generator, n_perm=2000, half_P=None, a
     None) each contrast's top_feature and its sign; on the test half its contrast, a within-cell
     stratified bootstrap interval, the one-sided permutation p in the selected direction (each contrast
     against its own null), p_bonferroni = min(1, 3 p) for the len(CONTRASTS) features carried over, the
-    opposite direction's p (p_opposite, for a sign flip), and held_out_verdict. Beside each, the paper's way: the top feature picked and tested on all prompts,
-    two-sided and uncorrected. Returns (per-contrast dicts, selection indices, test indices)."""
+    opposite direction's p (p_opposite, for a sign flip), and held_out_verdict. Beside each, the paper's
+    way: the top feature picked and tested on all prompts, two-sided and uncorrected. Returns (per-contrast dicts, selection indices, test indices)."""
     half_P = split_halves(cell_P, generator) if half_P is None else half_P
     sel, test = half_P.nonzero()[:, 0], (~half_P).nonzero()[:, 0]
     w_RP = stratified_weights(cell_P[test], n_boot, generator)

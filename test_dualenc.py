@@ -76,7 +76,8 @@ def dense_encode(x_BD, W_enc_DF, b_enc_F, k):
 def test_the_sparse_encoder_backward_equals_the_dense_one(b, d, f, k, bias, x_grad):
     g = torch.Generator().manual_seed(b)
     x = torch.randn(b, d, generator=g).requires_grad_(x_grad)
-    W_enc, b_enc = (torch.randn(d, f, generator=g) / d ** 0.5).requires_grad_(), (bias + 0.1 * torch.randn(f, generator=g)).requires_grad_()
+    W_enc = (torch.randn(d, f, generator=g) / d ** 0.5).requires_grad_()
+    b_enc = (bias + 0.1 * torch.randn(f, generator=g)).requires_grad_()
     (vals, idx), (dense_vals, dense_idx) = de.TopKEncode.apply(x, W_enc, b_enc, k), dense_encode(x, W_enc, b_enc, k)
     assert torch.equal(vals, dense_vals) and torch.equal(idx, dense_idx)
     inputs, grad_vals = [t for t in (x, W_enc, b_enc) if t.requires_grad], torch.randn(vals.shape, generator=g)
@@ -88,7 +89,8 @@ def test_the_sparse_encoder_backward_equals_the_dense_one(b, d, f, k, bias, x_gr
 
 def test_the_sparse_encoder_passes_gradcheck():
     g = torch.Generator().manual_seed(5)
-    x, W_enc, b_enc = (torch.randn(*shape, generator=g, dtype=torch.float64, requires_grad=True) for shape in [(6, 5), (5, 12), (12,)])
+    x, W_enc, b_enc = (torch.randn(*shape, generator=g, dtype=torch.float64, requires_grad=True)
+                       for shape in [(6, 5), (5, 12), (12,)])
     pre = (x @ W_enc + b_enc).detach()  # a step of 1e-6 must not reorder TopK nor cross ReLU's kink
     assert pre.abs().min() > 1e-4 and (pre.sort(-1).values.diff(dim=-1) > 1e-4).all()
     assert torch.autograd.gradcheck(lambda *a: de.TopKEncode.apply(*a, 7)[0], (x, W_enc, b_enc))
