@@ -161,19 +161,27 @@ class ActivationStore:
         """[N, T] float32."""
         return torch.from_file(str(self.folder / "norms.bin"), size=self.shape[0] * self.shape[1]).view(self.shape[:2])
 
+    def read(self, starts, n_rows):
+        """n_rows consecutive tokens (rows of D) from each flat token index in `starts` (window * T +
+        position): [len(starts), n_rows, D] float32. Read with preadv into one buffer, not mapped: the
+        page cache holds the file, not this process."""
+        nbytes = n_rows * self.row_bytes
+        buf = bytearray(len(starts) * nbytes)
+        view = memoryview(buf)
+        with open(self.folder / "acts.bin", "rb") as f:
+            for i, start in enumerate(starts):
+                if os.preadv(f.fileno(), [view[i * nbytes:(i + 1) * nbytes]], int(start) * self.row_bytes) != nbytes:
+                    raise de.DualencError(f"activation store {self.folder} is truncated; delete it to rebuild")
+        return torch.frombuffer(buf, dtype=self.dtype).view(len(starts), n_rows, self.shape[2]).float()
+
     def windows(self, w_N):
         """The given windows' activations, [len(w_N), T, D] float32."""
-        T, D = self.shape[1:]
-        with open(self.folder / "acts.bin", "rb") as f:
-            raw = b"".join(os.pread(f.fileno(), T * self.row_bytes, int(w) * T * self.row_bytes) for w in w_N)
-        return torch.frombuffer(bytearray(raw), dtype=self.dtype).view(len(w_N), T, D).float()
+        T = self.shape[1]
+        return self.read([int(w) * T for w in w_N], T)
 
     def rows(self, rows_B):
-        """Tokens (flat indices window * T + position) as [B, D] float32, read without mapping the file:
-        the page cache holds it, not this process."""
-        with open(self.folder / "acts.bin", "rb") as f:
-            raw = b"".join(os.pread(f.fileno(), self.row_bytes, int(r) * self.row_bytes) for r in rows_B)
-        return torch.frombuffer(bytearray(raw), dtype=self.dtype).view(len(rows_B), self.shape[2]).float()
+        """Tokens (flat indices window * T + position) as [B, D] float32."""
+        return self.read(rows_B, 1)[:, 0]
 
 
 class Tokens:
@@ -201,7 +209,7 @@ def token_rows(windows_W, keep_NT):
     return (windows_W[:, None] * T + torch.arange(T))[keep_NT[windows_W]]
 
 
-def streamed_moments(store, windows_W, keep_NT, chunk=256):
+def streamed_moments(store, windows_W, keep_NT, chunk=64):
     """Per-dimension mean and std (unbiased, as dualenc.fit_normalisation) of the kept tokens of the
     given windows, in one streaming pass over them in float64."""
     n, s_D, ss_D = 0, 0.0, 0.0
@@ -238,8 +246,12 @@ def load_data(cfg, layer, device):
     keep_NT = de.keep_mask(norms_NT, max_norm)
     mean_D, std_D = (t.to(device) for t in streamed_moments(store, train_W, keep_NT))
     n_splice = max(1, min(len(eval_W), cfg.splice_tokens // cfg.ctx))
-    x_eval_ND = torch.cat([(store.windows(w.tolist())[keep_NT[w]].to(device) - mean_D) / std_D
-                           for w in eval_W.split(256)])  # the held-out tokens are all this process holds
+    x_eval_ND = torch.empty(int(keep_NT[eval_W].sum()), store.shape[2], device=device)
+    filled = 0  # filled in place, window chunk by chunk: the held-out tokens are all this process holds
+    for w in eval_W.split(64):
+        x_ND = store.windows(w.tolist())[keep_NT[w]].to(device)
+        x_eval_ND[filled:filled + len(x_ND)] = (x_ND - mean_D) / std_D
+        filled += len(x_ND)
     data = {"x_train": Tokens(store, token_rows(train_W, keep_NT), mean_D, std_D), "x_eval": x_eval_ND,
             "mean": mean_D, "std": std_D, "keep": keep_NT, "max_norm": max_norm,
             "eval_window": keep_NT[eval_W].nonzero()[:, 0], "n_eval_windows": len(eval_W),

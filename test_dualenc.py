@@ -455,7 +455,7 @@ def test_text_errors(tmp_path):
     (tmp_path / "empty_dir").mkdir()
     with pytest.raises(de.DualencError, match="no text"):
         de.read_text(str(tmp_path / "empty_dir"))
-    tok = lambda text, verbose=False, split_special_tokens=True: {"input_ids": list(range(len(text.split())))}  # noqa: E731
+    tok = lambda text, **kw: {"input_ids": list(range(len(text.split())))}  # noqa: E731
     with pytest.raises(de.DualencError, match="longer text"):
         de.make_windows(tok, "a few words only", n_tokens=4096, ctx=128)
 
@@ -468,7 +468,7 @@ def test_the_default_corpus_is_deterministic_and_read_only_as_far_as_needed():
 
 
 def test_windows_of_the_corpus_are_the_first_tokens_of_its_whole_text():
-    tok = lambda text, verbose=False, split_special_tokens=True: {"input_ids": [len(w) for w in text.split()]}  # noqa: E731
+    tok = lambda text, **kw: {"input_ids": [len(w) for w in text.split()]}  # noqa: E731
     windows = de.make_windows(tok, de.corpus, n_tokens=50_000, ctx=100)
     whole = tok(de.corpus(2_000_000))["input_ids"]
     assert windows.shape == (500, 100) and windows.flatten().tolist() == whole[:50_000]
@@ -539,6 +539,8 @@ def test_paper_density_sets_the_papers_ratios_at_the_models_width(tiny_lm_folder
 def test_the_default_corpus_gives_five_million_smollm2_tokens():
     _, tokenizer = de.load_lm(de.SMOLLM2, "cpu")
     assert de.make_windows(tokenizer, de.corpus, 5_000_000, 1000).shape == (5000, 1000)
+    text = de.corpus(3_000_000)  # tokenised in pieces, as the whole at once
+    assert de.tokenise(tokenizer, text, piece=200_000).tolist() == tokenizer(text, split_special_tokens=True)["input_ids"]
 
 
 def test_quick_run_of_the_method_on_smollm2_writes_its_results(tmp_path):
