@@ -225,7 +225,7 @@ def tokenise(tokenizer, text, piece=1_000_000):
     """The text's token ids [L]. Special tokens' strings in the text are text. Tokenised in pieces of
     about `piece` characters, each later one cut before a blank line: for a byte-level BPE tokenizer
     without a prefix space (SmolLM2's) the ids of the whole text at once (tested), without the memory
-    the tokenizer takes for it (1.5 GB more for 10 M characters, measured)."""
+    the tokenizer takes for it (1.5 GiB more for 10 M characters, measured)."""
     pieces, start = [], 0
     while not pieces or start < len(text):
         cut = text.find("\n\n", start + piece)
