@@ -787,6 +787,7 @@ def along_training(lm, steps, folder_of, final, data, weights, cfg):
 
 SECONDARY_EXPANSION = 25  # dictionary = 25 x M, the paper's 300 -> 7,500 (§13)
 SECONDARY_K_PER_M = 250 / 300  # the paper's k = 250 at M = 300; the same ratio here (53 at M = 64)
+SECONDARY_ACTIVE = 0.02  # with --paper-density: 2 % of the features active, as the paper's code ran it (§14)
 N_RANDOM_CONTROLS, N_SHUFFLED_CONTROLS, N_PRIMARY_READ = 12, 4, 2  # control (a), (c) and (b) sizes
 SCALES = (0.0, 2.0, 4.0)  # factors applied to a feature; x1 is the unscaled pipeline every change is against
 CONTRASTS = {"interaction": (1.0, -1.0, -1.0, 1.0), "main_a": (0.5, 0.5, -0.5, -0.5), "main_b": (0.5, -0.5, 0.5, -0.5)}
@@ -802,13 +803,15 @@ def interaction_hidden(joint, x_ND, batch_size=4096):
 
 def train_secondary(joint, x_train_ND, x_eval_ND, cfg):
     """Stage 3 (§13): a TopK SAE on the frozen joint model's interaction hidden layer, 25 x M features,
-    k = M * 250 / 300, trained as the primary SAE is (train_sae: the same loop, schedule, batches and
+    k = M * 250 / 300 as the paper's text (2 % of the features as its code, with --paper-density), trained
+    as the primary SAE is (train_sae: the same loop, schedule, batches and
     steps) on the training tokens' hidden vectors, z-scored with their own statistics."""
     h_train_NM, h_eval_NM = interaction_hidden(joint, x_train_ND), interaction_hidden(joint, x_eval_ND)
     mean_M, std_M = de.fit_normalisation(h_train_NM)
     m = h_train_NM.shape[1]
     torch.manual_seed(cfg.seed)
-    sae = de.TopKSAE(m, SECONDARY_EXPANSION * m, max(1, round(SECONDARY_K_PER_M * m)), cfg.sae_init)
+    k = SECONDARY_ACTIVE * SECONDARY_EXPANSION * m if cfg.paper_density else SECONDARY_K_PER_M * m
+    sae = de.TopKSAE(m, SECONDARY_EXPANSION * m, max(1, round(k)), cfg.sae_init)
     secondary = de.DualEncoder(sae, None, mean_M, std_M).to(x_train_ND.device)
     curve = de.train_sae(secondary, secondary.normalize(h_train_NM), secondary.normalize(h_eval_NM), cfg,
                          name="secondary")

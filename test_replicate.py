@@ -326,11 +326,11 @@ def test_sae_settings_that_the_sae_fixes_are_refused():
         rp.parse_args(["--sae", "some/sae", "--k", "16"])
 
 
-def tiny_joint_and_secondary(x):
+def tiny_joint_and_secondary(x, **kw):
     torch.manual_seed(0)
     joint = de.DualEncoder(de.TopKSAE(D, FEATS, K), de.NFM(FEATS, D, M, n_read=K))
     de.train_joint(joint, x, x, small_cfg())
-    secondary, curve, h_eval = rp.train_secondary(joint, x, x, small_cfg())
+    secondary, curve, h_eval = rp.train_secondary(joint, x, x, small_cfg(**kw))
     return joint.eval(), secondary.eval(), curve, h_eval
 
 
@@ -343,6 +343,8 @@ def test_secondary_sae_learns_the_interaction_hidden_layer():
     # the pipeline with the secondary SAE in place reconstructs x, a little worse than the joint model
     pipeline = rp.IntegrationPipeline(joint, secondary).eval()
     assert de.evaluate(joint, x)["fvu"] <= de.evaluate(pipeline, x)["fvu"] < 1
+    _, paper, _, _ = tiny_joint_and_secondary(x, paper_density=True)  # the paper's code: 2 % active
+    assert paper.sae.W_dec.shape == (25 * M, M) and paper.sae.k == round(0.02 * 25 * M)
 
 
 def test_scaling_by_one_or_a_silent_feature_by_zero_changes_nothing():
