@@ -1553,9 +1553,11 @@ def format_report(report):
                         f"{fmt_num(r['value']):>8}{fmt_ci(r['ci']):>18}{seed_ci:>18}  {r['verdict']}"
                         + (f" ({r['undefined']})" if "undefined" in r else ""))
     shares = report["analysis"]["interaction_param_share"]
-    name = "joint" if "joint" in shares else "sequential"
-    rows += ["", f"design figure, not a finding: the interaction pathway is {shares[name]:.1%} of the {name} "
-             f"model's parameters (paper ~3 %), fixed by F, M and D", f"seeds: {', '.join(map(str, report['seeds']))}"]
+    name = next((n for n in ("joint", "sequential") if n in shares), None)  # none with --models sae
+    if name is not None:
+        rows += ["", f"design figure, not a finding: the interaction pathway is {shares[name]:.1%} of the {name} "
+                 f"model's parameters (paper ~3 %), fixed by F, M and D"]
+    rows.append(f"seeds: {', '.join(map(str, report['seeds']))}")
     if "along_training" in report:
         rows += ["", format_along_training(report["along_training"])]
     if "stage34" in report:

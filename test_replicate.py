@@ -492,6 +492,12 @@ def test_checkpoints_are_log_spaced_from_the_default_length_to_the_end():
     assert rp.checkpoint_steps(rp.Config(), n_train=100_000) == []
 
 
+def test_a_run_of_the_sae_alone_reports_it_without_claims_on_models_it_lacks(tiny_lm_folder, tmp_path):
+    report = rp.run(tiny_run_cfg(tiny_lm_folder, tmp_path, models="sae"))
+    assert list(report["models"]) == ["sae"] and report["status"] == "complete"
+    assert "seeds: 0" in rp.format_report(report) and "design figure" not in rp.format_report(report)
+
+
 def test_a_run_with_checkpoints_judges_every_claim_along_the_training_length(tiny_lm_folder, tmp_path):
     report = rp.run(tiny_run_cfg(tiny_lm_folder, tmp_path, checkpoints=3, models="joint,sae_matched"))
     points = report["along_training"]
