@@ -1034,7 +1034,8 @@ def select_and_test(A_PF, cell_P, n_boot, generator, n_perm=2000, half_P=None, a
     stratified bootstrap interval, the one-sided permutation p in the selected direction (each contrast
     against its own null), p_bonferroni = min(1, 3 p) for the len(CONTRASTS) features carried over, the
     opposite direction's p (p_opposite, for a sign flip), and held_out_verdict. Beside each, the paper's
-    way: the top feature picked and tested on all prompts, two-sided and uncorrected. Returns (per-contrast dicts, selection indices, test indices)."""
+    way: the top feature picked and tested on all prompts, two-sided and uncorrected. Returns
+    (per-contrast dicts, selection indices, test indices)."""
     half_P = split_halves(cell_P, generator) if half_P is None else half_P
     sel, test = half_P.nonzero()[:, 0], (~half_P).nonzero()[:, 0]
     w_RP = stratified_weights(cell_P[test], n_boot, generator)
