@@ -24,14 +24,15 @@ import hashlib
 import json
 import math
 import os
+import subprocess
 import sys
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 import dualenc as de
@@ -60,11 +61,14 @@ class Config(de.Config):
     store: str = de.opt("runs/activations", "folder of activation stores, one per model, layer, text, tokens and "
                         "ctx: extracted once, reused by every run with the same key", "DIR")
     store_dtype: str = de.opt("float32", "activations on disk: float32, or float16 (half the disk)", "{float32,float16}")
-    models: str | None = de.opt(None, "the models to train, comma-separated (default: all five; sae, the baseline "
-                                "of every claim, always)", "NAMES")
+    models: str | None = de.opt(None, "the models to train, comma-separated (default: all five; sequential brings "
+                                "sae, whose SAE it builds on); --combine joins runs that each trained some", "NAMES")
     checkpoints: int = de.opt(0, "also evaluate every model at this many log-spaced steps, the first near 0.2 M "
                               "token presentations (or a tenth of the run), the last the end: intervals and claims "
                               "at each (0: the end only)")
+    combine: str | None = de.opt(None, "run folders, comma-separated, that trained different --models with "
+                                 "otherwise the same settings: one report of all their models, paired, with "
+                                 "intervals and claims at every checkpoint, into --out", "DIRS")
 
     def __post_init__(self):
         super().__post_init__()
@@ -78,11 +82,17 @@ class Config(de.Config):
     def stages(self):
         if self.sae:
             return ("sequential",)  # with --sae, only the NFM on its residual
-        return tuple(m for m in self.STAGES if self.models is None or m in {"sae", *self.models.split(",")})
+        chosen = set(self.STAGES if self.models is None else self.models.split(","))
+        if "sequential" in chosen:
+            chosen.add("sae")  # sequential's NFM is trained on the SAE trained alone
+        return tuple(m for m in self.STAGES if m in chosen)
+
+    def model_names(self):  # the models each seed has: with --sae, the imported SAE as well
+        return ("sae", *self.stages()) if self.sae else self.stages()
 
     def model_keys(self):  # with --sae, the imported SAE ("sae") serves every seed
         return {run_key(self, seed, name) for seed in range(self.seed, self.seed + self.seeds)
-                for name in ("sae", *self.stages())}
+                for name in self.model_names()}
 
     @classmethod
     def check_flags(cls, given):
@@ -91,6 +101,8 @@ class Config(de.Config):
         if given.get("sae") and from_sae:
             raise de.DualencError(f"--sae brings its own dictionary size and k (the NFM reads its top k/2); "
                                   f"{', '.join(sorted('--' + k.replace('_', '-') for k in from_sae))} do not apply")
+        if given.get("combine") and given.keys() - {"combine", "out"}:
+            raise de.DualencError("--combine takes the runs' own settings; only --out may be given with it")
 
 
 # ----------------------------------------------------------------------------- activation store
@@ -264,16 +276,18 @@ def load_data(cfg, layer, device):
 
 # ----------------------------------------------------------------------------- baselines
 
+VARIANTS = {"sae": ("sae", ()), "sae_matched": ("sae_matched", ()), "sequential": ("sequential", de.PATHWAYS),
+            "joint": ("joint", de.PATHWAYS), "joint_sae_path": ("joint", ()), "joint_linear_only": ("joint", ("linear",)),
+            "joint_interaction_only": ("joint", ("interaction",)),
+            "joint_no_linear": ("joint_no_linear", ("interaction",))}  # name -> (model, NFM pathways on)
+
+
 def variants(models):
     """Every reconstruction that is evaluated: name -> (model, NFM pathways switched on), for the
     models that were trained (with --sae, only sae and sequential).
     joint_sae_path is the paper's "SAE" baseline (§9.1), sae_matched the parameter-matched one (§9.5);
     the rest are the §9.3 ablations."""
-    spec = {"sae": ("sae", ()), "sae_matched": ("sae_matched", ()), "sequential": ("sequential", de.PATHWAYS),
-            "joint": ("joint", de.PATHWAYS), "joint_sae_path": ("joint", ()), "joint_linear_only": ("joint", ("linear",)),
-            "joint_interaction_only": ("joint", ("interaction",)),
-            "joint_no_linear": ("joint_no_linear", ("interaction",))}
-    return {name: (models[model], paths) for name, (model, paths) in spec.items() if model in models}
+    return {name: (models[model], paths) for name, (model, paths) in VARIANTS.items() if model in models}
 
 
 ABLATIONS = ("joint_linear_only", "joint_interaction_only")  # the joint model with one pathway zeroed (§9.3)
@@ -332,7 +346,7 @@ def recipes(cfg, data):
 
     every = {**de.recipes(cfg, data), "sae_matched": (matched, de.train_sae),
              "joint_no_linear": (lambda done: de.build(cfg, data, nfm="interaction"), de.train_joint)}
-    return {name: every[name] for name in dict.fromkeys(("sae", *cfg.stages()))}
+    return {name: every[name] for name in cfg.model_names()}
 
 
 # ----------------------------------------------------------------------------- statistics
@@ -561,38 +575,47 @@ BIC_RESAMPLES = 200  # each resample is a full EM fit on every feature; 200 keep
 
 
 @torch.no_grad()
-def decoder_norm_analysis(sae, joint, x_eval_ND, n_boot, generator, bins=60):
-    """§7 and the §9.2 control: squared decoder norms ||W_dec[i]||^2 of the features that fire on
-    held-out tokens, for the standalone SAE, the joint model's W_dec, and the joint model's merged
-    linear decoder W_dec + W_lin. The merge is exact only where the NFM reads: the linear term sees the
-    n_read largest of the k codes (as the paper's code does), so x_s + linear(f) = W_dec f + W_lin f_read
-    + b_dec, which equals (W_dec + W_lin) f + b_dec on those codes and W_dec f + b_dec on the others.
+def decoder_sq_norms(model, x_eval_ND):
+    """The per-feature figures behind decoder_norm_analysis, for the features that fire on held-out
+    tokens: ||W_dec[i]||^2, and with an NFM ||W_dec[i] + W_lin[i]||^2, ||W_lin[i]||^2, ||v_i||^2."""
+    alive = firing_counts(model.sae, x_eval_ND) > 0
+    dec = model.sae.W_dec[alive]
+    norms = {"W_dec": dec.square().sum(-1)}
+    if model.nfm is not None:
+        lin = model.nfm.W_lin[alive]
+        norms.update(merged=(dec + lin).square().sum(-1), W_lin=lin.square().sum(-1),
+                     embed=model.nfm.embed[alive].square().sum(-1))
+    return {k: v.cpu() for k, v in norms.items()}
+
+
+def decoder_norm_analysis(norms, n_boot, generator, bins=60):
+    """§7 and the §9.2 control, from decoder_sq_norms of the standalone SAE and the joint model:
+    squared decoder norms ||W_dec[i]||^2 of the features that fire on held-out tokens, for the
+    standalone SAE, the joint model's W_dec, and the joint model's merged linear decoder W_dec + W_lin.
+    The merge is exact only where the NFM reads: the linear term sees the n_read largest of the k codes
+    (as the paper's code does), so x_s + linear(f) = W_dec f + W_lin f_read + b_dec, which equals
+    (W_dec + W_lin) f + b_dec on those codes and W_dec f + b_dec on the others.
     Also the correlation of a feature's squared norm with its NFM share
         share_i = ||W_lin[i]||^2 / (||W_dec[i]||^2 + ||W_lin[i]||^2)
     which has ||W_dec[i]||^2 in its denominator, so a negative r is partly built in; the direct
     correlations with ||W_lin[i]||^2 and with the interaction embedding ||v_i||^2 are the controls.
     Statistics come with n_boot bootstrap resamples over features ("samples", row 0 the estimate);
     Delta BIC with BIC_RESAMPLES of them."""
-    alive_sae = firing_counts(sae.sae, x_eval_ND) > 0
-    alive_joint = firing_counts(joint.sae, x_eval_ND) > 0
-    dec_joint, lin = joint.sae.W_dec[alive_joint], joint.nfm.W_lin[alive_joint]
-    sq = {"sae": sae.sae.W_dec[alive_sae].square().sum(-1).cpu(),
-          "joint_W_dec": dec_joint.square().sum(-1).cpu(),
-          "joint_merged": (dec_joint + lin).square().sum(-1).cpu()}
-    lin_sq, embed_sq = lin.square().sum(-1).cpu(), joint.nfm.embed[alive_joint].square().sum(-1).cpu()
-    share = lin_sq / (sq["joint_W_dec"] + lin_sq)
+    joint = norms["joint"]
+    sq = {"sae": norms["sae"]["W_dec"], "joint_W_dec": joint["W_dec"], "joint_merged": joint["merged"]}
+    share = joint["W_lin"] / (joint["W_dec"] + joint["W_lin"])
     w = {k: bootstrap_weights(len(v), n_boot, generator) for k, v in sq.items()}
     w["joint_merged"] = w["joint_W_dec"]  # the same features
     samples = {f"bc_{k}": bimodality_coefficient(v, w[k]) for k, v in sq.items()}
     samples.update({f"delta_bic_{k}": gmm_bic(v, w[k][:1 + BIC_RESAMPLES]) for k, v in sq.items()})
     samples.update(r_sq_norm_vs_nfm_share=pearson(sq["joint_W_dec"], share, w["joint_W_dec"]),
-                   r_sq_norm_vs_W_lin_sq_norm=pearson(sq["joint_W_dec"], lin_sq, w["joint_W_dec"]),
-                   r_sq_norm_vs_embed_sq_norm=pearson(sq["joint_W_dec"], embed_sq, w["joint_W_dec"]))
+                   r_sq_norm_vs_W_lin_sq_norm=pearson(sq["joint_W_dec"], joint["W_lin"], w["joint_W_dec"]),
+                   r_sq_norm_vs_embed_sq_norm=pearson(sq["joint_W_dec"], joint["embed"], w["joint_W_dec"]))
     hi = max(v.max().item() for v in sq.values())
     q = torch.tensor([0.05, 0.25, 0.5, 0.75, 0.95], dtype=torch.float64)
     fits = {k: gmm2(v) for k, v in sq.items()}
     return samples, {
-        "alive_features": {"sae": int(alive_sae.sum()), "joint": int(alive_joint.sum())},
+        "alive_features": {"sae": len(sq["sae"]), "joint": len(sq["joint_W_dec"])},
         "histogram_edges": torch.linspace(0, hi, bins + 1).tolist(),
         "histograms": {k: torch.histc(v, bins, 0, hi).long().tolist() for k, v in sq.items()},
         "summary": {k: {"mean": v.mean().item(), "quantiles_5_25_50_75_95": torch.quantile(v.double(), q).tolist(),
@@ -691,34 +714,52 @@ def claims(per_seed):
 NFM_MODELS = ("sequential", "joint")  # whose NFM output is split into linear and interaction shares
 
 
-def analyse_seed(models, sums, shared, data, weights, generator):
-    """One seed's samples for the report and the claims: every variant's figures and the §7 statistics,
-    each as a [1 + R] tensor (row 0 the estimate), and the decoder-norm histograms of this seed."""
-    stats, ce = model_stats(sums, shared, weights["eval"], weights["splice"], data["x_eval"].shape[1])
+def gather_evidence(lm, models, data, eps_generator):
+    """All that the statistics read of a seed's trained models, without their weights: every variant's
+    sums per window and the shared ones (evaluate_variants), the NFM models' output magnitudes per
+    held-out window (contributions), the per-feature norms of decoder_norm_analysis, and parameter
+    counts. Runs that each trained some of the models on the same data combine by merging it."""
+    evaluated = variants(models)
+    sums, shared = evaluate_variants(lm, evaluated, data, eps_generator)
     contrib = {}
     for name in (n for n in NFM_MODELS if n in models):
-        lin_N, inter_N = (window_sums(v, data) for v in contributions(models[name], data["x_eval"]))
-        contrib[name] = (weights["eval"] @ inter_N) / (weights["eval"] @ (lin_N + inter_N))
+        lin_N, inter_N = contributions(models[name], data["x_eval"])
+        contrib[name] = {"linear": window_sums(lin_N, data), "interaction": window_sums(inter_N, data)}
+    return {"sums": sums, "shared": shared, "contrib": contrib, "d_model": torch.tensor(data["x_eval"].shape[1]),
+            "norms": {n: decoder_sq_norms(models[n], data["x_eval"]) for n in ("sae", "joint") if n in models},
+            "params": {n: torch.tensor(params_used(m, paths)) for n, (m, paths) in evaluated.items()},
+            "param_counts": {n: {g: torch.tensor(c) for g, c in param_counts(m).items()}
+                             for n, m in models.items() if m.nfm is not None}}
+
+
+def analyse(evidence, weights, generator):
+    """One seed's samples for the report and the claims, from its evidence (gather_evidence): every
+    variant's figures and the §7 statistics, each as a [1 + R] tensor (row 0 the estimate), and the
+    decoder-norm histograms (with both the SAE and the joint model)."""
+    stats, ce = model_stats(evidence["sums"], evidence["shared"], weights["eval"], weights["splice"],
+                            int(evidence["d_model"]))
+    contrib = {name: (weights["eval"] @ c["interaction"]) / (weights["eval"] @ (c["linear"] + c["interaction"]))
+               for name, c in evidence["contrib"].items()}
     norms, norm_info = {}, None
-    if "joint" in models:
-        norms, norm_info = decoder_norm_analysis(models["sae"], models["joint"], data["x_eval"],
-                                                 weights["eval"].shape[0] - 1, generator)
-    return {"models": stats, "ce": ce, "contrib": contrib, "norms": norms, "norm_info": norm_info}
+    if {"sae", "joint"} <= evidence["norms"].keys():
+        norms, norm_info = decoder_norm_analysis(evidence["norms"], weights["eval"].shape[0] - 1, generator)
+    return {"models": stats, "ce": ce, "contrib": contrib, "norms": norms, "norm_info": norm_info,
+            "params": {n: int(v) for n, v in evidence["params"].items()},
+            "param_counts": {n: {g: int(v) for g, v in c.items()} for n, c in evidence["param_counts"].items()}}
 
 
-def report_analysis(per_seed, models):
-    """The report's models table and analysis from every seed's samples (analyse_seed)."""
-    evaluated = variants(models)
+def report_analysis(per_seed):
+    """The report's models table and analysis from every seed's samples (analyse)."""
     results = {}
-    for name, (model, paths) in evaluated.items():
+    for name, params in per_seed[0]["params"].items():
         metrics = {m: across(per_seed, lambda s: s["models"][name][m]) for m in per_seed[0]["models"][name]}
-        results[name] = {"params": params_used(model, paths), **{m: v["value"] for m, v in metrics.items()},
+        results[name] = {"params": params, **{m: v["value"] for m, v in metrics.items()},
                          "ci": {m: v["ci"] for m, v in metrics.items()}}
         if len(per_seed) > 1:
             results[name].update(seed_ci={m: v["seed_ci"] for m, v in metrics.items()},
                                  per_seed={m: v["per_seed"] for m, v in metrics.items()})
     ce = {k: across(per_seed, lambda s: s["ce"][k]) for k in ("clean_ce", "zero_ce")}
-    counts = {name: param_counts(model) for name, model in models.items() if model.nfm is not None}
+    counts = per_seed[0]["param_counts"]
     analysis = {
         "interaction_share_of_nfm_output": {n: across(per_seed, lambda s: s["contrib"][n])
                                             for n in per_seed[0]["contrib"]},
@@ -735,12 +776,17 @@ def report_analysis(per_seed, models):
 
 # ----------------------------------------------------------------------------- training length
 
+def total_steps(cfg, n_train):
+    """The steps every model trains for (dualenc.fit's count)."""
+    return cfg.epochs * (n_train // cfg.batch_size)
+
+
 def checkpoint_steps(cfg, n_train):
     """The steps at which every model is evaluated (cfg.checkpoints of them, none without): log-spaced
     from the step nearest 0.2 M token presentations (the default run's length) or a tenth of the run,
     whichever is earlier, to the last, on the evaluation cadence. The learning rate decays over the whole
     run, so an early checkpoint is a model part-way through its schedule, not one trained to that length."""
-    steps = cfg.epochs * (n_train // cfg.batch_size)
+    steps = total_steps(cfg, n_train)
     if not cfg.checkpoints:
         return []
     first = max(1, min(round(200_000 / cfg.batch_size), steps // 10))
@@ -767,18 +813,25 @@ def checkpoint_point(step, cfg, results, analysis):
             "claims": analysis["claims"]}
 
 
-def along_training(lm, steps, folder_of, final, data, weights, cfg):
-    """Every model at each checkpoint step but the last, evaluated and judged as at the end (the first
-    seed's models, its window resamples and epsilon-random draws); an imported SAE (--sae) is the same
+def along_training(lm, steps, folder_of, final, data, cfg):
+    """The evidence (gather_evidence) of every model at each checkpoint step but the last: {step:
+    evidence}, the first seed's models with its epsilon-random draws; an imported SAE (--sae) is the same
     at every step."""
     device = data["x_eval"].device
-    points = []
+    evidence = {}
     for step in tqdm(steps[:-1], desc="checkpoints", leave=False):
         models = {name: model if cfg.sae and name == "sae" else de.load_model(folder_of(name) / f"step{step}").to(device)
                   for name, model in final.items()}
-        sums, shared = evaluate_variants(lm, variants(models), data, torch.Generator(device=device).manual_seed(cfg.seed))
-        per_seed = [analyse_seed(models, sums, shared, data, weights, torch.Generator().manual_seed(cfg.seed))]
-        results, _, analysis = report_analysis(per_seed, models)
+        evidence[step] = gather_evidence(lm, models, data, torch.Generator(device=device).manual_seed(cfg.seed))
+    return evidence
+
+
+def training_points(evidence, cfg, weights):
+    """Each checkpoint's figures and claims (checkpoint_point) from its evidence {step: evidence}, with
+    the run's window resamples, as the end of the run is judged."""
+    points = []
+    for step, ev in sorted(evidence.items()):
+        results, _, analysis = report_analysis([analyse(ev, weights, torch.Generator().manual_seed(cfg.seed))])
         points.append(checkpoint_point(step, cfg, results, analysis))
     return points
 
@@ -1450,12 +1503,160 @@ def add_stage34(report, lm, tokenizer, joint, data, cfg, out):
     de.atomic_write(out / "stage34.txt", lambda p: p.write_text(format_stage34(report["stage34"]) + "\n"))
 
 
+def window_resamples(cfg, n_eval_windows, n_splice_windows):
+    """One resample of the windows for every seed and model, so that the bootstrap is paired (§9.6)."""
+    gen = torch.Generator().manual_seed(cfg.seed)
+    return {"eval": bootstrap_weights(n_eval_windows, cfg.n_boot, gen),
+            "splice": bootstrap_weights(n_splice_windows, cfg.n_boot, gen)}
+
+
+def finish_report(report, per_seed, cfg):
+    """The end of a run's report: the models table, the analysis and claims, from every seed's samples."""
+    results, ce, analysis = report_analysis(per_seed)
+    report.update(status="complete", models=results, clean_ce=ce["clean_ce"]["value"], zero_ce=ce["zero_ce"]["value"],
+                  analysis=analysis, seeds=list(range(cfg.seed, cfg.seed + cfg.seeds)),
+                  bootstrap={"resamples": cfg.n_boot, "eval_windows": report["data"]["eval_windows"],
+                             "splice_windows": report["data"]["splice_windows"],
+                             "delta_bic_resamples": BIC_RESAMPLES})
+
+
+EVIDENCE_PARTS = ("sums", "contrib", "norms", "params", "param_counts")  # per model or variant: merged
+
+
+def save_evidence(path, evidence):
+    """{"seed<S>/step<N>": evidence} as one safetensors file, its nested keys joined by "/"."""
+    flat = {}
+
+    def walk(tree, prefix):
+        for k, v in tree.items():
+            if isinstance(v, dict):
+                walk(v, f"{prefix}{k}/")
+            else:
+                flat[prefix + k] = v.detach().cpu().contiguous()
+    walk(evidence, "")
+    de.atomic_write(path, lambda p: save_file(flat, p))
+
+
+def load_evidence(path):
+    """save_evidence's file as the nested {"seed<S>/step<N>": evidence} it was written from."""
+    try:
+        flat = load_file(path)
+    except (OSError, SafetensorError) as e:
+        raise de.DualencError(f"cannot read {path}: {de.one_line(e)}") from None
+    evidence = {}
+    for key, value in flat.items():
+        seed, step, *parts = key.split("/")
+        node = evidence.setdefault(f"{seed}/{step}", {})
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    for ev in evidence.values():  # a part with nothing in it (no NFM model, say) leaves no key in the file
+        for part in EVIDENCE_PARTS:
+            ev.setdefault(part, {})
+    return evidence
+
+
+PIECE_FLAGS = ("models", "out", "resume", "eval_only", "stage34", "stimuli", "device", "store", "combine")
+
+
+def read_piece(folder):
+    """A finished run's report and evidence, for combine_runs."""
+    try:
+        report = json.loads((folder / "results.json").read_text())
+        complete = report["status"] == "complete"
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise de.DualencError(f"{folder} is not a replicate run folder: {de.one_line(e)}") from None
+    if not complete:
+        raise de.DualencError(f"the run in {folder} is unfinished; finish it with --resume {folder}")
+    return report, load_evidence(folder / "evidence.safetensors")
+
+
+def merge_evidence(pieces):
+    """The evidence of runs that each trained some models on the same data, as one run's: {key: evidence}.
+    Every run must hold the same seeds and steps and have been evaluated on the same tokens (the shared
+    sums agree), and no model may be in two of them."""
+    (first, _, evidence0), merged = pieces[0], {}
+    for folder, _, evidence in pieces:
+        if evidence.keys() != evidence0.keys():
+            raise de.DualencError(f"{folder} holds other seeds or checkpoint steps than {first}")
+        for key, ev in evidence.items():
+            m = merged.setdefault(key, {"shared": ev["shared"], "d_model": ev["d_model"],
+                                        **{part: {} for part in EVIDENCE_PARTS}})
+            if not all(torch.allclose(m["shared"][k], v, rtol=1e-5) for k, v in ev["shared"].items()):
+                raise de.DualencError(f"{folder} was evaluated on other tokens than {first}")
+            for part in EVIDENCE_PARTS:
+                if m[part].keys() & ev[part].keys():
+                    raise de.DualencError(f"{', '.join(sorted(m[part].keys() & ev[part].keys()))} is in {folder} "
+                                          f"and in another of the runs")
+                m[part].update(ev[part])
+    for m in merged.values():  # the report's order, whatever the runs' order
+        m["sums"], m["params"] = ({n: d[n] for n in VARIANTS if n in d} for d in (m["sums"], m["params"]))
+    return merged
+
+
+def combine_runs(cfg):
+    """python replicate.py --combine A,B,...: runs that trained different --models with otherwise the
+    same settings (so the same store key, split, batches and resamples), joined into one report as if
+    one run had trained them all: paired intervals, claims at every checkpoint, figures, and the
+    runs' own timings and commits."""
+    folders = [Path(p) for p in cfg.combine.split(",")]
+    pieces = [(folder, *read_piece(folder)) for folder in folders]
+    (_, base, _) = pieces[0]
+    for folder, report, _ in pieces[1:]:
+        for field, value in base["config"].items():
+            if field not in PIECE_FLAGS and report["config"].get(field, value) != value:  # older runs lack new flags
+                raise de.DualencError(f"{folder} was run with {field} {report['config'].get(field)!r}, "
+                                      f"{folders[0]} with {value!r}")
+    merged = merge_evidence(pieces)
+    known = {f.name for f in fields(Config)}
+    stages = [Config(**{k: v for k, v in r["config"].items() if k in known}).stages() for _, r, _ in pieces]
+    names = {n for s in stages for n in s}
+    with_stage34 = [report for _, report, _ in pieces if "stage34" in report]
+    settings = {**{k: v for k, v in base["config"].items() if k in known}, "models": ",".join(m for m in Config.STAGES if m in names), "out": cfg.out,
+                "combine": cfg.combine, "stage34": bool(with_stage34)}
+    cfg = Config(**settings)
+    out = de.prepare_out(cfg.out)
+    data = base["data"]
+    weights = window_resamples(cfg, data["eval_windows"], data["splice_windows"])
+    seeds, steps = (sorted({int(k.split("/")[i][len(tag):]) for k in merged}) for i, tag in ((0, "seed"), (1, "step")))
+    per_seed = [analyse(merged[f"seed{s}/step{steps[-1]}"], weights, torch.Generator().manual_seed(s)) for s in seeds]
+    report = {"config": settings, "status": "incomplete", "data": data, "commit": source_commit(),
+              "pieces": [{"run": str(folder), "models": list(s), "commit": r.get("commit"), "timings_s": r["timings_s"]}
+                         for (folder, r, _), s in zip(pieces, stages)],
+              "curves": {k: v for _, r, _ in pieces for k, v in r["curves"].items()},
+              "timings_s": {f"{folder.name}/{k}": v for folder, r, _ in pieces for k, v in r["timings_s"].items()
+                            if k != "total"}}
+    finish_report(report, per_seed, cfg)
+    if len(steps) > 1:
+        report["along_training"] = training_points({n: merged[f"seed{cfg.seed}/step{n}"] for n in steps}, cfg, weights)
+    if with_stage34:
+        report["stage34"] = with_stage34[0]["stage34"]
+    save_evidence(out / "evidence.safetensors", merged)
+    plot_figures(report, out)
+    de.write_results(report, cfg, out, list(cfg.model_keys()), format_report)
+    return report
+
+
+def source_commit():
+    """The git commit this file runs from ("+dirty" with uncommitted changes to tracked files); None
+    outside a git checkout."""
+    def git(*args):
+        return subprocess.run(["git", "-C", str(Path(__file__).parent), *args], capture_output=True, text=True,
+                              check=True).stdout.strip()
+    try:
+        return git("rev-parse", "HEAD") + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
 def run(cfg):
     """python replicate.py: check the inputs; extract; for each seed, train dualenc's models and the
     baselines and evaluate every variant; summarise with intervals; judge the claims; report. With
     cfg.resume, finished models are loaded and an interrupted one continues from its last evaluation;
     with cfg.eval_only, nothing is trained (with cfg.stage34 too, stages 3-4 are added to the finished
     run); with cfg.sae, an existing SAE is studied instead of training one."""
+    if cfg.combine:
+        return combine_runs(cfg)
     device = de.resolve_device(cfg.device)
     cfg, models, previous = de.settings(cfg)
     # every input error surfaces here, before the output folder is made and the slow corpus and model loads
@@ -1486,36 +1687,32 @@ def run(cfg):
         print(format_stage34(report["stage34"]))
         print(f"added stages 3-4 to {out / 'results.json'}; wrote stage34.txt, stage34.png, secondary/", file=sys.stderr)
         return report
-    report = de.new_report(cfg, data, models, previous, timings)
+    report = {**de.new_report(cfg, data, models, previous, timings), "commit": source_commit()}
     if not cfg.eval_only:
         de.write_json(out / "results.json", report)
 
-    # one window resample for every seed and model: the bootstrap is paired (§9.6)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    weights = {"eval": bootstrap_weights(data["n_eval_windows"], cfg.n_boot, gen),
-               "splice": bootstrap_weights(len(data["splice_ids"]), cfg.n_boot, gen)}
-    per_seed, steps = [], checkpoint_steps(cfg, len(data["x_train"]))
+    weights = window_resamples(cfg, data["n_eval_windows"], len(data["splice_ids"]))
+    per_seed, steps, evidence = [], checkpoint_steps(cfg, len(data["x_train"])), {}
     for seed in range(cfg.seed, cfg.seed + cfg.seeds):
         seed_cfg, key = replace(cfg, seed=seed), functools.partial(run_key, cfg, seed)
         seed_recipes = recipes(seed_cfg, data)
         if steps and seed == cfg.seed:  # along the training length: the first seed's models
             seed_recipes = saving_checkpoints(seed_recipes, steps, lambda name: out / key(name), de.sae_metadata(cfg, layer))
         trained = de.train_models(seed_cfg, data, seed_recipes, models, out, report, stage, key=key)
-        eps_gen = torch.Generator(device=device).manual_seed(seed)
-        sums, shared = evaluate_variants(lm, variants(trained), data, eps_gen)
-        per_seed.append(analyse_seed(trained, sums, shared, data, weights, torch.Generator().manual_seed(seed)))
+        ev = gather_evidence(lm, trained, data, torch.Generator(device=device).manual_seed(seed))
+        evidence[f"seed{seed}/step{total_steps(cfg, len(data['x_train']))}"] = ev
+        per_seed.append(analyse(ev, weights, torch.Generator().manual_seed(seed)))
         stage(f"evaluate_seed{seed}")
 
-    first_seed = {name: models[name] for name in dict.fromkeys(("sae", *cfg.stages()))}
     if steps:
-        points = along_training(lm, steps, lambda name: out / run_key(cfg, cfg.seed, name), first_seed, data, weights, cfg)
-        report["along_training"] = points + [checkpoint_point(steps[-1], cfg, *report_analysis(per_seed[:1], first_seed)[::2])]
+        first_seed = {name: models[name] for name in cfg.model_names()}
+        along = along_training(lm, steps, lambda name: out / run_key(cfg, cfg.seed, name), first_seed, data, cfg)
+        evidence.update({f"seed{cfg.seed}/step{step}": ev for step, ev in along.items()})
+        report["along_training"] = training_points({**along, steps[-1]: evidence[f"seed{cfg.seed}/step{steps[-1]}"]},
+                                                   cfg, weights)
         stage("along_training")
-    results, ce, analysis = report_analysis(per_seed, first_seed)
-    report.update(status="complete", models=results, clean_ce=ce["clean_ce"]["value"], zero_ce=ce["zero_ce"]["value"],
-                  analysis=analysis, seeds=list(range(cfg.seed, cfg.seed + cfg.seeds)),
-                  bootstrap={"resamples": cfg.n_boot, "eval_windows": data["n_eval_windows"],
-                             "splice_windows": len(data["splice_ids"]), "delta_bic_resamples": BIC_RESAMPLES})
+    save_evidence(out / "evidence.safetensors", evidence)
+    finish_report(report, per_seed, cfg)
     report["data"]["steps_per_model"] = report["curves"][cfg.stages()[0]][-1]["step"]
     if cfg.stage34:
         add_stage34(report, lm, tokenizer, models["joint"], data, cfg, out)

@@ -499,7 +499,7 @@ def test_a_run_of_the_sae_alone_reports_it_without_claims_on_models_it_lacks(tin
 
 
 def test_a_run_with_checkpoints_judges_every_claim_along_the_training_length(tiny_lm_folder, tmp_path):
-    report = rp.run(tiny_run_cfg(tiny_lm_folder, tmp_path, checkpoints=3, models="joint,sae_matched"))
+    report = rp.run(tiny_run_cfg(tiny_lm_folder, tmp_path, checkpoints=3, models="sae,joint,sae_matched"))
     points = report["along_training"]
     assert [p["step"] for p in points] == rp.checkpoint_steps(rp.Config(**report["config"]), report["data"]["train_tokens"])
     assert len(points) == 3 and points[-1]["step"] == report["data"]["steps_per_model"]
@@ -515,6 +515,36 @@ def test_a_run_with_checkpoints_judges_every_claim_along_the_training_length(tin
     assert points[-1]["models"]["joint"]["kl"] == report["models"]["joint"]["kl"]
     assert (tmp_path / "along_training.png").exists() and (tmp_path / "joint" / f"step{points[0]['step']}" / "cfg.json").exists()
     assert "along the training length" in rp.format_report(report)
+
+
+def test_runs_of_one_model_each_combine_into_the_run_that_trains_them_all(tiny_lm_folder, tmp_path):
+    whole = rp.run(tiny_run_cfg(tiny_lm_folder, tmp_path / "whole", checkpoints=3, models="sae,joint"))
+    pieces = [tmp_path / name for name in ("joint", "sae")]
+    for piece in pieces:  # one store: the pieces' data are the whole run's
+        rp.run(tiny_run_cfg(tiny_lm_folder, piece, checkpoints=3, models=piece.name, store=f"{tmp_path}/store"))
+    combined = rp.run(rp.Config(combine=",".join(map(str, pieces)), out=str(tmp_path / "combined")))
+    assert list(combined["models"]) == list(whole["models"]) == ["sae", "joint", "joint_sae_path",
+                                                                  "joint_linear_only", "joint_interaction_only"]
+    def without_eps(m):  # epsilon-random draws depend on the models evaluated before
+        return {k: without_eps(v) if k == "ci" else v for k, v in m.items() if "eps" not in k and "patho" not in k}
+    for name, m in whole["models"].items():
+        assert without_eps(combined["models"][name]) == without_eps(m)
+    for c_point, w_point in zip(combined["along_training"], whole["along_training"], strict=True):
+        assert c_point["claims"] == w_point["claims"] and c_point["models"] == w_point["models"]
+    assert combined["analysis"]["claims"] == whole["analysis"]["claims"]
+    assert [p["models"] for p in combined["pieces"]] == [["joint"], ["sae"]]
+    assert (tmp_path / "combined" / "along_training.png").exists()
+
+
+def test_runs_that_differ_in_more_than_their_models_do_not_combine(tiny_lm_folder, tmp_path):
+    for name, kw in (("a", {}), ("b", {"lr": 3e-3}), ("c", {})):
+        rp.run(tiny_run_cfg(tiny_lm_folder, tmp_path / name, models="sae", store=f"{tmp_path}/store", **kw))
+    with pytest.raises(de.DualencError, match="run with lr 0.003"):
+        rp.run(rp.Config(combine=f"{tmp_path}/a,{tmp_path}/b", out=str(tmp_path / "ab")))
+    with pytest.raises(de.DualencError, match="sae is in"):
+        rp.run(rp.Config(combine=f"{tmp_path}/a,{tmp_path}/c", out=str(tmp_path / "ac")))
+    with pytest.raises(de.DualencError, match="not a replicate run folder"):
+        rp.run(rp.Config(combine=f"{tmp_path}/a,{tmp_path}/missing", out=str(tmp_path / "am")))
 
 
 # ----------------------------------------------------------------------------- the activation store
