@@ -140,11 +140,11 @@ class Config:
 QUICK = dict(tokens=16_384, features=1024, k=32, embed_dim=32, epochs=2, eval_every=10, splice_tokens=1024)
 
 
-def paper_density(d_model):
-    """The --paper-density preset (§14): the paper's F / d (50,000 / 3,200), 2 % of F active, and its NFM
-    (M 300, reading the largest k/2 codes: Config's default). Batch 1,024 tokens as the paper's SAE:
-    at 512 the per-step costs (top-k, Adam) weigh twice as much against the encoder's GEMM."""
-    features = round(15.6 * d_model)
+def paper_density(d_model, features=None):
+    """The --paper-density preset (§14): the paper's F / d (50,000 / 3,200) unless F is given, 2 % of F
+    active, and its NFM (M 300, reading the largest k/2 codes: Config's default). Batch 1,024 tokens as
+    the paper's SAE: at 512 the per-step costs (top-k, Adam) weigh twice as much against the GEMM."""
+    features = features or round(15.6 * d_model)
     return dict(features=features, k=round(0.02 * features), embed_dim=300, batch_size=1024)
 
 
@@ -1192,7 +1192,9 @@ def parse_args(argv=None, cls=Config):
                        metavar=f.metadata["metavar"] or kind.__name__.upper(), help=f.metadata["help"] + shown)
     given = vars(p.parse_args(argv))
     cls.check_flags(given)
-    paper = paper_density(model_shape(given.get("model", cls.model))[1]) if given.get("paper_density") else {}
+    paper = {}
+    if given.get("paper_density"):  # a flag given beside the preset wins, and moves what the preset derives
+        paper = paper_density(model_shape(given.get("model", cls.model))[1], given.get("features"))
     return cls(**{**(QUICK if given.get("quick") else {}), **paper, **given})
 
 

@@ -19,6 +19,7 @@ it takes every flag of dualenc.py and the referee's own. Sections, in the order 
 Dimension letters as in dualenc.py, and P prompts, R bootstrap resamples, S seeds.
 """
 
+import fcntl
 import functools
 import hashlib
 import json
@@ -121,20 +122,28 @@ class ActivationStore:
         self.folder = Path(root) / hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
         self.dtype = getattr(torch, key["dtype"])
         self.row_bytes = shape_NTD[2] * self.dtype.itemsize
-        self.done = 0
+        self.done = self.recorded()
+
+    def recorded(self):
+        """The windows meta.json records as written, once the meta and the files' sizes are checked: a
+        finished store must have exactly its size, an unfinished one at least what it records."""
         meta = self.folder / "meta.json"
-        if meta.exists():
-            try:
-                saved = json.loads(meta.read_text())
-                ok = saved["key"] == key and saved["shape"] == list(self.shape)
-                self.done = saved["windows_done"]
-            except (OSError, ValueError, KeyError) as e:
-                raise de.DualencError(f"activation store {self.folder} is unreadable ({de.one_line(e)}); delete it") from None
-            if not ok:
-                raise de.DualencError(f"activation store {self.folder} holds another key than this run's; delete it")
-            for name, size in self.sizes(self.done).items():
-                if (self.folder / name).stat().st_size < size:
-                    raise de.DualencError(f"activation store {self.folder} is truncated ({name}); delete it to rebuild")
+        if not meta.exists():
+            return 0
+        try:
+            saved = json.loads(meta.read_text())
+            ok = saved["key"] == self.key and saved["shape"] == list(self.shape)
+            done = saved["windows_done"]
+            actual = {name: (self.folder / name).stat().st_size for name in self.sizes(0)}
+        except (OSError, ValueError, KeyError) as e:
+            raise de.DualencError(f"activation store {self.folder} is unreadable ({de.one_line(e)}); delete it") from None
+        if not ok:
+            raise de.DualencError(f"activation store {self.folder} holds another key than this run's; delete it")
+        for name, size in self.sizes(done).items():
+            if actual[name] < size or (done == self.shape[0] and actual[name] != size):
+                raise de.DualencError(f"activation store {self.folder} has {actual[name]:,} bytes in {name} where "
+                                      f"{size:,} are recorded; delete it to rebuild")
+        return done
 
     def sizes(self, n_windows):
         T = self.shape[1]
@@ -144,30 +153,44 @@ class ActivationStore:
     def complete(self):
         return self.done == self.shape[0]
 
+    def extract(self, lm, windows_NT, layer):
+        """Fill the store, holding its lock: a second process extracting the same key waits, then
+        finds it done (or resumes where the first stopped)."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        with open(self.folder / "lock", "w") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                print(f"another process is extracting {self.folder}; waiting for it", file=sys.stderr)
+                fcntl.flock(lock, fcntl.LOCK_EX)
+            self.done = self.recorded()
+            self.write_windows(lm, windows_NT, layer)
+
     @torch.no_grad()
-    def extract(self, lm, windows_NT, layer, batch_size=16):
-        """Fill the store from window self.done on, batch_size windows at a time (the batches of an
-        uninterrupted extraction, so the same bytes); each batch's bytes are flushed before meta.json
-        counts them. A full disk stops with one line; the store then reads as unfinished."""
-        sizes = self.sizes(self.done)
+    def write_windows(self, lm, windows_NT, layer, batch_size=16):
+        """Windows self.done on, batch_size at a time (the batches of an uninterrupted extraction, so the
+        same bytes), each written at its own offset and flushed before meta.json counts it. A full disk
+        stops with one line; the store then reads as unfinished."""
+        T, files = self.shape[1], {}
         try:
-            self.folder.mkdir(parents=True, exist_ok=True)
-            with open(self.folder / "acts.bin", "ab") as acts_f, open(self.folder / "norms.bin", "ab") as norms_f:
-                acts_f.truncate(sizes["acts.bin"])  # bytes written after the last record are dropped
-                norms_f.truncate(sizes["norms.bin"])
-                for i in tqdm(range(self.done, len(windows_NT), batch_size), desc="extract to store", leave=False):
-                    acts_BTD = de.extract_activations(lm, windows_NT[i:i + batch_size], layer, batch_size)
-                    acts_f.write(acts_BTD.to(self.dtype).cpu().numpy().tobytes())
-                    norms_f.write(acts_BTD.norm(dim=-1).cpu().numpy().tobytes())
-                    for f in (acts_f, norms_f):
-                        f.flush()
-                        os.fsync(f.fileno())
-                    self.done = min(i + batch_size, len(windows_NT))
-                    de.write_json(self.folder / "meta.json", {"key": self.key, "shape": list(self.shape),
-                                                              "windows_done": self.done})
+            for name, size in self.sizes(self.done).items():
+                files[name] = os.open(self.folder / name, os.O_RDWR | os.O_CREAT)
+                os.truncate(files[name], size)  # bytes written after the last record are dropped
+            for i in tqdm(range(self.done, len(windows_NT), batch_size), desc="extract to store", leave=False):
+                acts_BTD = de.extract_activations(lm, windows_NT[i:i + batch_size], layer, batch_size)
+                os.pwrite(files["acts.bin"], acts_BTD.to(self.dtype).cpu().numpy().tobytes(), i * T * self.row_bytes)
+                os.pwrite(files["norms.bin"], acts_BTD.norm(dim=-1).cpu().numpy().tobytes(), i * T * 4)
+                for fd in files.values():
+                    os.fsync(fd)
+                self.done = min(i + batch_size, len(windows_NT))
+                de.write_json(self.folder / "meta.json", {"key": self.key, "shape": list(self.shape),
+                                                          "windows_done": self.done})
         except OSError as e:
             raise de.DualencError(f"writing the activation store {self.folder} failed at window {self.done}: "
                                   f"{e.strerror or e} (free space and run again: it resumes there)") from None
+        finally:
+            for fd in files.values():
+                os.close(fd)
 
     def norms(self):
         """[N, T] float32."""
@@ -233,6 +256,16 @@ def streamed_moments(store, windows_W, keep_NT, chunk=64):
     return mean_D.float(), ((ss_D - n * mean_D.square()) / (n - 1)).clamp_min(0).sqrt().float().clamp_min(1e-6)
 
 
+def weights_fingerprint(lm):
+    """sha1 of the LM's parameters and buffers in name order (about a second for SmolLM2): a model
+    folder overwritten by another checkpoint of the same architecture never reads the first's store."""
+    h = hashlib.sha1()
+    for name, t in sorted(lm.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
 def load_data(cfg, layer, device):
     """dualenc.load_data with the activations in a store (ActivationStore): extracted once per key and
     reused, the training tokens read from disk batch by batch, so memory holds the held-out tokens only.
@@ -242,8 +275,8 @@ def load_data(cfg, layer, device):
     lm, tokenizer = de.load_lm(cfg.model, device)
     windows_NT = de.make_windows(tokenizer, text, cfg.tokens, cfg.ctx)
     N, T = windows_NT.shape
-    key = {"model": cfg.model, "config": hashlib.sha1(lm.config.to_json_string().encode()).hexdigest(), "layer": layer,
-           "dtype": cfg.store_dtype,
+    key = {"model": cfg.model, "config": hashlib.sha1(lm.config.to_json_string().encode()).hexdigest(),
+           "weights": weights_fingerprint(lm), "layer": layer, "dtype": cfg.store_dtype,
            "windows": hashlib.sha1(windows_NT.numpy().tobytes()).hexdigest(), "shape_NT": [N, T]}
     store = ActivationStore(cfg.store, key, (N, T, lm.config.hidden_size))
     if not store.complete:

@@ -532,6 +532,8 @@ def test_paper_density_sets_the_papers_ratios_at_the_models_width(tiny_lm_folder
     assert (smollm2.features, smollm2.k, smollm2.nfm_k, smollm2.embed_dim, smollm2.batch_size) == (8986, 180, 90, 300, 1024)
     tiny = de.parse_args(["--paper-density", "--model", tiny_lm_folder, "--k", "4"])  # d_model 32; a flag given wins
     assert (tiny.features, tiny.k, tiny.nfm_k, tiny.embed_dim) == (499, 4, 2, 300)
+    wider = de.parse_args(["--paper-density", "--features", "20000"])  # k follows the F given: 2 % of it
+    assert (wider.features, wider.k, wider.nfm_k) == (20000, 400, 200)
 
 
 # ----------------------------------------------------------------------------- end to end, real LM

@@ -3,10 +3,13 @@ stages 3-4 and bring-your-own-SAE. It reuses test_dualenc's tiny models and fixt
 
 import json
 import math
+import shutil
+import threading
 
 import pytest
 import torch
 import torch.nn.functional as F
+import transformers
 
 import dualenc as de
 import replicate as rp
@@ -610,18 +613,63 @@ def test_a_full_disk_stops_with_one_line_and_leaves_an_unfinished_store(tiny_lm_
     assert store_bytes(tmp_path / "store") == store_bytes(tmp_path / "whole")
 
 
-def test_a_truncated_store_or_one_of_another_key_is_refused(tiny_lm_folder, tmp_path):
+def test_a_store_of_the_wrong_size_or_of_another_key_is_refused(tiny_lm_folder, tmp_path):
     store_data(tiny_lm_folder, tmp_path / "store")
     folder = next((tmp_path / "store").iterdir())
     acts = (folder / "acts.bin").read_bytes()
-    (folder / "acts.bin").write_bytes(acts[:-1000])
-    with pytest.raises(de.DualencError, match="truncated"):
-        store_data(tiny_lm_folder, tmp_path / "store")
+    for wrong in (acts[:-1000], acts + acts[:1000]):  # a finished store has exactly its size
+        (folder / "acts.bin").write_bytes(wrong)
+        with pytest.raises(de.DualencError, match=f"has {len(wrong):,} bytes in acts.bin where {len(acts):,} are"):
+            store_data(tiny_lm_folder, tmp_path / "store")
     (folder / "acts.bin").write_bytes(acts)
     meta = json.loads((folder / "meta.json").read_text())
     (folder / "meta.json").write_text(json.dumps({**meta, "key": {**meta["key"], "layer": 1}}))
     with pytest.raises(de.DualencError, match="another key"):
         store_data(tiny_lm_folder, tmp_path / "store")
+
+
+def test_a_model_folder_overwritten_by_other_weights_gets_a_store_of_its_own(tiny_lm_folder, tmp_path):
+    folder = tmp_path / "checkpoint"
+    shutil.copytree(tiny_lm_folder, folder)
+    first = store_data(str(folder), tmp_path / "store")
+    lm = transformers.AutoModelForCausalLM.from_pretrained(folder)
+    with torch.no_grad():
+        lm.model.layers[0].mlp.down_proj.weight.mul_(2)  # the same architecture, another checkpoint
+    lm.save_pretrained(folder)
+    second = store_data(str(folder), tmp_path / "store")
+    assert len(list((tmp_path / "store").iterdir())) == 2 and not torch.equal(first["x_eval"], second["x_eval"])
+
+
+def test_two_extractions_of_one_key_started_together_write_the_store_once(tiny_lm_folder, tmp_path, monkeypatch):
+    store_data(tiny_lm_folder, tmp_path / "single")
+    second_arrived, extract, write = threading.Event(), de.extract_activations, rp.ActivationStore.extract
+    callers = []
+
+    def arriving(store, *args):  # the second extraction reaches the store while the first is writing it
+        callers.append(1)
+        if len(callers) == 2:
+            second_arrived.set()
+        return write(store, *args)
+
+    def waiting(*args, **kwargs):  # the first extraction's batches wait until the second has arrived
+        assert second_arrived.wait(timeout=60)
+        return extract(*args, **kwargs)
+    monkeypatch.setattr(rp.ActivationStore, "extract", arriving)
+    monkeypatch.setattr(de, "extract_activations", waiting)
+    errors = []
+
+    def extraction():
+        try:
+            store_data(tiny_lm_folder, tmp_path / "together")
+        except Exception as e:  # noqa: BLE001 (reported by the assert below)
+            errors.append(e)
+    threads = [threading.Thread(target=extraction) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and len(callers) == 2
+    assert store_bytes(tmp_path / "together") == store_bytes(tmp_path / "single")
 
 
 def test_a_float16_store_holds_the_activations_to_float16_rounding(tiny_lm_folder, tmp_path):
