@@ -609,9 +609,10 @@ def sq_errors(model, x_ND, batch_size=4096):
 def evaluate(model, x_ND):
     """Held-out reconstruction in the normalised space (§6): MSE per element, and
     FVU = sum ||x - x_hat||^2 / sum ||x - mean(x)||^2 (centred)."""
-    sse, mean_D = sq_errors(model, x_ND).sum(), x_ND.mean(0)
-    sst = sum((x_BD - mean_D).square().sum() for x_BD in x_ND.split(4096))  # batched: no copy of x_ND
-    return {"mse": (sse / x_ND.numel()).item(), "fvu": (sse / sst).item()}
+    sse = sq_errors(model, x_ND).sum()
+    mean_D = sum(x_BD.sum(0) for x_BD in x_ND.split(4096)) / len(x_ND)  # batched: x_ND may be on disk
+    sst = sum((x_BD - mean_D).square().sum() for x_BD in x_ND.split(4096))
+    return {"mse": (sse / (len(x_ND) * x_ND.shape[1])).item(), "fvu": (sse / sst).item()}
 
 
 def fit(model, params, x_train_ND, x_eval_ND, cfg, name, state_path=None, on_eval=None):

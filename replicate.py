@@ -220,8 +220,9 @@ class ActivationStore:
 
 
 class Tokens:
-    """Some tokens of a store, z-scored on read: the training set that fit() samples its batches from,
-    with the tensor methods it uses (len, [idx], shape, device, split)."""
+    """Some tokens of a store, z-scored on read: the training set that fit() samples its batches from
+    and the held-out set evaluated in batches, with the tensor methods they use (len, [idx], shape,
+    device, split)."""
 
     def __init__(self, store, rows_N, mean_D, std_D):
         self.store, self.rows_N, self.mean_D, self.std_D = store, rows_N, mean_D, std_D
@@ -268,7 +269,8 @@ def weights_fingerprint(lm):
 
 def load_data(cfg, layer, device):
     """dualenc.load_data with the activations in a store (ActivationStore): extracted once per key and
-    reused, the training tokens read from disk batch by batch, so memory holds the held-out tokens only.
+    reused, the training and held-out tokens read from disk batch by batch (Tokens), so that memory
+    does not grow with the number of tokens.
     The same split as dualenc's: windows shuffled by cfg.seed, the first 90 % train; massive norms over
     cfg.outlier_factor x the training median and position 0 dropped; z-scored with training statistics."""
     text = de.read_text(cfg.text)
@@ -291,13 +293,8 @@ def load_data(cfg, layer, device):
     keep_NT = de.keep_mask(norms_NT, max_norm)
     mean_D, std_D = (t.to(device) for t in streamed_moments(store, train_W, keep_NT))
     n_splice = max(1, min(len(eval_W), cfg.splice_tokens // cfg.ctx))
-    x_eval_ND = torch.empty(int(keep_NT[eval_W].sum()), store.shape[2], device=device)
-    filled = 0  # filled in place, window chunk by chunk: the held-out tokens are all this process holds
-    for w in eval_W.split(64):
-        x_ND = store.windows(w.tolist())[keep_NT[w]].to(device)
-        x_eval_ND[filled:filled + len(x_ND)] = (x_ND - mean_D) / std_D
-        filled += len(x_ND)
-    data = {"x_train": Tokens(store, token_rows(train_W, keep_NT), mean_D, std_D), "x_eval": x_eval_ND,
+    data = {"x_train": Tokens(store, token_rows(train_W, keep_NT), mean_D, std_D),
+            "x_eval": Tokens(store, token_rows(eval_W, keep_NT), mean_D, std_D),
             "mean": mean_D, "std": std_D, "keep": keep_NT, "max_norm": max_norm,
             "eval_window": keep_NT[eval_W].nonzero()[:, 0], "n_eval_windows": len(eval_W),
             "n_massive": int((norms_NT[:, 1:] > max_norm).sum()), "layer": layer,
@@ -337,6 +334,7 @@ def evaluate_variants(lm, evaluated, data, generator):
     ablations get no epsilon-random twin: their pathology ratio enters no claim, and each splice pass
     costs as much as the rest of a variant's evaluation."""
     x_ND = data["x_eval"]
+    mean_D = sum(x_BD.sum(0) for x_BD in x_ND.split(4096)) / len(x_ND)  # batched: x_ND may live on disk
     replacements = {"zero": torch.zeros_like}
     for name, (model, paths) in evaluated.items():
         replacements[name] = de.spliced(model, paths)
@@ -345,7 +343,7 @@ def evaluate_variants(lm, evaluated, data, generator):
     m = de.splice_metrics(lm, data["splice_ids"], data["layer"], replacements, data["splice_keep"], data["splice_acts"])
     kl, nll = {k: v.double().sum(-1) for k, v in m["kl"].items()}, {k: v.double().sum(-1) for k, v in m["nll"].items()}
     shared = {"tokens": window_sums(torch.ones(len(x_ND)), data),
-              "sst": window_sums((x_ND - x_ND.mean(0)).square().sum(-1), data),
+              "sst": window_sums(torch.cat([(x_BD - mean_D).square().sum(-1) for x_BD in x_ND.split(4096)]), data),
               "kl_tokens": m["kl_mask"].sum(-1).double(), "nll_tokens": m["nll_mask"].sum(-1).double(),
               "clean_nll": nll["clean"], "zero_nll": nll["zero"]}
     sums = {}
@@ -941,10 +939,13 @@ class IntegrationPipeline(de.DualEncoder):
         return self.sae.decode(vals_BK, idx_BK) + linear_BD + self.nfm.mlp[1:](self.through_secondary(hidden_BM))
 
     @torch.no_grad()
+    def secondary_code(self, x_BD):
+        """The integration features' activations as the secondary SAE's (values, indices): [B, K2] each."""
+        return self.secondary.sae.encode(self.secondary.normalize(interaction_hidden(self, x_BD)))
+
     def secondary_codes(self, x_BD):
         """The integration features' activations, dense: [B, F2]."""
-        vals, idx = self.secondary.sae.encode(self.secondary.normalize(interaction_hidden(self, x_BD)))
-        return de.to_dense(vals, idx, self.secondary.sae.W_dec.shape[0])
+        return de.to_dense(*self.secondary_code(x_BD), self.secondary.sae.W_dec.shape[0])
 
 
 DEFAULT_STIMULI = "stimuli.json"  # beside dualenc.py: dualenc's own 2 x 2 design
@@ -1184,12 +1185,23 @@ def intervention_effect(lm, layer, prompts, word_ids, pipeline, keep_fn, scale, 
 
 
 @torch.no_grad()
-def primary_read(pipeline, x_ND, feature, n=N_PRIMARY_READ):
+@torch.no_grad()
+def primary_read(pipeline, x_ND, feature, n=N_PRIMARY_READ, batch_size=4096):
     """The n primary features an integration feature reads most: those whose mean activation rises most
-    on the held-out tokens where the integration feature is active (control b)."""
-    active_N = pipeline.secondary_codes(x_ND)[:, feature] > 0
-    dense_NF = de.to_dense(*pipeline.sae.encode(x_ND), pipeline.sae.W_dec.shape[0])
-    lift_F = dense_NF[active_N].mean(0) - dense_NF.mean(0) if active_N.any() else dense_NF.mean(0)
+    on the held-out tokens where the integration feature is active (control b). Summed batch by batch
+    from the sparse codes: no [tokens, F] tensor."""
+    n_features = pipeline.sae.W_dec.shape[0]
+    sum_F = torch.zeros(n_features, dtype=torch.float64, device=x_ND.device)
+    sum_active_F, n_active = torch.zeros_like(sum_F), 0
+    for x_BD in x_ND.split(batch_size):
+        g_vals, g_idx = pipeline.secondary_code(x_BD)
+        active_B = ((g_idx == feature) & (g_vals > 0)).any(-1)
+        vals_BK, idx_BK = pipeline.sae.encode(x_BD)
+        sum_F.index_add_(0, idx_BK.flatten(), vals_BK.flatten().double())
+        sum_active_F.index_add_(0, idx_BK[active_B].flatten(), vals_BK[active_B].flatten().double())
+        n_active += int(active_B.sum())
+    mean_F = sum_F / len(x_ND)
+    lift_F = sum_active_F / n_active - mean_F if n_active else mean_F
     return lift_F.topk(n).indices.tolist()
 
 
