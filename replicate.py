@@ -25,6 +25,7 @@ import hashlib
 import json
 import math
 import os
+import resource
 import subprocess
 import sys
 from dataclasses import dataclass, fields, replace
@@ -257,6 +258,19 @@ def streamed_moments(store, windows_W, keep_NT, chunk=64):
     return mean_D.float(), ((ss_D - n * mean_D.square()) / (n - 1)).clamp_min(0).sqrt().float().clamp_min(1e-6)
 
 
+LOADING_ONLY = ("_name_or_path", "quantization_config", "transformers_version", "torch_dtype", "dtype", "_commit_hash")
+
+
+def store_key(cfg, lm, layer, windows_NT):
+    """What the activations depend on: the model (its config, without what only says how it was loaded:
+    a GGUF file and its cached de-quantised copy are one model, and its weights' fingerprint), the
+    layer, the dtype on disk and the token windows."""
+    config = {k: v for k, v in lm.config.to_dict().items() if k not in LOADING_ONLY}
+    return {"model": cfg.model, "config": hashlib.sha1(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest(),
+            "weights": weights_fingerprint(lm), "layer": layer, "dtype": cfg.store_dtype,
+            "windows": hashlib.sha1(windows_NT.numpy().tobytes()).hexdigest(), "shape_NT": list(windows_NT.shape)}
+
+
 def weights_fingerprint(lm):
     """sha1 of the LM's parameters and buffers in name order (about a second for SmolLM2): a model
     folder overwritten by another checkpoint of the same architecture never reads the first's store."""
@@ -277,10 +291,7 @@ def load_data(cfg, layer, device):
     lm, tokenizer = de.load_lm(cfg.model, device)
     windows_NT = de.make_windows(tokenizer, text, cfg.tokens, cfg.ctx)
     N, T = windows_NT.shape
-    key = {"model": cfg.model, "config": hashlib.sha1(lm.config.to_json_string().encode()).hexdigest(),
-           "weights": weights_fingerprint(lm), "layer": layer, "dtype": cfg.store_dtype,
-           "windows": hashlib.sha1(windows_NT.numpy().tobytes()).hexdigest(), "shape_NT": [N, T]}
-    store = ActivationStore(cfg.store, key, (N, T, lm.config.hidden_size))
+    store = ActivationStore(cfg.store, store_key(cfg, lm, layer, windows_NT), (N, T, lm.config.hidden_size))
     if not store.complete:
         store.extract(lm, windows_NT, layer)
     else:
@@ -1666,8 +1677,8 @@ def combine_runs(cfg):
     seeds, steps = (sorted({int(k.split("/")[i][len(tag):]) for k in merged}) for i, tag in ((0, "seed"), (1, "step")))
     per_seed = [analyse(merged[f"seed{s}/step{steps[-1]}"], weights, torch.Generator().manual_seed(s)) for s in seeds]
     report = {"config": settings, "status": "incomplete", "data": data, "commit": source_commit(),
-              "pieces": [{"run": str(folder), "models": list(s), "commit": r.get("commit"), "timings_s": r["timings_s"]}
-                         for (folder, r, _), s in zip(pieces, stages)],
+              "pieces": [{"run": str(folder), "models": list(s), "commit": r.get("commit"), "timings_s": r["timings_s"],
+                          "peak_rss_gib": r.get("peak_rss_gib")} for (folder, r, _), s in zip(pieces, stages)],
               "curves": {k: v for _, r, _ in pieces for k, v in r["curves"].items()},
               "timings_s": {f"{folder.name}/{k}": v for folder, r, _ in pieces for k, v in r["timings_s"].items()
                             if k != "total"}}
@@ -1680,6 +1691,15 @@ def combine_runs(cfg):
     plot_figures(report, out)
     de.write_results(report, cfg, out, list(cfg.model_keys()), format_report)
     return report
+
+
+def measured(stage, peaks):
+    """stage(name) (dualenc.stopwatch) that also keeps the process's peak resident memory so far, in GiB,
+    in peaks[name]: where a run's memory peaks, stage by stage."""
+    def timed(name):
+        stage(name)
+        peaks[name] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)  # Linux: KiB
+    return timed
 
 
 def source_commit():
@@ -1716,7 +1736,8 @@ def run(cfg):
         read_stimuli(cfg.stimuli)
     out = de.prepare_out(cfg.out)
     timings = {k: v for k, v in previous.get("timings_s", {}).items() if k != "total"}
-    stage = de.stopwatch(timings)
+    peaks = dict(previous.get("peak_rss_gib", {}))
+    stage = measured(de.stopwatch(timings), peaks)
     lm, tokenizer, data = load_data(cfg, layer, device)
     stage("load_extract")
     models = {key: model.to(device) for key, model in models.items()}
@@ -1724,7 +1745,8 @@ def run(cfg):
         models["sae"] = import_sae(saelens, data["mean"], data["std"]).to(device)
         de.save_model(models["sae"], out / "sae", de.sae_metadata(cfg, layer))
     if cfg.eval_only and cfg.stage34:  # a finished run's evaluation stands; stages 3-4 are added to it
-        report = {**previous, "config": {**previous["config"], "stage34": True, "stimuli": cfg.stimuli}}
+        report = {**previous, "config": {**previous["config"], "stage34": True, "stimuli": cfg.stimuli},
+                  "peak_rss_gib": peaks}
         add_stage34(report, lm, tokenizer, models["joint"], data, cfg, out)
         plot_stage34(report["stage34"], out)
         stage("stage34")
@@ -1732,7 +1754,7 @@ def run(cfg):
         print(format_stage34(report["stage34"]))
         print(f"added stages 3-4 to {out / 'results.json'}; wrote stage34.txt, stage34.png, secondary/", file=sys.stderr)
         return report
-    report = {**de.new_report(cfg, data, models, previous, timings), "commit": source_commit()}
+    report = {**de.new_report(cfg, data, models, previous, timings), "commit": source_commit(), "peak_rss_gib": peaks}
     if not cfg.eval_only:
         de.write_json(out / "results.json", report)
 

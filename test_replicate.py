@@ -155,6 +155,8 @@ def test_quick_run_on_smollm2_writes_complete_results(tmp_path):
         for reading in claim["readings"].values():
             assert reading["verdict"] in ("holds", "no", "unclear") and len(reading["ci"]) == 2
     assert res["status"] == "complete" and res["stages_done"][-1] == "analyse"
+    peaks = list(res["peak_rss_gib"].values())  # the peak so far, stage by stage
+    assert list(res["peak_rss_gib"])[:2] == ["load_extract", "train_sae"] and peaks == sorted(peaks) and peaks[0] > 0.1
     for name in rp.Config.STAGES:
         assert {"cfg.json", "sae_weights.safetensors", "normalization.safetensors"} <= {
             p.name for p in (tmp_path / name).iterdir()}
@@ -627,6 +629,17 @@ def test_a_store_of_the_wrong_size_or_of_another_key_is_refused(tiny_lm_folder, 
     (folder / "meta.json").write_text(json.dumps({**meta, "key": {**meta["key"], "layer": 1}}))
     with pytest.raises(de.DualencError, match="another key"):
         store_data(tiny_lm_folder, tmp_path / "store")
+
+
+def test_the_store_key_is_the_models_weights_not_how_they_were_loaded():
+    lm, windows_NT, cfg = tiny_llama(), torch.arange(64).view(2, 32), rp.Config()
+    key = rp.store_key(cfg, lm, 2, windows_NT)
+    lm.config.quantization_config = {"gguf_file": "model.Q4_1.gguf"}  # loaded from a GGUF file
+    lm.config._name_or_path = "/somewhere/else"
+    assert rp.store_key(cfg, lm, 2, windows_NT) == key
+    with torch.no_grad():
+        lm.model.layers[0].mlp.down_proj.weight[0, 0] += 1e-3
+    assert rp.store_key(cfg, lm, 2, windows_NT)["weights"] != key["weights"]
 
 
 def test_a_model_folder_overwritten_by_other_weights_gets_a_store_of_its_own(tiny_lm_folder, tmp_path):
