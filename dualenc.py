@@ -615,11 +615,12 @@ def evaluate(model, x_ND):
     return {"mse": (sse / (len(x_ND) * x_ND.shape[1])).item(), "fvu": (sse / sst).item()}
 
 
-def fit(model, params, x_train_ND, x_eval_ND, cfg, name, state_path=None, on_eval=None):
+def fit(model, params, x_train_ND, x_eval_ND, cfg, name, state_path=None, on_eval=None, until=None):
     """Adam on MSE(x_hat, x) over `params`: the same seed gives every model the same batches and steps.
     Evaluates every eval_every steps and at the last; returns the history of (step, train loss,
     held-out mse, fvu). With state_path, model, optimiser, step and RNG are saved at each evaluation
-    and training resumes from there; on_eval(step, model) is called after each evaluation."""
+    and training resumes from there; on_eval(step, model) is called after each evaluation. With
+    until, training stops after that step, part-way through the whole run's schedule."""
     params = [p for p in params if p.requires_grad]
     # fused: one kernel for all parameters, ~7x faster than the default Adam step on CPU (measured)
     opt = torch.optim.Adam(params, lr=cfg.lr, betas=(0.9, 0.999), fused=True)
@@ -627,11 +628,12 @@ def fit(model, params, x_train_ND, x_eval_ND, cfg, name, state_path=None, on_eva
     if per_epoch == 0:
         raise DualencError(f"{len(x_train_ND)} training tokens are fewer than --batch-size {cfg.batch_size}")
     steps, start, history = cfg.epochs * per_epoch, 0, []
+    last = steps if until is None else min(until, steps)
     if state_path is not None and state_path.exists():
         start, history = load_train_state(state_path, model, opt)
     loss_sum, n_sum = 0.0, 0
     model.train()
-    bar = tqdm(range(start, steps), desc=name, leave=False, initial=start, total=steps)
+    bar = tqdm(range(start, last), desc=name, leave=False, initial=start, total=last)
     for step in bar:
         j = step % per_epoch
         if j == 0 or step == start:  # a seed per epoch: a resumed run needs no replay to find its batches
@@ -641,7 +643,7 @@ def fit(model, params, x_train_ND, x_eval_ND, cfg, name, state_path=None, on_eva
         for group in opt.param_groups:
             group["lr"] = lr_at(step, steps, cfg)
         loss_sum, n_sum = loss_sum + train_step(model, opt, batch_BD), n_sum + 1
-        if (step + 1) % cfg.eval_every == 0 or step + 1 == steps:
+        if (step + 1) % cfg.eval_every == 0 or step + 1 == last:
             train_loss = (loss_sum / n_sum).item()  # one host sync per cadence, not per step
             if not math.isfinite(train_loss):
                 raise DualencError(f"{name}: training loss became {train_loss} at step {step + 1}")
@@ -678,21 +680,22 @@ def load_train_state(path, model, opt):
     return state["step"], state["history"]
 
 
-def train_sae(model, x_train_ND, x_eval_ND, cfg, state_path=None, name="sae", on_eval=None):
+def train_sae(model, x_train_ND, x_eval_ND, cfg, state_path=None, name="sae", on_eval=None, until=None):
     """The SAE alone: the fair baseline (§9.1) and stage 1 of sequential training (replicate.py also
     trains its parameter-matched twin with it, §9.5)."""
-    return fit(model, model.sae.parameters(), x_train_ND, x_eval_ND, cfg, name, state_path, on_eval)
+    return fit(model, model.sae.parameters(), x_train_ND, x_eval_ND, cfg, name, state_path, on_eval, until)
 
 
-def train_sequential(model, x_train_ND, x_eval_ND, cfg, state_path=None, name="sequential", on_eval=None):
+def train_sequential(model, x_train_ND, x_eval_ND, cfg, state_path=None, name="sequential", on_eval=None,
+                     until=None):
     """Stage 2 of sequential training: the SAE is frozen and the NFM fits its residual (§5)."""
     model.sae.requires_grad_(False)
-    return fit(model, model.nfm.parameters(), x_train_ND, x_eval_ND, cfg, name, state_path, on_eval)
+    return fit(model, model.nfm.parameters(), x_train_ND, x_eval_ND, cfg, name, state_path, on_eval, until)
 
 
-def train_joint(model, x_train_ND, x_eval_ND, cfg, state_path=None, name="joint", on_eval=None):
+def train_joint(model, x_train_ND, x_eval_ND, cfg, state_path=None, name="joint", on_eval=None, until=None):
     """SAE and NFM from scratch together on one loss MSE(x_s + linear + interaction, x) (§5)."""
-    return fit(model, model.parameters(), x_train_ND, x_eval_ND, cfg, name, state_path, on_eval)
+    return fit(model, model.parameters(), x_train_ND, x_eval_ND, cfg, name, state_path, on_eval, until)
 
 
 # ----------------------------------------------------------------------------- evaluation

@@ -836,15 +836,31 @@ def checkpoint_steps(cfg, n_train):
     return sorted({min(steps, max(cfg.eval_every, round(s / cfg.eval_every) * cfg.eval_every)) for s in spaced} | {steps})
 
 
-def saving_checkpoints(recipes, steps, folder_of, metadata):
+def saving_checkpoints(recipes, steps, folder_of, metadata, cfg, data):
     """The recipes, their training also saving the model at each of `steps` but the last (the finished
-    model is the run's own) into folder_of(name) / step<N>; a resumed run keeps those already saved."""
+    model is the run's own) into folder_of(name) / step<N>; a resumed run keeps those already saved.
+    Sequential's checkpoint at step N is an NFM trained for N steps (on the whole run's schedule) on
+    the SAE of step N, not on the finished one: each checkpoint compares models of one length."""
     def saving(train, folder):
         def save(step, model):
             if step in steps[:-1]:
                 de.save_model(model, folder / f"step{step}", metadata)
         return functools.partial(train, on_eval=save)
-    return {name: (make, saving(train, folder_of(name))) for name, (make, train) in recipes.items()}
+
+    def sequential(train):
+        def train_all(model, *args, **kw):
+            history = train(model, *args, **kw)
+            for step in steps[:-1]:
+                folder = folder_of("sequential") / f"step{step}"
+                if not (folder / "cfg.json").exists():
+                    early = de.build(cfg, data, sae=de.load_model(folder_of("sae") / f"step{step}").sae, nfm="linear")
+                    de.train_sequential(early, data["x_train"], data["x_eval"], cfg, name=f"sequential to {step}",
+                                        until=step)
+                    de.save_model(early, folder, metadata)
+            return history
+        return train_all
+    return {name: (make, sequential(train) if name == "sequential" else saving(train, folder_of(name)))
+            for name, (make, train) in recipes.items()}
 
 
 def checkpoint_point(step, cfg, results, analysis):
@@ -1764,7 +1780,8 @@ def run(cfg):
         seed_cfg, key = replace(cfg, seed=seed), functools.partial(run_key, cfg, seed)
         seed_recipes = recipes(seed_cfg, data)
         if steps and seed == cfg.seed:  # along the training length: the first seed's models
-            seed_recipes = saving_checkpoints(seed_recipes, steps, lambda name: out / key(name), de.sae_metadata(cfg, layer))
+            seed_recipes = saving_checkpoints(seed_recipes, steps, lambda name: out / key(name),
+                                              de.sae_metadata(cfg, layer), seed_cfg, data)
         trained = de.train_models(seed_cfg, data, seed_recipes, models, out, report, stage, key=key)
         ev = gather_evidence(lm, trained, data, torch.Generator(device=device).manual_seed(seed))
         evidence[f"seed{seed}/step{total_steps(cfg, len(data['x_train']))}"] = ev

@@ -270,6 +270,18 @@ def test_sequential_leaves_the_sae_untouched_and_beats_it():
     assert de.evaluate(model, x)["mse"] < sae_only["mse"]
 
 
+def test_training_until_a_step_is_the_whole_run_as_it_was_at_that_step():
+    x, cfg = synthetic_acts(), small_cfg()
+    snapshots = {}
+    torch.manual_seed(0)
+    whole = de.DualEncoder(de.TopKSAE(D, FEATS, K))
+    de.train_sae(whole, x, x, cfg, on_eval=lambda step, m: snapshots.setdefault(step, m.sae.W_dec.clone()))
+    torch.manual_seed(0)
+    part = de.DualEncoder(de.TopKSAE(D, FEATS, K))
+    history = de.train_sae(part, x, x, cfg, until=30)
+    assert history[-1]["step"] == 30 and torch.equal(part.sae.W_dec, snapshots[30])
+
+
 def test_same_seed_same_history():
     x, cfg = synthetic_acts(), small_cfg(epochs=1)
     assert trained("joint", x, cfg)[0] == trained("joint", x, cfg)[0]

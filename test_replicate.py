@@ -522,6 +522,17 @@ def test_a_run_with_checkpoints_judges_every_claim_along_the_training_length(tin
     assert "along the training length" in rp.format_report(report)
 
 
+def test_a_sequential_checkpoint_is_an_nfm_of_that_length_on_the_sae_of_that_step(tiny_lm_folder, tmp_path):
+    report = rp.run(tiny_run_cfg(tiny_lm_folder, tmp_path, checkpoints=3, models="sequential"))
+    first = report["along_training"][0]["step"]
+    early, sae = (de.load_model(tmp_path / name / f"step{first}") for name in ("sequential", "sae"))
+    assert torch.equal(early.sae.W_dec, sae.sae.W_dec)
+    assert not torch.equal(early.sae.W_dec, de.load_model(tmp_path / "sae").sae.W_dec)
+    assert not torch.equal(early.nfm.W_lin, de.load_model(tmp_path / "sequential").nfm.W_lin)
+    point = report["along_training"][0]["models"]
+    assert point["sequential"]["fvu"] < point["sae"]["fvu"]  # an NFM on that SAE's residual, not another SAE's
+
+
 def test_runs_of_one_model_each_combine_into_the_run_that_trains_them_all(tiny_lm_folder, tmp_path):
     whole = rp.run(tiny_run_cfg(tiny_lm_folder, tmp_path / "whole", checkpoints=3, models="sae,joint"))
     pieces = [tmp_path / name for name in ("joint", "sae")]
