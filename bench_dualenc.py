@@ -5,14 +5,18 @@ of several repeats. Not a test: nothing here asserts a time.
     python bench_dualenc.py                                  # CPU or the GPU torch sees
     python bench_dualenc.py --results runs/X/results.json    # also split that run's wall time by stage
 
+    python bench_dualenc.py --neighbour                      # only the thread / wait-policy comparison
+
 Sections: NFM (sparse vs the dense [B, F, M] reference, with peak memory), SAE decode (embedding_bag
 vs dense matmul), the SAE step (sparse vs dense encoder backward, and where its time goes), extraction
-(early exit vs full forward), splicing (cached prefix vs full forward), training throughput, and the
-end-to-end stage split.
+(early exit vs full forward), splicing (cached prefix vs full forward), training throughput, on CPU
+the SAE step beside a low-priority neighbour (threads and OpenMP wait policy), and the end-to-end
+stage split.
 """
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -192,6 +196,50 @@ def bench_sae_step(device, repeats):
               + f", the backward and the rest {1 - sum(parts.values()):.0%}")
 
 
+NEIGHBOUR_SETTINGS = (("2 threads, OMP_WAIT_POLICY=PASSIVE", 2, "PASSIVE"),
+                      ("2 threads, OMP_WAIT_POLICY=ACTIVE", 2, "ACTIVE"), ("1 thread", 1, "PASSIVE"))
+
+
+def sae_step_child(threads, repeats):
+    """One paper-density SAE training step, timed in this (fresh) process with `threads` threads: the
+    median, printed in seconds."""
+    torch.set_num_threads(threads)
+    cfg, d = de.Config(**de.paper_density(DEFAULT["d"])), DEFAULT["d"]
+    torch.manual_seed(0)
+    model = de.DualEncoder(de.TopKSAE(d, cfg.features, cfg.k))
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=True)
+    x = torch.randn(cfg.batch_size, d)
+    print(timed(lambda: de.train_step(model, opt, x), torch.device("cpu"), repeats)[1])
+
+
+def busy_child():
+    """A stand-in for a test suite at low priority: one thread of matrix products, until killed."""
+    torch.set_num_threads(1)
+    a = torch.randn(512, 512)
+    while True:
+        a = torch.tanh(a @ a)
+
+
+def bench_neighbour(repeats):
+    """A long run keeps the cores while tests run beside it: the paper-density SAE step in a fresh process
+    per setting (OpenMP reads its wait policy at start), alone and beside a busy one-thread neighbour
+    at nice 19, and the share of its quiet speed it keeps."""
+    print("\n## SAE step at paper density beside a low-priority neighbour (a test suite's stand-in), CPU")
+    for label, threads, policy in NEIGHBOUR_SETTINGS:
+        env = {**os.environ, "OMP_WAIT_POLICY": policy}
+        cmd = [sys.executable, __file__, "--sae-step", str(threads), "--repeats", str(repeats * 2)]
+        quiet = float(subprocess.run(cmd, capture_output=True, text=True, env=env, check=True).stdout)
+        busy = subprocess.Popen(["nice", "-n", "19", sys.executable, __file__, "--busy"],
+                                env={**os.environ, "OMP_NUM_THREADS": "1"})
+        try:
+            loaded = float(subprocess.run(cmd, capture_output=True, text=True, env=env, check=True).stdout)
+        finally:
+            busy.kill()
+            busy.wait()
+        print(f"  {label:<36} alone {quiet * 1e3:7.1f} ms   beside it {loaded * 1e3:7.1f} ms   "
+              f"keeps {quiet / loaded:5.0%} of its speed")
+
+
 def bench_training(device, repeats):
     print("\n## Training throughput, default config, synthetic activations (tokens/s, min / median step)")
     cfg = de.Config()
@@ -241,10 +289,19 @@ def main():
     p.add_argument("--device", default="auto")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--results", help="results.json of a default run, to split its wall time by stage")
+    p.add_argument("--neighbour", action="store_true", help="only the SAE step beside a busy neighbour (CPU)")
     p.add_argument("--peak", nargs=2, help=argparse.SUPPRESS)  # internal: one CPU peak-memory measurement
+    p.add_argument("--sae-step", type=int, help=argparse.SUPPRESS)  # internal: one timed step, N threads
+    p.add_argument("--busy", action="store_true", help=argparse.SUPPRESS)  # internal: the neighbour
     args = p.parse_args()
     if args.peak:
         return peak_child(*args.peak)
+    if args.sae_step:
+        return sae_step_child(args.sae_step, args.repeats)
+    if args.busy:
+        return busy_child()
+    if args.neighbour:
+        return bench_neighbour(args.repeats)
     device = de.resolve_device(args.device)
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"# dualenc benchmark on {name}, torch {torch.__version__}")
@@ -253,6 +310,8 @@ def main():
     bench_sae_step(device, args.repeats)
     bench_training(device, args.repeats)
     bench_lm(device, max(2, args.repeats // 2))
+    if device.type == "cpu":
+        bench_neighbour(args.repeats)
     if args.results:
         stage_split(args.results)
 

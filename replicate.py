@@ -833,7 +833,8 @@ def checkpoint_steps(cfg, n_train):
         return []
     first = max(1, min(round(200_000 / cfg.batch_size), steps // 10))
     spaced = torch.logspace(math.log10(first), math.log10(steps), cfg.checkpoints, dtype=torch.float64).tolist()
-    return sorted({min(steps, max(cfg.eval_every, round(s / cfg.eval_every) * cfg.eval_every)) for s in spaced} | {steps})
+    inner = {max(cfg.eval_every, round(s / cfg.eval_every) * cfg.eval_every) for s in spaced[:-1]}
+    return sorted({s for s in inner if s <= steps - cfg.eval_every} | {steps})  # none a cadence from the end
 
 
 def saving_checkpoints(recipes, steps, folder_of, metadata, cfg, data):

@@ -495,6 +495,8 @@ def test_checkpoints_are_log_spaced_from_the_default_length_to_the_end():
     cfg = rp.Config(checkpoints=5, batch_size=1024, epochs=10, eval_every=100)
     assert rp.checkpoint_steps(cfg, n_train=1_000_000) == [200, 500, 1400, 3700, 9760]  # 0.2 M to 10 M presentations, x 2.7
     assert rp.checkpoint_steps(rp.Config(), n_train=100_000) == []
+    long_run = rp.Config(checkpoints=5, batch_size=1024, epochs=10, eval_every=200)  # the end off the cadence
+    assert rp.checkpoint_steps(long_run, n_train=1_071_193) == [200, 600, 1400, 3800, 10460]
 
 
 def test_a_run_of_the_sae_alone_reports_it_without_claims_on_models_it_lacks(tiny_lm_folder, tmp_path):
