@@ -930,6 +930,24 @@ def train_secondary(joint, x_train_ND, x_eval_ND, cfg):
     return secondary, curve, secondary.normalize(h_eval_NM)
 
 
+@torch.no_grad()
+def pair_reading(joint, secondary, x_BD, feature):
+    """What integration feature g reads (METHOD.md §16). The secondary SAE reads the z-scored hidden
+    layer z = (h - mu) / sigma, h = W_1 pair(f) + c_1, so g's pre-activation splits exactly into pairs
+    of the identity features the NFM reads (its n_read largest codes, R of them):
+        a_g = w_g . z + b_g = const_g + sum_{i<j} f_i f_j v_i^T diag(c_g) v_j,   c_g = W_1^T (w_g / sigma)
+        const_g = w_g . ((c_1 - mu) / sigma) + b_g
+    Returns const_g (a scalar tensor), the read features [B, R] and each pair's term [B, R, R] (i < j
+    above the diagonal, zeros elsewhere): O(B R^2 M), fine for the tokens a feature page shows."""
+    vals_BR, idx_BR = joint.nfm.read(*joint.sae.encode(x_BD))
+    first = joint.nfm.mlp[0]  # h = pair @ W_1^T + c_1
+    w_M = secondary.sae.W_enc[:, feature] / secondary.std_D
+    c_M = first.weight.T @ w_M
+    const = w_M @ (first.bias - secondary.mean_D) + secondary.sae.b_enc[feature]
+    fv_BRM = vals_BR[..., None] * joint.nfm.embed[idx_BR]
+    return const, idx_BR, torch.einsum("bim,m,bjm->bij", fv_BRM, c_M, fv_BRM).triu(1)
+
+
 class IntegrationPipeline(de.DualEncoder):
     """The joint model with its interaction hidden layer passed through the secondary SAE (§13):
         x -> f (primary SAE) -> f_read (the NFM's n_read codes) -> h = W_1 pair(f_read) + c_1

@@ -352,6 +352,17 @@ def test_secondary_sae_learns_the_interaction_hidden_layer():
     assert paper.sae.W_dec.shape == (25 * M, M) and paper.sae.k == round(0.02 * 25 * M)
 
 
+def test_an_integration_features_pairs_and_constant_give_back_its_pre_activation():
+    x = synthetic_acts()
+    joint, secondary, _, _ = tiny_joint_and_secondary(x)
+    z_BM = secondary.normalize(rp.interaction_hidden(joint, x[:64]))
+    for g in (0, 7):
+        const, idx_BR, pairs_BRR = rp.pair_reading(joint, secondary, x[:64], g)
+        direct_B = z_BM @ secondary.sae.W_enc[:, g] + secondary.sae.b_enc[g]
+        torch.testing.assert_close(const + pairs_BRR.sum((1, 2)), direct_B, rtol=1e-5, atol=1e-5)
+        assert idx_BR.shape == (64, K) and (pairs_BRR.tril() == 0).all()  # each pair once, i < j
+
+
 def test_scaling_by_one_or_a_silent_feature_by_zero_changes_nothing():
     x = synthetic_acts(n=256)
     joint, secondary, _, _ = tiny_joint_and_secondary(x)
