@@ -746,8 +746,9 @@ def splice_metrics(lm, input_ids_NT, layer, replacements, keep_NT=None, acts_NTD
     counted where kl_mask (keep_NT; default: all but position 0) and nll_mask (kept, not last), 0
     elsewhere; kept per window (row), the bootstrap's unit (§9.6). One clean pass per batch serves every
     replacement; given acts_NTD (the clean block-L outputs), blocks 0..L are not run (cached_prefix).
-    batch_size windows a pass: a pass holds about five [B, T, V] float32 tensors, 100 MB each at 4
-    windows of 128 tokens and SmolLM2's V of 49,152."""
+    batch_size windows a pass: a pass holds three [B, T, V] float32 tensors at most (P_clean, the
+    spliced logits and the model's own), 100 MB each at 4 windows of 128 tokens and SmolLM2's V of
+    49,152."""
     T = input_ids_NT.shape[1]
     keep_NT = (torch.arange(T) > 0).expand(input_ids_NT.shape) if keep_NT is None else keep_NT.cpu()
     nll_mask_NT = keep_NT & (torch.arange(T) < T - 1)
@@ -755,8 +756,9 @@ def splice_metrics(lm, input_ids_NT, layer, replacements, keep_NT=None, acts_NTD
     kl = {name: torch.zeros(input_ids_NT.shape) for name in replacements}
     nll = {name: torch.zeros(input_ids_NT.shape) for name in ("clean", *replacements)}
 
-    def logprobs(ids):
-        return F.log_softmax(lm(ids, use_cache=False).logits.float(), dim=-1)
+    def logprobs(ids):  # log-softmax in place: one [B, T, V] tensor a pass, not two
+        logits = lm(ids, use_cache=False).logits.float()
+        return logits.sub_(logits.logsumexp(-1, keepdim=True))
 
     def token_nll(logp_BTV, ids):
         return F.pad(-logp_BTV[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1), (0, 1)).cpu()
@@ -771,6 +773,7 @@ def splice_metrics(lm, input_ids_NT, layer, replacements, keep_NT=None, acts_NTD
             # KL(P || Q) = sum P log P - sum P log Q: the first term once per batch, the second a dot product
             p_clean = clean.exp()
             neg_entropy_BT = torch.linalg.vecdot(p_clean, clean)
+            del clean  # p_clean is all the replacements need
             for name, fn in replacements.items():
                 with block_hook(lm, layer, lambda h, fn=fn: torch.where(keep_BT[..., None], fn(h), h)):
                     spliced = logprobs(ids)
