@@ -1692,7 +1692,7 @@ def combine_runs(cfg):
     runs' own timings and commits."""
     folders = [Path(p) for p in cfg.combine.split(",")]
     pieces = [(folder, *read_piece(folder)) for folder in folders]
-    (_, base, _) = pieces[0]
+    _, base, _ = pieces[0]
     for folder, report, _ in pieces[1:]:
         for field, value in base["config"].items():
             if field not in PIECE_FLAGS and report["config"].get(field, value) != value:  # older runs lack new flags
@@ -1703,8 +1703,8 @@ def combine_runs(cfg):
     stages = [Config(**{k: v for k, v in r["config"].items() if k in known}).stages() for _, r, _ in pieces]
     names = {n for s in stages for n in s}
     with_stage34 = [report for _, report, _ in pieces if "stage34" in report]
-    settings = {**{k: v for k, v in base["config"].items() if k in known}, "models": ",".join(m for m in Config.STAGES if m in names), "out": cfg.out,
-                "combine": cfg.combine, "stage34": bool(with_stage34)}
+    settings = {**{k: v for k, v in base["config"].items() if k in known}, "out": cfg.out, "combine": cfg.combine,
+                "models": ",".join(m for m in Config.STAGES if m in names), "stage34": bool(with_stage34)}
     cfg = Config(**settings)
     out = de.prepare_out(cfg.out)
     data = base["data"]
