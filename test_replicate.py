@@ -574,6 +574,8 @@ def test_runs_that_differ_in_more_than_their_models_do_not_combine(tiny_lm_folde
         rp.run(rp.Config(combine=f"{tmp_path}/a,{tmp_path}/c", out=str(tmp_path / "ac")))
     with pytest.raises(de.DualencError, match="not a replicate run folder"):
         rp.run(rp.Config(combine=f"{tmp_path}/a,{tmp_path}/missing", out=str(tmp_path / "am")))
+    with pytest.raises(de.DualencError, match="only --out may be given with it"):
+        rp.parse_args(["--combine", f"{tmp_path}/a,{tmp_path}/c", "--lr", "0.1"])
 
 
 # ----------------------------------------------------------------------------- the activation store
