@@ -1,9 +1,9 @@
-"""Tests for dualenc.py, the method, written as examples of its API. Offline: tiny random transformers
-models built from a config for the plumbing, and the real SmolLM2 GGUF for one end-to-end --quick run.
-The referee (replicate.py) has its own tests in test_replicate.py, which reuse the helpers here."""
+"""Tests of dualenc.py, the method, written as examples of its API, without any file: synthetic
+activations, and tiny random transformers models built from a config for the hook and the splice.
+test_runner.py and test_replicate.py reuse the helpers here."""
 
+import ast
 import itertools
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -458,127 +458,16 @@ def test_layer_outside_the_model_raises():
         de.extract_activations(tiny_llama(), torch.zeros(1, 4, dtype=torch.long), layer=4)
 
 
-def test_text_errors(tmp_path):
-    with pytest.raises(de.DualencError, match="no text"):
-        de.read_text(str(tmp_path / "missing.txt"))
-    (tmp_path / "empty.txt").write_text("  \n")
-    with pytest.raises(de.DualencError, match="empty"):
-        de.read_text(str(tmp_path / "empty.txt"))
-    (tmp_path / "empty_dir").mkdir()
-    with pytest.raises(de.DualencError, match="no text"):
-        de.read_text(str(tmp_path / "empty_dir"))
-    tok = lambda text, **kw: {"input_ids": list(range(len(text.split())))}  # noqa: E731
-    with pytest.raises(de.DualencError, match="longer text"):
-        de.make_windows(tok, "a few words only", n_tokens=4096, ctx=128)
-
-
-def test_the_default_corpus_is_deterministic_and_read_only_as_far_as_needed():
-    text = de.corpus(500_000)
-    assert 500_000 <= len(text) < 520_000
-    de.file_docstrings.cache_clear()
-    assert de.corpus(500_000) == text and de.corpus(100_000) == text[:len(de.corpus(100_000))]  # a fresh parse
-
-
-def test_windows_of_the_corpus_are_the_first_tokens_of_its_whole_text():
-    tok = lambda text, **kw: {"input_ids": [len(w) for w in text.split()]}  # noqa: E731
-    windows = de.make_windows(tok, de.corpus, n_tokens=50_000, ctx=100)
-    whole = tok(de.corpus(2_000_000))["input_ids"]
-    assert windows.shape == (500, 100) and windows.flatten().tolist() == whole[:50_000]
-
-
-def test_device_and_output_errors(tmp_path):
-    if not torch.cuda.is_available():
-        with pytest.raises(de.DualencError, match="CUDA"):
-            de.resolve_device("cuda")
-    with pytest.raises(de.DualencError, match="auto, cpu or cuda"):
-        de.resolve_device("tpu")
-    blocker = tmp_path / "a_file"
-    blocker.write_text("")
-    with pytest.raises(de.DualencError, match="cannot write"):
-        de.prepare_out(str(blocker / "run"))
-
-
-def test_missing_model_raises():
-    with pytest.raises(de.DualencError, match="no such"):
-        de.load_lm("./no/such/model", "cpu")
-    with pytest.raises(de.DualencError, match="no such file"):
-        de.load_lm("missing.gguf", "cpu")
-
-
-def run_cli(script, *args):
-    return subprocess.run([sys.executable, script, *args], capture_output=True, text=True,
-                          cwd=Path(__file__).parent, timeout=600)
-
-
-@pytest.mark.parametrize("script", ["dualenc.py", "replicate.py"])
-@pytest.mark.parametrize("args, msg", [
-    (["--k", "5000", "--features", "100"], "exceeds"),
-    (["--model", "./nowhere/model"], "no such model folder"),
-    (["--text", "/nonexistent.txt", "--out", "OUT"], "no text"),
-    (["--k", "many"], "invalid int value"),
-    (["--no-such-flag"], "unrecognized arguments"),
-])
-def test_cli_bad_input_is_one_line_and_nonzero(script, args, msg, tmp_path):
-    out, runs = tmp_path / "run", Path(__file__).parent / "runs"
-    before = set(runs.iterdir()) if runs.exists() else set()
-    r = run_cli(script, *[str(out) if a == "OUT" else a for a in args])
-    assert (set(runs.iterdir()) if runs.exists() else set()) == before  # no output folder made
-    assert r.returncode == 2
-    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1 and msg in lines[0] and "Traceback" not in r.stderr
-    assert not (out / "results.json").exists()
-
-
-def test_cli_flags_mirror_the_config():
-    cfg = de.parse_args(["--features", "128", "--k", "4", "--layer", "3", "--lr", "0.01"])
-    assert (cfg.features, cfg.k, cfg.layer, cfg.lr, cfg.embed_dim) == (128, 4, 3, 0.01, 64)
-    quick = de.parse_args(["--quick", "--k", "8"])
-    assert quick.quick and quick.k == 8 and quick.tokens == de.QUICK["tokens"]
-    assert de.parse_args(["--resume", "runs/x", "--device", "cpu"]).resume == "runs/x"
-    with pytest.raises(de.DualencError, match="only --device"):
-        de.parse_args(["--resume", "runs/x", "--epochs", "5"])
-
-
-def test_paper_density_sets_the_papers_ratios_at_the_models_width(tiny_lm_folder):
-    smollm2 = de.parse_args(["--paper-density"])  # d_model 576: F = 15.6 d, k = 2 % of F, the NFM reads k/2
-    assert (smollm2.features, smollm2.k, smollm2.nfm_k, smollm2.embed_dim, smollm2.batch_size) == (8986, 180, 90, 300, 1024)
-    tiny = de.parse_args(["--paper-density", "--model", tiny_lm_folder, "--k", "4"])  # d_model 32; a flag given wins
-    assert (tiny.features, tiny.k, tiny.nfm_k, tiny.embed_dim) == (499, 4, 2, 300)
-    wider = de.parse_args(["--paper-density", "--features", "20000"])  # k follows the F given: 2 % of it
-    assert (wider.features, wider.k, wider.nfm_k) == (20000, 400, 200)
-
-
-# ----------------------------------------------------------------------------- end to end, real LM
-
-def test_the_default_corpus_gives_five_million_smollm2_tokens():
-    _, tokenizer = de.load_lm(de.SMOLLM2, "cpu")
-    assert de.make_windows(tokenizer, de.corpus, 5_000_000, 1000).shape == (5000, 1000)
-    text = de.corpus(3_000_000)  # tokenised in pieces, as the whole at once
-    assert de.tokenise(tokenizer, text, piece=200_000).tolist() == tokenizer(text, split_special_tokens=True)["input_ids"]
-
-
-def test_quick_run_of_the_method_on_smollm2_writes_its_results(tmp_path):
-    r = run_cli("dualenc.py", "--quick", "--out", str(tmp_path))
-    assert r.returncode == 0, r.stderr[-2000:]
-    res = json.loads((tmp_path / "results.json").read_text())
-    assert res["data"]["d_model"] == 576 and res["data"]["layer"] == 15 and res["status"] == "complete"
-    assert list(res["models"]) == ["sae", "sequential", "joint"] == list(res["curves"])
-    for name, m in res["models"].items():
-        assert m.keys() == {"params", "mse", "fvu", "kl", "ce", "ce_recovered", "kl_eps_random", "pathology_ratio"}
-        assert 0 < m["fvu"] < 1 and 0 < m["kl"] < m["kl_eps_random"] * 10 and 0 < m["ce_recovered"] < 1
-        assert res["curves"][name][-1]["step"] == res["data"]["steps_per_model"]
-        assert (tmp_path / name / "cfg.json").exists()
-    assert res["models"]["joint"]["params"] > res["models"]["sae"]["params"]
-    assert res["zero_ce"] > res["models"]["sae"]["ce"] > res["clean_ce"]
-    assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
-    assert "ci" not in res["models"]["sae"] and "claims" not in res  # intervals and claims are the referee's
-    assert "joint" in r.stdout and "steps per model" in r.stdout
-
-
-def test_importing_the_method_leaves_the_referee_unimported():
-    code = "import sys, dualenc; assert 'replicate' not in sys.modules; print(len(dualenc.Config.STAGES))"
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parent)
-    assert r.returncode == 0 and r.stdout.strip() == "3", r.stderr
+def test_the_method_file_imports_nothing_of_the_project_and_no_file_formats():
+    tree = ast.parse((Path(__file__).parent / "dualenc.py").read_text())
+    top = {n.module if isinstance(n, ast.ImportFrom) else a.name
+           for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom)) for a in n.names}
+    assert {name.split(".")[0] for name in top} == {"math", "contextlib", "dataclasses", "torch", "tqdm"}
+    code = ("import sys, dualenc; project = {'runner', 'replicate', 'stats', 'stages34', 'store'}; "
+            "print(sorted(project & set(sys.modules)))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       cwd=Path(__file__).parent)
+    assert r.returncode == 0 and r.stdout.strip() == "[]", r.stderr
 
 
 @pytest.mark.parametrize("arch", TINY_LMS)
@@ -594,150 +483,3 @@ def test_cached_prefix_splice_equals_full_forward_splice(arch):
             torch.testing.assert_close(cached[kind][name], v, rtol=1e-5, atol=1e-6)
     assert de.token_mean(full["kl"]["zero"], full["kl_mask"]) > 0.001
     assert not any(isinstance(b, de._Cached) for b in de.decoder_blocks(lm))  # the real blocks are back
-
-
-# ----------------------------------------------------------------------------- checkpoints, resume, determinism
-
-def trained_models():
-    torch.manual_seed(0)
-    mean, std = torch.randn(D), torch.rand(D) + 0.5
-    return {"sae": de.DualEncoder(de.TopKSAE(D, FEATS, K), None, mean, std),
-            "joint": de.DualEncoder(de.TopKSAE(D, FEATS, K), de.NFM(FEATS, D, M, n_read=K // 2), mean, std),
-            "joint_no_linear": de.DualEncoder(de.TopKSAE(D, FEATS, K), de.NFM(FEATS, D, M, linear=False), mean, std)}
-
-
-@pytest.mark.parametrize("name", ["sae", "joint", "joint_no_linear"])
-def test_save_load_round_trip_is_exact(name, tmp_path):
-    model = trained_models()[name].eval()
-    de.save_model(model, tmp_path / name, {"model_name": "test", "hook_name": "blocks.1.hook_resid_post",
-                                           "context_size": 16})
-    loaded = de.load_model(tmp_path / name)
-    h = torch.randn(3, 5, D) * 3
-    assert torch.equal(loaded.reconstruct(h), model.reconstruct(h))
-    assert loaded.state_dict().keys() == model.state_dict().keys()
-
-
-def test_saelens_files_have_the_v6_layout_and_work_on_raw_activations(tmp_path):
-    from safetensors.torch import load_file
-
-    model = trained_models()["sae"].eval()
-    de.save_model(model, tmp_path, {"model_name": "m", "hook_name": "blocks.1.hook_resid_post", "context_size": 16})
-    cfg = json.loads((tmp_path / "cfg.json").read_text())
-    assert {"d_in", "d_sae", "dtype", "device", "architecture", "k", "apply_b_dec_to_input",
-            "normalize_activations", "metadata"} <= cfg.keys()
-    assert (cfg["d_in"], cfg["d_sae"], cfg["k"], cfg["architecture"]) == (D, FEATS, K, "topk")
-    assert cfg["normalize_activations"] == "none" and cfg["apply_b_dec_to_input"] is False
-    assert {"model_name", "hook_name", "context_size", "prepend_bos", "exclude_special_tokens",
-            "sae_lens_version"} <= cfg["metadata"].keys()
-    w = load_file(tmp_path / "sae_weights.safetensors")
-    assert {k: tuple(v.shape) for k, v in w.items()} == {"W_enc": (D, FEATS), "b_enc": (FEATS,),
-                                                         "W_dec": (FEATS, D), "b_dec": (D,)}
-    # a TopK SAE written from the SAELens tensors alone, fed RAW activations
-    h = torch.randn(20, D) * 3 + 1
-    vals, idx = F.relu(h @ w["W_enc"] + w["b_enc"]).topk(K, dim=-1)
-    raw_recon = de.to_dense(vals, idx, FEATS) @ w["W_dec"] + w["b_dec"]
-    torch.testing.assert_close(raw_recon, model.reconstruct(h), rtol=1e-4, atol=1e-4)
-
-
-def test_damaged_checkpoints_fail_with_one_line(tmp_path):
-    model = trained_models()["joint"]
-    meta = {"model_name": "m", "hook_name": "h", "context_size": 16}
-    de.save_model(model, tmp_path / "ok", meta)
-    truncated = tmp_path / "truncated"
-    de.save_model(model, truncated, meta)
-    data = (truncated / "nfm.safetensors").read_bytes()
-    (truncated / "nfm.safetensors").write_bytes(data[: len(data) // 2])
-    other_d = tmp_path / "other_d"
-    de.save_model(model, other_d, meta)
-    cfg = json.loads((other_d / "cfg.json").read_text())
-    (other_d / "cfg.json").write_text(json.dumps({**cfg, "d_in": D + 1}))
-    missing = tmp_path / "missing"
-    de.save_model(model, missing, meta)
-    (missing / "normalization.safetensors").unlink()
-    for folder in (truncated, other_d, missing, tmp_path / "nowhere"):
-        with pytest.raises(de.DualencError, match="cannot load") as err:
-            de.load_model(folder)
-        assert "\n" not in str(err.value)
-    de.load_model(tmp_path / "ok")
-
-
-@pytest.fixture(scope="session")
-def tiny_lm_folder(tmp_path_factory):
-    """A tiny random Llama with SmolLM2's tokenizer, saved as a local model folder: the whole pipeline
-    runs on it in seconds."""
-    folder = tmp_path_factory.mktemp("tiny_lm")
-    _, tokenizer = de.load_lm(de.SMOLLM2, "cpu")
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=4,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return str(folder)
-
-
-def tiny_run_cfg(model, out, cls=de.Config, **kw):
-    return cls(**{"model": model, "tokens": 4096, "ctx": 32, "features": 64, "k": 8, "embed_dim": 8,
-                        "epochs": 2, "batch_size": 128, "eval_every": 5, "splice_tokens": 256, "out": str(out),
-                        "device": "cpu", **kw})
-
-
-def test_layer_outside_the_model_fails_before_the_corpus_is_read(tiny_lm_folder, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(de, "read_text", lambda path: pytest.fail("the corpus was read"))
-    with pytest.raises(SystemExit) as exit_:
-        de.main(["--model", tiny_lm_folder, "--layer", "999", "--out", str(tmp_path)])
-    err = capsys.readouterr().err
-    assert exit_.value.code == 2 and err.strip() == "dualenc: error: --layer 999 is outside the model's blocks 0..3"
-
-
-@pytest.fixture(scope="session")
-def tiny_method_run(tiny_lm_folder, tmp_path_factory):
-    out = tmp_path_factory.mktemp("tiny_method_run")
-    return out, de.run(tiny_run_cfg(tiny_lm_folder, out))
-
-
-def test_the_method_run_trains_and_evaluates_its_three_models(tiny_method_run):
-    out, report = tiny_method_run
-    assert list(report["models"]) == list(de.Config.STAGES) and report["status"] == "complete"
-    models, saved = de.load_run(out)
-    assert set(models) == set(de.Config.STAGES) and saved["stages_done"][-1] == "evaluate"
-    # sequential reuses the SAE it was built on: its SAE path is the SAE's
-    x = 2 * torch.randn(16, 32)
-    torch.testing.assert_close(models["sequential"].sae(x)[0], models["sae"].sae(x)[0])
-    assert report["models"]["sequential"]["mse"] < report["models"]["sae"]["mse"]
-
-
-def test_the_method_run_is_deterministic_and_its_eval_only_reproduces_it(tiny_lm_folder, tiny_method_run, tmp_path):
-    out, first = tiny_method_run
-    second = de.run(tiny_run_cfg(tiny_lm_folder, tmp_path))
-    assert second["models"] == first["models"] and second["curves"] == first["curves"]
-    again = de.run(de.Config(eval_only=str(out), device="cpu"))
-    assert again["models"] == first["models"] and (out / "results_eval_only.json").exists()
-
-
-def interrupt_training_at(monkeypatch, n):
-    """Make a run's n-th optimiser step raise KeyboardInterrupt, as Ctrl-C would; returns the real step."""
-    calls, real_step = [0], de.train_step
-
-    def flaky_step(*args):
-        calls[0] += 1
-        if calls[0] == n:
-            raise KeyboardInterrupt
-        return real_step(*args)
-
-    monkeypatch.setattr(de, "train_step", flaky_step)
-    return real_step
-
-
-def test_an_interrupted_method_run_resumes_to_the_same_result(tiny_lm_folder, tiny_method_run, tmp_path, monkeypatch):
-    _, uninterrupted = tiny_method_run
-    steps = uninterrupted["data"]["steps_per_model"]
-    real_step = interrupt_training_at(monkeypatch, 2 * steps + 7)  # the joint model's 7th step: checkpoint at 5
-    with pytest.raises(KeyboardInterrupt):
-        de.run(tiny_run_cfg(tiny_lm_folder, tmp_path))
-    partial = json.loads((tmp_path / "results.json").read_text())
-    assert partial["status"] == "incomplete" and partial["stages_done"] == ["sae", "sequential"]
-    with pytest.raises(de.DualencError, match="unfinished"):
-        de.run(de.Config(eval_only=str(tmp_path), device="cpu"))
-    monkeypatch.setattr(de, "train_step", real_step)
-    resumed = de.run(de.Config(resume=str(tmp_path), device="cpu"))
-    assert resumed["models"] == uninterrupted["models"] and resumed["curves"] == uninterrupted["curves"]

