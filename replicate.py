@@ -4,19 +4,20 @@ dualenc.py is the method (SAE, NFM, the sequential and joint loops, their evalua
 imports it and adds what a careful reviewer asks for (METHOD.md §9, §13): baselines with the method's
 care, intervals over windows and seeds, the paper's claims each read three ways with a verdict,
 the decoder-norm analysis, figures, and the paper's stages 3-4. `python replicate.py` runs all of it;
-it takes every flag of dualenc.py and the referee's own. Sections, in the order data flows:
+it takes every flag of dualenc.py and the referee's own. Beside it, stats.py holds the pure statistics
+(paired bootstrap, seed intervals, the holds / no / unclear rule, mixtures, permutation tests) and
+stages34.py the paper's stages 3-4; this file imports both. Sections, in the order data flows:
   config        Config: dualenc's settings and the referee's (--seeds, --n-boot, --stage34, --stimuli, --sae, --store)
   store         ActivationStore: block outputs on disk, extracted once per key, resumable; Tokens, load_data
   baselines     the models a reviewer adds (sae_matched, joint_no_linear), the variants evaluated (the
                 joint model's own SAE path, the pathway ablations), evaluate_variants (sums per window)
-  statistics    paired bootstrap over windows (or features), seed intervals, the holds / no / unclear rule
+  metrics       every variant's figures (§6) on every window resample (paired bootstrap, stats.py)
   analyses      parameter counts, contributions, decoder norms, the claims table
-  stages 3-4    the secondary SAE on the NFM's hidden layer (integration features), the 2 x 2 stimulus
-                design, held-out contrasts with permutation tests, the intervention and its controls
+  training length  checkpoints along the training length: each model and claim at log-spaced steps
   your own SAE  read_saelens, import_sae: study a SAELens TopK SAE instead of training one
-  report        run (the whole replication), figures, tables, main
+  report        run (the whole replication, stages 3-4 from stages34.py), --combine, figures, tables, main
 
-Dimension letters as in dualenc.py, and P prompts, R bootstrap resamples, S seeds.
+Dimension letters as in dualenc.py, and R bootstrap resamples.
 """
 
 import fcntl
@@ -32,12 +33,13 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 import dualenc as de
+import stages34 as s34
+import stats as st
 
 
 # ----------------------------------------------------------------------------- config
@@ -391,68 +393,7 @@ def recipes(cfg, data):
     return {name: every[name] for name in cfg.model_names()}
 
 
-# ----------------------------------------------------------------------------- statistics
-
-def bootstrap_weights(n, n_boot, generator):
-    """[1 + R, n] float64: row 0 all ones (the estimate itself), row r how often each of the n units
-    (windows, or features) is drawn in resample r. A sum over units becomes a matrix product, and one
-    matrix serves every model, so the resamples are paired across models (§9.6)."""
-    draws = torch.randint(n, (n_boot, n), generator=generator)
-    ones = torch.ones(n_boot, n, dtype=torch.float64)
-    counts = torch.zeros(n_boot, n, dtype=torch.float64).scatter_add_(1, draws, ones)
-    return torch.cat([torch.ones(1, n, dtype=torch.float64), counts])
-
-
-def interval(samples, level=0.95):
-    """Percentile bootstrap interval."""
-    q = torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64)
-    return torch.quantile(samples.double(), q).tolist()
-
-
-@functools.cache  # a pure function of (p, df), asked for once per figure summarised
-def t_quantile(p, df):
-    """Student's t quantile (p > 1/2), from the density integrated numerically: no scipy needed."""
-    t = torch.linspace(0, 1000, 2_000_001, dtype=torch.float64)
-    log_c = math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi)
-    pdf = torch.exp(log_c - (df + 1) / 2 * torch.log1p(t.square() / df))
-    cdf = 0.5 + torch.cumulative_trapezoid(pdf, t)
-    return t[1 + torch.searchsorted(cdf, p)].item()
-
-
-def seed_interval(values, level=0.95):
-    """mean +- t sd / sqrt(S) over S seeds: the spread that training (initialisation, batch order) adds."""
-    v = torch.as_tensor(values, dtype=torch.float64)
-    half = t_quantile((1 + level) / 2, len(v) - 1) * v.std() / len(v) ** 0.5
-    return [(v.mean() - half).item(), (v.mean() + half).item()]
-
-
-def summarise(samples_SR):
-    """A figure measured on S seeds, each on 1 + R bootstrap resamples (row 0 the estimate):
-    its mean over seeds, the bootstrap interval of that mean (resamples paired across seeds), and with
-    S > 1 the seed interval and each seed's value. The two intervals are shown side by side, never merged."""
-    samples_SR = torch.as_tensor(samples_SR, dtype=torch.float64).reshape(-1, samples_SR.shape[-1])
-    mean_R = samples_SR.mean(0)
-    out = {"value": mean_R[0].item(), "ci": interval(mean_R[1:])}
-    if len(samples_SR) > 1:
-        out.update(seed_ci=seed_interval(samples_SR[:, 0]), per_seed=samples_SR[:, 0].tolist())
-    return out
-
-
-def across(per_seed, figure):
-    """summarise figure(seed's samples) over every seed."""
-    return summarise(torch.stack([figure(s) for s in per_seed]))
-
-
-def verdict(summary, threshold, above):
-    """holds when every interval of `summary` lies on the rule's side of the threshold (>= when above,
-    <= otherwise), no when every interval lies wholly on the other side, unclear otherwise."""
-    if summary["ci"] is None:  # an undefined figure (a ratio over a denominator that may be 0)
-        return "unclear"
-    cis = [summary["ci"]] + ([summary["seed_ci"]] if "seed_ci" in summary else [])
-    meets = [lo >= threshold if above else hi <= threshold for lo, hi in cis]
-    misses = [hi < threshold if above else lo > threshold for lo, hi in cis]
-    return "holds" if all(meets) else "no" if all(misses) else "unclear"
-
+# ----------------------------------------------------------------------------- metrics
 
 def window_sums(values_N, data):
     """A per-token figure of the held-out tokens, summed per held-out window: [n_eval_windows]."""
@@ -508,111 +449,6 @@ def contributions(model, x_ND, batch_size=4096):
     return torch.cat(lin), torch.cat(inter)
 
 
-@torch.no_grad()
-def firing_counts(sae, x_ND, batch_size=4096):
-    """How many held-out tokens each feature is active on: [F]."""
-    counts_F = torch.zeros(sae.W_dec.shape[0], dtype=torch.long, device=x_ND.device)
-    for x_BD in x_ND.split(batch_size):
-        vals_BK, idx_BK = sae.encode(x_BD)
-        counts_F += torch.bincount(idx_BK[vals_BK > 0], minlength=len(counts_F))
-    return counts_F
-
-
-def weighted_moments(x, w):
-    """Mean and central moments 2..4 of x [n] under weights w [..., n] that sum to n (bootstrap counts)."""
-    n = x.shape[-1]
-    mean = (w * x).sum(-1, keepdim=True) / n
-    c = [(w * (x - mean) ** p).sum(-1) / n for p in (2, 3, 4)]
-    return mean.squeeze(-1), *c
-
-
-def bimodality_coefficient(x, w=None):
-    """Sarle's bimodality coefficient with the sample-size correction:
-        BC = (g^2 + 1) / (kappa + 3 (n-1)^2 / ((n-2)(n-3)))     g skewness, kappa excess kurtosis
-    BC > 5/9 (its value for a uniform distribution) suggests two modes; a normal sample gives ~1/3. It
-    cannot tell skew from two modes (an exponential sample scores 5/9 too), hence gmm_bic beside it.
-    w [..., n]: bootstrap counts, one BC per row."""
-    x = x.double()
-    w = torch.ones_like(x) if w is None else w
-    n = x.shape[-1]
-    _, m2, m3, m4 = weighted_moments(x, w)
-    g = (n * (n - 1)) ** 0.5 / (n - 2) * m3 / m2 ** 1.5
-    kappa = (n - 1) / ((n - 2) * (n - 3)) * ((n + 1) * m4 / m2 ** 2 - 3 * (n - 1))
-    return (g ** 2 + 1) / (kappa + 3 * (n - 1) ** 2 / ((n - 2) * (n - 3)))
-
-
-def gmm_floor(x):
-    """gmm2's sd floor, the sample's resolution (Silverman's rule-of-thumb bandwidth)
-        h = 0.9 sd(x) n^(-1/5)
-    n points cannot resolve structure narrower than h. Taken from the sample, not a resample's weights,
-    so every resample shares it. As each point's mixture density is at most 1 / (h sqrt(2 pi)), two
-    Gaussians beat one (of sd s_w, the resample's) by at most n (ln(s_w / h) + 1/2) nats, whatever the
-    ties a bootstrap resample piles up (about 1.7 n at n = 200, where a floor of 1e-6 sd allowed 14 n). A
-    bound, not a guarantee: a resample with a big enough tie can still pass delta BIC's threshold of 10."""
-    x = x.double()
-    return 0.9 * x.std().clamp_min(1e-300) * x.shape[-1] ** -0.2
-
-
-def gmm2(x, w=None, iters=200):
-    """Two-component 1-D Gaussian mixture fitted by EM from the quartiles, under weights w [..., n]
-    (bootstrap counts; one fit per row): means, stds and weights [..., 2] sorted by mean, and the
-    log-likelihood [...]."""
-    x = x.double()
-    w = torch.ones_like(x) if w is None else w
-    n = x.shape[-1]
-    lead = w.shape[:-1]
-    mu = torch.quantile(x, torch.tensor([0.25, 0.75], dtype=x.dtype)).expand(*lead, 2).clone()
-    sd, pi = x.std().expand(*lead, 2).clone(), torch.full((*lead, 2), 0.5, dtype=x.dtype)
-    floor = gmm_floor(x)  # a component collapsing onto tied points gains no more than the resolution allows
-
-    def log_joint():  # log pi_c + log N(x | mu_c, sd_c): [..., n, 2]
-        return (torch.log(pi) - torch.log(sd) - 0.5 * math.log(2 * math.pi))[..., None, :] \
-            - 0.5 * ((x[:, None] - mu[..., None, :]) / sd[..., None, :]) ** 2
-
-    for _ in range(iters):
-        r = torch.softmax(log_joint(), dim=-1) * w[..., None]  # responsibilities, weighted
-        n_c = r.sum(-2)
-        pi, mu = n_c / n, (r * x[:, None]).sum(-2) / n_c.clamp_min(1e-300)
-        sd = ((r * (x[:, None] - mu[..., None, :]) ** 2).sum(-2) / n_c.clamp_min(1e-300)).sqrt().clamp_min(floor)
-    loglik = (torch.logsumexp(log_joint(), dim=-1) * w).sum(-1)
-    order = mu.argsort(-1)
-    return {"means": mu.gather(-1, order), "stds": sd.gather(-1, order), "weights": pi.gather(-1, order),
-            "loglik": loglik}
-
-
-def gmm_bic(x, w=None):
-    """Delta BIC = BIC(one Gaussian) - BIC(two-Gaussian mixture), BIC = p ln n - 2 ln L with p = 2 and 5
-    parameters. Above 10 is strong evidence for two components (Kass & Raftery 1995). Like BC, it also
-    rises for a skewed single mode, so the plain SAE's value is its control. w as in gmm2."""
-    x = x.double()
-    w = torch.ones_like(x) if w is None else w
-    n = x.shape[-1]
-    _, var, _, _ = weighted_moments(x, w)
-    loglik1 = -0.5 * n * (torch.log(2 * math.pi * var) + 1)
-    loglik2 = gmm2(x, w)["loglik"]
-    return (2 * math.log(n) - 2 * loglik1) - (5 * math.log(n) - 2 * loglik2)
-
-
-def pearson(a, b, w=None):
-    """Correlation of a and b [n], under weights w [..., n] (bootstrap counts; one r per row)."""
-    a, b = a.double(), b.double()
-    w = torch.ones_like(a) if w is None else w
-    a = a - (w * a).sum(-1, keepdim=True) / a.shape[-1]
-    b = b - (w * b).sum(-1, keepdim=True) / b.shape[-1]
-    return (w * a * b).sum(-1) / ((w * a * a).sum(-1) * (w * b * b).sum(-1)).sqrt()
-
-
-def two_modes(fit, grid=2000):
-    """Whether a fitted two-Gaussian mixture's density has two local maxima (two overlapping Gaussians
-    can fit one skewed mode better than one Gaussian does, with a single peak)."""
-    lo = (fit["means"] - 4 * fit["stds"]).min()
-    hi = (fit["means"] + 4 * fit["stds"]).max()
-    t = torch.linspace(lo.item(), hi.item(), grid, dtype=torch.float64)
-    dens = (fit["weights"] / fit["stds"] * torch.exp(-0.5 * ((t[:, None] - fit["means"]) / fit["stds"]) ** 2)).sum(-1)
-    peaks = (dens[1:-1] > dens[:-2]) & (dens[1:-1] > dens[2:])
-    return int(peaks.sum()) >= 2
-
-
 BIC_RESAMPLES = 200  # each resample is a full EM fit on every feature; 200 keep the analysis to seconds
 
 
@@ -620,7 +456,7 @@ BIC_RESAMPLES = 200  # each resample is a full EM fit on every feature; 200 keep
 def decoder_sq_norms(model, x_eval_ND):
     """The per-feature figures behind decoder_norm_analysis, for the features that fire on held-out
     tokens: ||W_dec[i]||^2, and with an NFM ||W_dec[i] + W_lin[i]||^2, ||W_lin[i]||^2, ||v_i||^2."""
-    alive = firing_counts(model.sae, x_eval_ND) > 0
+    alive = s34.firing_counts(model.sae, x_eval_ND) > 0
     dec = model.sae.W_dec[alive]
     norms = {"W_dec": dec.square().sum(-1)}
     if model.nfm is not None:
@@ -646,23 +482,23 @@ def decoder_norm_analysis(norms, n_boot, generator, bins=60):
     joint = norms["joint"]
     sq = {"sae": norms["sae"]["W_dec"], "joint_W_dec": joint["W_dec"], "joint_merged": joint["merged"]}
     share = joint["W_lin"] / (joint["W_dec"] + joint["W_lin"])
-    w = {k: bootstrap_weights(len(v), n_boot, generator) for k, v in sq.items()}
+    w = {k: st.bootstrap_weights(len(v), n_boot, generator) for k, v in sq.items()}
     w["joint_merged"] = w["joint_W_dec"]  # the same features
-    samples = {f"bc_{k}": bimodality_coefficient(v, w[k]) for k, v in sq.items()}
-    samples.update({f"delta_bic_{k}": gmm_bic(v, w[k][:1 + BIC_RESAMPLES]) for k, v in sq.items()})
-    samples.update(r_sq_norm_vs_nfm_share=pearson(sq["joint_W_dec"], share, w["joint_W_dec"]),
-                   r_sq_norm_vs_W_lin_sq_norm=pearson(sq["joint_W_dec"], joint["W_lin"], w["joint_W_dec"]),
-                   r_sq_norm_vs_embed_sq_norm=pearson(sq["joint_W_dec"], joint["embed"], w["joint_W_dec"]))
+    samples = {f"bc_{k}": st.bimodality_coefficient(v, w[k]) for k, v in sq.items()}
+    samples.update({f"delta_bic_{k}": st.gmm_bic(v, w[k][:1 + BIC_RESAMPLES]) for k, v in sq.items()})
+    samples.update(r_sq_norm_vs_nfm_share=st.pearson(sq["joint_W_dec"], share, w["joint_W_dec"]),
+                   r_sq_norm_vs_W_lin_sq_norm=st.pearson(sq["joint_W_dec"], joint["W_lin"], w["joint_W_dec"]),
+                   r_sq_norm_vs_embed_sq_norm=st.pearson(sq["joint_W_dec"], joint["embed"], w["joint_W_dec"]))
     hi = max(v.max().item() for v in sq.values())
     q = torch.tensor([0.05, 0.25, 0.5, 0.75, 0.95], dtype=torch.float64)
-    fits = {k: gmm2(v) for k, v in sq.items()}
+    fits = {k: st.gmm2(v) for k, v in sq.items()}
     return samples, {
         "alive_features": {"sae": len(sq["sae"]), "joint": len(sq["joint_W_dec"])},
         "histogram_edges": torch.linspace(0, hi, bins + 1).tolist(),
         "histograms": {k: torch.histc(v, bins, 0, hi).long().tolist() for k, v in sq.items()},
         "summary": {k: {"mean": v.mean().item(), "quantiles_5_25_50_75_95": torch.quantile(v.double(), q).tolist(),
                         "gmm2": {p: fits[k][p].tolist() for p in ("means", "stds", "weights")},
-                        "gmm2_has_two_modes": two_modes(fits[k])} for k, v in sq.items()},
+                        "gmm2_has_two_modes": st.two_modes(fits[k])} for k, v in sq.items()},
     }
 
 
@@ -727,12 +563,12 @@ def claim_table():
 def ratio_summary(per_seed, num, den):
     """summarise(num / den), or undefined (value and interval None, with the reason) when an interval of
     the denominator contains 0: the resampled ratios are then unbounded and their percentiles mean nothing."""
-    d = across(per_seed, den)  # the mean over seeds, and each seed's own: a ratio is taken per seed
-    for ci in [d["ci"]] + ([d["seed_ci"]] if "seed_ci" in d else []) + [interval(den(s)[1:]) for s in per_seed]:
+    d = st.across(per_seed, den)  # the mean over seeds, and each seed's own: a ratio is taken per seed
+    for ci in [d["ci"]] + ([d["seed_ci"]] if "seed_ci" in d else []) + [st.interval(den(s)[1:]) for s in per_seed]:
         if ci[0] <= 0 <= ci[1]:
             return {"value": None, "ci": None,
                     "undefined": f"its denominator's 95% interval [{ci[0]:.3g}, {ci[1]:.3g}] contains 0"}
-    return across(per_seed, lambda s: num(s) / den(s))
+    return st.across(per_seed, lambda s: num(s) / den(s))
 
 
 def claims(per_seed):
@@ -744,10 +580,10 @@ def claims(per_seed):
         row = {"claim": claim, "paper": paper, "rule": f"{'>=' if above else '<='} {threshold:.4g}", "readings": {}}
         for reading, figure in readings.items():
             try:
-                s = ratio_summary(per_seed, *figure) if isinstance(figure, tuple) else across(per_seed, figure)
+                s = ratio_summary(per_seed, *figure) if isinstance(figure, tuple) else st.across(per_seed, figure)
             except KeyError:  # a model this run did not train (with --sae: only sae and sequential)
                 continue
-            row["readings"][reading] = {**s, "verdict": verdict(s, threshold, above)}
+            row["readings"][reading] = {**s, "verdict": st.verdict(s, threshold, above)}
         if row["readings"]:
             out.append(row)
     return out
@@ -794,16 +630,16 @@ def report_analysis(per_seed):
     """The report's models table and analysis from every seed's samples (analyse)."""
     results = {}
     for name, params in per_seed[0]["params"].items():
-        metrics = {m: across(per_seed, lambda s: s["models"][name][m]) for m in per_seed[0]["models"][name]}
+        metrics = {m: st.across(per_seed, lambda s: s["models"][name][m]) for m in per_seed[0]["models"][name]}
         results[name] = {"params": params, **{m: v["value"] for m, v in metrics.items()},
                          "ci": {m: v["ci"] for m, v in metrics.items()}}
         if len(per_seed) > 1:
             results[name].update(seed_ci={m: v["seed_ci"] for m, v in metrics.items()},
                                  per_seed={m: v["per_seed"] for m, v in metrics.items()})
-    ce = {k: across(per_seed, lambda s: s["ce"][k]) for k in ("clean_ce", "zero_ce")}
+    ce = {k: st.across(per_seed, lambda s: s["ce"][k]) for k in ("clean_ce", "zero_ce")}
     counts = per_seed[0]["param_counts"]
     analysis = {
-        "interaction_share_of_nfm_output": {n: across(per_seed, lambda s: s["contrib"][n])
+        "interaction_share_of_nfm_output": {n: st.across(per_seed, lambda s: s["contrib"][n])
                                             for n in per_seed[0]["contrib"]},
         "params": counts,
         # a design figure, fixed by F, M and D before any training: shown, not judged
@@ -812,7 +648,7 @@ def report_analysis(per_seed):
     }
     if per_seed[0]["norm_info"] is not None:
         analysis["decoder_norms"] = {**per_seed[0]["norm_info"],
-                                     **{k: across(per_seed, lambda s: s["norms"][k]) for k in per_seed[0]["norms"]}}
+                                     **{k: st.across(per_seed, lambda s: s["norms"][k]) for k in per_seed[0]["norms"]}}
     return results, ce, analysis
 
 
@@ -893,491 +729,6 @@ def training_points(evidence, cfg, weights):
         results, _, analysis = report_analysis([analyse(ev, weights, torch.Generator().manual_seed(cfg.seed))])
         points.append(checkpoint_point(step, cfg, results, analysis))
     return points
-
-
-# ----------------------------------------------------------------------------- stages 3-4: integration features
-
-SECONDARY_EXPANSION = 25  # dictionary = 25 x M, the paper's 300 -> 7,500 (§13)
-SECONDARY_K_PER_M = 250 / 300  # the paper's k = 250 at M = 300; the same ratio here (53 at M = 64)
-SECONDARY_ACTIVE = 0.02  # with --paper-density: 2 % of the features active, as the paper's code ran it (§14)
-N_RANDOM_CONTROLS, N_SHUFFLED_CONTROLS, N_PRIMARY_READ = 12, 4, 2  # control (a), (c) and (b) sizes
-SCALES = (0.0, 2.0, 4.0)  # factors applied to a feature; x1 is the unscaled pipeline every change is against
-CONTRASTS = {"interaction": (1.0, -1.0, -1.0, 1.0), "main_a": (0.5, 0.5, -0.5, -0.5), "main_b": (0.5, -0.5, 0.5, -0.5)}
-TIE_TOLERANCE = 1e-9  # permutation t values equal up to rounding count as ties (>=): p stays conservative
-
-
-@torch.no_grad()
-def interaction_hidden(joint, x_ND, batch_size=4096):
-    """The joint NFM's interaction hidden layer W_1 pair(f) + c_1, before its ReLU (§13, the paper's
-    choice): [N, M], the layer integration features are read from."""
-    return torch.cat([joint.nfm.hidden(*joint.nfm.read(*joint.sae.encode(x_BD))) for x_BD in x_ND.split(batch_size)])
-
-
-def train_secondary(joint, x_train_ND, x_eval_ND, cfg):
-    """Stage 3 (§13): a TopK SAE on the frozen joint model's interaction hidden layer, 25 x M features,
-    k = M * 250 / 300 as the paper's text (2 % of the features as its code, with --paper-density), trained
-    as the primary SAE is (train_sae: the same loop, schedule, batches and
-    steps) on the training tokens' hidden vectors, z-scored with their own statistics."""
-    h_train_NM, h_eval_NM = interaction_hidden(joint, x_train_ND), interaction_hidden(joint, x_eval_ND)
-    mean_M, std_M = de.fit_normalisation(h_train_NM)
-    m = h_train_NM.shape[1]
-    torch.manual_seed(cfg.seed)
-    k = SECONDARY_ACTIVE * SECONDARY_EXPANSION * m if cfg.paper_density else SECONDARY_K_PER_M * m
-    sae = de.TopKSAE(m, SECONDARY_EXPANSION * m, max(1, round(k)), cfg.sae_init)
-    secondary = de.DualEncoder(sae, None, mean_M, std_M).to(x_train_ND.device)
-    curve = de.train_sae(secondary, secondary.normalize(h_train_NM), secondary.normalize(h_eval_NM), cfg,
-                         name="secondary")
-    return secondary, curve, secondary.normalize(h_eval_NM)
-
-
-@torch.no_grad()
-def pair_reading(joint, secondary, x_BD, feature):
-    """What integration feature g reads (METHOD.md §16). The secondary SAE reads the z-scored hidden
-    layer z = (h - mu) / sigma, h = W_1 pair(f) + c_1, so g's pre-activation splits exactly into pairs
-    of the identity features the NFM reads (its n_read largest codes, R of them):
-        a_g = w_g . z + b_g = const_g + sum_{i<j} f_i f_j v_i^T diag(c_g) v_j,   c_g = W_1^T (w_g / sigma)
-        const_g = w_g . ((c_1 - mu) / sigma) + b_g
-    Returns const_g (a scalar tensor), the read features [B, R] and each pair's term [B, R, R] (i < j
-    above the diagonal, zeros elsewhere): O(B R^2 M), fine for the tokens a feature page shows."""
-    vals_BR, idx_BR = joint.nfm.read(*joint.sae.encode(x_BD))
-    first = joint.nfm.mlp[0]  # h = pair @ W_1^T + c_1
-    w_M = secondary.sae.W_enc[:, feature] / secondary.std_D
-    c_M = first.weight.T @ w_M
-    const = w_M @ (first.bias - secondary.mean_D) + secondary.sae.b_enc[feature]
-    fv_BRM = vals_BR[..., None] * joint.nfm.embed[idx_BR]
-    return const, idx_BR, torch.einsum("bim,m,bjm->bij", fv_BRM, c_M, fv_BRM).triu(1)
-
-
-class IntegrationPipeline(de.DualEncoder):
-    """The joint model with its interaction hidden layer passed through the secondary SAE (§13):
-        x -> f (primary SAE) -> f_read (the NFM's n_read codes) -> h = W_1 pair(f_read) + c_1
-          -> g (secondary code) -> h_hat;     x_hat = x_s + linear(f_read) + W_2 ReLU(h_hat)
-    `scale` = (code, feature indices, factor) multiplies those features' values in one code:
-        "secondary"  g: the intervention on an integration feature
-        "pair"       f as the interaction pathway reads it (its n_read largest then taken from the scaled
-                     code), x_s and linear(f) unscaled: control (b), on the selected feature's pathway
-        "primary"    f itself, so x_s, linear and pair at once: control (b) on the whole code, a reference
-    None, or a factor of 1, is the unscaled pipeline."""
-
-    def __init__(self, joint, secondary):
-        super().__init__(joint.sae, joint.nfm, joint.mean_D, joint.std_D)
-        self.secondary, self.scale = secondary, None
-
-    def scaled(self, code, vals_BK, idx_BK):
-        if self.scale is None or self.scale[0] != code:
-            return vals_BK
-        _, features, factor = self.scale
-        return torch.where(torch.isin(idx_BK, features), vals_BK * factor, vals_BK)
-
-    def through_secondary(self, h_BM):
-        sec = self.secondary
-        g_vals, g_idx = sec.sae.encode(sec.normalize(h_BM))
-        return sec.sae.decode(self.scaled("secondary", g_vals, g_idx), g_idx) * sec.std_D + sec.mean_D
-
-    def forward(self, x_BD):
-        vals_BK, idx_BK = self.sae.encode(x_BD)
-        vals_BK = self.scaled("primary", vals_BK, idx_BK)
-        read_code = self.nfm.read(vals_BK, idx_BK)
-        pair_vals_BK = self.scaled("pair", vals_BK, idx_BK)  # the same tensor unless "pair" is scaled
-        pair_code = read_code if pair_vals_BK is vals_BK else self.nfm.read(pair_vals_BK, idx_BK)
-        hidden_BM = self.nfm.hidden(*pair_code)
-        linear_BD = self.nfm.linear(*read_code)
-        return self.sae.decode(vals_BK, idx_BK) + linear_BD + self.nfm.mlp[1:](self.through_secondary(hidden_BM))
-
-    @torch.no_grad()
-    def secondary_code(self, x_BD):
-        """The integration features' activations as the secondary SAE's (values, indices): [B, K2] each."""
-        return self.secondary.sae.encode(self.secondary.normalize(interaction_hidden(self, x_BD)))
-
-    def secondary_codes(self, x_BD):
-        """The integration features' activations, dense: [B, F2]."""
-        return de.to_dense(*self.secondary_code(x_BD), self.secondary.sae.W_dec.shape[0])
-
-
-DEFAULT_STIMULI = "stimuli.json"  # beside dualenc.py: dualenc's own 2 x 2 design
-
-
-def read_stimuli(path):
-    """A 2 x 2 design as JSON (stimuli.json is dualenc's): {"factors": {A: [a1, a2], B: [b1, b2]},
-    "prompts": {"a b": [...]} and "words": {"a b": [...]} for the four cells "a1 b1", "a1 b2", "a2 b1",
-    "a2 b2"}, at least 4 prompts (2 to select, 2 to test) and one word per cell. Read and checked
-    before any slow work; anything else is one line."""
-    path = Path(path or Path(__file__).with_name(DEFAULT_STIMULI))
-    try:
-        spec = json.loads(path.read_text())
-        (fa, (a1, a2)), (fb, (b1, b2)) = spec["factors"].items()
-        cells = [f"{a} {b}" for a in (a1, a2) for b in (b1, b2)]
-        prompts = {c: [str(p) for p in spec["prompts"][c]] for c in cells}
-        words = {c: [str(w) for w in spec["words"][c]] for c in cells}
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-        raise de.DualencError(f"stimuli {path}: not a 2 x 2 design like {DEFAULT_STIMULI} "
-                              f"({type(e).__name__}: {de.one_line(e, 120)})") from None
-    for c in cells:
-        if len(prompts[c]) < 4 or not words[c]:
-            raise de.DualencError(f"stimuli {path}: cell {c!r} needs at least 4 prompts and one word")
-    return {"path": str(path), "factors": {fa: [a1, a2], fb: [b1, b2]}, "cells": cells, "prompts": prompts,
-            "words": words}
-
-
-def load_stimuli(spec, tokenizer):
-    """The design's prompts as (token ids, cell index) and each cell's words as token ids; a word that
-    is not a single token after a space is a one-line error."""
-    word_ids = {}
-    for c in spec["cells"]:
-        ids = [tokenizer(" " + w, add_special_tokens=False)["input_ids"] for w in spec["words"][c]]
-        bad = [w for w, i in zip(spec["words"][c], ids) if len(i) != 1]
-        if bad:
-            raise de.DualencError(f"stimuli {spec['path']}: words {bad} of cell {c!r} are not single tokens "
-                                  f"after a space")
-        word_ids[c] = torch.tensor([i[0] for i in ids])
-    prompts = [(torch.tensor(tokenizer(p)["input_ids"]), i)
-               for i, c in enumerate(spec["cells"]) for p in spec["prompts"][c]]
-    return {**spec, "prompt_ids": prompts, "word_ids": word_ids}
-
-
-def contrasts(A_PF, cell_P, weights_RP=None):
-    """Per feature, the 2 x 2 contrasts of per-prompt activations A [P, F] with cell indices 0..3 in the
-    order (a1 b1, a1 b2, a2 b1, a2 b2), from the cell means m:
-        interaction = m11 - m12 - m21 + m22    main_a = (m11 + m12 - m21 - m22) / 2    main_b likewise
-    and t = contrast / se, se^2 = sum_c k_c^2 s_c^2 / n_c from the within-cell variances s_c^2 (Welch's
-    form; 0 for a feature silent within its cells). {name: (value [F], t [F])}; with weights_RP [R, P]
-    (bootstrap counts), [R, F] each, a row per resample."""
-    onehot_PC = F.one_hot(cell_P, 4).double()
-    w_RP = torch.ones(1, len(cell_P), dtype=torch.float64) if weights_RP is None else weights_RP
-    n_RC1 = (w_RP @ onehot_PC)[..., None]
-    mean_RCF = torch.einsum("rp,pc,pf->rcf", w_RP, onehot_PC, A_PF.double()) / n_RC1
-    sq_RCF = torch.einsum("rp,pc,pf->rcf", w_RP, onehot_PC, A_PF.double().square()) / n_RC1
-    var_RCF = (sq_RCF - mean_RCF.square()).clamp_min(0) * n_RC1 / (n_RC1 - 1)
-    out = {}
-    for name, k in CONTRASTS.items():
-        k_C = torch.tensor(k, dtype=torch.float64)
-        value_RF = torch.einsum("c,rcf->rf", k_C, mean_RCF)
-        se_RF = torch.einsum("c,rcf->rf", k_C.square(), var_RCF / n_RC1).sqrt()
-        t_RF = torch.where(se_RF > 0, value_RF / se_RF.clamp_min(1e-300), 0.0)
-        out[name] = (value_RF, t_RF) if weights_RP is not None else (value_RF[0], t_RF[0])
-    return out
-
-
-def stratified_weights(cell_P, n_boot, generator):
-    """[1 + R, P] bootstrap counts that resample the prompts within each cell (row 0 all ones)."""
-    w_RP = torch.zeros(n_boot + 1, len(cell_P), dtype=torch.float64)
-    for c in range(4):
-        members = (cell_P == c).nonzero()[:, 0]
-        w_RP[:, members] = bootstrap_weights(len(members), n_boot, generator)
-    return w_RP
-
-
-def random_permutations(n_perm, n, generator):
-    """[R, n]: R independent uniform permutations of range(n), in one call (the argsort of uniforms)."""
-    return torch.rand(n_perm, n, generator=generator, dtype=torch.float64).argsort(-1)
-
-
-def shuffle_within(A_PF, strata_P, n_perm, generator):
-    """[R, P, F]: A's rows permuted among the prompts of each stratum, R times: one factor's labels
-    shuffled within each level of the other, so the other factor's effect is kept."""
-    src_RP = torch.arange(len(strata_P)).expand(n_perm, -1).clone()
-    for s in strata_P.unique():
-        members = (strata_P == s).nonzero()[:, 0]
-        src_RP[:, members] = members[random_permutations(n_perm, len(members), generator)]
-    return A_PF.double()[src_RP]
-
-
-def additive_fit(A_PF, cell_P):
-    """[P, F]: per feature, the least-squares fit of the main-effects-only model
-        A_pf ~ mu_f + alpha_f [a_p = a2] + beta_f [b_p = b2]
-    (least squares: exact on an unbalanced design too, where row + column - grand mean is not)."""
-    a_P, b_P = (cell_P // 2).double(), (cell_P % 2).double()
-    X_P3 = torch.stack([torch.ones_like(a_P), a_P, b_P], dim=1)
-    return X_P3 @ torch.linalg.lstsq(X_P3, A_PF.double()).solution
-
-
-def freedman_lane(A_PF, cell_P, n_perm, generator):
-    """[R, P, F]: Freedman-Lane samples for the interaction's null, the additive fit plus its residuals
-    permuted across all prompts,   A*_r = fit + e[pi_r],  fit = additive_fit(A),  e = A - fit:
-    both main effects stay, the interaction is what the shuffle removes."""
-    fit_PF = additive_fit(A_PF, cell_P)
-    return fit_PF + (A_PF.double() - fit_PF)[random_permutations(n_perm, len(cell_P), generator)]
-
-
-def null_t(A_PF, cell_P, contrast, n_perm, generator):
-    """[R, F]: the contrast's t on n_perm samples of its own null, in one batch:
-        main_a: A permuted within each level of b (b's effect kept);  main_b: within each level of a;
-        interaction: Freedman-Lane (both main effects kept).
-    Shuffling all four labels would test "nothing differs" instead: with a real main effect and no
-    interaction, that test almost never rejects. Memory goes as n_perm P F: for the features carried over."""
-    if contrast == "interaction":
-        null_RPF = freedman_lane(A_PF, cell_P, n_perm, generator)
-    else:
-        null_RPF = shuffle_within(A_PF, cell_P % 2 if contrast == "main_a" else cell_P // 2, n_perm, generator)
-    n_R, n_P, n_F = null_RPF.shape
-    t = contrasts(null_RPF.permute(1, 0, 2).reshape(n_P, n_R * n_F), cell_P)[contrast][1]  # a sample per column
-    return t.reshape(n_R, n_F)
-
-
-def permutation_p(A_PF, cell_P, contrast, n_perm, generator, sign=None):
-    """[F]: permutation p-value of each feature's studentised contrast t against null_t,
-        one-sided (sign +1 or -1, a number or [F]):  p = (1 + #{s t* >= s t}) / (1 + n_perm)
-        two-sided (sign None):                       p = (1 + #{|t*| >= |t|}) / (1 + n_perm)
-    The +1 counts the observed design among the permutations, so p is never 0. The restricted
-    permutations are exact under "the factor has no effect at either level of the other" (so no
-    interaction either), and studentising keeps them close otherwise; Freedman-Lane is approximate. The
-    tests check both rates."""
-    t_F = contrasts(A_PF, cell_P)[contrast][1]
-    t_RF = null_t(A_PF, cell_P, contrast, n_perm, generator)
-    if sign is None:
-        exceed_RF = t_RF.abs() >= t_F.abs() - TIE_TOLERANCE
-    else:
-        s_F = torch.as_tensor(sign, dtype=torch.float64)
-        exceed_RF = s_F * t_RF >= s_F * t_F - TIE_TOLERANCE
-    return (1 + exceed_RF.sum(0)) / (1 + n_perm)
-
-
-def split_halves(cell_P, generator):
-    """[P] bool, True for the selection half: each cell's prompts split in two at random (the first
-    floor(n_c / 2) of a random order), so both halves keep the design."""
-    order = torch.randperm(len(cell_P), generator=generator)
-    half_P = torch.zeros(len(cell_P), dtype=torch.bool)
-    for c in range(4):
-        members = order[cell_P[order] == c]
-        half_P[members[: len(members) // 2]] = True
-    return half_P
-
-
-def top_feature(A_PF, cell_P, contrast="interaction", exclude=()):
-    """(feature, sign, t): the feature with the largest |t| of a contrast (none of `exclude`), and the
-    sign of its t (+1 for t = 0: a silent selection, whose test then gives p = 1)."""
-    t_F = contrasts(A_PF, cell_P)[contrast][1]
-    j = int(t_F.abs().index_fill(0, torch.tensor(list(exclude), dtype=torch.long), -1.0).argmax())
-    return j, 1 if t_F[j] >= 0 else -1, t_F[j].item()
-
-
-def held_out_verdict(p_corrected, p_opposite_corrected, value, ci, sign, alpha=0.05):
-    """holds: the one-sided test in the selected direction rejects (p_corrected < alpha), with the
-    estimate and its whole interval on the selected sign's side of 0; no: the same in the opposite
-    direction (a sign flip that is itself significant); unclear otherwise: a test that does not reject
-    is absence of evidence, not evidence of absence, and a sign flip is never "holds"."""
-    if p_corrected < alpha and value * sign > 0 and on_side(ci, sign):
-        return "holds"
-    return "no" if p_opposite_corrected < alpha and value * sign < 0 and on_side(ci, -sign) else "unclear"
-
-
-def select_and_test(A_PF, cell_P, n_boot, generator, n_perm=2000, half_P=None, alpha=0.05):
-    """Choose on one half, test on the other (§13). On the selection half (half_P True; split_halves if
-    None) each contrast's top_feature and its sign; on the test half its contrast, a within-cell
-    stratified bootstrap interval, the one-sided permutation p in the selected direction (each contrast
-    against its own null), p_bonferroni = min(1, 3 p) for the len(CONTRASTS) features carried over, the
-    opposite direction's p (p_opposite, for a sign flip), and held_out_verdict. Beside each, the paper's
-    way: the top feature picked and tested on all prompts, two-sided and uncorrected. Returns
-    (per-contrast dicts, selection indices, test indices)."""
-    half_P = split_halves(cell_P, generator) if half_P is None else half_P
-    sel, test = half_P.nonzero()[:, 0], (~half_P).nonzero()[:, 0]
-    w_RP = stratified_weights(cell_P[test], n_boot, generator)
-    out = {}
-    for name in CONTRASTS:
-        j, sign, t_sel = top_feature(A_PF[sel], cell_P[sel], name)
-        a_P1 = A_PF[test][:, [j]]
-        value_R1, t_R1 = contrasts(a_P1, cell_P[test], w_RP)[name]  # row 0: the test half itself
-        p, p_opposite = (permutation_p(a_P1, cell_P[test], name, n_perm, generator, s).item() for s in (sign, -sign))
-        p_bonferroni, value, ci = min(1.0, p * len(CONTRASTS)), value_R1[0, 0].item(), interval(value_R1[1:, 0])
-        all_j = top_feature(A_PF, cell_P, name)[0]
-        out[name] = {"feature": j, "sign": sign, "selection_t": t_sel, "test_half": value, "test_half_ci": ci,
-                     "test_t": t_R1[0, 0].item(), "p": p, "p_bonferroni": p_bonferroni,
-                     "p_opposite": p_opposite,
-                     "verdict": held_out_verdict(p_bonferroni, min(1.0, p_opposite * len(CONTRASTS)), value, ci,
-                                                 sign, alpha),
-                     "paper_way": {"feature": all_j, "contrast": contrasts(A_PF[:, [all_j]], cell_P)[name][0].item(),
-                                   "p_same_prompts_uncorrected": permutation_p(A_PF[:, [all_j]], cell_P, name,
-                                                                               n_perm, generator).item()}}
-    return out, sel, test
-
-
-@torch.no_grad()
-def word_logprobs(lm, layer, prompts, word_ids, pipeline, keep_fn):
-    """Per prompt, the mean next-token log-probability of each word list at the prompt's last position,
-    with block `layer`'s output replaced by pipeline.reconstruct at the positions keep_fn(h) keeps:
-    [P, 4]. The prompts run as one batch, padded at the end: a causal LM's positions never see what
-    follows them, so each prompt's last position is exact. Log-probabilities, not raw logits: a logit
-    vector has a free additive constant, which would move every list alike (the 2 x 2 interaction of
-    the changes is the same either way)."""
-    device = next(lm.parameters()).device
-    lengths = torch.tensor([len(ids) for ids, _ in prompts])
-    ids_PT = torch.zeros(len(prompts), int(lengths.max()), dtype=torch.long)
-    for i, (ids, _) in enumerate(prompts):
-        ids_PT[i, :len(ids)] = ids
-    real_PT = torch.arange(ids_PT.shape[1]) < lengths[:, None]
-
-    def splice(h):
-        keep = keep_fn(h) & real_PT.to(h.device)
-        return torch.where(keep[..., None], pipeline.reconstruct(h), h)
-
-    with de.block_hook(lm, layer, splice):
-        logits_PV = lm(ids_PT.to(device), use_cache=False).logits[torch.arange(len(prompts)), lengths - 1]
-    logp_PV = F.log_softmax(logits_PV.float(), dim=-1)
-    return torch.stack([logp_PV[:, ids.to(device)].mean(-1) for ids in word_ids.values()], dim=-1).double().cpu()
-
-
-def intervention_effect(lm, layer, prompts, word_ids, pipeline, keep_fn, scale, base_P4):
-    """The changes in each word list's log-probability when `scale` is applied, for every factor in
-    SCALES, against the unscaled pipeline base_P4: {factor: [P, 4]}; and per prompt the 2 x 2
-    interaction of those changes (the word lists in cell order), {factor: [P]}."""
-    changes, inter = {}, {}
-    c = torch.tensor(CONTRASTS["interaction"], dtype=torch.float64)
-    for factor in SCALES:
-        pipeline.scale = (*scale, factor)
-        changes[factor] = word_logprobs(lm, layer, prompts, word_ids, pipeline, keep_fn) - base_P4
-        inter[factor] = changes[factor] @ c
-    pipeline.scale = None
-    return changes, inter
-
-
-@torch.no_grad()
-@torch.no_grad()
-def primary_read(pipeline, x_ND, feature, n=N_PRIMARY_READ, batch_size=4096):
-    """The n primary features an integration feature reads most: those whose mean activation rises most
-    on the held-out tokens where the integration feature is active (control b). Summed batch by batch
-    from the sparse codes: no [tokens, F] tensor."""
-    n_features = pipeline.sae.W_dec.shape[0]
-    sum_F = torch.zeros(n_features, dtype=torch.float64, device=x_ND.device)
-    sum_active_F, n_active = torch.zeros_like(sum_F), 0
-    for x_BD in x_ND.split(batch_size):
-        g_vals, g_idx = pipeline.secondary_code(x_BD)
-        active_B = ((g_idx == feature) & (g_vals > 0)).any(-1)
-        vals_BK, idx_BK = pipeline.sae.encode(x_BD)
-        sum_F.index_add_(0, idx_BK.flatten(), vals_BK.flatten().double())
-        sum_active_F.index_add_(0, idx_BK[active_B].flatten(), vals_BK[active_B].flatten().double())
-        n_active += int(active_B.sum())
-    mean_F = sum_F / len(x_ND)
-    lift_F = sum_active_F / n_active - mean_F if n_active else mean_F
-    return lift_F.topk(n).indices.tolist()
-
-
-def on_side(ci, sign, at=0.0):
-    """Whether the interval [lo, hi] lies wholly beyond `at` in the direction sign (+1: lo > at; -1: hi < at)."""
-    return ci[0] > at if sign > 0 else ci[1] < at
-
-
-def resampled_means(X_CP, w_RP):
-    """[R, C]: each row of X [C, P] averaged over the prompts of each resample, (w X^T) / P."""
-    return (w_RP @ X_CP.double().T) / X_CP.shape[-1]
-
-
-def paired_difference(sel_P, ctrl_CP, w_RP, sign):
-    """[R]: per prompt resample (the same prompts for both, so the prompt-to-prompt spread cancels), how
-    much further the selected feature moves the lists than the control's features do, each by its size:
-        d_r = s (w_r . sel) / P - (1/C) sum_c |(w_r . ctrl_c) / P|      s = the selected effect's sign
-    Sizes, because a control's direction means nothing: signed, controls pushing both ways would cancel,
-    and one pushing the other way would count for the selected feature."""
-    return sign * resampled_means(sel_P[None], w_RP)[:, 0] - resampled_means(ctrl_CP, w_RP).abs().mean(-1)
-
-
-def beyond_controls(sel_P, controls, w_RP, reference=()):
-    """The selected feature's per-prompt effect sel_P [P] against each control {name: [C, P]} (C features
-    scaled one at a time, or one set scaled together), paired over prompts by w_RP [1 + R, P]. Per
-    control: its mean effect, the paired difference in size (paired_difference: estimate, interval), and
-    the selected feature's rank, the fraction of the control's features with |effect| >= the selected
-    one's. holds when the selected effect's own interval excludes 0 and every deciding control's
-    difference lies wholly above 0; no when some deciding control's lies wholly below 0 (it moves the
-    lists further); unclear otherwise. Controls in `reference` are shown but never decide."""
-    effect_R = resampled_means(sel_P[None], w_RP)[:, 0]
-    sign, rows = int(torch.sign(effect_R[0])), {}
-    for name, ctrl_CP in controls.items():
-        d_R, effect_C = paired_difference(sel_P, ctrl_CP, w_RP, sign), ctrl_CP.double().mean(-1)
-        rows[name] = {"effect": effect_C.mean().item(), "difference": d_R[0].item(), "ci": interval(d_R[1:]),
-                      "rank": (effect_C.abs() >= effect_R[0].abs()).double().mean().item(),
-                      "reference_only": name in reference}
-    selected = {"effect": effect_R[0].item(), "ci": interval(effect_R[1:])}
-    deciding = [r["ci"] for r in rows.values() if not r["reference_only"]]
-    holds = sign and on_side(selected["ci"], sign) and deciding and all(on_side(ci, 1) for ci in deciding)
-    decision = "holds" if holds else "no" if any(on_side(ci, -1) for ci in deciding) else "unclear"
-    return {"selected": selected, "controls": rows, "verdict": decision}
-
-
-def stage3(lm, joint, data, cfg, out, generator):
-    """The secondary SAE (train_secondary), saved in out/secondary, and what it costs: held-out FVU of the
-    hidden layer, dead features, and the spliced KL with the hidden layer replaced by its reconstruction,
-    against the joint model's own (paired bootstrap over windows)."""
-    layer = data["layer"]
-    secondary, curve, h_eval_NM = train_secondary(joint, data["x_train"], data["x_eval"], cfg)
-    hook = f"blocks.{layer}.hook_resid_post.nfm.hook_interaction_pre_relu"
-    de.save_model(secondary, out / "secondary", {**de.sae_metadata(cfg, layer), "hook_name": hook})
-    pipeline = IntegrationPipeline(joint, secondary).eval()
-    firing_F2 = firing_counts(secondary.sae, h_eval_NM)
-    m = de.splice_metrics(lm, data["splice_ids"], layer, {"joint": joint.reconstruct, "secondary": pipeline.reconstruct},
-                          data["splice_keep"], data["splice_acts"])
-    w_splice = bootstrap_weights(len(data["splice_ids"]), cfg.n_boot, generator)
-    n_kl = w_splice @ m["kl_mask"].sum(-1).double()
-    kl = {name: (w_splice @ v.double().sum(-1)) / n_kl for name, v in m["kl"].items()}
-    return pipeline, firing_F2, {
-        "features": secondary.sae.W_dec.shape[0], "k": secondary.sae.k, "curve": curve,
-        **de.evaluate(secondary, h_eval_NM), "dead_features": int((firing_F2 == 0).sum()),
-        "kl_joint": summarise(kl["joint"]), "kl_with_secondary": summarise(kl["secondary"]),
-        "kl_increase": summarise(kl["secondary"] - kl["joint"])}
-
-
-def stage34(lm, tokenizer, joint, data, cfg, out, generator):
-    """Stages 3 and 4 of the paper (§13), with a referee's controls. Returns the report's "stage34"."""
-    layer, device = data["layer"], data["x_train"].device
-    pipeline, firing_F2, secondary_report = stage3(lm, joint, data, cfg, out, generator)
-
-    # stage 4: which integration features track the 2 x 2 design, chosen on one half, tested on the other
-    design = load_stimuli(read_stimuli(cfg.stimuli), tokenizer)
-    cell_P = torch.tensor([c for _, c in design["prompt_ids"]])
-
-    def keep_fn(h_BTD):
-        return de.keep_mask(h_BTD.norm(dim=-1), data["max_norm"])
-
-    acts = []
-    for ids, _ in design["prompt_ids"]:
-        h_1TD = de.extract_activations(lm, ids[None], layer)
-        acts.append(pipeline.secondary_codes(joint.normalize(h_1TD[keep_fn(h_1TD)])).mean(0))
-    A_PF = torch.stack(acts).cpu()
-    selected, sel, test = select_and_test(A_PF, cell_P, cfg.n_boot, generator)
-
-    # the intervention on the selected interaction feature, on the test prompts, beside its controls
-    prompts, words = [design["prompt_ids"][i] for i in test], design["word_ids"]
-    base_P4 = word_logprobs(lm, layer, prompts, words, pipeline, keep_fn)
-    j = selected["interaction"]["feature"]
-    pipeline.scale = ("secondary", torch.tensor([j], device=device), 1.0)
-    x1_change = (word_logprobs(lm, layer, prompts, words, pipeline, keep_fn) - base_P4).abs().max().item()
-    w_RP = bootstrap_weights(len(prompts), cfg.n_boot, generator)  # one prompt resample for every comparison
-
-    def effects(code, feature_sets):
-        """Per scale, the per-prompt interaction effect of each feature set [C, P] and the word-list changes."""
-        runs = [intervention_effect(lm, layer, prompts, words, pipeline, keep_fn,
-                                    (code, torch.tensor(fs, device=device)), base_P4) for fs in feature_sets]
-        return {f: (torch.stack([inter[f] for _, inter in runs]),
-                    torch.stack([changes[f].mean(0) for changes, _ in runs]).mean(0).tolist()) for f in SCALES}
-
-    rank = firing_F2.argsort().argsort()
-    near = [f for f in (rank - rank[j]).abs().argsort().tolist() if f != j and firing_F2[f] > 0][: 2 * N_RANDOM_CONTROLS]
-    random_features = [near[i] for i in torch.randperm(len(near), generator=generator)[:N_RANDOM_CONTROLS]]
-    primary = primary_read(pipeline, data["x_eval"], j)
-    shuffled = [top_feature(A_PF[sel], cell_P[sel][torch.randperm(len(sel), generator=generator)], exclude=[j])[0]
-                for _ in range(N_SHUFFLED_CONTROLS)]
-    runs = {"selected": effects("secondary", [[j]]),
-            "random_matched": effects("secondary", [[f] for f in random_features]),
-            "primary_read": effects("pair", [primary]),
-            "shuffled_selection": effects("secondary", [[f] for f in shuffled]),
-            "primary_read_whole_code": effects("primary", [primary])}
-    intervention = {}
-    for f in SCALES:
-        row = beyond_controls(runs["selected"][f][0][0], {name: r[f][0] for name, r in runs.items() if name != "selected"},
-                              w_RP, reference=("primary_read_whole_code",))
-        for name, r in runs.items():
-            (row["selected"] if name == "selected" else row["controls"][name])["word_list_changes"] = r[f][1]
-        intervention[f"{f:g}"] = row
-
-    verdicts = {f"intervention_x{f}_beyond_controls": row["verdict"] for f, row in intervention.items()}
-    selectivity = selected["interaction"]["verdict"]
-    overall = "holds" if selectivity == "holds" and set(verdicts.values()) == {"holds"} else \
-        "no" if selectivity == "no" or set(verdicts.values()) == {"no"} else "unclear"
-    return {"secondary": secondary_report,
-            "design": {"factors": design["factors"], "cells": design["cells"],
-                       "prompts_per_half": [int((cell_P[sel] == c).sum()) for c in range(4)]},
-            "selected": selected, "x1_max_change": x1_change,
-            "controls": {"random_matched": random_features, "primary_read": primary, "shuffled_selection": shuffled},
-            "intervention": intervention,
-            "verdicts": {"selectivity_on_held_out_prompts": selectivity, **verdicts, "overall": overall}}
 
 
 # ----------------------------------------------------------------------------- bring your own SAE
@@ -1468,7 +819,7 @@ def plot_figures(report, out):
         plot_decoder_norms(report["analysis"]["decoder_norms"], out)
     plot_models(report["models"], out)
     if "stage34" in report:
-        plot_stage34(report["stage34"], out)
+        s34.plot_stage34(report["stage34"], out)
     if "along_training" in report:
         plot_along_training(report["along_training"], out)
 
@@ -1531,32 +882,10 @@ def plot_decoder_norms(dn, out):
         s = dn["summary"][key]
         ax.bar(centres, dn["histograms"][key], width=width, color="tab:blue", alpha=0.8)
         bc, dbic = dn[f"bc_{key}"], dn[f"delta_bic_{key}"]
-        ax.set(ylabel="features", title=f"{label}\nBC {bc['value']:.2f} {fmt_ci(bc['ci'])}, "
-                                        f"delta BIC {dbic['value']:.0f} {fmt_ci(dbic['ci'])}, mean {s['mean']:.2f}")
+        ax.set(ylabel="features", title=f"{label}\nBC {bc['value']:.2f} {st.fmt_ci(bc['ci'])}, "
+                                        f"delta BIC {dbic['value']:.0f} {st.fmt_ci(dbic['ci'])}, mean {s['mean']:.2f}")
     axes[-1].set_xlabel("squared decoder norm ||W_dec[i]||^2 of features that fire on held-out tokens")
     fig.savefig(out / "decoder_norms.png", dpi=110)
-
-
-def plot_stage34(st, out):
-    """stage34.png: per scale, the 2 x 2 interaction plot of the word lists' log-probability changes
-    (x: the first factor's lists, lines: the second factor's), for the selected feature and controls."""
-    from matplotlib.figure import Figure
-
-    (fa, (a1, a2)), (fb, (b1, b2)) = st["design"]["factors"].items()
-    styles = {"selected": ("tab:blue", 2.5), "random_matched": ("0.6", 1.2), "primary_read": ("tab:orange", 1.2),
-              "primary_read_whole_code": ("tab:red", 0.8), "shuffled_selection": ("tab:green", 1.2)}
-    fig = Figure(figsize=(4.2 * len(st["intervention"]), 4), layout="constrained")
-    for ax, (f, row) in zip(fig.subplots(1, len(st["intervention"]), sharey=True), st["intervention"].items()):
-        for name, (color, width) in styles.items():
-            ch = (row["selected"] if name == "selected" else row["controls"][name])["word_list_changes"]
-            ax.plot([a1, a2], [ch[0], ch[2]], "-o", color=color, lw=width, label=f"{name}: {b1} words")
-            ax.plot([a1, a2], [ch[1], ch[3]], "--s", color=color, lw=width, label=f"{name}: {b2} words")
-        ax.axhline(0, color="k", lw=0.5)
-        ax.set(title=f"feature x{f}", xlabel=f"{fa} of the word list")
-    fig.axes[0].set_ylabel("change in mean log P(word list) at the next token")
-    fig.axes[-1].legend(fontsize=6)
-    fig.suptitle("Scaling the selected integration feature, and the controls: word-list changes on the test prompts")
-    fig.savefig(out / "stage34.png", dpi=110)
 
 
 def plot_models(models, out):
@@ -1590,15 +919,15 @@ def run_key(cfg, seed, name):
 
 def add_stage34(report, lm, tokenizer, joint, data, cfg, out):
     """Stages 3-4 on the run's joint model, into report["stage34"] and the run folder's stage34.txt."""
-    report["stage34"] = stage34(lm, tokenizer, joint, data, cfg, out, torch.Generator().manual_seed(cfg.seed))
-    de.atomic_write(out / "stage34.txt", lambda p: p.write_text(format_stage34(report["stage34"]) + "\n"))
+    report["stage34"] = s34.stage34(lm, tokenizer, joint, data, cfg, out, torch.Generator().manual_seed(cfg.seed))
+    de.atomic_write(out / "stage34.txt", lambda p: p.write_text(s34.format_stage34(report["stage34"]) + "\n"))
 
 
 def window_resamples(cfg, n_eval_windows, n_splice_windows):
     """One resample of the windows for every seed and model, so that the bootstrap is paired (§9.6)."""
     gen = torch.Generator().manual_seed(cfg.seed)
-    return {"eval": bootstrap_weights(n_eval_windows, cfg.n_boot, gen),
-            "splice": bootstrap_weights(n_splice_windows, cfg.n_boot, gen)}
+    return {"eval": st.bootstrap_weights(n_eval_windows, cfg.n_boot, gen),
+            "splice": st.bootstrap_weights(n_splice_windows, cfg.n_boot, gen)}
 
 
 def finish_report(report, per_seed, cfg):
@@ -1768,7 +1097,7 @@ def run(cfg):
     if cfg.stage34 and cfg.sae:
         raise de.DualencError("--stage34 studies the joint model's integration features; a --sae run has no joint model")
     if cfg.stage34:
-        read_stimuli(cfg.stimuli)
+        s34.read_stimuli(cfg.stimuli)
     out = de.prepare_out(cfg.out)
     timings = {k: v for k, v in previous.get("timings_s", {}).items() if k != "total"}
     peaks = dict(previous.get("peak_rss_gib", {}))
@@ -1783,10 +1112,10 @@ def run(cfg):
         report = {**previous, "config": {**previous["config"], "stage34": True, "stimuli": cfg.stimuli},
                   "peak_rss_gib": peaks}
         add_stage34(report, lm, tokenizer, models["joint"], data, cfg, out)
-        plot_stage34(report["stage34"], out)
+        s34.plot_stage34(report["stage34"], out)
         stage("stage34")
         de.write_json(out / "results.json", report)
-        print(format_stage34(report["stage34"]))
+        print(s34.format_stage34(report["stage34"]))
         print(f"added stages 3-4 to {out / 'results.json'}; wrote stage34.txt, stage34.png, secondary/", file=sys.stderr)
         return report
     report = {**de.new_report(cfg, data, models, previous, timings), "commit": source_commit(), "peak_rss_gib": peaks}
@@ -1826,22 +1155,14 @@ def run(cfg):
     return report
 
 
-def fmt_num(x):
-    return "undefined" if x is None else f"{x:.3f}" if abs(x) < 100 else f"{x:.0f}"
-
-
-def fmt_ci(ci):
-    return "-" if ci is None else f"[{fmt_num(ci[0])}, {fmt_num(ci[1])}]"
-
-
 def format_report(report):
     """dualenc's models table (with intervals), the seed intervals, the claims table, as printed at the end."""
     seeds = len(report["seeds"])
     rows = de.format_models(report)
     if seeds > 1:
         rows.append(f"mean of {seeds} seeds; seed intervals (95%, t over seeds):")
-        rows += [f"  {name:<22} fvu {fmt_ci(m['seed_ci']['fvu'])}  kl {fmt_ci(m['seed_ci']['kl'])}  "
-                 f"ce {fmt_ci(m['seed_ci']['ce'])}" for name, m in report["models"].items()]
+        rows += [f"  {name:<22} fvu {st.fmt_ci(m['seed_ci']['fvu'])}  kl {st.fmt_ci(m['seed_ci']['kl'])}  "
+                 f"ce {st.fmt_ci(m['seed_ci']['ce'])}" for name, m in report["models"].items()]
     labels = {"paper_way": "paper's way", "fair": "fair", "matched": "param-matched"}
     rows += ["", "{:<76}{:>7}  {:<14}{:>8}{:>18}{:>18}  {}".format(
         "claim (rule)", "paper", "reading", "ours", "bootstrap 95%", "seeds 95%" if seeds > 1 else "", "verdict")]
@@ -1849,9 +1170,9 @@ def format_report(report):
         head = f"{c['claim']} ({c['rule']})"
         paper = "-" if c["paper"] is None else f"{c['paper']:.3f}"
         for i, (reading, r) in enumerate(c["readings"].items()):
-            seed_ci = fmt_ci(r["seed_ci"]) if "seed_ci" in r else ""
+            seed_ci = st.fmt_ci(r["seed_ci"]) if "seed_ci" in r else ""
             rows.append(f"{head if i == 0 else '':<76}{paper if i == 0 else '':>7}  {labels[reading]:<14}"
-                        f"{fmt_num(r['value']):>8}{fmt_ci(r['ci']):>18}{seed_ci:>18}  {r['verdict']}"
+                        f"{st.fmt_num(r['value']):>8}{st.fmt_ci(r['ci']):>18}{seed_ci:>18}  {r['verdict']}"
                         + (f" ({r['undefined']})" if "undefined" in r else ""))
     shares = report["analysis"]["interaction_param_share"]
     name = next((n for n in ("joint", "sequential") if n in shares), None)  # none with --models sae
@@ -1862,7 +1183,7 @@ def format_report(report):
     if "along_training" in report:
         rows += ["", format_along_training(report["along_training"])]
     if "stage34" in report:
-        rows += ["", format_stage34(report["stage34"])]
+        rows += ["", s34.format_stage34(report["stage34"])]
     return "\n".join(rows)
 
 
@@ -1876,42 +1197,8 @@ def format_along_training(points):
             cells = []
             for p in points:
                 r = next(c for c in p["claims"] if c["claim"] == claim["claim"])["readings"].get(reading)
-                cells.append("-" if r is None else f"{fmt_num(r['value'])} {mark[r['verdict']]}")
+                cells.append("-" if r is None else f"{st.fmt_num(r['value'])} {mark[r['verdict']]}")
             rows.append(f"{(claim['claim'] + ', ' + reading)[:69]:<70}" + "".join(f"{c:>11}" for c in cells))
-    return "\n".join(rows)
-
-
-def format_stage34(st):
-    """The stages 3-4 tables (§13): the secondary SAE, the selected features on both halves, the
-    intervention beside its controls as paired differences, and the verdicts."""
-    sec = st["secondary"]
-    rows = [f"stage 3: secondary SAE on the joint NFM's interaction hidden layer: {sec['features']} features, "
-            f"k {sec['k']}; held-out fvu {sec['fvu']:.4f}, dead {sec['dead_features']}; spliced KL "
-            f"{sec['kl_with_secondary']['value']:.4f} against the joint model's {sec['kl_joint']['value']:.4f} "
-            f"(increase {sec['kl_increase']['value']:.4f} {fmt_ci(sec['kl_increase']['ci'])})",
-            f"stage 4: {' x '.join(f'{k} ({a} / {b})' for k, (a, b) in st['design']['factors'].items())}, "
-            f"{st['design']['prompts_per_half']} selection prompts per cell, the rest tested",
-            "{:<13}{:>8}{:>9}{:>11}{:>18}{:>8}{:>9}{:>8}  {:<9}{}".format(
-                "contrast", "feature", "sel. t", "test half", "test 95%", "test t", "p (1-s)", "p x3", "verdict",
-                "paper's way: same prompts")]
-    for name, c in st["selected"].items():
-        pw = c["paper_way"]
-        rows.append(f"{name:<13}{c['feature']:>8}{c['selection_t']:>9.2f}{c['test_half']:>11.4f}"
-                    f"{fmt_ci(c['test_half_ci']):>18}{c['test_t']:>8.2f}{c['p']:>9.4f}{c['p_bonferroni']:>8.4f}  "
-                    f"{c['verdict']:<9}feature {pw['feature']}, contrast {pw['contrast']:.4f}, "
-                    f"p {pw['p_same_prompts_uncorrected']:.4f} (two-sided, uncorrected)")
-    rows.append(f"intervention on feature {st['selected']['interaction']['feature']}: 2 x 2 interaction of the word "
-                f"lists' log-prob changes, mean over test prompts (x1 changes nothing: max {st['x1_max_change']:.1e}); "
-                f"controls as paired differences in size, s x selected - mean |control| (s the selected sign), rank = "
-                f"share of the control's features moving the lists at least as much")
-    for f, row in st["intervention"].items():
-        sel = row["selected"]
-        rows.append(f"  x{f}: selected {sel['effect']:.2e} [{sel['ci'][0]:.2e}, {sel['ci'][1]:.2e}]; "
-                    f"verdict {row['verdict']}")
-        rows += [f"    {name:<26} effect {c['effect']:>10.2e}  difference {c['difference']:>10.2e} "
-                 f"[{c['ci'][0]:.2e}, {c['ci'][1]:.2e}]  rank {c['rank']:.2f}"
-                 + ("  (reference, does not decide)" if c["reference_only"] else "") for name, c in row["controls"].items()]
-    rows.append("verdicts: " + ", ".join(f"{k} {v}" for k, v in st["verdicts"].items()))
     return "\n".join(rows)
 
 

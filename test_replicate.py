@@ -1,8 +1,9 @@
-"""Tests for replicate.py, the referee, written as examples of its API: baselines, intervals, verdicts,
-stages 3-4 and bring-your-own-SAE. It reuses test_dualenc's tiny models and fixtures."""
+"""Tests for replicate.py, the referee, written as examples of its API: baselines, claims and their
+verdicts, whole runs, the activation store, the training length and bring-your-own-SAE. It reuses
+test_dualenc's tiny models and fixtures. The statistics are tested in test_stats.py, stages 3-4 in
+test_stages34.py (on this file's tiny run)."""
 
 import json
-import math
 import shutil
 import threading
 
@@ -14,7 +15,7 @@ import transformers
 import dualenc as de
 import replicate as rp
 import test_dualenc
-from test_dualenc import D, FEATS, K, M, interrupt_training_at, run_cli, small_cfg, synthetic_acts, tiny_llama  # noqa: F401
+from test_dualenc import D, FEATS, K, M, interrupt_training_at, run_cli, tiny_llama
 from test_dualenc import tiny_lm_folder, tiny_method_run  # noqa: F401 (fixtures)
 
 
@@ -32,64 +33,6 @@ def test_param_counts_match_a_hand_count():
     assert sum(counts.values()) == sum(p.numel() for p in model.parameters())
     assert rp.params_used(model, ()) == counts["sae_encoder"] + counts["sae_decoder"]
     assert rp.params_used(model, de.PATHWAYS) == sum(counts.values())
-
-
-def test_bimodality_statistics_separate_two_modes_from_one():
-    g = torch.Generator().manual_seed(0)
-    unimodal = torch.randn(4000, generator=g)
-    bimodal = torch.cat([0.05 + 0.01 * torch.randn(2000, generator=g), 0.37 + 0.03 * torch.randn(2000, generator=g)])
-    assert rp.bimodality_coefficient(unimodal) < 0.4 < 5 / 9 < rp.bimodality_coefficient(bimodal)
-    fit = rp.gmm2(bimodal)
-    assert fit["means"].tolist() == pytest.approx([0.05, 0.37], abs=0.01)
-    assert fit["weights"].tolist() == pytest.approx([0.5, 0.5], abs=0.02)
-    assert rp.two_modes(fit) and not rp.two_modes(rp.gmm2(unimodal))
-
-
-def test_bic_prefers_two_gaussians_only_for_a_bimodal_sample():
-    g = torch.Generator().manual_seed(1)
-    normal = 0.4 + 0.1 * torch.randn(4000, generator=g)
-    bimodal = torch.cat([0.05 + 0.02 * torch.randn(1500, generator=g), 0.37 + 0.05 * torch.randn(2500, generator=g)])
-    assert rp.gmm_bic(normal) < 0 < 10 < rp.gmm_bic(bimodal)
-
-
-def test_weighted_statistics_equal_the_statistics_of_the_resampled_sample():
-    g = torch.Generator().manual_seed(2)
-    x, y = torch.rand(300, generator=g), torch.rand(300, generator=g)
-    w = rp.bootstrap_weights(300, 3, g)
-    drawn = torch.repeat_interleave(torch.arange(300), w[2].long())  # resample 2 written out
-    assert rp.bimodality_coefficient(x, w)[2] == pytest.approx(rp.bimodality_coefficient(x[drawn]).item(), rel=1e-9)
-    assert rp.pearson(x, y, w)[2] == pytest.approx(rp.pearson(x[drawn], y[drawn]).item(), rel=1e-9)
-    assert rp.bimodality_coefficient(x, w)[0] == pytest.approx(rp.bimodality_coefficient(x).item(), rel=1e-12)
-
-
-def test_bootstrap_of_a_constant_is_a_point_and_widens_with_noise():
-    g = torch.Generator().manual_seed(0)
-    w = rp.bootstrap_weights(40, 500, g)
-    assert w.shape == (501, 40) and (w[0] == 1).all() and (w.sum(-1) == 40).all()
-    widths = []
-    for noise in (0.0, 0.1, 1.0):
-        per_window = 2.0 + noise * torch.randn(40, generator=g, dtype=torch.float64)
-        s = rp.summarise((w @ per_window) / 40)
-        assert s["value"] == pytest.approx(per_window.mean().item())
-        widths.append(s["ci"][1] - s["ci"][0])
-    assert widths[0] == pytest.approx(0.0, abs=1e-12) and 0 < widths[1] < widths[2]
-
-
-def test_seed_interval_is_students_t():
-    assert rp.t_quantile(0.975, 1) == pytest.approx(12.706, abs=2e-3)
-    assert rp.t_quantile(0.975, 2) == pytest.approx(4.303, abs=2e-3)
-    lo, hi = rp.seed_interval([1.0, 2.0, 3.0])
-    assert (lo + hi) / 2 == pytest.approx(2.0) and (hi - lo) / 2 == pytest.approx(4.303 / 3 ** 0.5, abs=2e-3)
-    s = rp.summarise(torch.tensor([[1.0, 0.9, 1.1], [3.0, 2.9, 3.1]]))
-    assert s["value"] == 2.0 and s["per_seed"] == [1.0, 3.0] and "seed_ci" in s
-
-
-@pytest.mark.parametrize("ci, seed_ci, expected", [
-    ([0.30, 0.40], None, "holds"), ([0.05, 0.10], None, "no"), ([0.10, 0.30], None, "unclear"),
-    ([0.30, 0.40], [0.10, 0.50], "unclear"), ([0.30, 0.40], [0.25, 0.45], "holds")])
-def test_verdict_needs_every_interval_on_one_side(ci, seed_ci, expected):
-    summary = {"value": sum(ci) / 2, "ci": ci, **({"seed_ci": seed_ci} if seed_ci else {})}
-    assert rp.verdict(summary, 0.2, above=True) == expected
 
 
 def fake_seed(R=200, seed=0, joint_kl=0.5, noise=0.01):
@@ -329,152 +272,6 @@ def test_a_bad_sae_folder_fails_with_one_line_before_any_slow_work(case, msg, ti
 def test_sae_settings_that_the_sae_fixes_are_refused():
     with pytest.raises(de.DualencError, match="--k do not apply"):
         rp.parse_args(["--sae", "some/sae", "--k", "16"])
-
-
-def tiny_joint_and_secondary(x, **kw):
-    torch.manual_seed(0)
-    joint = de.DualEncoder(de.TopKSAE(D, FEATS, K), de.NFM(FEATS, D, M, n_read=K))
-    de.train_joint(joint, x, x, small_cfg())
-    secondary, curve, h_eval = rp.train_secondary(joint, x, x, small_cfg(**kw))
-    return joint.eval(), secondary.eval(), curve, h_eval
-
-
-def test_secondary_sae_learns_the_interaction_hidden_layer():
-    x = synthetic_acts()
-    joint, secondary, curve, h_eval = tiny_joint_and_secondary(x)
-    assert secondary.sae.W_dec.shape == (25 * M, M) and secondary.sae.k == round(M * 250 / 300)
-    assert curve[-1]["train_mse"] < curve[0]["train_mse"] and curve[-1]["fvu"] < curve[0]["fvu"]
-    torch.testing.assert_close(secondary.normalize(rp.interaction_hidden(joint, x)), h_eval)
-    # the pipeline with the secondary SAE in place reconstructs x, a little worse than the joint model
-    pipeline = rp.IntegrationPipeline(joint, secondary).eval()
-    assert de.evaluate(joint, x)["fvu"] <= de.evaluate(pipeline, x)["fvu"] < 1
-    _, paper, _, _ = tiny_joint_and_secondary(x, paper_density=True)  # the paper's code: 2 % active
-    assert paper.sae.W_dec.shape == (25 * M, M) and paper.sae.k == round(0.02 * 25 * M)
-
-
-def test_an_integration_features_pairs_and_constant_give_back_its_pre_activation():
-    x = synthetic_acts()
-    joint, secondary, _, _ = tiny_joint_and_secondary(x)
-    z_BM = secondary.normalize(rp.interaction_hidden(joint, x[:64]))
-    for g in (0, 7):
-        const, idx_BR, pairs_BRR = rp.pair_reading(joint, secondary, x[:64], g)
-        direct_B = z_BM @ secondary.sae.W_enc[:, g] + secondary.sae.b_enc[g]
-        torch.testing.assert_close(const + pairs_BRR.sum((1, 2)), direct_B, rtol=1e-5, atol=1e-5)
-        assert idx_BR.shape == (64, K) and (pairs_BRR.tril() == 0).all()  # each pair once, i < j
-
-
-def test_scaling_by_one_or_a_silent_feature_by_zero_changes_nothing():
-    x = synthetic_acts(n=256)
-    joint, secondary, _, _ = tiny_joint_and_secondary(x)
-    pipeline = rp.IntegrationPipeline(joint, secondary).eval()
-    with torch.no_grad():
-        base = pipeline(x)
-        active = pipeline.secondary_codes(x)
-        busy, silent = int(active.count_nonzero(0).argmax()), int((active.count_nonzero(0) == 0).nonzero()[0])
-        pipeline.scale = ("secondary", torch.tensor([busy]), 1.0)
-        assert torch.equal(pipeline(x), base)
-        pipeline.scale = ("secondary", torch.tensor([silent]), 0.0)
-        assert torch.equal(pipeline(x), base)
-        pipeline.scale = ("secondary", torch.tensor([busy]), 0.0)
-        assert not torch.allclose(pipeline(x), base)
-        # control (b) on the selected feature's pathway: the codes pair() reads, nothing else
-        vals, idx = joint.sae.encode(x)
-        feature = int(idx[0, 0])
-        pipeline.scale = ("pair", torch.tensor([feature]), 1.0)
-        assert torch.equal(pipeline(x), base)
-        pipeline.scale = ("pair", torch.tensor([feature]), 0.0)
-        scaled = pipeline(x)
-        touched = (idx == feature).any(-1)
-        assert not torch.allclose(scaled[touched], base[touched]) and torch.equal(scaled[~touched], base[~touched])
-        # the same, written out: x_s and linear(f) as they were, pair(f) reads its codes from the scaled f
-        pair_input = joint.nfm.read(torch.where(idx == feature, 0.0, vals), idx)
-        expected = joint.sae.decode(vals, idx) + joint.nfm.linear(*joint.nfm.read(vals, idx)) + \
-            joint.nfm.mlp[1:](pipeline.through_secondary(joint.nfm.hidden(*pair_input)))
-        torch.testing.assert_close(scaled, expected)
-    # and through the LM: x1 leaves the next-token log-probabilities where they were
-    lm, ids = tiny_llama(), torch.randint(0, 97, (3, 10))
-    joint_lm, secondary_lm = de.DualEncoder(de.TopKSAE(32, FEATS, K), de.NFM(FEATS, 32, M)).eval(), None
-    secondary_lm = de.DualEncoder(de.TopKSAE(M, 25 * M, 8), None).eval()
-    pipe = rp.IntegrationPipeline(joint_lm, secondary_lm).eval()
-    prompts, words = [(i, 0) for i in ids], {c: torch.tensor([1, 2, 3]) for c in "abcd"}
-
-    def keep_fn(h):
-        return torch.ones(h.shape[:-1], dtype=torch.bool)
-
-    base = rp.word_logprobs(lm, 2, prompts, words, pipe, keep_fn)
-    changes, inter = rp.intervention_effect(lm, 2, prompts, words, pipe, keep_fn, ("secondary", torch.tensor([0])), base)
-    pipe.scale = ("secondary", torch.tensor([0]), 1.0)
-    torch.testing.assert_close(rp.word_logprobs(lm, 2, prompts, words, pipe, keep_fn), base, rtol=0, atol=1e-5)
-    assert set(changes) == set(rp.SCALES) and inter[0.0].shape == (3,)
-
-
-def planted_design(effect, seed=0, per_cell=16, n_features=30):
-    """Per-prompt activations of a 2 x 2 design; feature 3 gets an interaction of size `effect`."""
-    g = torch.Generator().manual_seed(seed)
-    cell = torch.arange(4).repeat_interleave(per_cell)
-    A = torch.rand(4 * per_cell, n_features, generator=g)
-    A[:, 3] += effect * torch.tensor([1.0, -1.0, -1.0, 1.0])[cell] / 4
-    return A, cell
-
-
-def test_a_planted_interaction_is_found_and_its_permutation_p_is_small():
-    A, cell = planted_design(effect=1.0)
-    value, t = rp.contrasts(A, cell)["interaction"]
-    assert int(t.abs().argmax()) == 3 and value[3].item() == pytest.approx(1.0, abs=0.3)
-    assert rp.permutation_p(A[:, [3]], cell, "interaction", 999, torch.Generator().manual_seed(0)).item() < 0.01
-    null, cell = planted_design(effect=0.0)
-    assert rp.contrasts(null, cell)["interaction"][1][3].abs() < 3
-    assert rp.permutation_p(null[:, [3]], cell, "interaction", 999, torch.Generator().manual_seed(0)).item() > 0.05
-    # main effects: a feature that only rises with the first factor has no interaction
-    A[:, 5] += 2.0 * (cell < 2)
-    c = rp.contrasts(A, cell)
-    assert int(c["main_a"][1].abs().argmax()) == 5 and c["interaction"][1][5].abs() < 3
-
-
-@pytest.mark.parametrize("content, msg", [
-    ("{not json", "stimuli"), ('{"factors": {"a": ["x", "y"]}}', "not a 2 x 2 design"),
-    ('{"factors": {"a": ["x", "y"], "b": ["u", "v"]}, "prompts": {}, "words": {}}', "not a 2 x 2 design"),
-    (json.dumps({"factors": {"a": ["x", "y"], "b": ["u", "v"]},
-                 "prompts": {c: ["p"] * 3 for c in ("x u", "x v", "y u", "y v")},
-                 "words": {c: ["w"] for c in ("x u", "x v", "y u", "y v")}}), "at least 4 prompts")])
-def test_a_malformed_stimulus_file_fails_with_one_line(content, msg, tmp_path):
-    path = tmp_path / "s.json"
-    path.write_text(content)
-    with pytest.raises(de.DualencError, match=msg) as err:
-        rp.read_stimuli(path)
-    assert "\n" not in str(err.value)
-
-
-def test_the_shipped_stimuli_are_a_full_design_of_single_token_words():
-    spec = rp.read_stimuli(None)
-    _, tokenizer = de.load_lm(de.SMOLLM2, "cpu")
-    design = rp.load_stimuli(spec, tokenizer)
-    assert [sum(1 for _, c in design["prompt_ids"] if c == i) for i in range(4)] == [16, 16, 16, 16]
-    assert all(len(w) == 8 for w in design["word_ids"].values())
-    bad = {**spec, "words": {**spec["words"], spec["cells"][0]: ["extraordinarily-long-word"]}}
-    with pytest.raises(de.DualencError, match="single tokens"):
-        rp.load_stimuli(bad, tokenizer)
-
-
-def test_stage34_on_a_tiny_run_writes_its_table_figure_and_secondary_sae(tiny_run, capsys):
-    out, first = tiny_run
-    report = rp.run(rp.Config(eval_only=str(out), device="cpu", stage34=True))
-    saved = json.loads((out / "results.json").read_text())
-    assert saved["stage34"] == json.loads(json.dumps(report["stage34"]))  # added to the run's results.json
-    assert saved["models"] == json.loads(json.dumps(first["models"]))  # whose evaluation stands
-    st = report["stage34"]
-    assert st["x1_max_change"] < 1e-5 and set(st["selected"]) == set(rp.CONTRASTS)
-    assert list(st["intervention"]) == ["0", "2", "4"]
-    for row in st["intervention"].values():
-        assert set(row["controls"]) == {"random_matched", "primary_read", "shuffled_selection", "primary_read_whole_code"}
-        assert row["controls"]["primary_read_whole_code"]["reference_only"] and row["verdict"] in ("holds", "no", "unclear")
-        assert len(row["selected"]["word_list_changes"]) == 4 and len(row["controls"]["primary_read"]["ci"]) == 2
-    assert st["selected"]["interaction"]["feature"] not in st["controls"]["shuffled_selection"]
-    assert st["verdicts"]["overall"] in ("holds", "no", "unclear")
-    assert (out / "stage34.png").read_bytes()[:4] == b"\x89PNG" and (out / "stage34.txt").exists()
-    cfg = json.loads((out / "secondary" / "cfg.json").read_text())
-    assert cfg["metadata"]["hook_name"] == "blocks.2.hook_resid_post.nfm.hook_interaction_pre_relu"
-    assert "stage 4" in capsys.readouterr().out
 
 
 def test_the_referee_trains_the_methods_models_exactly_as_the_method_does(tiny_method_run, tiny_run):
@@ -722,182 +519,6 @@ def test_a_float16_store_holds_the_activations_to_float16_rounding(tiny_lm_folde
         rp.Config(store_dtype="int8")
 
 
-# ----------------------------------------------------------------------------- stage 4's statistics, on constructed data
-
-CELL = torch.arange(4).repeat_interleave(16)  # 16 prompts per cell, (a1 b1, a1 b2, a2 b1, a2 b2)
-UNBALANCED = torch.arange(4).repeat_interleave(torch.tensor([10, 16, 22, 14]))
-CONTRAST_K = {name: torch.tensor(k, dtype=torch.float64) for name, k in rp.CONTRASTS.items()}
-
-
-@pytest.fixture
-def one_thread():
-    """Thousands of small tensor operations, which a second thread only slows down."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def planted(g, cell=CELL, main_a=0.0, main_b=0.0, interaction=0.0, n_features=1):
-    """[P, F] normal noise plus cell means whose contrasts are exactly main_a, main_b, interaction."""
-    means_C = main_a * CONTRAST_K["main_a"] + main_b * CONTRAST_K["main_b"] + interaction * CONTRAST_K["interaction"] / 4
-    return means_C[cell][:, None] + torch.randn(len(cell), n_features, generator=g, dtype=torch.float64)
-
-
-def sae_like(g, n_prompts=64, n_features=200):
-    """Sparse, heavy-tailed codes like the secondary SAE's: each feature fires on 3-40 % of prompts,
-    with lognormal sizes."""
-    density_F = torch.empty(n_features, dtype=torch.float64).uniform_(0.03, 0.4, generator=g)
-    fires = torch.rand(n_prompts, n_features, generator=g, dtype=torch.float64) < density_F
-    return fires * torch.randn(n_prompts, n_features, generator=g, dtype=torch.float64).exp()
-
-
-def dealt(g, per_cell=16):
-    """Cell labels dealt to the prompts at random: they mean nothing."""
-    return torch.arange(4).repeat_interleave(per_cell)[torch.randperm(4 * per_cell, generator=g)]
-
-
-@pytest.mark.parametrize("cell", [CELL, UNBALANCED], ids=["balanced", "unbalanced"])
-def test_each_null_keeps_the_other_effects_and_rejects_at_its_nominal_rate(cell, one_thread):
-    """The interaction (Freedman-Lane) beside two strong main effects; each main effect (restricted
-    permutation) beside a strong other one: 300 designs each, alpha 0.05, 999 permutations."""
-    g = torch.Generator().manual_seed(0)
-    n_designs, rejected = 300, {"interaction +": 0, "interaction two-sided": 0, "main_a +": 0, "main_b -": 0}
-    for _ in range(n_designs):
-        y = planted(g, cell, main_a=1.5, main_b=-1.0)
-        rejected["interaction +"] += rp.permutation_p(y, cell, "interaction", 999, g, sign=1).item() < 0.05
-        rejected["interaction two-sided"] += rp.permutation_p(y, cell, "interaction", 999, g).item() < 0.05
-        y_b, y_a = planted(g, cell, main_b=2.0), planted(g, cell, main_a=2.0)  # each main effect's null
-        rejected["main_a +"] += rp.permutation_p(y_b, cell, "main_a", 999, g, sign=1).item() < 0.05
-        rejected["main_b -"] += rp.permutation_p(y_a, cell, "main_b", 999, g, sign=-1).item() < 0.05
-    rates = {name: count / n_designs for name, count in rejected.items()}
-    assert all(0.02 <= r <= 0.08 for r in rates.values()), rates
-
-
-def test_planted_effects_are_found_in_their_direction_only(one_thread):
-    g = torch.Generator().manual_seed(1)
-    y = planted(g, interaction=2.0)
-    assert rp.permutation_p(y, CELL, "interaction", 999, g, 1).item() < 0.01
-    assert rp.permutation_p(y, CELL, "interaction", 999, g, -1).item() > 0.9  # one-sided: not the wrong way
-    y = planted(g, main_a=-1.5, main_b=1.0)
-    assert rp.permutation_p(y, CELL, "main_a", 999, g, -1).item() < 0.01
-    assert rp.permutation_p(y, CELL, "main_b", 999, g, 1).item() < 0.01
-    assert rp.permutation_p(y, CELL, "interaction", 999, g).item() > 0.05
-    assert rp.permutation_p(torch.zeros(64, 1), CELL, "main_a", 99, g, 1).item() == 1.0  # a silent feature
-    huge = planted(g, interaction=40.0)  # no permutation reaches it: p is the +1 correction's floor
-    assert rp.permutation_p(huge, CELL, "interaction", 199, g, 1).item() == pytest.approx(1 / 200)
-
-
-def test_the_nulls_keep_what_they_must(one_thread):
-    g = torch.Generator().manual_seed(2)
-    y = planted(g, UNBALANCED, main_a=1.0, main_b=2.0, n_features=3)
-    fit = rp.additive_fit(y, UNBALANCED)
-    assert rp.contrasts(fit, UNBALANCED)["interaction"][0].abs().max() < 1e-12  # additive: no interaction
-    X = torch.stack([torch.ones(len(UNBALANCED)), (UNBALANCED // 2).double(), (UNBALANCED % 2).double()], 1)
-    assert (X.T.double() @ (y - fit)).abs().max() < 1e-9  # least squares: residuals orthogonal to the design
-    shuffled = rp.shuffle_within(y, UNBALANCED % 2, 5, g)  # main_a's null: within each level of b
-    for b in range(2):
-        keep = UNBALANCED % 2 == b
-        assert torch.equal(shuffled[:, keep].sort(1).values, y[keep].sort(0).values.expand(5, -1, -1))
-
-
-def test_select_then_test_on_meaningless_labels_rejects_at_its_nominal_rate(one_thread):
-    """400 random dealings of labels to sparse heavy-tailed codes (64 prompts, 200 features): the whole
-    pipeline, selection included, gives p < 0.05 at 5 % and Bonferroni keeps "holds" rare."""
-    g = torch.Generator().manual_seed(3)
-    p, verdicts = [], []
-    for _ in range(400):
-        out, _, _ = rp.select_and_test(sae_like(g), dealt(g), 200, g, n_perm=999)
-        p.append([out[c]["p"] for c in rp.CONTRASTS])
-        verdicts.append([out[c]["verdict"] for c in rp.CONTRASTS])
-    rate_C = (torch.tensor(p) < 0.05).double().mean(0)
-    holds_C = torch.tensor([[v == "holds" for v in row] for row in verdicts]).double()
-    assert all(0.02 <= r <= 0.08 for r in rate_C.tolist()), rate_C
-    assert (holds_C.mean(0) <= 0.05 / 3 + 0.015).all()  # Bonferroni's third of alpha, + 2.3 binomial sd
-    assert holds_C.max(1).values.mean() <= 0.05  # the family-wise rate Bonferroni promises
-
-
-@pytest.mark.parametrize("seed", range(4))
-def test_labels_without_meaning_give_no_holds(seed, one_thread):
-    """Features that follow a hidden property of the prompts, not their labels: nothing holds."""
-    g = torch.Generator().manual_seed(100 + seed)
-    hidden_P = torch.randn(64, 1, generator=g, dtype=torch.float64)
-    A = sae_like(g) * (1 + (hidden_P * torch.randn(1, 200, generator=g, dtype=torch.float64)).exp())
-    out, _, _ = rp.select_and_test(A, dealt(g), 500, g, n_perm=1999)
-    assert all(r["verdict"] != "holds" for r in out.values()), out
-
-
-def test_a_planted_interaction_is_selected_on_one_half_and_holds_on_the_other(one_thread):
-    g = torch.Generator().manual_seed(4)
-    A = torch.cat([planted(g, interaction=-3.0), planted(g, n_features=50)], 1)
-    out, sel, test = rp.select_and_test(A, CELL, 500, g, n_perm=1999)
-    r = out["interaction"]
-    assert (r["feature"], r["sign"], r["verdict"]) == (0, -1, "holds") and r["p_bonferroni"] < 0.01
-    assert sorted(torch.cat([sel, test]).tolist()) == list(range(64))
-    assert [int((CELL[test] == c).sum()) for c in range(4)] == [8, 8, 8, 8]
-
-
-def test_a_sign_flip_never_holds_and_a_weak_test_is_unclear(one_thread):
-    g = torch.Generator().manual_seed(5)
-    half_P = rp.split_halves(CELL, g)
-    flip_P = torch.where(half_P, 1.0, -1.0).double()[:, None]
-    flipped = torch.cat([planted(g, interaction=4.0) * flip_P, planted(g, n_features=30)], 1)
-    r = rp.select_and_test(flipped, CELL, 500, g, 999, half_P=half_P)[0]["interaction"]
-    assert (r["feature"], r["sign"], r["verdict"]) == (0, 1, "no") and r["p"] > 0.9
-    faded = torch.where(half_P[:, None], planted(g, interaction=4.0), planted(g, interaction=0.3))
-    r = rp.select_and_test(torch.cat([faded, planted(g, n_features=30)], 1), CELL, 500, g, 999, half_P=half_P)[0]
-    assert r["interaction"]["feature"] == 0 and r["interaction"]["p"] > 0.05
-    assert r["interaction"]["verdict"] == "unclear"
-    for sign in (1, -1):  # the rule itself, in both directions: (p, p the other way, estimate, interval, sign)
-        assert rp.held_out_verdict(0.001, 1.0, sign * 0.5, [sign * 0.1, sign * 0.9][::sign], sign) == "holds"
-        assert rp.held_out_verdict(1.0, 0.001, -sign * 0.5, [-sign * 0.9, -sign * 0.1][::sign], sign) == "no"
-        assert rp.held_out_verdict(1.0, 0.3, -sign * 0.5, [-sign * 0.9, -sign * 0.1][::sign], sign) == "unclear"
-        assert rp.held_out_verdict(0.3, 1.0, sign * 0.5, [sign * 0.1, sign * 0.9][::sign], sign) == "unclear"
-        assert rp.held_out_verdict(0.001, 1.0, sign * 0.5, [-0.1, 0.9], sign) == "unclear"
-
-
-def test_a_shuffled_selection_never_picks_the_selected_feature():
-    A, cell = planted_design(effect=1.0)
-    j = rp.top_feature(A, cell)[0]
-    assert j == 3 and rp.top_feature(A, cell, exclude=[3])[0] != 3
-
-
-def test_the_paired_difference_is_the_difference_of_the_written_out_resampled_means():
-    g = torch.Generator().manual_seed(6)
-    sel_P = torch.randn(20, generator=g, dtype=torch.float64)
-    ctrl_CP = torch.randn(12, 20, generator=g, dtype=torch.float64)
-    w_RP = rp.bootstrap_weights(20, 30, g)
-    for sign in (1, -1):
-        d_R = rp.paired_difference(sel_P, ctrl_CP, w_RP, sign)
-        for r in range(len(w_RP)):
-            drawn = torch.arange(20).repeat_interleave(w_RP[r].long())  # the resample written out
-            written_out = sign * sel_P[drawn].mean() - ctrl_CP[:, drawn].mean(1).abs().mean()
-            assert d_R[r].item() == pytest.approx(written_out.item(), abs=1e-12)
-
-
-def test_an_intervention_holds_only_beyond_every_deciding_control():
-    g = torch.Generator().manual_seed(7)
-    sel_P = 1.0 + 0.3 * torch.randn(40, generator=g, dtype=torch.float64)
-    quiet = 0.3 * torch.randn(12, 40, generator=g, dtype=torch.float64)
-    w_RP = rp.bootstrap_weights(40, 400, g)
-    out = rp.beyond_controls(sel_P, {"random": quiet}, w_RP)
-    assert out["verdict"] == "holds" and out["controls"]["random"]["rank"] == 0.0
-    assert rp.beyond_controls(-sel_P, {"random": quiet}, w_RP)["verdict"] == "holds"
-    stronger = {"random": quiet, "primary": 2.0 + quiet[:2]}
-    assert rp.beyond_controls(sel_P, stronger, w_RP)["verdict"] == "no"  # a control moves the lists further
-    out = rp.beyond_controls(sel_P, stronger, w_RP, reference=("primary",))
-    assert out["verdict"] == "holds" and out["controls"]["primary"]["rank"] == 1.0  # shown, does not decide
-    assert rp.beyond_controls(sel_P, {"random": quiet, "close": 1.0 + quiet}, w_RP)["verdict"] == "unclear"
-    half = torch.cat([quiet[:6], 5.0 + quiet[6:]])
-    assert rp.beyond_controls(sel_P, {"mixed": half}, w_RP)["controls"]["mixed"]["rank"] == 0.5
-    # a control's direction means nothing: features pushing both ways, or the other way, still count by size
-    both_ways = torch.cat([3.0 + quiet[:6], -3.0 + quiet[6:]])
-    assert rp.beyond_controls(sel_P, {"random": both_ways}, w_RP)["verdict"] == "no"
-    assert rp.beyond_controls(sel_P, {"other_way": -3.0 + quiet[:1]}, w_RP)["verdict"] == "no"
-    faint = 0.05 + torch.randn(40, generator=g, dtype=torch.float64)  # its own interval contains 0
-    assert rp.beyond_controls(faint, {"random": 0.01 * quiet}, w_RP)["verdict"] != "holds"
-
-
 def test_a_share_whose_denominator_may_be_zero_is_undefined_and_unclear():
     seed = fake_seed(joint_kl=1.0, noise=0.05)  # the joint model gains nothing over the SAE
     rows = {c["claim"]: c["readings"] for c in rp.claims([seed])}
@@ -906,22 +527,6 @@ def test_a_share_whose_denominator_may_be_zero_is_undefined_and_unclear():
     assert "contains 0" in share["undefined"]
     defined = {c["claim"]: c["readings"] for c in rp.claims([fake_seed()])}
     assert defined["nonlinear part alone, share of the joint model's KL gain"]["fair"]["value"] == pytest.approx(0.2)
-
-
-@pytest.mark.parametrize("tie", [0, 150], ids=["tie_in_the_tail", "tie_at_the_centre"])
-def test_a_tied_resample_cannot_collapse_a_mixture_component(tie):
-    """30 % of a resample's weight on one value: every sd stays at the floor or above, and the gain over
-    one Gaussian within n (ln(s_w / h) + 1/2) nats (a floor of 1e-6 sd allowed about 14 n)."""
-    g = torch.Generator().manual_seed(9)
-    n = 200
-    x = torch.randn(n, generator=g, dtype=torch.float64)
-    w = torch.full((n,), 0.7 * n / (n - 1), dtype=torch.float64)
-    w[tie] = 0.3 * n
-    fit, floor = rp.gmm2(x, torch.stack([torch.ones(n, dtype=torch.float64), w])), rp.gmm_floor(x)
-    assert (fit["stds"] >= floor * (1 - 1e-12)).all() and torch.isfinite(fit["loglik"]).all()
-    s_w = rp.weighted_moments(x, w)[1].sqrt()
-    gain = (fit["loglik"][1] + 0.5 * n * (torch.log(2 * math.pi * s_w ** 2) + 1)).item()
-    assert gain <= n * (math.log(s_w / floor) + 0.5) and gain < 0.5 * n
 
 
 def test_each_program_reads_the_others_run_folders(tiny_method_run, tiny_run, tmp_path):
