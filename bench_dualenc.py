@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 import dualenc as de
+import runner
 
 CONFIGS = {"default": dict(d=576, f=4608, k=64, m=64, n_read=32, batch=512),  # dualenc's (n_read = k/2)
            "paper": dict(d=3200, f=50_000, k=1024, m=300, n_read=512, batch=64)}  # METHOD.md §4, §8
@@ -168,7 +169,7 @@ class DenseBackwardSAE(de.TopKSAE):
 def bench_sae_step(device, repeats):
     print("\n## SAE training step (encode, decode, MSE, backward, fused Adam): sparse vs dense encoder backward")
     d = DEFAULT["d"]
-    for name, cfg in (("default", de.Config()), ("paper density", de.Config(**de.paper_density(d)))):
+    for name, cfg in (("default", de.Config()), ("paper density", de.Config(**runner.paper_density(d)))):
         x = torch.randn(cfg.batch_size, d, device=device)
         fns, opts = {}, {}
         for impl, cls in (("sparse", de.TopKSAE), ("dense", DenseBackwardSAE)):
@@ -204,7 +205,7 @@ def sae_step_child(threads, repeats):
     """One paper-density SAE training step, timed in this (fresh) process with `threads` threads: the
     median, printed in seconds."""
     torch.set_num_threads(threads)
-    cfg, d = de.Config(**de.paper_density(DEFAULT["d"])), DEFAULT["d"]
+    cfg, d = de.Config(**runner.paper_density(DEFAULT["d"])), DEFAULT["d"]
     torch.manual_seed(0)
     model = de.DualEncoder(de.TopKSAE(d, cfg.features, cfg.k))
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=True)
@@ -253,9 +254,9 @@ def bench_training(device, repeats):
 
 def bench_lm(device, repeats):
     print("\n## SmolLM2 at the middle block: extraction and splicing, 16 windows of 128 tokens")
-    lm, tokenizer = de.load_lm(de.SMOLLM2, device)
+    lm, tokenizer = runner.load_lm(runner.SMOLLM2, device)
     layer = len(de.decoder_blocks(lm)) // 2
-    ids = de.make_windows(tokenizer, de.corpus, 16 * 128, 128)
+    ids = runner.make_windows(tokenizer, runner.corpus, 16 * 128, 128)
     n = ids.numel()
 
     def early():
@@ -302,7 +303,7 @@ def main():
         return busy_child()
     if args.neighbour:
         return bench_neighbour(args.repeats)
-    device = de.resolve_device(args.device)
+    device = runner.resolve_device(args.device)
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"# dualenc benchmark on {name}, torch {torch.__version__}")
     bench_nfm(device, args.repeats)

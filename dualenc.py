@@ -9,7 +9,7 @@ Machine reads the same sparse code and adds what depends on which features fire 
 This file is the method and nothing else: runner.py beside it reads text, loads the LM, keeps run
 folders and checkpoints and derives the command line from Config; replicate.py is the referee.
 Sections, in the order data flows:
-  settings      Config: the method's settings, paper_density (the paper's code density, §14)
+  settings      Config: the method's settings
   extraction    the block hook, block-L activations, the keep mask and the z-score (§2)
   identity SAE  TopKEncode (the sparse backward, §15), TopKSAE (§3)
   integration   NFM (§4)
@@ -33,11 +33,6 @@ from tqdm.auto import tqdm
 
 class DualencError(Exception):
     """A problem with the user's input or environment; the command line prints it as one line."""
-
-
-def one_line(e, limit=300):
-    """An exception's message on one line (state_dict and safetensors errors span several)."""
-    return " ".join(str(e).split())[:limit]
 
 
 # ----------------------------------------------------------------------------- settings
@@ -88,15 +83,6 @@ class Config:
         self.nfm_k = max(1, self.k // 2) if self.nfm_k is None else self.nfm_k
         if not 0 < self.nfm_k <= self.k:
             raise DualencError(f"--nfm-k must be in 1..k={self.k}, got {self.nfm_k}")
-
-
-def paper_density(d_model, features=None):
-    """The paper's code density (§14): its F / d (50,000 / 3,200) unless F is given, 2 % of F
-    active, and its NFM (M 300, reading the largest k/2 codes: Config's default). Batch 1,024 tokens
-    as the paper's SAE: at 512 the per-step costs (top-k, Adam) weigh twice as much against the
-    GEMM."""
-    features = features or round(15.6 * d_model)
-    return dict(features=features, k=round(0.02 * features), embed_dim=300, batch_size=1024)
 
 
 # ----------------------------------------------------------------------------- extraction

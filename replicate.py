@@ -1,14 +1,15 @@
 """replicate: the referee beside dualenc.py. Does the paper hold, and against which baseline?
 
-dualenc.py is the method (SAE, NFM, the sequential and joint loops, their evaluation). This file
-imports it and adds what a careful reviewer asks for (METHOD.md §9, §13): baselines with the method's
+dualenc.py is the method (SAE, NFM, the sequential and joint loops, their evaluation), runner.py
+runs it (text, LM, run folders, the command line), store.py keeps activations on disk. This file
+adds what a careful reviewer asks for (METHOD.md §9, §13): baselines with the method's
 care, intervals over windows and seeds, the paper's claims each read three ways with a verdict,
 the decoder-norm analysis, figures, and the paper's stages 3-4. `python replicate.py` runs all of it;
 it takes every flag of dualenc.py and the referee's own. Beside it, stats.py holds the pure statistics
 (paired bootstrap, seed intervals, the holds / no / unclear rule, mixtures, permutation tests) and
 stages34.py the paper's stages 3-4; this file imports both. Sections, in the order data flows:
-  config        Config: dualenc's settings and the referee's (--seeds, --n-boot, --stage34, --stimuli, --sae, --store)
-  store         ActivationStore: block outputs on disk, extracted once per key, resumable; Tokens, load_data
+  config        Config: dualenc's and runner's settings and the referee's (--seeds, --n-boot,
+                --stage34, --stimuli, --sae, --store, --models, --checkpoints, --combine)
   baselines     the models a reviewer adds (sae_matched, joint_no_linear), the variants evaluated (the
                 joint model's own SAE path, the pathway ablations), evaluate_variants (sums per window)
   metrics       every variant's figures (§6) on every window resample (paired bootstrap, stats.py)
@@ -20,16 +21,13 @@ stages34.py the paper's stages 3-4; this file imports both. Sections, in the ord
 Dimension letters as in dualenc.py, and R bootstrap resamples.
 """
 
-import fcntl
 import functools
-import hashlib
 import json
 import math
-import os
 import resource
 import subprocess
 import sys
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -38,39 +36,42 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 import dualenc as de
+import runner
 import stages34 as s34
 import stats as st
+from store import load_data
 
 
 # ----------------------------------------------------------------------------- config
 
 @dataclass
-class Config(de.Config):
-    """dualenc's settings and the referee's."""
+class Config(runner.RunConfig):
+    """dualenc's settings, the runner's and the referee's."""
 
     STAGES = ("sae", "sae_matched", "sequential", "joint", "joint_no_linear")  # the models trained, in order
-    RUN_FLAGS = (*de.Config.RUN_FLAGS, "stage34", "stimuli", "store")
-    POSITIVE = (*de.Config.POSITIVE, "seeds", "n_boot")
+    RUN_FLAGS = (*runner.RunConfig.RUN_FLAGS, "stage34", "stimuli", "store")
+    POSITIVE = (*runner.RunConfig.POSITIVE, "seeds", "n_boot")
     PROG = "replicate.py"
+    DESCRIPTION = sys.modules[__module__].__doc__.split("\n\n")[0]  # the module docstring
 
-    seeds: int = de.opt(1, "train every model this many times, with seeds seed, seed+1, ... (the data split stays)")
-    n_boot: int = de.opt(1000, "bootstrap resamples behind every 95%% interval")
-    stage34: bool = de.opt(False, "also run the paper's stages 3-4 on the joint model: integration features "
+    seeds: int = de.setting(1, "train every model this many times, with seeds seed, seed+1, ... (the data split stays)")
+    n_boot: int = de.setting(1000, "bootstrap resamples behind every 95%% interval")
+    stage34: bool = de.setting(False, "also run the paper's stages 3-4 on the joint model: integration features "
                            "(secondary SAE) and the 2 x 2 intervention with controls (§13); with --eval-only "
                            "RUN_DIR, added to a finished run, its evaluation as it stands")
-    stimuli: str | None = de.opt(None, "2 x 2 stimulus design for --stage34, JSON like stimuli.json (the default)",
+    stimuli: str | None = de.setting(None, "2 x 2 stimulus design for --stage34, JSON like stimuli.json (the default)",
                                  "PATH")
-    sae: str | None = de.opt(None, "study an existing SAELens TopK SAE (folder with cfg.json and "
+    sae: str | None = de.setting(None, "study an existing SAELens TopK SAE (folder with cfg.json and "
                              "sae_weights.safetensors): no SAE training, the NFM learns its residual", "SAE_DIR")
-    store: str = de.opt("runs/activations", "folder of activation stores, one per model, layer, text, tokens and "
+    store: str = de.setting("runs/activations", "folder of activation stores, one per model, layer, text, tokens and "
                         "ctx: extracted once, reused by every run with the same key", "DIR")
-    store_dtype: str = de.opt("float32", "activations on disk: float32, or float16 (half the disk)", "{float32,float16}")
-    models: str | None = de.opt(None, "the models to train, comma-separated (default: all five; sequential brings "
+    store_dtype: str = de.setting("float32", "activations on disk: float32, or float16 (half the disk)", "{float32,float16}")
+    models: str | None = de.setting(None, "the models to train, comma-separated (default: all five; sequential brings "
                                 "sae, whose SAE it builds on); --combine joins runs that each trained some", "NAMES")
-    checkpoints: int = de.opt(0, "also evaluate every model at this many log-spaced steps, the first near 0.2 M "
+    checkpoints: int = de.setting(0, "also evaluate every model at this many log-spaced steps, the first near 0.2 M "
                               "token presentations (or a tenth of the run), the last the end: intervals and claims "
                               "at each (0: the end only)")
-    combine: str | None = de.opt(None, "run folders, comma-separated, that trained different --models with "
+    combine: str | None = de.setting(None, "run folders, comma-separated, that trained different --models with "
                                  "otherwise the same settings: one report of all their models, paired, with "
                                  "intervals and claims at every checkpoint, into --out", "DIRS")
 
@@ -109,214 +110,6 @@ class Config(de.Config):
             raise de.DualencError("--combine takes the runs' own settings; only --out may be given with it")
 
 
-# ----------------------------------------------------------------------------- activation store
-
-class ActivationStore:
-    """Block-L outputs of a corpus's windows on disk, for runs larger than RAM (§15), in a folder named
-    by its key (model, layer, dtype and a hash of the token windows, so text, token count and ctx):
-        acts.bin   [N, T, D] in `dtype` (float32, or float16 at half the disk), window after window
-        norms.bin  [N, T] float32 norms of the float32 outputs (the outlier threshold, §2)
-        meta.json  the key, the shape, and how many windows are written (written after their bytes)
-    Extraction resumes at the last recorded window and gives the same bytes as an uninterrupted one.
-    A folder whose meta or file sizes do not match is refused in one line, never read."""
-
-    def __init__(self, root, key, shape_NTD):
-        self.key, self.shape = key, tuple(shape_NTD)
-        self.folder = Path(root) / hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-        self.dtype = getattr(torch, key["dtype"])
-        self.row_bytes = shape_NTD[2] * self.dtype.itemsize
-        self.done = self.recorded()
-
-    def recorded(self):
-        """The windows meta.json records as written, once the meta and the files' sizes are checked: a
-        finished store must have exactly its size, an unfinished one at least what it records."""
-        meta = self.folder / "meta.json"
-        if not meta.exists():
-            return 0
-        try:
-            saved = json.loads(meta.read_text())
-            ok = saved["key"] == self.key and saved["shape"] == list(self.shape)
-            done = saved["windows_done"]
-            actual = {name: (self.folder / name).stat().st_size for name in self.sizes(0)}
-        except (OSError, ValueError, KeyError) as e:
-            raise de.DualencError(f"activation store {self.folder} is unreadable ({de.one_line(e)}); delete it") from None
-        if not ok:
-            raise de.DualencError(f"activation store {self.folder} holds another key than this run's; delete it")
-        for name, size in self.sizes(done).items():
-            if actual[name] < size or (done == self.shape[0] and actual[name] != size):
-                raise de.DualencError(f"activation store {self.folder} has {actual[name]:,} bytes in {name} where "
-                                      f"{size:,} are recorded; delete it to rebuild")
-        return done
-
-    def sizes(self, n_windows):
-        T = self.shape[1]
-        return {"acts.bin": n_windows * T * self.row_bytes, "norms.bin": n_windows * T * 4}
-
-    @property
-    def complete(self):
-        return self.done == self.shape[0]
-
-    def extract(self, lm, windows_NT, layer):
-        """Fill the store, holding its lock: a second process extracting the same key waits, then
-        finds it done (or resumes where the first stopped)."""
-        self.folder.mkdir(parents=True, exist_ok=True)
-        with open(self.folder / "lock", "w") as lock:
-            try:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                print(f"another process is extracting {self.folder}; waiting for it", file=sys.stderr)
-                fcntl.flock(lock, fcntl.LOCK_EX)
-            self.done = self.recorded()
-            self.write_windows(lm, windows_NT, layer)
-
-    @torch.no_grad()
-    def write_windows(self, lm, windows_NT, layer, batch_size=16):
-        """Windows self.done on, batch_size at a time (the batches of an uninterrupted extraction, so the
-        same bytes), each written at its own offset and flushed before meta.json counts it. A full disk
-        stops with one line; the store then reads as unfinished."""
-        T, files = self.shape[1], {}
-        try:
-            for name, size in self.sizes(self.done).items():
-                files[name] = os.open(self.folder / name, os.O_RDWR | os.O_CREAT)
-                os.truncate(files[name], size)  # bytes written after the last record are dropped
-            for i in tqdm(range(self.done, len(windows_NT), batch_size), desc="extract to store", leave=False):
-                acts_BTD = de.extract_activations(lm, windows_NT[i:i + batch_size], layer, batch_size)
-                os.pwrite(files["acts.bin"], acts_BTD.to(self.dtype).cpu().numpy().tobytes(), i * T * self.row_bytes)
-                os.pwrite(files["norms.bin"], acts_BTD.norm(dim=-1).cpu().numpy().tobytes(), i * T * 4)
-                for fd in files.values():
-                    os.fsync(fd)
-                self.done = min(i + batch_size, len(windows_NT))
-                de.write_json(self.folder / "meta.json", {"key": self.key, "shape": list(self.shape),
-                                                          "windows_done": self.done})
-        except OSError as e:
-            raise de.DualencError(f"writing the activation store {self.folder} failed at window {self.done}: "
-                                  f"{e.strerror or e} (free space and run again: it resumes there)") from None
-        finally:
-            for fd in files.values():
-                os.close(fd)
-
-    def norms(self):
-        """[N, T] float32."""
-        return torch.from_file(str(self.folder / "norms.bin"), size=self.shape[0] * self.shape[1]).view(self.shape[:2])
-
-    def read(self, starts, n_rows):
-        """n_rows consecutive tokens (rows of D) from each flat token index in `starts` (window * T +
-        position): [len(starts), n_rows, D] float32. Read with preadv into one buffer, not mapped: the
-        page cache holds the file, not this process."""
-        nbytes = n_rows * self.row_bytes
-        buf = bytearray(len(starts) * nbytes)
-        view = memoryview(buf)
-        with open(self.folder / "acts.bin", "rb") as f:
-            for i, start in enumerate(starts):
-                if os.preadv(f.fileno(), [view[i * nbytes:(i + 1) * nbytes]], int(start) * self.row_bytes) != nbytes:
-                    raise de.DualencError(f"activation store {self.folder} is truncated; delete it to rebuild")
-        return torch.frombuffer(buf, dtype=self.dtype).view(len(starts), n_rows, self.shape[2]).float()
-
-    def windows(self, w_N):
-        """The given windows' activations, [len(w_N), T, D] float32."""
-        T = self.shape[1]
-        return self.read([int(w) * T for w in w_N], T)
-
-    def rows(self, rows_B):
-        """Tokens (flat indices window * T + position) as [B, D] float32."""
-        return self.read(rows_B, 1)[:, 0]
-
-
-class Tokens:
-    """Some tokens of a store, z-scored on read: the training set that fit() samples its batches from
-    and the held-out set evaluated in batches, with the tensor methods they use (len, [idx], shape,
-    device, split)."""
-
-    def __init__(self, store, rows_N, mean_D, std_D):
-        self.store, self.rows_N, self.mean_D, self.std_D = store, rows_N, mean_D, std_D
-        self.shape, self.device = (len(rows_N), store.shape[2]), mean_D.device
-
-    def __len__(self):
-        return len(self.rows_N)
-
-    def __getitem__(self, idx_B):
-        x_BD = self.store.rows(self.rows_N[idx_B.cpu()].tolist()).to(self.device)
-        return (x_BD - self.mean_D) / self.std_D
-
-    def split(self, n):
-        return (self[torch.arange(i, min(i + n, len(self)))] for i in range(0, len(self), n))
-
-
-def token_rows(windows_W, keep_NT):
-    """Flat indices (window * T + position) of the kept tokens of the given windows, in their order."""
-    T = keep_NT.shape[1]
-    return (windows_W[:, None] * T + torch.arange(T))[keep_NT[windows_W]]
-
-
-def streamed_moments(store, windows_W, keep_NT, chunk=64):
-    """Per-dimension mean and std (unbiased, as dualenc.fit_normalisation) of the kept tokens of the
-    given windows, in one streaming pass over them in float64."""
-    n, s_D, ss_D = 0, 0.0, 0.0
-    for i in range(0, len(windows_W), chunk):
-        w = windows_W[i:i + chunk].sort().values
-        x_ND = store.windows(w.tolist())[keep_NT[w]].double()
-        n, s_D, ss_D = n + len(x_ND), s_D + x_ND.sum(0), ss_D + x_ND.square().sum(0)
-    mean_D = s_D / n
-    return mean_D.float(), ((ss_D - n * mean_D.square()) / (n - 1)).clamp_min(0).sqrt().float().clamp_min(1e-6)
-
-
-LOADING_ONLY = ("_name_or_path", "quantization_config", "transformers_version", "torch_dtype", "dtype", "_commit_hash")
-
-
-def store_key(cfg, lm, layer, windows_NT):
-    """What the activations depend on: the model (its config, without what only says how it was loaded:
-    a GGUF file and its cached de-quantised copy are one model, and its weights' fingerprint), the
-    layer, the dtype on disk and the token windows."""
-    config = {k: v for k, v in lm.config.to_dict().items() if k not in LOADING_ONLY}
-    return {"model": cfg.model, "config": hashlib.sha1(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest(),
-            "weights": weights_fingerprint(lm), "layer": layer, "dtype": cfg.store_dtype,
-            "windows": hashlib.sha1(windows_NT.numpy().tobytes()).hexdigest(), "shape_NT": list(windows_NT.shape)}
-
-
-def weights_fingerprint(lm):
-    """sha1 of the LM's parameters and buffers in name order (about a second for SmolLM2): a model
-    folder overwritten by another checkpoint of the same architecture never reads the first's store."""
-    h = hashlib.sha1()
-    for name, t in sorted(lm.state_dict().items()):
-        h.update(name.encode())
-        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
-    return h.hexdigest()
-
-
-def load_data(cfg, layer, device):
-    """dualenc.load_data with the activations in a store (ActivationStore): extracted once per key and
-    reused, the training and held-out tokens read from disk batch by batch (Tokens), so that memory
-    does not grow with the number of tokens.
-    The same split as dualenc's: windows shuffled by cfg.seed, the first 90 % train; massive norms over
-    cfg.outlier_factor x the training median and position 0 dropped; z-scored with training statistics."""
-    text = de.read_text(cfg.text)
-    lm, tokenizer = de.load_lm(cfg.model, device)
-    windows_NT = de.make_windows(tokenizer, text, cfg.tokens, cfg.ctx)
-    N, T = windows_NT.shape
-    store = ActivationStore(cfg.store, store_key(cfg, lm, layer, windows_NT), (N, T, lm.config.hidden_size))
-    if not store.complete:
-        store.extract(lm, windows_NT, layer)
-    else:
-        print(f"activations from the store {store.folder}", file=sys.stderr)
-    perm_N = torch.randperm(N, generator=torch.Generator().manual_seed(cfg.seed))
-    n_train = int(0.9 * N)
-    train_W, eval_W = perm_N[:n_train], perm_N[n_train:]
-    norms_NT = store.norms()
-    max_norm = cfg.outlier_factor * norms_NT[train_W][:, 1:].median().item()
-    keep_NT = de.keep_mask(norms_NT, max_norm)
-    mean_D, std_D = (t.to(device) for t in streamed_moments(store, train_W, keep_NT))
-    n_splice = max(1, min(len(eval_W), cfg.splice_tokens // cfg.ctx))
-    data = {"x_train": Tokens(store, token_rows(train_W, keep_NT), mean_D, std_D),
-            "x_eval": Tokens(store, token_rows(eval_W, keep_NT), mean_D, std_D),
-            "mean": mean_D, "std": std_D, "keep": keep_NT, "max_norm": max_norm,
-            "eval_window": keep_NT[eval_W].nonzero()[:, 0], "n_eval_windows": len(eval_W),
-            "n_massive": int((norms_NT[:, 1:] > max_norm).sum()), "layer": layer,
-            "n_blocks": len(de.decoder_blocks(lm)), "n_windows": N, "splice_ids": windows_NT[eval_W[:n_splice]],
-            "splice_keep": keep_NT[eval_W[:n_splice]], "splice_acts": store.windows(eval_W[:n_splice].tolist()).to(device)}
-    de.describe_data(data, cfg)
-    return lm, tokenizer, data
-
-
 # ----------------------------------------------------------------------------- baselines
 
 VARIANTS = {"sae": ("sae", ()), "sae_matched": ("sae_matched", ()), "sequential": ("sequential", de.PATHWAYS),
@@ -347,7 +140,7 @@ def evaluate_variants(lm, evaluated, data, generator):
     ablations get no epsilon-random twin: their pathology ratio enters no claim, and each splice pass
     costs as much as the rest of a variant's evaluation."""
     x_ND = data["x_eval"]
-    mean_D = sum(x_BD.sum(0) for x_BD in x_ND.split(4096)) / len(x_ND)  # batched: x_ND may live on disk
+    mean_D = de.mean_token(x_ND)
     replacements = {"zero": torch.zeros_like}
     for name, (model, paths) in evaluated.items():
         replacements[name] = de.spliced(model, paths)
@@ -681,7 +474,7 @@ def saving_checkpoints(recipes, steps, folder_of, metadata, cfg, data):
     def saving(train, folder):
         def save(step, model):
             if step in steps[:-1]:
-                de.save_model(model, folder / f"step{step}", metadata)
+                runner.save_model(model, folder / f"step{step}", metadata)
         return functools.partial(train, on_eval=save)
 
     def sequential(train):
@@ -690,10 +483,10 @@ def saving_checkpoints(recipes, steps, folder_of, metadata, cfg, data):
             for step in steps[:-1]:
                 folder = folder_of("sequential") / f"step{step}"
                 if not (folder / "cfg.json").exists():
-                    early = de.build(cfg, data, sae=de.load_model(folder_of("sae") / f"step{step}").sae, nfm="linear")
+                    early = de.build(cfg, data, sae=runner.load_model(folder_of("sae") / f"step{step}").sae, nfm="linear")
                     de.train_sequential(early, data["x_train"], data["x_eval"], cfg, name=f"sequential to {step}",
                                         until=step)
-                    de.save_model(early, folder, metadata)
+                    runner.save_model(early, folder, metadata)
             return history
         return train_all
     return {name: (make, sequential(train) if name == "sequential" else saving(train, folder_of(name)))
@@ -715,7 +508,7 @@ def along_training(lm, steps, folder_of, final, data, cfg):
     device = data["x_eval"].device
     evidence = {}
     for step in tqdm(steps[:-1], desc="checkpoints", leave=False):
-        models = {name: model if cfg.sae and name == "sae" else de.load_model(folder_of(name) / f"step{step}").to(device)
+        models = {name: model if cfg.sae and name == "sae" else runner.load_model(folder_of(name) / f"step{step}").to(device)
                   for name, model in final.items()}
         evidence[step] = gather_evidence(lm, models, data, torch.Generator(device=device).manual_seed(cfg.seed))
     return evidence
@@ -750,7 +543,7 @@ def read_saelens(folder):
         cfg = json.loads((folder / "cfg.json").read_text())
         tensors = load_file(folder / "sae_weights.safetensors")
     except (OSError, ValueError, SafetensorError) as e:
-        raise de.DualencError(f"cannot read the SAE in {folder}: {de.one_line(e)}") from None
+        raise de.DualencError(f"cannot read the SAE in {folder}: {runner.one_line(e)}") from None
     if not isinstance(cfg, dict):
         raise de.DualencError(f"{folder / 'cfg.json'} is not a JSON object")
     meta = {**cfg, **cfg.get("metadata", {})}  # v6 keeps the hook in metadata, v5 at the top level
@@ -768,7 +561,7 @@ def read_saelens(folder):
     try:
         d_in, d_sae, k = int(cfg["d_in"]), int(cfg["d_sae"]), int(cfg["k"])
     except (KeyError, TypeError, ValueError) as e:
-        raise de.DualencError(f"{folder / 'cfg.json'} lacks a valid d_in, d_sae or k: {de.one_line(e)}") from None
+        raise de.DualencError(f"{folder / 'cfg.json'} lacks a valid d_in, d_sae or k: {runner.one_line(e)}") from None
     shapes = {"W_enc": (d_in, d_sae), "b_enc": (d_sae,), "W_dec": (d_sae, d_in), "b_dec": (d_in,)}
     for name, shape in shapes.items():
         if name not in tensors or tuple(tensors[name].shape) != shape:
@@ -814,7 +607,7 @@ def sae_layer(cfg, saelens, n_blocks, d_model):
 def plot_figures(report, out):
     """The PNGs in `out`: dualenc's training curves, and decoder squared-norm histograms (with a joint
     model), FVU / KL per model, and stages 3-4 (when run)."""
-    de.plot_curves(report["curves"], out)
+    runner.plot_curves(report["curves"], out)
     if "decoder_norms" in report["analysis"]:  # runs with a joint model
         plot_decoder_norms(report["analysis"]["decoder_norms"], out)
     plot_models(report["models"], out)
@@ -920,7 +713,7 @@ def run_key(cfg, seed, name):
 def add_stage34(report, lm, tokenizer, joint, data, cfg, out):
     """Stages 3-4 on the run's joint model, into report["stage34"] and the run folder's stage34.txt."""
     report["stage34"] = s34.stage34(lm, tokenizer, joint, data, cfg, out, torch.Generator().manual_seed(cfg.seed))
-    de.atomic_write(out / "stage34.txt", lambda p: p.write_text(s34.format_stage34(report["stage34"]) + "\n"))
+    runner.atomic_write(out / "stage34.txt", lambda p: p.write_text(s34.format_stage34(report["stage34"]) + "\n"))
 
 
 def window_resamples(cfg, n_eval_windows, n_splice_windows):
@@ -954,7 +747,7 @@ def save_evidence(path, evidence):
             else:
                 flat[prefix + k] = v.detach().cpu().contiguous()
     walk(evidence, "")
-    de.atomic_write(path, lambda p: save_file(flat, p))
+    runner.atomic_write(path, lambda p: save_file(flat, p))
 
 
 def load_evidence(path):
@@ -962,7 +755,7 @@ def load_evidence(path):
     try:
         flat = load_file(path)
     except (OSError, SafetensorError) as e:
-        raise de.DualencError(f"cannot read {path}: {de.one_line(e)}") from None
+        raise de.DualencError(f"cannot read {path}: {runner.one_line(e)}") from None
     evidence = {}
     for key, value in flat.items():
         seed, step, *parts = key.split("/")
@@ -985,7 +778,7 @@ def read_piece(folder):
         report = json.loads((folder / "results.json").read_text())
         complete = report["status"] == "complete"
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise de.DualencError(f"{folder} is not a replicate run folder: {de.one_line(e)}") from None
+        raise de.DualencError(f"{folder} is not a replicate run folder: {runner.one_line(e)}") from None
     if not complete:
         raise de.DualencError(f"the run in {folder} is unfinished; finish it with --resume {folder}")
     return report, load_evidence(folder / "evidence.safetensors")
@@ -1028,14 +821,13 @@ def combine_runs(cfg):
                 raise de.DualencError(f"{folder} was run with {field} {report['config'].get(field)!r}, "
                                       f"{folders[0]} with {value!r}")
     merged = merge_evidence(pieces)
-    known = {f.name for f in fields(Config)}
-    stages = [Config(**{k: v for k, v in r["config"].items() if k in known}).stages() for _, r, _ in pieces]
+    stages = [Config(**runner.known_settings(Config, r["config"])).stages() for _, r, _ in pieces]
     names = {n for s in stages for n in s}
     with_stage34 = [report for _, report, _ in pieces if "stage34" in report]
-    settings = {**{k: v for k, v in base["config"].items() if k in known}, "out": cfg.out, "combine": cfg.combine,
+    settings = {**runner.known_settings(Config, base["config"]), "out": cfg.out, "combine": cfg.combine,
                 "models": ",".join(m for m in Config.STAGES if m in names), "stage34": bool(with_stage34)}
     cfg = Config(**settings)
-    out = de.prepare_out(cfg.out)
+    out = runner.prepare_out(cfg.out)
     data = base["data"]
     weights = window_resamples(cfg, data["eval_windows"], data["splice_windows"])
     seeds, steps = (sorted({int(k.split("/")[i][len(tag):]) for k in merged}) for i, tag in ((0, "seed"), (1, "step")))
@@ -1053,12 +845,12 @@ def combine_runs(cfg):
         report["stage34"] = with_stage34[0]["stage34"]
     save_evidence(out / "evidence.safetensors", merged)
     plot_figures(report, out)
-    de.write_results(report, cfg, out, list(cfg.model_keys()), format_report)
+    runner.write_results(report, cfg, out, list(cfg.model_keys()), format_report)
     return report
 
 
 def measured(stage, peaks):
-    """stage(name) (dualenc.stopwatch) that also keeps the process's peak resident memory so far, in GiB,
+    """stage(name) (runner.stopwatch) that also keeps the process's peak resident memory so far, in GiB,
     in peaks[name]: where a run's memory peaks, stage by stage."""
     def timed(name):
         stage(name)
@@ -1086,10 +878,10 @@ def run(cfg):
     run); with cfg.sae, an existing SAE is studied instead of training one."""
     if cfg.combine:
         return combine_runs(cfg)
-    device = de.resolve_device(cfg.device)
-    cfg, models, previous = de.settings(cfg)
+    device = runner.resolve_device(cfg.device)
+    cfg, models, previous = runner.settings(cfg)
     # every input error surfaces here, before the output folder is made and the slow corpus and model loads
-    layer, n_blocks, d_model = de.check_inputs(cfg, models)
+    layer, n_blocks, d_model = runner.check_inputs(cfg, models)
     saelens = read_saelens(cfg.sae) if cfg.sae and "sae" not in models else None
     if saelens is not None:  # the SAE fixes the layer, F and k; the NFM reads the top k/2 as usual
         layer = sae_layer(cfg, saelens, n_blocks, d_model)
@@ -1098,29 +890,29 @@ def run(cfg):
         raise de.DualencError("--stage34 studies the joint model's integration features; a --sae run has no joint model")
     if cfg.stage34:
         s34.read_stimuli(cfg.stimuli)
-    out = de.prepare_out(cfg.out)
+    out = runner.prepare_out(cfg.out)
     timings = {k: v for k, v in previous.get("timings_s", {}).items() if k != "total"}
     peaks = dict(previous.get("peak_rss_gib", {}))
-    stage = measured(de.stopwatch(timings), peaks)
+    stage = measured(runner.stopwatch(timings), peaks)
     lm, tokenizer, data = load_data(cfg, layer, device)
     stage("load_extract")
     models = {key: model.to(device) for key, model in models.items()}
     if saelens is not None:
         models["sae"] = import_sae(saelens, data["mean"], data["std"]).to(device)
-        de.save_model(models["sae"], out / "sae", de.sae_metadata(cfg, layer))
+        runner.save_model(models["sae"], out / "sae", runner.sae_metadata(cfg, layer))
     if cfg.eval_only and cfg.stage34:  # a finished run's evaluation stands; stages 3-4 are added to it
         report = {**previous, "config": {**previous["config"], "stage34": True, "stimuli": cfg.stimuli},
                   "peak_rss_gib": peaks}
         add_stage34(report, lm, tokenizer, models["joint"], data, cfg, out)
         s34.plot_stage34(report["stage34"], out)
         stage("stage34")
-        de.write_json(out / "results.json", report)
+        runner.write_json(out / "results.json", report)
         print(s34.format_stage34(report["stage34"]))
         print(f"added stages 3-4 to {out / 'results.json'}; wrote stage34.txt, stage34.png, secondary/", file=sys.stderr)
         return report
-    report = {**de.new_report(cfg, data, models, previous, timings), "commit": source_commit(), "peak_rss_gib": peaks}
+    report = {**runner.new_report(cfg, data, models, previous, timings), "commit": source_commit(), "peak_rss_gib": peaks}
     if not cfg.eval_only:
-        de.write_json(out / "results.json", report)
+        runner.write_json(out / "results.json", report)
 
     weights = window_resamples(cfg, data["n_eval_windows"], len(data["splice_ids"]))
     per_seed, steps, evidence = [], checkpoint_steps(cfg, len(data["x_train"])), {}
@@ -1129,8 +921,9 @@ def run(cfg):
         seed_recipes = recipes(seed_cfg, data)
         if steps and seed == cfg.seed:  # along the training length: the first seed's models
             seed_recipes = saving_checkpoints(seed_recipes, steps, lambda name: out / key(name),
-                                              de.sae_metadata(cfg, layer), seed_cfg, data)
-        trained = de.train_models(seed_cfg, data, seed_recipes, models, out, report, stage, key=key)
+                                              runner.sae_metadata(cfg, layer), seed_cfg, data)
+        trained = runner.train_models(seed_cfg, data, seed_recipes, models,
+                                      runner.RunFolder(out, report, stage), key=key)
         ev = gather_evidence(lm, trained, data, torch.Generator(device=device).manual_seed(seed))
         evidence[f"seed{seed}/step{total_steps(cfg, len(data['x_train']))}"] = ev
         per_seed.append(analyse(ev, weights, torch.Generator().manual_seed(seed)))
@@ -1151,14 +944,14 @@ def run(cfg):
         stage("stage34")
     plot_figures(report, out)
     stage("report")
-    de.write_results(report, cfg, out, [*models, "evaluate", "analyse"], format_report)
+    runner.write_results(report, cfg, out, [*models, "evaluate", "analyse"], format_report)
     return report
 
 
 def format_report(report):
     """dualenc's models table (with intervals), the seed intervals, the claims table, as printed at the end."""
     seeds = len(report["seeds"])
-    rows = de.format_models(report)
+    rows = runner.format_models(report)
     if seeds > 1:
         rows.append(f"mean of {seeds} seeds; seed intervals (95%, t over seeds):")
         rows += [f"  {name:<22} fvu {st.fmt_ci(m['seed_ci']['fvu'])}  kl {st.fmt_ci(m['seed_ci']['kl'])}  "
@@ -1203,11 +996,11 @@ def format_along_training(points):
 
 
 def parse_args(argv=None):
-    return de.parse_args(argv, Config)
+    return runner.parse_args(argv, Config)
 
 
 def main(argv=None):
-    de.main(argv, Config, run)
+    runner.main(argv, Config, run)
 
 
 if __name__ == "__main__":

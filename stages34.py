@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 import dualenc as de
+import runner
 import stats as st
 
 
@@ -51,17 +52,17 @@ def interaction_hidden(joint, x_ND, batch_size=4096):
                       for x_BD in x_ND.split(batch_size)])
 
 
-def train_secondary(joint, x_train_ND, x_eval_ND, cfg):
+def train_secondary(joint, x_train_ND, x_eval_ND, cfg, paper_density=False):
     """Stage 3 (§13): a TopK SAE on the frozen joint model's interaction hidden layer, 25 x M
     features, k = M * 250 / 300 as the paper's text (2 % of the features as its code, with
-    --paper-density), trained as the primary SAE is (train_sae: the same loop, schedule, batches and
+    paper_density), trained as the primary SAE is (train_sae: the same loop, schedule, batches and
     steps) on the training tokens' hidden vectors, z-scored with their own statistics."""
     h_train_NM, h_eval_NM = (interaction_hidden(joint, x_train_ND),
                              interaction_hidden(joint, x_eval_ND))
     mean_M, std_M = de.fit_normalisation(h_train_NM)
     m = h_train_NM.shape[1]
     torch.manual_seed(cfg.seed)
-    k = SECONDARY_ACTIVE * SECONDARY_EXPANSION * m if cfg.paper_density else SECONDARY_K_PER_M * m
+    k = SECONDARY_ACTIVE * SECONDARY_EXPANSION * m if paper_density else SECONDARY_K_PER_M * m
     sae = de.TopKSAE(m, SECONDARY_EXPANSION * m, max(1, round(k)), cfg.sae_init)
     secondary = de.DualEncoder(sae, None, mean_M, std_M).to(x_train_ND.device)
     curve = de.train_sae(secondary, secondary.normalize(h_train_NM), secondary.normalize(h_eval_NM),
@@ -146,9 +147,11 @@ def stage3(lm, joint, data, cfg, out, generator):
     of the hidden layer, dead features, and the spliced KL with the hidden layer replaced by its
     reconstruction, against the joint model's own (paired bootstrap over windows)."""
     layer = data["layer"]
-    secondary, curve, h_eval_NM = train_secondary(joint, data["x_train"], data["x_eval"], cfg)
+    secondary, curve, h_eval_NM = train_secondary(joint, data["x_train"], data["x_eval"], cfg,
+                                                  cfg.paper_density)
     hook = f"blocks.{layer}.hook_resid_post.nfm.hook_interaction_pre_relu"
-    de.save_model(secondary, out / "secondary", {**de.sae_metadata(cfg, layer), "hook_name": hook})
+    metadata = {**runner.sae_metadata(cfg, layer), "hook_name": hook}
+    runner.save_model(secondary, out / "secondary", metadata)
     pipeline = IntegrationPipeline(joint, secondary).eval()
     firing_F2 = firing_counts(secondary.sae, h_eval_NM)
     m = de.splice_metrics(lm, data["splice_ids"], layer,
@@ -183,7 +186,7 @@ def read_stimuli(path):
         words = {c: [str(w) for w in spec["words"][c]] for c in cells}
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise de.DualencError(f"stimuli {path}: not a 2 x 2 design like {DEFAULT_STIMULI} "
-                              f"({type(e).__name__}: {de.one_line(e, 120)})") from None
+                              f"({type(e).__name__}: {runner.one_line(e, 120)})") from None
     for c in cells:
         if len(prompts[c]) < 4 or not words[c]:
             raise de.DualencError(f"stimuli {path}: cell {c!r} needs at least 4 prompts and one "

@@ -5,23 +5,23 @@ test_stages34.py (on this file's tiny run)."""
 
 import json
 import shutil
-import threading
 
 import pytest
 import torch
 import torch.nn.functional as F
-import transformers
 
 import dualenc as de
 import replicate as rp
-import test_dualenc
-from test_dualenc import D, FEATS, K, M, interrupt_training_at, run_cli, tiny_llama
-from test_dualenc import tiny_lm_folder, tiny_method_run  # noqa: F401 (fixtures)
+import runner
+import test_runner
+from test_dualenc import D, FEATS, K, M
+from test_runner import interrupt_training_at, run_cli
+from test_runner import tiny_lm_folder, tiny_method_run  # noqa: F401 (fixtures)
 
 
 def tiny_run_cfg(model, out, **kw):
     """A tiny replicate run; its activation store beside `out` (a run given the same `out` reuses it)."""
-    return test_dualenc.tiny_run_cfg(model, out, cls=rp.Config, **{"store": f"{out}_store", **kw})
+    return test_runner.tiny_run_cfg(model, out, cls=rp.Config, **{"store": f"{out}_store", **kw})
 
 
 def test_param_counts_match_a_hand_count():
@@ -129,7 +129,7 @@ def test_eval_only_reproduces_a_saved_run(tiny_run):
                 assert again["models"][name][metric] == pytest.approx(value, rel=1e-6, abs=1e-6)
         assert again["models"][name]["ci"]["kl"] == pytest.approx(metrics["ci"]["kl"], rel=1e-6, abs=1e-6)
     assert (out / "results_eval_only.json").exists()
-    models, report = de.load_run(out, rp.Config)
+    models, report = runner.load_run(out, rp.Config)
     assert set(models) == set(rp.Config.STAGES) and report["status"] == "complete"
 
 
@@ -177,7 +177,7 @@ def test_two_seeds_report_both_runs_and_a_seed_interval(tiny_lm_folder, tiny_run
         for reading in claim["readings"].values():
             if "undefined" not in reading:  # a ratio over a denominator that may be 0 has no value to spread
                 assert "seed_ci" in reading and len(reading["per_seed"]) == 2
-    models, _ = de.load_run(tmp_path, rp.Config)
+    models, _ = runner.load_run(tmp_path, rp.Config)
     assert set(models) == {*rp.Config.STAGES, *(f"seed1/{name}" for name in rp.Config.STAGES)}
 
 
@@ -217,7 +217,7 @@ def test_imported_sae_computes_what_saelens_computes_on_raw_activations(apply_b_
 
 def test_a_runs_exported_sae_comes_back_through_sae(tiny_lm_folder, tiny_run, tmp_path):
     out, first = tiny_run
-    original = de.load_run(out, rp.Config)[0]["sae"]
+    original = runner.load_run(out, rp.Config)[0]["sae"]
     imported = rp.import_sae(rp.read_saelens(out / "sae"), original.mean_D, original.std_D)
     x = 2 * torch.randn(64, 32)
     (v1, i1), (v2, i2) = original.sae.encode(x), imported.sae.encode(x)
@@ -261,7 +261,7 @@ def test_a_bad_sae_folder_fails_with_one_line_before_any_slow_work(case, msg, ti
     folder = write_saelens(tmp_path / "sae", d_in=16 if case == "wrong d_in" else 32)
     if case not in ("wrong d_in", "other layer"):
         break_sae(folder, case)
-    monkeypatch.setattr(de, "read_text", lambda path: pytest.fail("the corpus was read"))
+    monkeypatch.setattr(runner, "read_text", lambda path: pytest.fail("the corpus was read"))
     args = ["--model", tiny_lm_folder, "--sae", str(folder), "--out", str(tmp_path / "run")]
     with pytest.raises(SystemExit) as exit_:
         rp.main(args + (["--layer", "1"] if case == "other layer" else []))
@@ -292,9 +292,9 @@ def test_the_referees_flags_extend_the_methods():
     with pytest.raises(de.DualencError, match="only --device, --stage34, --stimuli"):
         rp.parse_args(["--eval-only", "runs/x", "--seeds", "2"])
     with pytest.raises(de.DualencError, match="only --device may be given"):
-        de.parse_args(["--eval-only", "runs/x", "--k", "8"])
+        runner.parse_args(["--eval-only", "runs/x", "--k", "8"])
     with pytest.raises(de.DualencError, match="unrecognized arguments: --stage34"):
-        de.parse_args(["--stage34"])  # the method has no stages 3-4
+        runner.parse_args(["--stage34"])  # the method has no stages 3-4
     with pytest.raises(de.DualencError, match="--seeds must be positive"):
         rp.Config(seeds=0)
 
@@ -335,10 +335,10 @@ def test_a_run_with_checkpoints_judges_every_claim_along_the_training_length(tin
 def test_a_sequential_checkpoint_is_an_nfm_of_that_length_on_the_sae_of_that_step(tiny_lm_folder, tmp_path):
     report = rp.run(tiny_run_cfg(tiny_lm_folder, tmp_path, checkpoints=3, models="sequential"))
     first = report["along_training"][0]["step"]
-    early, sae = (de.load_model(tmp_path / name / f"step{first}") for name in ("sequential", "sae"))
+    early, sae = (runner.load_model(tmp_path / name / f"step{first}") for name in ("sequential", "sae"))
     assert torch.equal(early.sae.W_dec, sae.sae.W_dec)
-    assert not torch.equal(early.sae.W_dec, de.load_model(tmp_path / "sae").sae.W_dec)
-    assert not torch.equal(early.nfm.W_lin, de.load_model(tmp_path / "sequential").nfm.W_lin)
+    assert not torch.equal(early.sae.W_dec, runner.load_model(tmp_path / "sae").sae.W_dec)
+    assert not torch.equal(early.nfm.W_lin, runner.load_model(tmp_path / "sequential").nfm.W_lin)
     point = report["along_training"][0]["models"]
     assert point["sequential"]["fvu"] < point["sae"]["fvu"]  # an NFM on that SAE's residual, not another SAE's
 
@@ -375,150 +375,6 @@ def test_runs_that_differ_in_more_than_their_models_do_not_combine(tiny_lm_folde
         rp.parse_args(["--combine", f"{tmp_path}/a,{tmp_path}/c", "--lr", "0.1"])
 
 
-# ----------------------------------------------------------------------------- the activation store
-
-def store_data(model, root, monkeypatch=None, fail_at=None, **kw):
-    """rp.load_data on a tiny run whose store lies under `root`; with fail_at=(call, exception), the
-    extraction's call-th batch raises that exception instead."""
-    if fail_at is not None:
-        calls, extract = [], de.extract_activations
-
-        def failing(*args, **kwargs):
-            calls.append(1)
-            if len(calls) == fail_at[0]:
-                raise fail_at[1]
-            return extract(*args, **kwargs)
-        monkeypatch.setattr(de, "extract_activations", failing)
-    cfg = tiny_run_cfg(model, root / "run", store=str(root), **kw)
-    _, _, data = rp.load_data(cfg, 2, torch.device("cpu"))
-    if fail_at is not None:
-        monkeypatch.setattr(de, "extract_activations", extract)
-    return data
-
-
-def store_bytes(root):
-    (folder,) = root.iterdir() if root.exists() else [root]
-    return {f.name: f.read_bytes() for f in sorted(folder.iterdir())}
-
-
-def test_the_store_gives_the_methods_training_tokens_and_is_read_not_extracted_again(tiny_lm_folder, tmp_path, monkeypatch):
-    stored = store_data(tiny_lm_folder, tmp_path / "store")
-    cfg = tiny_run_cfg(tiny_lm_folder, tmp_path / "run")
-    _, _, in_ram = de.load_data(cfg, 2, torch.device("cpu"))
-    for name in ("mean", "std", "splice_acts"):
-        torch.testing.assert_close(stored[name], in_ram[name], rtol=1e-5, atol=1e-5)
-    for name in ("x_train", "x_eval"):  # read from disk, batch by batch
-        assert len(stored[name]) == len(in_ram[name]) and stored[name].shape == in_ram[name].shape
-        every = torch.arange(len(in_ram[name]))
-        torch.testing.assert_close(stored[name][every], in_ram[name], rtol=1e-5, atol=1e-5)
-        assert torch.equal(torch.cat(list(stored[name].split(1000))), stored[name][every])
-    monkeypatch.setattr(de, "extract_activations", lambda *a, **k: pytest.fail("extracted again"))
-    again = store_data(tiny_lm_folder, tmp_path / "store")
-    assert torch.equal(again["x_eval"][every], stored["x_eval"][every])
-
-
-def test_an_interrupted_extraction_resumes_to_the_same_bytes(tiny_lm_folder, tmp_path, monkeypatch):
-    store_data(tiny_lm_folder, tmp_path / "whole")
-    with pytest.raises(KeyboardInterrupt):
-        store_data(tiny_lm_folder, tmp_path / "cut", monkeypatch, fail_at=(3, KeyboardInterrupt()))
-    with open(next((tmp_path / "cut").iterdir()) / "acts.bin", "ab") as f:
-        f.write(b"half a batch written when the process was killed")
-    store_data(tiny_lm_folder, tmp_path / "cut")
-    assert store_bytes(tmp_path / "cut") == store_bytes(tmp_path / "whole")
-
-
-def test_a_full_disk_stops_with_one_line_and_leaves_an_unfinished_store(tiny_lm_folder, tmp_path, monkeypatch):
-    full = OSError(28, "No space left on device")
-    with pytest.raises(de.DualencError, match="No space left on device.*resumes") as e:
-        store_data(tiny_lm_folder, tmp_path / "store", monkeypatch, fail_at=(2, full))
-    assert "\n" not in str(e.value)
-    meta = json.loads((next((tmp_path / "store").iterdir()) / "meta.json").read_text())
-    assert meta["windows_done"] < meta["shape"][0]  # not a store that looks complete
-    store_data(tiny_lm_folder, tmp_path / "store")  # space freed: it finishes
-    store_data(tiny_lm_folder, tmp_path / "whole")
-    assert store_bytes(tmp_path / "store") == store_bytes(tmp_path / "whole")
-
-
-def test_a_store_of_the_wrong_size_or_of_another_key_is_refused(tiny_lm_folder, tmp_path):
-    store_data(tiny_lm_folder, tmp_path / "store")
-    folder = next((tmp_path / "store").iterdir())
-    acts = (folder / "acts.bin").read_bytes()
-    for wrong in (acts[:-1000], acts + acts[:1000]):  # a finished store has exactly its size
-        (folder / "acts.bin").write_bytes(wrong)
-        with pytest.raises(de.DualencError, match=f"has {len(wrong):,} bytes in acts.bin where {len(acts):,} are"):
-            store_data(tiny_lm_folder, tmp_path / "store")
-    (folder / "acts.bin").write_bytes(acts)
-    meta = json.loads((folder / "meta.json").read_text())
-    (folder / "meta.json").write_text(json.dumps({**meta, "key": {**meta["key"], "layer": 1}}))
-    with pytest.raises(de.DualencError, match="another key"):
-        store_data(tiny_lm_folder, tmp_path / "store")
-
-
-def test_the_store_key_is_the_models_weights_not_how_they_were_loaded():
-    lm, windows_NT, cfg = tiny_llama(), torch.arange(64).view(2, 32), rp.Config()
-    key = rp.store_key(cfg, lm, 2, windows_NT)
-    lm.config.quantization_config = {"gguf_file": "model.Q4_1.gguf"}  # loaded from a GGUF file
-    lm.config._name_or_path = "/somewhere/else"
-    assert rp.store_key(cfg, lm, 2, windows_NT) == key
-    with torch.no_grad():
-        lm.model.layers[0].mlp.down_proj.weight[0, 0] += 1e-3
-    assert rp.store_key(cfg, lm, 2, windows_NT)["weights"] != key["weights"]
-
-
-def test_a_model_folder_overwritten_by_other_weights_gets_a_store_of_its_own(tiny_lm_folder, tmp_path):
-    folder = tmp_path / "checkpoint"
-    shutil.copytree(tiny_lm_folder, folder)
-    first = store_data(str(folder), tmp_path / "store")
-    lm = transformers.AutoModelForCausalLM.from_pretrained(folder)
-    with torch.no_grad():
-        lm.model.layers[0].mlp.down_proj.weight.mul_(2)  # the same architecture, another checkpoint
-    lm.save_pretrained(folder)
-    second = store_data(str(folder), tmp_path / "store")
-    every = torch.arange(len(first["x_eval"]))
-    assert len(list((tmp_path / "store").iterdir())) == 2 and not torch.equal(first["x_eval"][every],
-                                                                              second["x_eval"][every])
-
-
-def test_two_extractions_of_one_key_started_together_write_the_store_once(tiny_lm_folder, tmp_path, monkeypatch):
-    store_data(tiny_lm_folder, tmp_path / "single")
-    second_arrived, extract, write = threading.Event(), de.extract_activations, rp.ActivationStore.extract
-    callers = []
-
-    def arriving(store, *args):  # the second extraction reaches the store while the first is writing it
-        callers.append(1)
-        if len(callers) == 2:
-            second_arrived.set()
-        return write(store, *args)
-
-    def waiting(*args, **kwargs):  # the first extraction's batches wait until the second has arrived
-        assert second_arrived.wait(timeout=60)
-        return extract(*args, **kwargs)
-    monkeypatch.setattr(rp.ActivationStore, "extract", arriving)
-    monkeypatch.setattr(de, "extract_activations", waiting)
-    errors = []
-
-    def extraction():
-        try:
-            store_data(tiny_lm_folder, tmp_path / "together")
-        except Exception as e:  # noqa: BLE001 (reported by the assert below)
-            errors.append(e)
-    threads = [threading.Thread(target=extraction) for _ in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors and len(callers) == 2
-    assert store_bytes(tmp_path / "together") == store_bytes(tmp_path / "single")
-
-
-def test_a_float16_store_holds_the_activations_to_float16_rounding(tiny_lm_folder, tmp_path):
-    full, half = (store_data(tiny_lm_folder, tmp_path / dtype, store_dtype=dtype) for dtype in ("float32", "float16"))
-    assert 2 * len(store_bytes(tmp_path / "float16")["acts.bin"]) == len(store_bytes(tmp_path / "float32")["acts.bin"])
-    torch.testing.assert_close(half["splice_acts"], full["splice_acts"], rtol=1e-3, atol=1e-3)
-    with pytest.raises(de.DualencError, match="store-dtype"):
-        rp.Config(store_dtype="int8")
-
-
 def test_a_share_whose_denominator_may_be_zero_is_undefined_and_unclear():
     seed = fake_seed(joint_kl=1.0, noise=0.05)  # the joint model gains nothing over the SAE
     rows = {c["claim"]: c["readings"] for c in rp.claims([seed])}
@@ -538,6 +394,6 @@ def test_each_program_reads_the_others_run_folders(tiny_method_run, tiny_run, tm
     assert set(extended["models"]) >= {"sae_matched", "joint_no_linear"} and extended["analysis"]["claims"]
     assert extended["curves"]["joint"] == method["curves"]["joint"]
     referee_out, referee = tiny_run
-    again = de.run(de.Config(eval_only=str(referee_out), device="cpu"))  # the method's three models of it
+    again = runner.run(de.Config(eval_only=str(referee_out), device="cpu"))  # the method's three models of it
     assert list(again["models"]) == list(de.Config.STAGES)
     assert again["models"]["joint"]["fvu"] == pytest.approx(referee["models"]["joint"]["fvu"], rel=1e-5)

@@ -118,7 +118,7 @@ def test_the_default_corpus_gives_five_million_smollm2_tokens():
     assert runner.tokenise(tokenizer, text, piece=200_000).tolist() == tokenizer(text, split_special_tokens=True)["input_ids"]
 
 
-def test_quick_run_of_the_method_on_smollm2_writes_its_results(tmp_path):
+def test_quick_run_of_the_method_on_smollm2_gives_the_committed_results(tmp_path):
     r = run_cli("dualenc.py", "--quick", "--out", str(tmp_path))
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.loads((tmp_path / "results.json").read_text())
@@ -134,6 +134,15 @@ def test_quick_run_of_the_method_on_smollm2_writes_its_results(tmp_path):
     assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
     assert "ci" not in res["models"]["sae"] and "claims" not in res  # intervals and claims are the referee's
     assert "joint" in r.stdout and "steps per model" in r.stdout
+    # the committed quick run (results/quick), made before the method and the runner were two files
+    committed = json.loads((Path(__file__).parent / "results/quick/results.json").read_text())
+    assert res["data"] == committed["data"]
+    assert {**res["config"], "out": None} == {**committed["config"], "out": None}
+    for name, m in committed["models"].items():
+        assert res["models"][name] == pytest.approx(m, rel=1e-5)
+        for ours, theirs in zip(res["curves"][name], committed["curves"][name], strict=True):
+            assert ours == pytest.approx(theirs, rel=1e-5)
+    assert (res["clean_ce"], res["zero_ce"]) == pytest.approx((committed["clean_ce"], committed["zero_ce"]))
 
 
 # ----------------------------------------------------------------------------- checkpoints, resume, determinism

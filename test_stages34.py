@@ -8,21 +8,22 @@ import pytest
 import torch
 
 import dualenc as de
+import runner
 import replicate as rp
 import stages34 as s34
 import stats as st
 from test_dualenc import D, FEATS, K, M, small_cfg, synthetic_acts, tiny_llama
-from test_dualenc import tiny_lm_folder  # noqa: F401 (a fixture, which tiny_run needs)
+from test_runner import tiny_lm_folder  # noqa: F401 (a fixture, which tiny_run needs)
 from test_replicate import tiny_run  # noqa: F401 (a fixture)
 
 
 # ----------------------------------------------------------------------------- secondary SAE
 
-def tiny_joint_and_secondary(x, **kw):
+def tiny_joint_and_secondary(x, paper_density=False):
     torch.manual_seed(0)
     joint = de.DualEncoder(de.TopKSAE(D, FEATS, K), de.NFM(FEATS, D, M, n_read=K))
     de.train_joint(joint, x, x, small_cfg())
-    secondary, curve, h_eval = s34.train_secondary(joint, x, x, small_cfg(**kw))
+    secondary, curve, h_eval = s34.train_secondary(joint, x, x, small_cfg(), paper_density)
     return joint.eval(), secondary.eval(), curve, h_eval
 
 
@@ -113,7 +114,7 @@ def test_a_malformed_stimulus_file_fails_with_one_line(content, msg, tmp_path):
 
 def test_the_shipped_stimuli_are_a_full_design_of_single_token_words():
     spec = s34.read_stimuli(None)
-    _, tokenizer = de.load_lm(de.SMOLLM2, "cpu")
+    _, tokenizer = runner.load_lm(runner.SMOLLM2, "cpu")
     design = s34.load_stimuli(spec, tokenizer)
     assert [sum(1 for _, c in design["prompt_ids"] if c == i) for i in range(4)] == [16, 16, 16, 16]
     assert all(len(w) == 8 for w in design["word_ids"].values())
