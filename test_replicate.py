@@ -278,7 +278,7 @@ def test_the_referee_trains_the_methods_models_exactly_as_the_method_does(tiny_m
     # the same windows, split, batches and steps; the referee's activations come through its store
     # (extracted in corpus order, moments in float64), so the numbers agree to float rounding
     (_, method), (_, referee) = tiny_method_run, tiny_run
-    for name in de.Config.STAGES:
+    for name in runner.RunConfig.STAGES:
         for ours, theirs in zip(referee["curves"][name], method["curves"][name], strict=True):
             assert ours == pytest.approx(theirs, rel=1e-4)
         for metric in ("params", "mse", "fvu", "kl", "ce", "ce_recovered"):
@@ -287,7 +287,7 @@ def test_the_referee_trains_the_methods_models_exactly_as_the_method_does(tiny_m
 
 def test_the_referees_flags_extend_the_methods():
     cfg = rp.parse_args(["--seeds", "3", "--k", "8", "--stage34"])
-    assert (cfg.seeds, cfg.k, cfg.stage34, cfg.n_boot) == (3, 8, True, 1000) and isinstance(cfg, de.Config)
+    assert (cfg.seeds, cfg.k, cfg.stage34, cfg.n_boot) == (3, 8, True, 1000) and isinstance(cfg, runner.RunConfig)
     assert rp.parse_args(["--eval-only", "runs/x", "--stage34"]).stage34
     with pytest.raises(de.DualencError, match="only --device, --stage34, --stimuli"):
         rp.parse_args(["--eval-only", "runs/x", "--seeds", "2"])
@@ -394,6 +394,6 @@ def test_each_program_reads_the_others_run_folders(tiny_method_run, tiny_run, tm
     assert set(extended["models"]) >= {"sae_matched", "joint_no_linear"} and extended["analysis"]["claims"]
     assert extended["curves"]["joint"] == method["curves"]["joint"]
     referee_out, referee = tiny_run
-    again = runner.run(de.Config(eval_only=str(referee_out), device="cpu"))  # the method's three models of it
-    assert list(again["models"]) == list(de.Config.STAGES)
+    again = runner.run(runner.RunConfig(eval_only=str(referee_out), device="cpu"))  # the method's three models of it
+    assert list(again["models"]) == list(runner.RunConfig.STAGES)
     assert again["models"]["joint"]["fvu"] == pytest.approx(referee["models"]["joint"]["fvu"], rel=1e-5)
