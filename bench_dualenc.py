@@ -1,17 +1,17 @@
-"""Benchmark for dualenc: every figure is a ratio of two implementations measured side by side in one
-run (this machine is shared and noisy, so absolute times are only indicative), each as min / median
-of several repeats. Not a test: nothing here asserts a time.
+"""Benchmark for dualenc: every figure is a ratio of two implementations measured side by side in
+one run (this machine is shared and noisy, so absolute times are only indicative), each as
+min / median of several repeats. Not a test: nothing here asserts a time.
 
-    python bench_dualenc.py                                  # CPU or the GPU torch sees
-    python bench_dualenc.py --results runs/X/results.json    # also split that run's wall time by stage
+    python bench_dualenc.py                                # CPU or the GPU torch sees
+    python bench_dualenc.py --results runs/X/results.json  # also split the run's wall time by stage
 
-    python bench_dualenc.py --neighbour                      # only the thread / wait-policy comparison
+    python bench_dualenc.py --neighbour                    # only the thread/wait-policy comparison
 
-Sections: NFM (sparse vs the dense [B, F, M] reference, with peak memory), SAE decode (embedding_bag
-vs dense matmul), the SAE step (sparse vs dense encoder backward, and where its time goes), extraction
-(early exit vs full forward), splicing (cached prefix vs full forward), training throughput, on CPU
-the SAE step beside a low-priority neighbour (threads and OpenMP wait policy), and the end-to-end
-stage split.
+Sections: NFM (sparse vs the dense [B, F, M] reference, with peak memory), SAE decode
+(embedding_bag vs dense matmul), the SAE step (sparse vs dense encoder backward, and where its
+time goes), extraction (early exit vs full forward), splicing (cached prefix vs full forward),
+training throughput, on CPU the SAE step beside a low-priority neighbour (threads and OpenMP wait
+policy), and the end-to-end stage split.
 """
 
 import argparse
@@ -29,15 +29,17 @@ import torch.nn.functional as F
 import dualenc as de
 import runner
 
-CONFIGS = {"default": dict(d=576, f=4608, k=64, m=64, n_read=32, batch=512),  # dualenc's (n_read = k/2)
-           "paper": dict(d=3200, f=50_000, k=1024, m=300, n_read=512, batch=64)}  # METHOD.md §4, §8
+# dualenc's (n_read = k/2) and the paper's (METHOD.md §4, §8)
+CONFIGS = {"default": dict(d=576, f=4608, k=64, m=64, n_read=32, batch=512),
+           "paper": dict(d=3200, f=50_000, k=1024, m=300, n_read=512, batch=64)}
 DEFAULT = CONFIGS["default"]
 MEMORY_CAP_GB = 12  # address-space cap for the "does it fit" check on CPU
 
 
 def dense_nfm(nfm, vals_BK, idx_BK):
-    """The NFM as the paper's evaluation scripts computed it: every one of the F features' embeddings
-    scaled by its (mostly zero) code, a [B, F, M] tensor, and a dense [B, F] @ [F, D] linear term."""
+    """The NFM as the paper's evaluation scripts computed it: every one of the F features'
+    embeddings scaled by its (mostly zero) code, a [B, F, M] tensor, and a dense [B, F] @ [F, D]
+    linear term."""
     vals_BK, idx_BK = nfm.read(vals_BK, idx_BK)
     codes_BF = de.to_dense(vals_BK, idx_BK, nfm.embed.shape[0])
     fv_BFM = codes_BF[:, :, None] * nfm.embed
@@ -48,7 +50,8 @@ def dense_nfm(nfm, vals_BK, idx_BK):
 def random_code(cfg, device, seed=0):
     g = torch.Generator().manual_seed(seed)
     vals = torch.rand(cfg["batch"], cfg["k"], generator=g)
-    idx = torch.stack([torch.randperm(cfg["f"], generator=g)[:cfg["k"]] for _ in range(cfg["batch"])])
+    idx = torch.stack([torch.randperm(cfg["f"], generator=g)[:cfg["k"]]
+                       for _ in range(cfg["batch"])])
     return vals.to(device), idx.to(device)
 
 
@@ -101,13 +104,15 @@ def peak_memory_mb(cfg_name, impl, device, cap_gb=None):
             return None
         return (torch.cuda.max_memory_allocated() - base) / 2**20
     cmd = [sys.executable, __file__, "--peak", cfg_name, impl]
-    limit = (lambda: resource.setrlimit(resource.RLIMIT_AS, (cap_gb * 2**30,) * 2)) if cap_gb else None
+    limit = ((lambda: resource.setrlimit(resource.RLIMIT_AS, (cap_gb * 2**30,) * 2))
+             if cap_gb else None)
     r = subprocess.run(cmd, capture_output=True, text=True, preexec_fn=limit)
     return float(r.stdout) if r.returncode == 0 else None
 
 
 def peak_rss_mb():
-    # VmHWM, not getrusage's ru_maxrss: the latter keeps the parent's high-water mark across fork + exec
+    # VmHWM, not getrusage's ru_maxrss: the latter keeps the parent's high-water mark across
+    # fork + exec
     line = next(ln for ln in open("/proc/self/status") if ln.startswith("VmHWM:"))
     return int(line.split()[1]) / 1024
 
@@ -136,17 +141,23 @@ def bench_nfm(device, repeats):
               f"{t_dense[1] / t_sparse[1]:6.1f} x")
         if device.type == "cpu" and name == "paper":
             continue  # measured below under the cap, at the paper's batch
-        m_sparse, m_dense = peak_memory_mb(name, "sparse", device), peak_memory_mb(name, "dense", device)
-        print(f"  peak  ours {m_sparse:9.1f} MB   dense {m_dense:9.1f} MB   ratio {m_dense / max(m_sparse, 1e-3):6.1f} x")
+        m_sparse, m_dense = (peak_memory_mb(name, "sparse", device),
+                             peak_memory_mb(name, "dense", device))
+        print(f"  peak  ours {m_sparse:9.1f} MB   dense {m_dense:9.1f} MB   "
+              f"ratio {m_dense / max(m_sparse, 1e-3):6.1f} x")
     if device.type == "cpu":
-        fits = {impl: peak_memory_mb("paper", impl, device, MEMORY_CAP_GB) for impl in ("sparse", "dense")}
-        print(f"paper config at batch {CONFIGS['paper']['batch']} under a {MEMORY_CAP_GB} GB address-space cap: " + ", ".join(
-            f"{'ours' if impl == 'sparse' else 'dense'} " + ("does not fit" if mb is None else f"fits ({mb:.0f} MB peak)")
-            for impl, mb in fits.items()))
+        fits = {impl: peak_memory_mb("paper", impl, device, MEMORY_CAP_GB)
+                for impl in ("sparse", "dense")}
+        print(f"paper config at batch {CONFIGS['paper']['batch']} under a {MEMORY_CAP_GB} GB "
+              f"address-space cap: " + ", ".join(
+                  f"{'ours' if impl == 'sparse' else 'dense'} "
+                  + ("does not fit" if mb is None else f"fits ({mb:.0f} MB peak)")
+                  for impl, mb in fits.items()))
 
 
 def bench_sae_decode(device, repeats):
-    print("\n## SAE decode forward + backward, default config: embedding_bag vs dense codes @ W_dec")
+    print("\n## SAE decode forward + backward, default config: embedding_bag vs dense codes "
+          "@ W_dec")
     cfg = DEFAULT
     sae = de.TopKSAE(cfg["d"], cfg["f"], cfg["k"]).to(device)
     vals, idx = random_code(cfg, device)
@@ -158,18 +169,22 @@ def bench_sae_decode(device, repeats):
     def dense():
         (de.to_dense(vals, idx, cfg["f"]) @ sae.W_dec + sae.b_dec).square().mean().backward()
     t_sparse, t_dense = timed(sparse, device, repeats), timed(dense, device, repeats)
-    print(f"  embedding_bag {fmt(t_sparse)}   dense {fmt(t_dense)}   speed-up (median) {t_dense[1] / t_sparse[1]:5.1f} x")
+    print(f"  embedding_bag {fmt(t_sparse)}   dense {fmt(t_dense)}   speed-up (median) "
+          f"{t_dense[1] / t_sparse[1]:5.1f} x")
 
 
 class DenseBackwardSAE(de.TopKSAE):
-    def encode(self, x_BD):  # as autograd differentiates it: a dense GEMM back through all F pre-activations
+    # as autograd differentiates it: a dense GEMM back through all F pre-activations
+    def encode(self, x_BD):
         return F.relu(x_BD @ self.W_enc + self.b_enc).topk(self.k, dim=-1, sorted=False)
 
 
 def bench_sae_step(device, repeats):
-    print("\n## SAE training step (encode, decode, MSE, backward, fused Adam): sparse vs dense encoder backward")
+    print("\n## SAE training step (encode, decode, MSE, backward, fused Adam): sparse vs dense "
+          "encoder backward")
     d = DEFAULT["d"]
-    for name, cfg in (("default", de.Config()), ("paper density", de.Config(**runner.paper_density(d)))):
+    for name, cfg in (("default", de.Config()),
+                      ("paper density", de.Config(**runner.paper_density(d)))):
         x = torch.randn(cfg.batch_size, d, device=device)
         fns, opts = {}, {}
         for impl, cls in (("sparse", de.TopKSAE), ("dense", DenseBackwardSAE)):
@@ -178,32 +193,39 @@ def bench_sae_step(device, repeats):
             opts[impl] = torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=True)
             fns[impl] = lambda model=model, opt=opts[impl]: de.train_step(model, opt, x)
         fns["sparse"]()  # gradients for a bare Adam step
-        W_enc, b_enc, W_dec = (p.detach() for p in (model.sae.W_enc, model.sae.b_enc, model.sae.W_dec))
+        W_enc, b_enc, W_dec = (p.detach()
+                               for p in (model.sae.W_enc, model.sae.b_enc, model.sae.W_dec))
         pre_BF = F.relu(x @ W_enc + b_enc)
         vals, idx = pre_BF.topk(cfg.k, dim=-1, sorted=False)
-        fns.update({"encoder GEMM": lambda: F.relu(x @ W_enc + b_enc), "top-k": lambda: pre_BF.topk(cfg.k, dim=-1, sorted=False),
-                    "decoder": lambda: F.embedding_bag(idx, W_dec, per_sample_weights=vals, mode="sum"),
+        fns.update({"encoder GEMM": lambda: F.relu(x @ W_enc + b_enc),
+                    "top-k": lambda: pre_BF.topk(cfg.k, dim=-1, sorted=False),
+                    "decoder": lambda: F.embedding_bag(idx, W_dec, per_sample_weights=vals,
+                                                       mode="sum"),
                     "Adam": opts["sparse"].step})
         t = {}
-        for _ in range(2):  # interleaved, so a busy moment of the machine does not fall on one of them only
+        # interleaved, so a busy moment of the machine does not fall on one of them only
+        for _ in range(2):
             for part, fn in fns.items():
                 t[part] = min(t.get(part, (1e9, 1e9)), timed(fn, device, repeats * 2))
-        parts = {part: t[part][1] / t["sparse"][1] for part in ("encoder GEMM", "top-k", "decoder", "Adam")}
+        parts = {part: t[part][1] / t["sparse"][1]
+                 for part in ("encoder GEMM", "top-k", "decoder", "Adam")}
         print(f"{name}: d {d}, F {cfg.features}, k {cfg.k}, batch {cfg.batch_size}\n"
               f"  sparse {fmt(t['sparse'])}   dense {fmt(t['dense'])}   speed-up (median) "
-              f"{t['dense'][1] / t['sparse'][1]:5.2f} x\n  a step is {t['sparse'][1] / t['encoder GEMM'][1]:4.1f} "
-              f"encoder GEMMs sparse, {t['dense'][1] / t['encoder GEMM'][1]:4.1f} dense\n  sparse step: "
+              f"{t['dense'][1] / t['sparse'][1]:5.2f} x\n"
+              f"  a step is {t['sparse'][1] / t['encoder GEMM'][1]:4.1f} encoder GEMMs sparse, "
+              f"{t['dense'][1] / t['encoder GEMM'][1]:4.1f} dense\n  sparse step: "
               + ", ".join(f"{part} {share:.0%}" for part, share in parts.items())
               + f", the backward and the rest {1 - sum(parts.values()):.0%}")
 
 
 NEIGHBOUR_SETTINGS = (("2 threads, OMP_WAIT_POLICY=PASSIVE", 2, "PASSIVE"),
-                      ("2 threads, OMP_WAIT_POLICY=ACTIVE", 2, "ACTIVE"), ("1 thread", 1, "PASSIVE"))
+                      ("2 threads, OMP_WAIT_POLICY=ACTIVE", 2, "ACTIVE"),
+                      ("1 thread", 1, "PASSIVE"))
 
 
 def sae_step_child(threads, repeats):
-    """One paper-density SAE training step, timed in this (fresh) process with `threads` threads: the
-    median, printed in seconds."""
+    """One paper-density SAE training step, timed in this (fresh) process with `threads` threads:
+    the median, printed in seconds."""
     torch.set_num_threads(threads)
     cfg, d = de.Config(**runner.paper_density(DEFAULT["d"])), DEFAULT["d"]
     torch.manual_seed(0)
@@ -222,18 +244,21 @@ def busy_child():
 
 
 def bench_neighbour(repeats):
-    """A long run keeps the cores while tests run beside it: the paper-density SAE step in a fresh process
-    per setting (OpenMP reads its wait policy at start), alone and beside a busy one-thread neighbour
-    at nice 19, and the share of its quiet speed it keeps."""
-    print("\n## SAE step at paper density beside a low-priority neighbour (a test suite's stand-in), CPU")
+    """A long run keeps the cores while tests run beside it: the paper-density SAE step in a fresh
+    process per setting (OpenMP reads its wait policy at start), alone and beside a busy one-thread
+    neighbour at nice 19, and the share of its quiet speed it keeps."""
+    print("\n## SAE step at paper density beside a low-priority neighbour (a test suite's "
+          "stand-in), CPU")
     for label, threads, policy in NEIGHBOUR_SETTINGS:
         env = {**os.environ, "OMP_WAIT_POLICY": policy}
         cmd = [sys.executable, __file__, "--sae-step", str(threads), "--repeats", str(repeats * 2)]
-        quiet = float(subprocess.run(cmd, capture_output=True, text=True, env=env, check=True).stdout)
+        quiet = float(subprocess.run(cmd, capture_output=True, text=True, env=env,
+                                     check=True).stdout)
         busy = subprocess.Popen(["nice", "-n", "19", sys.executable, __file__, "--busy"],
                                 env={**os.environ, "OMP_NUM_THREADS": "1"})
         try:
-            loaded = float(subprocess.run(cmd, capture_output=True, text=True, env=env, check=True).stdout)
+            loaded = float(subprocess.run(cmd, capture_output=True, text=True, env=env,
+                                          check=True).stdout)
         finally:
             busy.kill()
             busy.wait()
@@ -242,14 +267,17 @@ def bench_neighbour(repeats):
 
 
 def bench_training(device, repeats):
-    print("\n## Training throughput, default config, synthetic activations (tokens/s, min / median step)")
+    print("\n## Training throughput, default config, synthetic activations "
+          "(tokens/s, min / median step)")
     cfg = de.Config()
     x = torch.randn(cfg.batch_size, DEFAULT["d"], device=device)
-    for name, nfm in (("sae", None), ("joint", de.NFM(cfg.features, DEFAULT["d"], cfg.embed_dim, cfg.nfm_k))):
+    for name, nfm in (("sae", None),
+                      ("joint", de.NFM(cfg.features, DEFAULT["d"], cfg.embed_dim, cfg.nfm_k))):
         model = de.DualEncoder(de.TopKSAE(DEFAULT["d"], cfg.features, cfg.k), nfm).to(device)
         opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=True)
         t = timed(lambda: de.train_step(model, opt, x), device, repeats * 4)
-        print(f"  {name:6s} {cfg.batch_size / t[1]:9,.0f} tokens/s   ({fmt(t)} per step of {cfg.batch_size})")
+        print(f"  {name:6s} {cfg.batch_size / t[1]:9,.0f} tokens/s   "
+              f"({fmt(t)} per step of {cfg.batch_size})")
 
 
 def bench_lm(device, repeats):
@@ -267,14 +295,15 @@ def bench_lm(device, repeats):
             for i in range(0, len(ids), 16):
                 lm(ids[i:i + 16].to(device), use_cache=False)
     t_early, t_full = timed(early, device, repeats), timed(full, device, repeats)
-    print(f"  extraction  early exit {n / t_early[1]:8,.0f} tokens/s   full forward {n / t_full[1]:8,.0f} tokens/s"
-          f"   ratio {t_full[1] / t_early[1]:4.2f} x")
+    print(f"  extraction  early exit {n / t_early[1]:8,.0f} tokens/s   "
+          f"full forward {n / t_full[1]:8,.0f} tokens/s   ratio {t_full[1] / t_early[1]:4.2f} x")
     acts = de.extract_activations(lm, ids, layer)
     reps = {"zero": torch.zeros_like}
-    t_cached = timed(lambda: de.splice_metrics(lm, ids, layer, reps, acts_NTD=acts), device, repeats)
+    t_cached = timed(lambda: de.splice_metrics(lm, ids, layer, reps, acts_NTD=acts), device,
+                     repeats)
     t_nocache = timed(lambda: de.splice_metrics(lm, ids, layer, reps), device, repeats)
-    print(f"  splice (clean + 1 spliced pass)  cached prefix {n / t_cached[1]:8,.0f} tokens/s   full "
-          f"{n / t_nocache[1]:8,.0f} tokens/s   ratio {t_nocache[1] / t_cached[1]:4.2f} x")
+    print(f"  splice (clean + 1 spliced pass)  cached prefix {n / t_cached[1]:8,.0f} tokens/s   "
+          f"full {n / t_nocache[1]:8,.0f} tokens/s   ratio {t_nocache[1] / t_cached[1]:4.2f} x")
 
 
 def stage_split(path):
@@ -289,11 +318,15 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="auto")
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--results", help="results.json of a default run, to split its wall time by stage")
-    p.add_argument("--neighbour", action="store_true", help="only the SAE step beside a busy neighbour (CPU)")
-    p.add_argument("--peak", nargs=2, help=argparse.SUPPRESS)  # internal: one CPU peak-memory measurement
-    p.add_argument("--sae-step", type=int, help=argparse.SUPPRESS)  # internal: one timed step, N threads
-    p.add_argument("--busy", action="store_true", help=argparse.SUPPRESS)  # internal: the neighbour
+    p.add_argument("--results",
+                   help="results.json of a default run, to split its wall time by stage")
+    p.add_argument("--neighbour", action="store_true",
+                   help="only the SAE step beside a busy neighbour (CPU)")
+    # internal, the child processes: one CPU peak-memory measurement (--peak), one timed step with
+    # N threads (--sae-step), the neighbour (--busy)
+    p.add_argument("--peak", nargs=2, help=argparse.SUPPRESS)
+    p.add_argument("--sae-step", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--busy", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.peak:
         return peak_child(*args.peak)
@@ -304,7 +337,8 @@ def main():
     if args.neighbour:
         return bench_neighbour(args.repeats)
     device = runner.resolve_device(args.device)
-    name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    name = (torch.cuda.get_device_name() if device.type == "cuda"
+            else f"CPU, {torch.get_num_threads()} threads")
     print(f"# dualenc benchmark on {name}, torch {torch.__version__}")
     bench_nfm(device, args.repeats)
     bench_sae_decode(device, args.repeats)

@@ -2,21 +2,25 @@
 
 dualenc.py is the method (SAE, NFM, the sequential and joint loops, their evaluation), runner.py
 runs it (text, LM, run folders, the command line), store.py keeps activations on disk. This file
-adds what a careful reviewer asks for (METHOD.md §9, §13): baselines with the method's
-care, intervals over windows and seeds, the paper's claims each read three ways with a verdict,
-the decoder-norm analysis, figures, and the paper's stages 3-4. `python replicate.py` runs all of it;
-it takes every flag of dualenc.py and the referee's own. Beside it, stats.py holds the pure statistics
-(paired bootstrap, seed intervals, the holds / no / unclear rule, mixtures, permutation tests) and
-stages34.py the paper's stages 3-4; this file imports both. Sections, in the order data flows:
-  config        Config: dualenc's and runner's settings and the referee's (--seeds, --n-boot,
-                --stage34, --stimuli, --sae, --store, --models, --checkpoints, --combine)
-  baselines     the models a reviewer adds (sae_matched, joint_no_linear), the variants evaluated (the
-                joint model's own SAE path, the pathway ablations), evaluate_variants (sums per window)
-  metrics       every variant's figures (§6) on every window resample (paired bootstrap, stats.py)
-  analyses      parameter counts, contributions, decoder norms, the claims table
+adds what a careful reviewer asks for (METHOD.md §9, §13): baselines with the method's care,
+intervals over windows and seeds, the paper's claims each read three ways with a verdict, the
+decoder-norm analysis, figures, and the paper's stages 3-4. `python replicate.py` runs all of it;
+it takes every flag of dualenc.py and the referee's own. Beside it, stats.py holds the pure
+statistics (paired bootstrap, seed intervals, the holds / no / unclear rule, mixtures, permutation
+tests), stages34.py the paper's stages 3-4 and report.py the figures and tables; this file imports
+all three. Sections, in the order data flows:
+  config           Config: dualenc's and runner's settings and the referee's (--seeds, --n-boot,
+                   --stage34, --stimuli, --sae, --store, --models, --checkpoints, --combine)
+  baselines        the models a reviewer adds (sae_matched, joint_no_linear), the variants
+                   evaluated (the joint model's own SAE path, the pathway ablations),
+                   evaluate_variants (sums per window)
+  metrics          every variant's figures (§6) on every window resample (paired bootstrap,
+                   stats.py)
+  analyses         parameter counts, contributions, decoder norms, the claims table
   training length  checkpoints along the training length: each model and claim at log-spaced steps
-  your own SAE  read_saelens, import_sae: study a SAELens TopK SAE instead of training one
-  report        run (the whole replication, stages 3-4 from stages34.py), --combine, figures, tables, main
+  your own SAE     read_saelens, import_sae: study a SAELens TopK SAE instead of training one
+  run              run (the whole replication; stages 3-4 from stages34.py, figures and tables from
+                   report.py), --combine, main
 
 Dimension letters as in dualenc.py, and R bootstrap resamples.
 """
@@ -36,6 +40,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 import dualenc as de
+import report as rep
 import runner
 import stages34 as s34
 import stats as st
@@ -48,39 +53,49 @@ from store import load_data
 class Config(runner.RunConfig):
     """dualenc's settings, the runner's and the referee's."""
 
-    STAGES = ("sae", "sae_matched", "sequential", "joint", "joint_no_linear")  # the models trained, in order
+    STAGES = ("sae", "sae_matched", "sequential", "joint", "joint_no_linear")  # trained in order
     RUN_FLAGS = (*runner.RunConfig.RUN_FLAGS, "stage34", "stimuli", "store")
     POSITIVE = (*runner.RunConfig.POSITIVE, "seeds", "n_boot")
     PROG = "replicate.py"
     DESCRIPTION = sys.modules[__module__].__doc__.split("\n\n")[0]  # the module docstring
 
-    seeds: int = de.setting(1, "train every model this many times, with seeds seed, seed+1, ... (the data split stays)")
+    seeds: int = de.setting(1, "train every model this many times, with seeds seed, seed+1, ... "
+                            "(the data split stays)")
     n_boot: int = de.setting(1000, "bootstrap resamples behind every 95%% interval")
-    stage34: bool = de.setting(False, "also run the paper's stages 3-4 on the joint model: integration features "
-                           "(secondary SAE) and the 2 x 2 intervention with controls (§13); with --eval-only "
-                           "RUN_DIR, added to a finished run, its evaluation as it stands")
-    stimuli: str | None = de.setting(None, "2 x 2 stimulus design for --stage34, JSON like stimuli.json (the default)",
-                                 "PATH")
-    sae: str | None = de.setting(None, "study an existing SAELens TopK SAE (folder with cfg.json and "
-                             "sae_weights.safetensors): no SAE training, the NFM learns its residual", "SAE_DIR")
-    store: str = de.setting("runs/activations", "folder of activation stores, one per model, layer, text, tokens and "
-                        "ctx: extracted once, reused by every run with the same key", "DIR")
-    store_dtype: str = de.setting("float32", "activations on disk: float32, or float16 (half the disk)", "{float32,float16}")
-    models: str | None = de.setting(None, "the models to train, comma-separated (default: all five; sequential brings "
-                                "sae, whose SAE it builds on); --combine joins runs that each trained some", "NAMES")
-    checkpoints: int = de.setting(0, "also evaluate every model at this many log-spaced steps, the first near 0.2 M "
-                              "token presentations (or a tenth of the run), the last the end: intervals and claims "
-                              "at each (0: the end only)")
-    combine: str | None = de.setting(None, "run folders, comma-separated, that trained different --models with "
-                                 "otherwise the same settings: one report of all their models, paired, with "
-                                 "intervals and claims at every checkpoint, into --out", "DIRS")
+    stage34: bool = de.setting(False, "also run the paper's stages 3-4 on the joint model: "
+                               "integration features (secondary SAE) and the 2 x 2 intervention "
+                               "with controls (§13); with --eval-only RUN_DIR, added to a finished "
+                               "run, its evaluation as it stands")
+    stimuli: str | None = de.setting(None, "2 x 2 stimulus design for --stage34, JSON like "
+                                     "stimuli.json (the default)", "PATH")
+    sae: str | None = de.setting(None, "study an existing SAELens TopK SAE (folder with cfg.json "
+                                 "and sae_weights.safetensors): no SAE training, the NFM learns "
+                                 "its residual", "SAE_DIR")
+    store: str = de.setting("runs/activations", "folder of activation stores, one per model, "
+                            "layer, text, tokens and ctx: extracted once, reused by every run with "
+                            "the same key", "DIR")
+    store_dtype: str = de.setting("float32", "activations on disk: float32, or float16 (half the "
+                                  "disk)", "{float32,float16}")
+    models: str | None = de.setting(None, "the models to train, comma-separated (default: all "
+                                    "five; sequential brings sae, whose SAE it builds on); "
+                                    "--combine joins runs that each trained some", "NAMES")
+    checkpoints: int = de.setting(0, "also evaluate every model at this many log-spaced steps, the "
+                                  "first near 0.2 M token presentations (or a tenth of the run), "
+                                  "the last the end: intervals and claims at each (0: the end "
+                                  "only)")
+    combine: str | None = de.setting(None, "run folders, comma-separated, that trained different "
+                                     "--models with otherwise the same settings: one report of "
+                                     "all their models, paired, with intervals and claims at "
+                                     "every checkpoint, into --out", "DIRS")
 
     def __post_init__(self):
         super().__post_init__()
         if self.store_dtype not in ("float32", "float16"):
-            raise de.DualencError(f"--store-dtype must be float32 or float16, got {self.store_dtype!r}")
+            raise de.DualencError(f"--store-dtype must be float32 or float16, "
+                                  f"got {self.store_dtype!r}")
         if self.models is not None and not set(self.models.split(",")) <= set(self.STAGES):
-            raise de.DualencError(f"--models takes some of {', '.join(self.STAGES)}, got {self.models!r}")
+            raise de.DualencError(f"--models takes some of {', '.join(self.STAGES)}, "
+                                  f"got {self.models!r}")
         if self.checkpoints < 0 or self.checkpoints == 1:
             raise de.DualencError(f"--checkpoints must be 0 or at least 2, got {self.checkpoints}")
 
@@ -104,41 +119,49 @@ class Config(runner.RunConfig):
         super().check_flags(given)
         from_sae = given.keys() & {"features", "k", "nfm_k", "sae_init"}
         if given.get("sae") and from_sae:
-            raise de.DualencError(f"--sae brings its own dictionary size and k (the NFM reads its top k/2); "
-                                  f"{', '.join(sorted('--' + k.replace('_', '-') for k in from_sae))} do not apply")
+            flags = ", ".join(sorted("--" + k.replace("_", "-") for k in from_sae))
+            raise de.DualencError(f"--sae brings its own dictionary size and k (the NFM reads its "
+                                  f"top k/2); {flags} do not apply")
         if given.get("combine") and given.keys() - {"combine", "out"}:
-            raise de.DualencError("--combine takes the runs' own settings; only --out may be given with it")
+            raise de.DualencError("--combine takes the runs' own settings; only --out may be given "
+                                  "with it")
 
 
 # ----------------------------------------------------------------------------- baselines
 
-VARIANTS = {"sae": ("sae", ()), "sae_matched": ("sae_matched", ()), "sequential": ("sequential", de.PATHWAYS),
-            "joint": ("joint", de.PATHWAYS), "joint_sae_path": ("joint", ()), "joint_linear_only": ("joint", ("linear",)),
+# name -> (model, NFM pathways on)
+VARIANTS = {"sae": ("sae", ()), "sae_matched": ("sae_matched", ()),
+            "sequential": ("sequential", de.PATHWAYS), "joint": ("joint", de.PATHWAYS),
+            "joint_sae_path": ("joint", ()), "joint_linear_only": ("joint", ("linear",)),
             "joint_interaction_only": ("joint", ("interaction",)),
-            "joint_no_linear": ("joint_no_linear", ("interaction",))}  # name -> (model, NFM pathways on)
+            "joint_no_linear": ("joint_no_linear", ("interaction",))}
 
 
 def variants(models):
     """Every reconstruction that is evaluated: name -> (model, NFM pathways switched on), for the
     models that were trained (with --sae, only sae and sequential).
-    joint_sae_path is the paper's "SAE" baseline (§9.1), sae_matched the parameter-matched one (§9.5);
-    the rest are the §9.3 ablations."""
-    return {name: (models[model], paths) for name, (model, paths) in VARIANTS.items() if model in models}
+    joint_sae_path is the paper's "SAE" baseline (§9.1), sae_matched the parameter-matched one
+    (§9.5); the rest are the §9.3 ablations."""
+    return {name: (models[model], paths) for name, (model, paths) in VARIANTS.items()
+            if model in models}
 
 
-ABLATIONS = ("joint_linear_only", "joint_interaction_only")  # the joint model with one pathway zeroed (§9.3)
+# the joint model with one pathway zeroed (§9.3)
+ABLATIONS = ("joint_linear_only", "joint_interaction_only")
 
 
 def evaluate_variants(lm, evaluated, data, generator):
-    """Every variant {name: (model, pathways)} evaluated the same way (§6), kept as sums per window so
-    that each figure can be recomputed on bootstrap resamples of the windows (statistics section):
+    """Every variant {name: (model, pathways)} evaluated the same way (§6), kept as sums per window
+    so that each figure can be recomputed on bootstrap resamples of the windows (statistics
+    section):
       over the held-out windows: sum ||x - x_hat||^2 per variant ("sse"); shared: token counts and
         sum ||x - mean(x)||^2 (MSE and centred FVU)
-      over the spliced windows: sums of KL and next-token NLL with the variant's reconstruction spliced,
-        and of KL with its epsilon-random twin; shared: clean and zero-ablation NLL, token counts.
-    One splice_metrics call, so the clean pass (and the zero-ablation) serves all of them. The pathway
-    ablations get no epsilon-random twin: their pathology ratio enters no claim, and each splice pass
-    costs as much as the rest of a variant's evaluation."""
+      over the spliced windows: sums of KL and next-token NLL with the variant's reconstruction
+        spliced, and of KL with its epsilon-random twin; shared: clean and zero-ablation NLL, token
+        counts.
+    One splice_metrics call, so the clean pass (and the zero-ablation) serves all of them. The
+    pathway ablations get no epsilon-random twin: their pathology ratio enters no claim, and each
+    splice pass costs as much as the rest of a variant's evaluation."""
     x_ND = data["x_eval"]
     mean_D = de.mean_token(x_ND)
     replacements = {"zero": torch.zeros_like}
@@ -146,11 +169,15 @@ def evaluate_variants(lm, evaluated, data, generator):
         replacements[name] = de.spliced(model, paths)
         if name not in ABLATIONS:
             replacements[name + "/eps"] = de.spliced(model, paths, eps_generator=generator)
-    m = de.splice_metrics(lm, data["splice_ids"], data["layer"], replacements, data["splice_keep"], data["splice_acts"])
-    kl, nll = {k: v.double().sum(-1) for k, v in m["kl"].items()}, {k: v.double().sum(-1) for k, v in m["nll"].items()}
+    m = de.splice_metrics(lm, data["splice_ids"], data["layer"], replacements, data["splice_keep"],
+                          data["splice_acts"])
+    kl, nll = ({k: v.double().sum(-1) for k, v in m["kl"].items()},
+               {k: v.double().sum(-1) for k, v in m["nll"].items()})
     shared = {"tokens": window_sums(torch.ones(len(x_ND)), data),
-              "sst": window_sums(torch.cat([(x_BD - mean_D).square().sum(-1) for x_BD in x_ND.split(4096)]), data),
-              "kl_tokens": m["kl_mask"].sum(-1).double(), "nll_tokens": m["nll_mask"].sum(-1).double(),
+              "sst": window_sums(torch.cat([(x_BD - mean_D).square().sum(-1)
+                                            for x_BD in x_ND.split(4096)]), data),
+              "kl_tokens": m["kl_mask"].sum(-1).double(),
+              "nll_tokens": m["nll_mask"].sum(-1).double(),
               "clean_nll": nll["clean"], "zero_nll": nll["zero"]}
     sums = {}
     for name, (model, paths) in evaluated.items():
@@ -163,26 +190,31 @@ def evaluate_variants(lm, evaluated, data, generator):
 
 
 def model_key(name, seed, first_seed):
-    """Where a seed's model lives in the run folder: the first seed's at <name>/, others at seedS/<name>/."""
+    """Where a seed's model lives in the run folder: the first seed's at <name>/, others at
+    seedS/<name>/."""
     return name if seed == first_seed else f"seed{seed}/{name}"
 
 
 def matched_features(d_model, n_params):
-    """The dictionary size at which a TopK SAE (2 F D + F + D parameters) has n_params parameters (§9.5)."""
+    """The dictionary size at which a TopK SAE (2 F D + F + D parameters) has n_params parameters
+    (§9.5)."""
     return round((n_params - d_model) / (2 * d_model + 1))
 
 
 def recipes(cfg, data):
-    """dualenc's models and the reviewer's, in training order (name -> (make, train), as dualenc.recipes):
-    sae_matched, a TopK SAE with the same k widened to the joint model's parameter count (§9.5), and
-    joint_no_linear, the joint model without the NFM's linear term (§9.3). The same seed, data, batches
-    and steps as the method's models. With --sae, the imported SAE stands in for "sae"."""
+    """dualenc's models and the reviewer's, in training order (name -> (make, train), as
+    dualenc.recipes): sae_matched, a TopK SAE with the same k widened to the joint model's
+    parameter count (§9.5), and joint_no_linear, the joint model without the NFM's linear term
+    (§9.3). The same seed, data, batches and steps as the method's models. With --sae, the imported
+    SAE stands in for "sae"."""
     def matched(done):
         joint_params = de.n_params(de.build(cfg, data, nfm="linear"))
-        return de.build(cfg, data, n_features=matched_features(data["x_train"].shape[1], joint_params))
+        return de.build(cfg, data,
+                        n_features=matched_features(data["x_train"].shape[1], joint_params))
 
     every = {**de.recipes(cfg, data), "sae_matched": (matched, de.train_sae),
-             "joint_no_linear": (lambda done: de.build(cfg, data, nfm="interaction"), de.train_joint)}
+             "joint_no_linear": (lambda done: de.build(cfg, data, nfm="interaction"),
+                                 de.train_joint)}
     return {name: every[name] for name in cfg.model_names()}
 
 
@@ -196,11 +228,12 @@ def window_sums(values_N, data):
 
 def model_stats(sums, shared, w_eval, w_splice, d_model):
     """Every variant's figures (§6) on every window resample: {name: {metric: [1 + R]}}, row 0 the
-    figure on the windows as they are. w_eval resamples the held-out windows, w_splice the spliced ones;
-    a resampled total is a weighted sum, w @ per-window sums."""
+    figure on the windows as they are. w_eval resamples the held-out windows, w_splice the spliced
+    ones; a resampled total is a weighted sum, w @ per-window sums."""
     n_nll, n_kl = w_splice @ shared["nll_tokens"], w_splice @ shared["kl_tokens"]
     n_tokens, sst = w_eval @ shared["tokens"], w_eval @ shared["sst"]
-    clean_ce, zero_ce = (w_splice @ shared["clean_nll"]) / n_nll, (w_splice @ shared["zero_nll"]) / n_nll
+    clean_ce, zero_ce = ((w_splice @ shared["clean_nll"]) / n_nll,
+                         (w_splice @ shared["zero_nll"]) / n_nll)
     stats = {}
     for name, v in sums.items():
         sse, kl, ce = w_eval @ v["sse"], (w_splice @ v["kl"]) / n_kl, (w_splice @ v["nll"]) / n_nll
@@ -219,11 +252,13 @@ def param_counts(model):
     groups = {"sae_encoder": ("sae.W_enc", "sae.b_enc"), "sae_decoder": ("sae.W_dec", "sae.b_dec"),
               "nfm_linear": ("nfm.W_lin",), "nfm_embed": ("nfm.embed",), "nfm_mlp": ("nfm.mlp.",)}
     named = dict(model.named_parameters())
-    return {g: sum(p.numel() for n, p in named.items() if n.startswith(prefixes)) for g, prefixes in groups.items()}
+    return {g: sum(p.numel() for n, p in named.items() if n.startswith(prefixes))
+            for g, prefixes in groups.items()}
 
 
 def params_used(model, paths):
-    """Parameters a variant actually uses: the SAE, plus the NFM parts of its switched-on pathways."""
+    """Parameters a variant actually uses: the SAE, plus the NFM parts of its switched-on
+    pathways."""
     counts = param_counts(model)
     parts = ["sae_encoder", "sae_decoder"] + (["nfm_linear"] if "linear" in paths else []) \
         + (["nfm_embed", "nfm_mlp"] if "interaction" in paths else [])
@@ -232,8 +267,8 @@ def params_used(model, paths):
 
 @torch.no_grad()
 def contributions(model, x_ND, batch_size=4096):
-    """Per token, sum over dimensions of |linear(f)| and of |interaction(f)|: ([N], [N]). Their totals
-    give each pathway's share of the NFM's output magnitude (§7; paper: 94 % / 6 %)."""
+    """Per token, sum over dimensions of |linear(f)| and of |interaction(f)|: ([N], [N]). Their
+    totals give each pathway's share of the NFM's output magnitude (§7; paper: 94 % / 6 %)."""
     lin, inter = [], []
     for x_BD in x_ND.split(batch_size):
         linear_BD, interaction_BD = model.nfm(*model.sae.encode(x_BD))
@@ -242,7 +277,8 @@ def contributions(model, x_ND, batch_size=4096):
     return torch.cat(lin), torch.cat(inter)
 
 
-BIC_RESAMPLES = 200  # each resample is a full EM fit on every feature; 200 keep the analysis to seconds
+# each resample is a full EM fit on every feature; 200 keep the analysis to seconds
+BIC_RESAMPLES = 200
 
 
 @torch.no_grad()
@@ -262,10 +298,11 @@ def decoder_sq_norms(model, x_eval_ND):
 def decoder_norm_analysis(norms, n_boot, generator, bins=60):
     """§7 and the §9.2 control, from decoder_sq_norms of the standalone SAE and the joint model:
     squared decoder norms ||W_dec[i]||^2 of the features that fire on held-out tokens, for the
-    standalone SAE, the joint model's W_dec, and the joint model's merged linear decoder W_dec + W_lin.
-    The merge is exact only where the NFM reads: the linear term sees the n_read largest of the k codes
-    (as the paper's code does), so x_s + linear(f) = W_dec f + W_lin f_read + b_dec, which equals
-    (W_dec + W_lin) f + b_dec on those codes and W_dec f + b_dec on the others.
+    standalone SAE, the joint model's W_dec, and the joint model's merged linear decoder
+    W_dec + W_lin. The merge is exact only where the NFM reads: the linear term sees the n_read
+    largest of the k codes (as the paper's code does), so
+    x_s + linear(f) = W_dec f + W_lin f_read + b_dec, which equals (W_dec + W_lin) f + b_dec on
+    those codes and W_dec f + b_dec on the others.
     Also the correlation of a feature's squared norm with its NFM share
         share_i = ||W_lin[i]||^2 / (||W_dec[i]||^2 + ||W_lin[i]||^2)
     which has ||W_dec[i]||^2 in its denominator, so a negative r is partly built in; the direct
@@ -273,15 +310,18 @@ def decoder_norm_analysis(norms, n_boot, generator, bins=60):
     Statistics come with n_boot bootstrap resamples over features ("samples", row 0 the estimate);
     Delta BIC with BIC_RESAMPLES of them."""
     joint = norms["joint"]
-    sq = {"sae": norms["sae"]["W_dec"], "joint_W_dec": joint["W_dec"], "joint_merged": joint["merged"]}
+    sq = {"sae": norms["sae"]["W_dec"], "joint_W_dec": joint["W_dec"],
+          "joint_merged": joint["merged"]}
     share = joint["W_lin"] / (joint["W_dec"] + joint["W_lin"])
     w = {k: st.bootstrap_weights(len(v), n_boot, generator) for k, v in sq.items()}
     w["joint_merged"] = w["joint_W_dec"]  # the same features
     samples = {f"bc_{k}": st.bimodality_coefficient(v, w[k]) for k, v in sq.items()}
-    samples.update({f"delta_bic_{k}": st.gmm_bic(v, w[k][:1 + BIC_RESAMPLES]) for k, v in sq.items()})
-    samples.update(r_sq_norm_vs_nfm_share=st.pearson(sq["joint_W_dec"], share, w["joint_W_dec"]),
-                   r_sq_norm_vs_W_lin_sq_norm=st.pearson(sq["joint_W_dec"], joint["W_lin"], w["joint_W_dec"]),
-                   r_sq_norm_vs_embed_sq_norm=st.pearson(sq["joint_W_dec"], joint["embed"], w["joint_W_dec"]))
+    samples.update({f"delta_bic_{k}": st.gmm_bic(v, w[k][:1 + BIC_RESAMPLES])
+                    for k, v in sq.items()})
+    samples.update(
+        r_sq_norm_vs_nfm_share=st.pearson(sq["joint_W_dec"], share, w["joint_W_dec"]),
+        r_sq_norm_vs_W_lin_sq_norm=st.pearson(sq["joint_W_dec"], joint["W_lin"], w["joint_W_dec"]),
+        r_sq_norm_vs_embed_sq_norm=st.pearson(sq["joint_W_dec"], joint["embed"], w["joint_W_dec"]))
     hi = max(v.max().item() for v in sq.values())
     q = torch.tensor([0.05, 0.25, 0.5, 0.75, 0.95], dtype=torch.float64)
     fits = {k: st.gmm2(v) for k, v in sq.items()}
@@ -289,7 +329,8 @@ def decoder_norm_analysis(norms, n_boot, generator, bins=60):
         "alive_features": {"sae": len(sq["sae"]), "joint": len(sq["joint_W_dec"])},
         "histogram_edges": torch.linspace(0, hi, bins + 1).tolist(),
         "histograms": {k: torch.histc(v, bins, 0, hi).long().tolist() for k, v in sq.items()},
-        "summary": {k: {"mean": v.mean().item(), "quantiles_5_25_50_75_95": torch.quantile(v.double(), q).tolist(),
+        "summary": {k: {"mean": v.mean().item(),
+                        "quantiles_5_25_50_75_95": torch.quantile(v.double(), q).tolist(),
                         "gmm2": {p: fits[k][p].tolist() for p in ("means", "stds", "weights")},
                         "gmm2_has_two_modes": st.two_modes(fits[k])} for k, v in sq.items()},
     }
@@ -302,16 +343,18 @@ def reduction(base, new):
 
 def claim_table():
     """The §8 / §7 claims, each as (claim, paper figure, threshold, above, readings). A reading maps
-    one seed's samples s (s["models"][variant][metric], s["norms"][stat], s["contrib"]) to its figure, or
-    is a pair (numerator, denominator) of such maps for a ratio (ratio_summary);
-    the rule is figure >= threshold (above) or <= threshold. For the paper's numbers the threshold is half
-    the paper's figure, in its direction. Readings: the paper's way (the joint model against its own SAE
-    path, as the paper's 41.3 % is measured), fair (against an SAE trained alone with the same F, k, data
-    and steps, §9.1), and matched (against an SAE widened to the joint model's parameter count, §9.5)."""
+    one seed's samples s (s["models"][variant][metric], s["norms"][stat], s["contrib"]) to its
+    figure, or is a pair (numerator, denominator) of such maps for a ratio (ratio_summary); the
+    rule is figure >= threshold (above) or <= threshold. For the paper's numbers the threshold is
+    half the paper's figure, in its direction. Readings: the paper's way (the joint model against
+    its own SAE path, as the paper's 41.3 % is measured), fair (against an SAE trained alone with
+    the same F, k, data and steps, §9.1), and matched (against an SAE widened to the joint model's
+    parameter count, §9.5)."""
     def red(base, new, metric):
         return lambda s: reduction(s["models"][base][metric], s["models"][new][metric])
 
-    def share(base, part):  # the share of the joint model's KL gain over base that part (nonlinear only) achieves
+    # the share of the joint model's KL gain over base that part (nonlinear only) achieves
+    def share(base, part):
         def gain(model):
             return lambda s: s["models"][base]["kl"] - s["models"][model]["kl"]
         return gain(part), gain("joint")
@@ -323,29 +366,37 @@ def claim_table():
         return paper / 2, paper > 0
 
     rows = [("sequential vs SAE, reconstruction error reduction", 0.23,
-             {"paper_way": red("sae", "sequential", "mse"), "matched": red("sae_matched", "sequential", "mse")}),
+             {"paper_way": red("sae", "sequential", "mse"),
+              "matched": red("sae_matched", "sequential", "mse")}),
             ("joint vs SAE, reconstruction error reduction", 0.413,
-             {"paper_way": red("joint_sae_path", "joint", "mse"), "fair": red("sae", "joint", "mse"),
-              "matched": red("sae_matched", "joint", "mse")}),
+             {"paper_way": red("joint_sae_path", "joint", "mse"),
+              "fair": red("sae", "joint", "mse"), "matched": red("sae_matched", "joint", "mse")}),
             ("joint vs SAE, KL reduction", 0.516,
              {"paper_way": red("joint_sae_path", "joint", "kl"), "fair": red("sae", "joint", "kl"),
               "matched": red("sae_matched", "joint", "kl")}),
             ("sequential vs SAE, KL reduction", 0.30,
-             {"paper_way": red("sae", "sequential", "kl"), "matched": red("sae_matched", "sequential", "kl")}),
+             {"paper_way": red("sae", "sequential", "kl"),
+              "matched": red("sae_matched", "sequential", "kl")}),
             ("nonlinear part alone, share of the joint model's KL gain", 0.165,
              {"paper_way": share("joint_sae_path", "joint_interaction_only"),
-              "fair": share("sae", "joint_no_linear"), "matched": share("sae_matched", "joint_no_linear")}),
+              "fair": share("sae", "joint_no_linear"),
+              "matched": share("sae_matched", "joint_no_linear")}),
             ("nonlinear part alone, its own KL reduction", 0.165,
              {"paper_way": red("joint_sae_path", "joint_interaction_only", "kl"),
-              "fair": red("sae", "joint_no_linear", "kl"), "matched": red("sae_matched", "joint_no_linear", "kl")}),
-            ("interaction share of NFM output magnitude", 0.06, {"paper_way": lambda s: s["contrib"]["joint"]}),
-            ("r(decoder squared norm, NFM share)", -0.987, {"paper_way": stat("r_sq_norm_vs_nfm_share")})]
+              "fair": red("sae", "joint_no_linear", "kl"),
+              "matched": red("sae_matched", "joint_no_linear", "kl")}),
+            ("interaction share of NFM output magnitude", 0.06,
+             {"paper_way": lambda s: s["contrib"]["joint"]}),
+            ("r(decoder squared norm, NFM share)", -0.987,
+             {"paper_way": stat("r_sq_norm_vs_nfm_share")})]
     table = [(claim, paper, *paper_rule(paper), readings) for claim, paper, readings in rows]
-    # bimodality (§7): the paper's view is the joint W_dec; "fair" is the merged, identifiable W_dec + W_lin
+    # bimodality (§7): the paper's view is the joint W_dec; "fair" is the merged, identifiable
+    # W_dec + W_lin
     table += [("joint decoder sq. norms bimodal: bimodality coef.", None, 5 / 9, True,
                {"paper_way": stat("bc_joint_W_dec"), "fair": stat("bc_joint_merged")}),
               ("joint decoder sq. norms bimodal: delta BIC, 1 vs 2 Gaussians", None, 10.0, True,
-               {"paper_way": stat("delta_bic_joint_W_dec"), "fair": stat("delta_bic_joint_merged")}),
+               {"paper_way": stat("delta_bic_joint_W_dec"),
+                "fair": stat("delta_bic_joint_merged")}),
               ("SAE alone: decoder sq. norms unimodal: bimodality coef.", None, 5 / 9, False,
                {"paper_way": stat("bc_sae")}),
               ("SAE alone: decoder sq. norms unimodal: delta BIC", None, 10.0, False,
@@ -354,26 +405,32 @@ def claim_table():
 
 
 def ratio_summary(per_seed, num, den):
-    """summarise(num / den), or undefined (value and interval None, with the reason) when an interval of
-    the denominator contains 0: the resampled ratios are then unbounded and their percentiles mean nothing."""
-    d = st.across(per_seed, den)  # the mean over seeds, and each seed's own: a ratio is taken per seed
-    for ci in [d["ci"]] + ([d["seed_ci"]] if "seed_ci" in d else []) + [st.interval(den(s)[1:]) for s in per_seed]:
+    """summarise(num / den), or undefined (value and interval None, with the reason) when an
+    interval of the denominator contains 0: the resampled ratios are then unbounded and their
+    percentiles mean nothing."""
+    # the mean over seeds, and each seed's own: a ratio is taken per seed
+    d = st.across(per_seed, den)
+    for ci in ([d["ci"]] + ([d["seed_ci"]] if "seed_ci" in d else [])
+               + [st.interval(den(s)[1:]) for s in per_seed]):
         if ci[0] <= 0 <= ci[1]:
             return {"value": None, "ci": None,
-                    "undefined": f"its denominator's 95% interval [{ci[0]:.3g}, {ci[1]:.3g}] contains 0"}
+                    "undefined": f"its denominator's 95% interval [{ci[0]:.3g}, {ci[1]:.3g}] "
+                                 f"contains 0"}
     return st.across(per_seed, lambda s: num(s) / den(s))
 
 
 def claims(per_seed):
-    """Every claim of claim_table() measured on each seed's samples: each reading's figure, its intervals
-    (summarise) and its verdict (holds / no / unclear). Readings that need a model the run did not
-    train are left out, and claims with no reading left."""
+    """Every claim of claim_table() measured on each seed's samples: each reading's figure, its
+    intervals (summarise) and its verdict (holds / no / unclear). Readings that need a model the
+    run did not train are left out, and claims with no reading left."""
     out = []
     for claim, paper, threshold, above, readings in claim_table():
-        row = {"claim": claim, "paper": paper, "rule": f"{'>=' if above else '<='} {threshold:.4g}", "readings": {}}
+        row = {"claim": claim, "paper": paper, "rule": f"{'>=' if above else '<='} {threshold:.4g}",
+               "readings": {}}
         for reading, figure in readings.items():
             try:
-                s = ratio_summary(per_seed, *figure) if isinstance(figure, tuple) else st.across(per_seed, figure)
+                s = (ratio_summary(per_seed, *figure) if isinstance(figure, tuple)
+                     else st.across(per_seed, figure))
             except KeyError:  # a model this run did not train (with --sae: only sae and sequential)
                 continue
             row["readings"][reading] = {**s, "verdict": st.verdict(s, threshold, above)}
@@ -382,23 +439,28 @@ def claims(per_seed):
     return out
 
 
-NFM_MODELS = ("sequential", "joint")  # whose NFM output is split into linear and interaction shares
+NFM_MODELS = ("sequential", "joint")  # whose NFM output splits into linear and interaction shares
 
 
 def gather_evidence(lm, models, data, eps_generator):
-    """All that the statistics read of a seed's trained models, without their weights: every variant's
-    sums per window and the shared ones (evaluate_variants), the NFM models' output magnitudes per
-    held-out window (contributions), the per-feature norms of decoder_norm_analysis, and parameter
-    counts. Runs that each trained some of the models on the same data combine by merging it."""
+    """All that the statistics read of a seed's trained models, without their weights: every
+    variant's sums per window and the shared ones (evaluate_variants), the NFM models' output
+    magnitudes per held-out window (contributions), the per-feature norms of
+    decoder_norm_analysis, and parameter counts. Runs that each trained some of the models on the
+    same data combine by merging it."""
     evaluated = variants(models)
     sums, shared = evaluate_variants(lm, evaluated, data, eps_generator)
     contrib = {}
     for name in (n for n in NFM_MODELS if n in models):
         lin_N, inter_N = contributions(models[name], data["x_eval"])
-        contrib[name] = {"linear": window_sums(lin_N, data), "interaction": window_sums(inter_N, data)}
-    return {"sums": sums, "shared": shared, "contrib": contrib, "d_model": torch.tensor(data["x_eval"].shape[1]),
-            "norms": {n: decoder_sq_norms(models[n], data["x_eval"]) for n in ("sae", "joint") if n in models},
-            "params": {n: torch.tensor(params_used(m, paths)) for n, (m, paths) in evaluated.items()},
+        contrib[name] = {"linear": window_sums(lin_N, data),
+                         "interaction": window_sums(inter_N, data)}
+    return {"sums": sums, "shared": shared, "contrib": contrib,
+            "d_model": torch.tensor(data["x_eval"].shape[1]),
+            "norms": {n: decoder_sq_norms(models[n], data["x_eval"])
+                      for n in ("sae", "joint") if n in models},
+            "params": {n: torch.tensor(params_used(m, paths))
+                       for n, (m, paths) in evaluated.items()},
             "param_counts": {n: {g: torch.tensor(c) for g, c in param_counts(m).items()}
                              for n, m in models.items() if m.nfm is not None}}
 
@@ -407,23 +469,27 @@ def analyse(evidence, weights, generator):
     """One seed's samples for the report and the claims, from its evidence (gather_evidence): every
     variant's figures and the §7 statistics, each as a [1 + R] tensor (row 0 the estimate), and the
     decoder-norm histograms (with both the SAE and the joint model)."""
-    stats, ce = model_stats(evidence["sums"], evidence["shared"], weights["eval"], weights["splice"],
-                            int(evidence["d_model"]))
-    contrib = {name: (weights["eval"] @ c["interaction"]) / (weights["eval"] @ (c["linear"] + c["interaction"]))
+    stats, ce = model_stats(evidence["sums"], evidence["shared"], weights["eval"],
+                            weights["splice"], int(evidence["d_model"]))
+    contrib = {name: (weights["eval"] @ c["interaction"])
+               / (weights["eval"] @ (c["linear"] + c["interaction"]))
                for name, c in evidence["contrib"].items()}
     norms, norm_info = {}, None
     if {"sae", "joint"} <= evidence["norms"].keys():
-        norms, norm_info = decoder_norm_analysis(evidence["norms"], weights["eval"].shape[0] - 1, generator)
+        norms, norm_info = decoder_norm_analysis(evidence["norms"], weights["eval"].shape[0] - 1,
+                                                 generator)
     return {"models": stats, "ce": ce, "contrib": contrib, "norms": norms, "norm_info": norm_info,
             "params": {n: int(v) for n, v in evidence["params"].items()},
-            "param_counts": {n: {g: int(v) for g, v in c.items()} for n, c in evidence["param_counts"].items()}}
+            "param_counts": {n: {g: int(v) for g, v in c.items()}
+                             for n, c in evidence["param_counts"].items()}}
 
 
 def report_analysis(per_seed):
     """The report's models table and analysis from every seed's samples (analyse)."""
     results = {}
     for name, params in per_seed[0]["params"].items():
-        metrics = {m: st.across(per_seed, lambda s: s["models"][name][m]) for m in per_seed[0]["models"][name]}
+        metrics = {m: st.across(per_seed, lambda s: s["models"][name][m])
+                   for m in per_seed[0]["models"][name]}
         results[name] = {"params": params, **{m: v["value"] for m, v in metrics.items()},
                          "ci": {m: v["ci"] for m, v in metrics.items()}}
         if len(per_seed) > 1:
@@ -436,12 +502,14 @@ def report_analysis(per_seed):
                                             for n in per_seed[0]["contrib"]},
         "params": counts,
         # a design figure, fixed by F, M and D before any training: shown, not judged
-        "interaction_param_share": {n: (c["nfm_embed"] + c["nfm_mlp"]) / sum(c.values()) for n, c in counts.items()},
+        "interaction_param_share": {n: (c["nfm_embed"] + c["nfm_mlp"]) / sum(c.values())
+                                    for n, c in counts.items()},
         "claims": claims(per_seed),
     }
     if per_seed[0]["norm_info"] is not None:
         analysis["decoder_norms"] = {**per_seed[0]["norm_info"],
-                                     **{k: st.across(per_seed, lambda s: s["norms"][k]) for k in per_seed[0]["norms"]}}
+                                     **{k: st.across(per_seed, lambda s: s["norms"][k])
+                                        for k in per_seed[0]["norms"]}}
     return results, ce, analysis
 
 
@@ -453,24 +521,28 @@ def total_steps(cfg, n_train):
 
 
 def checkpoint_steps(cfg, n_train):
-    """The steps at which every model is evaluated (cfg.checkpoints of them, none without): log-spaced
-    from the step nearest 0.2 M token presentations (the default run's length) or a tenth of the run,
-    whichever is earlier, to the last, on the evaluation cadence. The learning rate decays over the whole
-    run, so an early checkpoint is a model part-way through its schedule, not one trained to that length."""
+    """The steps at which every model is evaluated (cfg.checkpoints of them, none without):
+    log-spaced from the step nearest 0.2 M token presentations (the default run's length) or a
+    tenth of the run, whichever is earlier, to the last, on the evaluation cadence. The learning
+    rate decays over the whole run, so an early checkpoint is a model part-way through its
+    schedule, not one trained to that length."""
     steps = total_steps(cfg, n_train)
     if not cfg.checkpoints:
         return []
     first = max(1, min(round(200_000 / cfg.batch_size), steps // 10))
-    spaced = torch.logspace(math.log10(first), math.log10(steps), cfg.checkpoints, dtype=torch.float64).tolist()
+    spaced = torch.logspace(math.log10(first), math.log10(steps), cfg.checkpoints,
+                            dtype=torch.float64).tolist()
     inner = {max(cfg.eval_every, round(s / cfg.eval_every) * cfg.eval_every) for s in spaced[:-1]}
-    return sorted({s for s in inner if s <= steps - cfg.eval_every} | {steps})  # none a cadence from the end
+    # none a cadence from the end
+    return sorted({s for s in inner if s <= steps - cfg.eval_every} | {steps})
 
 
 def saving_checkpoints(recipes, steps, folder_of, metadata, cfg, data):
-    """The recipes, their training also saving the model at each of `steps` but the last (the finished
-    model is the run's own) into folder_of(name) / step<N>; a resumed run keeps those already saved.
-    Sequential's checkpoint at step N is an NFM trained for N steps (on the whole run's schedule) on
-    the SAE of step N, not on the finished one: each checkpoint compares models of one length."""
+    """The recipes, their training also saving the model at each of `steps` but the last (the
+    finished model is the run's own) into folder_of(name) / step<N>; a resumed run keeps those
+    already saved. Sequential's checkpoint at step N is an NFM trained for N steps (on the whole
+    run's schedule) on the SAE of step N, not on the finished one: each checkpoint compares models
+    of one length."""
     def saving(train, folder):
         def save(step, model):
             if step in steps[:-1]:
@@ -483,43 +555,50 @@ def saving_checkpoints(recipes, steps, folder_of, metadata, cfg, data):
             for step in steps[:-1]:
                 folder = folder_of("sequential") / f"step{step}"
                 if not (folder / "cfg.json").exists():
-                    early = de.build(cfg, data, sae=runner.load_model(folder_of("sae") / f"step{step}").sae, nfm="linear")
-                    de.train_sequential(early, data["x_train"], data["x_eval"], cfg, name=f"sequential to {step}",
-                                        until=step)
+                    sae = runner.load_model(folder_of("sae") / f"step{step}").sae
+                    early = de.build(cfg, data, sae=sae, nfm="linear")
+                    de.train_sequential(early, data["x_train"], data["x_eval"], cfg,
+                                        name=f"sequential to {step}", until=step)
                     runner.save_model(early, folder, metadata)
             return history
         return train_all
-    return {name: (make, sequential(train) if name == "sequential" else saving(train, folder_of(name)))
+    return {name: (make, sequential(train) if name == "sequential"
+                   else saving(train, folder_of(name)))
             for name, (make, train) in recipes.items()}
 
 
 def checkpoint_point(step, cfg, results, analysis):
-    """What a checkpoint keeps: each model's FVU and KL with their window intervals, and the claims."""
+    """What a checkpoint keeps: each model's FVU and KL with their window intervals, and the
+    claims."""
     return {"step": step, "presentations": step * cfg.batch_size,
-            "models": {name: {"fvu": m["fvu"], "kl": m["kl"], "ci": {"fvu": m["ci"]["fvu"], "kl": m["ci"]["kl"]}}
+            "models": {name: {"fvu": m["fvu"], "kl": m["kl"],
+                              "ci": {"fvu": m["ci"]["fvu"], "kl": m["ci"]["kl"]}}
                        for name, m in results.items()},
             "claims": analysis["claims"]}
 
 
 def along_training(lm, steps, folder_of, final, data, cfg):
     """The evidence (gather_evidence) of every model at each checkpoint step but the last: {step:
-    evidence}, the first seed's models with its epsilon-random draws; an imported SAE (--sae) is the same
-    at every step."""
+    evidence}, the first seed's models with its epsilon-random draws; an imported SAE (--sae) is
+    the same at every step."""
     device = data["x_eval"].device
     evidence = {}
     for step in tqdm(steps[:-1], desc="checkpoints", leave=False):
-        models = {name: model if cfg.sae and name == "sae" else runner.load_model(folder_of(name) / f"step{step}").to(device)
+        models = {name: (model if cfg.sae and name == "sae"
+                         else runner.load_model(folder_of(name) / f"step{step}").to(device))
                   for name, model in final.items()}
-        evidence[step] = gather_evidence(lm, models, data, torch.Generator(device=device).manual_seed(cfg.seed))
+        evidence[step] = gather_evidence(lm, models, data,
+                                         torch.Generator(device=device).manual_seed(cfg.seed))
     return evidence
 
 
 def training_points(evidence, cfg, weights):
-    """Each checkpoint's figures and claims (checkpoint_point) from its evidence {step: evidence}, with
-    the run's window resamples, as the end of the run is judged."""
+    """Each checkpoint's figures and claims (checkpoint_point) from its evidence {step: evidence},
+    with the run's window resamples, as the end of the run is judged."""
     points = []
     for step, ev in sorted(evidence.items()):
-        results, _, analysis = report_analysis([analyse(ev, weights, torch.Generator().manual_seed(cfg.seed))])
+        samples = analyse(ev, weights, torch.Generator().manual_seed(cfg.seed))
+        results, _, analysis = report_analysis([samples])
         points.append(checkpoint_point(step, cfg, results, analysis))
     return points
 
@@ -530,9 +609,9 @@ SAELENS_TENSORS = ("W_enc", "b_enc", "W_dec", "b_dec")
 
 
 def read_saelens(folder):
-    """An SAE someone else trained, in SAELens' on-disk format (METHOD.md §10): cfg.json (v6, or v5's
-    flat layout) and sae_weights.safetensors. Checked here, before any slow work; what dualenc cannot
-    run exactly is a one-line DualencError:
+    """An SAE someone else trained, in SAELens' on-disk format (METHOD.md §10): cfg.json (v6, or
+    v5's flat layout) and sae_weights.safetensors. Checked here, before any slow work; what dualenc
+    cannot run exactly is a one-line DualencError:
         architecture      "topk" only: the NFM reads the k active codes, which other architectures
                           (a ReLU SAE's code has no fixed k) do not have
         normalize_activations  "none" only (dualenc's own z-score is folded in by import_sae)
@@ -548,162 +627,70 @@ def read_saelens(folder):
         raise de.DualencError(f"{folder / 'cfg.json'} is not a JSON object")
     meta = {**cfg, **cfg.get("metadata", {})}  # v6 keeps the hook in metadata, v5 at the top level
     if cfg.get("architecture") != "topk":
-        raise de.DualencError(f"{folder}: architecture {cfg.get('architecture')!r} is not supported; dualenc reads "
-                           f"SAELens 'topk' SAEs (the NFM needs exactly k active codes)")
+        raise de.DualencError(f"{folder}: architecture {cfg.get('architecture')!r} is not "
+                              f"supported; dualenc reads SAELens 'topk' SAEs (the NFM needs "
+                              f"exactly k active codes)")
     if cfg.get("normalize_activations", "none") not in ("none", None):
-        raise de.DualencError(f"{folder}: normalize_activations {cfg['normalize_activations']!r} is not supported; "
-                           f"dualenc reads SAEs on raw activations ('none')")
+        raise de.DualencError(f"{folder}: normalize_activations {cfg['normalize_activations']!r} "
+                              f"is not supported; dualenc reads SAEs on raw activations ('none')")
     hook = str(meta.get("hook_name"))
     parts = hook.split(".")
-    if len(parts) != 3 or parts[0] != "blocks" or not parts[1].isdigit() or parts[2] != "hook_resid_post":
-        raise de.DualencError(f"{folder}: hook_name {hook!r} is not a block output 'blocks.L.hook_resid_post', "
-                           f"which is what dualenc reads and splices")
+    if (len(parts) != 3 or parts[0] != "blocks" or not parts[1].isdigit()
+            or parts[2] != "hook_resid_post"):
+        raise de.DualencError(f"{folder}: hook_name {hook!r} is not a block output "
+                              f"'blocks.L.hook_resid_post', which is what dualenc reads "
+                              f"and splices")
     try:
         d_in, d_sae, k = int(cfg["d_in"]), int(cfg["d_sae"]), int(cfg["k"])
     except (KeyError, TypeError, ValueError) as e:
-        raise de.DualencError(f"{folder / 'cfg.json'} lacks a valid d_in, d_sae or k: {runner.one_line(e)}") from None
+        raise de.DualencError(f"{folder / 'cfg.json'} lacks a valid d_in, d_sae or k: "
+                              f"{runner.one_line(e)}") from None
     shapes = {"W_enc": (d_in, d_sae), "b_enc": (d_sae,), "W_dec": (d_sae, d_in), "b_dec": (d_in,)}
     for name, shape in shapes.items():
         if name not in tensors or tuple(tensors[name].shape) != shape:
             found = tuple(tensors[name].shape) if name in tensors else "missing"
-            raise de.DualencError(f"{folder}: tensor {name} should be {shape} for d_in {d_in}, d_sae {d_sae}; got {found}")
+            raise de.DualencError(f"{folder}: tensor {name} should be {shape} for d_in {d_in}, "
+                                  f"d_sae {d_sae}; got {found}")
         if not tensors[name].isfinite().all():
             raise de.DualencError(f"{folder}: tensor {name} has NaN or inf entries")
     if not 0 < k <= d_sae:
         raise de.DualencError(f"{folder}: k {k} is not in 1..d_sae={d_sae}")
-    return {"cfg": cfg, "layer": int(parts[1]), "tensors": {n: tensors[n].float() for n in SAELENS_TENSORS}}
+    return {"cfg": cfg, "layer": int(parts[1]),
+            "tensors": {n: tensors[n].float() for n in SAELENS_TENSORS}}
 
 
 def import_sae(saelens, mean_D, std_D):
-    """A DualEncoder running `saelens` (from read_saelens) in dualenc's z-scored space, the inverse of
-    save_model's folding. From x = x_z * std + mean, and SAELens' optional pre-encoder b_dec:
+    """A DualEncoder running `saelens` (from read_saelens) in dualenc's z-scored space, the inverse
+    of save_model's folding. From x = x_z * std + mean, and SAELens' optional pre-encoder b_dec:
         W_enc_z = std[:, None] W_enc    b_enc_z = b_enc + (mean - b_dec [if applied]) W_enc
         W_dec_z = W_dec / std[None, :]  b_dec_z = (b_dec - mean) / std
-    so every code and (de-normalised) reconstruction is the one SAELens computes on raw activations."""
+    so every code and (de-normalised) reconstruction is the one SAELens computes on raw
+    activations."""
     cfg, t = saelens["cfg"], saelens["tensors"]
     mean_D, std_D = mean_D.cpu(), std_D.cpu()
     shift_D = mean_D - (t["b_dec"] if cfg.get("apply_b_dec_to_input") else 0)
     sae = de.TopKSAE(cfg["d_in"], cfg["d_sae"], cfg["k"])
-    sae.load_state_dict({"W_enc": std_D[:, None] * t["W_enc"], "b_enc": t["b_enc"] + shift_D @ t["W_enc"],
+    sae.load_state_dict({"W_enc": std_D[:, None] * t["W_enc"],
+                         "b_enc": t["b_enc"] + shift_D @ t["W_enc"],
                          "W_dec": t["W_dec"] / std_D, "b_dec": (t["b_dec"] - mean_D) / std_D})
     return de.DualEncoder(sae, None, mean_D, std_D).eval()
 
 
 def sae_layer(cfg, saelens, n_blocks, d_model):
-    """The block an imported SAE reads (its hook), checked against --layer and the model's config before
-    the corpus or the weights are read."""
+    """The block an imported SAE reads (its hook), checked against --layer and the model's config
+    before the corpus or the weights are read."""
     hook = f"blocks.{saelens['layer']}.hook_resid_post"
     if cfg.layer is not None and cfg.layer != saelens["layer"]:
         raise de.DualencError(f"--layer {cfg.layer}, but the SAE reads {hook}")
     if not saelens["layer"] < n_blocks:
         raise de.DualencError(f"the SAE reads {hook}, outside the model's blocks 0..{n_blocks - 1}")
     if saelens["cfg"]["d_in"] != d_model:
-        raise de.DualencError(f"the SAE has d_in {saelens['cfg']['d_in']}, the model {cfg.model!r} d_model {d_model}")
+        raise de.DualencError(f"the SAE has d_in {saelens['cfg']['d_in']}, the model "
+                              f"{cfg.model!r} d_model {d_model}")
     return saelens["layer"]
 
 
-# ----------------------------------------------------------------------------- report
-
-def plot_figures(report, out):
-    """The PNGs in `out`: dualenc's training curves, and decoder squared-norm histograms (with a joint
-    model), FVU / KL per model, and stages 3-4 (when run)."""
-    runner.plot_curves(report["curves"], out)
-    if "decoder_norms" in report["analysis"]:  # runs with a joint model
-        plot_decoder_norms(report["analysis"]["decoder_norms"], out)
-    plot_models(report["models"], out)
-    if "stage34" in report:
-        s34.plot_stage34(report["stage34"], out)
-    if "along_training" in report:
-        plot_along_training(report["along_training"], out)
-
-
-def plot_interval(ax, x, y, ci, label):
-    """A line through the estimates and a vertical bar for each interval (a percentile interval of a
-    skewed figure need not contain its estimate, so no error-bar offsets)."""
-    line, = ax.plot(x, y, "o-", label=label)
-    bars = [(xi, c) for xi, c in zip(x, ci) if c is not None]
-    if bars:
-        ax.vlines([b[0] for b in bars], [b[1][0] for b in bars], [b[1][1] for b in bars], color=line.get_color())
-
-
-def plot_along_training(points, out):
-    """along_training.png: each model's held-out FVU and spliced KL, and each claim's readings, with
-    their 95 % window intervals, against token presentations (log axis); dashed: a claim's threshold."""
-    from matplotlib.figure import Figure
-
-    x = [p["presentations"] for p in points]
-    claims = points[-1]["claims"]
-    cols = 3
-    fig = Figure(figsize=(5 * cols, 3.4 * (1 + math.ceil(len(claims) / cols))), layout="constrained")
-    axes = fig.subplots(1 + math.ceil(len(claims) / cols), cols, squeeze=False)
-    for ax, metric in zip(axes[0], ("fvu", "kl")):
-        for name in points[-1]["models"]:
-            if name in ("sae", "sae_matched", "sequential", "joint", "joint_no_linear", "joint_sae_path"):
-                plot_interval(ax, x, [p["models"][name][metric] for p in points],
-                              [p["models"][name]["ci"][metric] for p in points], name)
-        ax.set(xscale="log", yscale="log", title=f"held-out {metric.upper()}", xlabel="token presentations")
-        ax.legend(fontsize=7)
-    axes[0][2].axis("off")
-    for ax, claim in zip(axes[1:].flat, claims):
-        for reading in claim["readings"]:
-            rows = [(p["presentations"], r["value"], r["ci"]) for p in points
-                    if (r := next(c for c in p["claims"] if c["claim"] == claim["claim"])["readings"].get(reading))
-                    and r["value"] is not None]
-            if rows:
-                plot_interval(ax, *zip(*rows), reading)
-        ax.axhline(float(claim["rule"].split()[1]), color="grey", ls="--", lw=1)
-        ax.axhline(0, color="black", lw=0.5)
-        ax.set(xscale="log", title=claim["claim"], xlabel="token presentations")
-        ax.title.set_fontsize(8)
-        ax.legend(fontsize=7)
-    for ax in list(axes[1:].flat)[len(claims):]:
-        ax.axis("off")
-    fig.suptitle("Along the training length: the first seed's models at log-spaced steps (95 % window intervals)")
-    fig.savefig(out / "along_training.png", dpi=100)
-
-
-def plot_decoder_norms(dn, out):
-    from matplotlib.figure import Figure
-
-    edges = torch.tensor(dn["histogram_edges"])
-    centres, width = ((edges[1:] + edges[:-1]) / 2).tolist(), (edges[1] - edges[0]).item()
-    labels = {"sae": "SAE trained alone: W_dec", "joint_W_dec": "joint: W_dec (paper's view)",
-              "joint_merged": "joint: W_dec + W_lin (merged; exact on the n_read codes the NFM reads)"}
-    fig = Figure(figsize=(7, 8), layout="constrained")
-    axes = fig.subplots(3, 1, sharex=True)
-    for ax, (key, label) in zip(axes, labels.items()):
-        s = dn["summary"][key]
-        ax.bar(centres, dn["histograms"][key], width=width, color="tab:blue", alpha=0.8)
-        bc, dbic = dn[f"bc_{key}"], dn[f"delta_bic_{key}"]
-        ax.set(ylabel="features", title=f"{label}\nBC {bc['value']:.2f} {st.fmt_ci(bc['ci'])}, "
-                                        f"delta BIC {dbic['value']:.0f} {st.fmt_ci(dbic['ci'])}, mean {s['mean']:.2f}")
-    axes[-1].set_xlabel("squared decoder norm ||W_dec[i]||^2 of features that fire on held-out tokens")
-    fig.savefig(out / "decoder_norms.png", dpi=110)
-
-
-def plot_models(models, out):
-    from matplotlib.figure import Figure
-
-    names = list(models)
-    x = torch.arange(len(names)).tolist()
-    fig = Figure(figsize=(11, 4.2), layout="constrained")
-    ax_fvu, ax_kl = fig.subplots(1, 2)
-    ax_fvu.bar(x, [models[n]["fvu"] for n in names], color="tab:blue")
-    ax_fvu.set(title="Fraction of variance unexplained (held out)", ylabel="FVU")
-    kl_err = [[models[n]["kl"] - models[n]["ci"]["kl"][0] for n in names],
-              [models[n]["ci"]["kl"][1] - models[n]["kl"] for n in names]]
-    ax_kl.bar([i - 0.2 for i in x], [models[n]["kl"] for n in names], width=0.4, yerr=kl_err, capsize=3,
-              label="reconstruction spliced (95% bootstrap over windows)")
-    ax_kl.bar([i + 0.2 for i in x], [models[n].get("kl_eps_random", 0) for n in names], width=0.4,
-              label="epsilon-random error, same norm")
-    ax_kl.set(title="KL(clean || spliced) at the next token", ylabel="KL (nats per token)")
-    ax_kl.set_ylim(top=1.3 * max(models[n]["ci"]["kl"][1] for n in names))  # room for the legend above the bars
-    ax_kl.legend(loc="upper right")
-    for ax in (ax_fvu, ax_kl):
-        ax.set_xticks(x, names, rotation=30, ha="right")
-        ax.grid(axis="y", alpha=0.3)
-    fig.savefig(out / "models.png", dpi=110)
-
+# ----------------------------------------------------------------------------- run
 
 def run_key(cfg, seed, name):
     """A model's folder in the run (model_key); with --sae the imported SAE serves every seed."""
@@ -711,29 +698,37 @@ def run_key(cfg, seed, name):
 
 
 def add_stage34(report, lm, tokenizer, joint, data, cfg, out):
-    """Stages 3-4 on the run's joint model, into report["stage34"] and the run folder's stage34.txt."""
-    report["stage34"] = s34.stage34(lm, tokenizer, joint, data, cfg, out, torch.Generator().manual_seed(cfg.seed))
-    runner.atomic_write(out / "stage34.txt", lambda p: p.write_text(s34.format_stage34(report["stage34"]) + "\n"))
+    """Stages 3-4 on the run's joint model, into report["stage34"] and the run folder's
+    stage34.txt."""
+    report["stage34"] = s34.stage34(lm, tokenizer, joint, data, cfg, out,
+                                    torch.Generator().manual_seed(cfg.seed))
+    runner.atomic_write(out / "stage34.txt",
+                        lambda p: p.write_text(s34.format_stage34(report["stage34"]) + "\n"))
 
 
 def window_resamples(cfg, n_eval_windows, n_splice_windows):
-    """One resample of the windows for every seed and model, so that the bootstrap is paired (§9.6)."""
+    """One resample of the windows for every seed and model, so that the bootstrap is paired
+    (§9.6)."""
     gen = torch.Generator().manual_seed(cfg.seed)
     return {"eval": st.bootstrap_weights(n_eval_windows, cfg.n_boot, gen),
             "splice": st.bootstrap_weights(n_splice_windows, cfg.n_boot, gen)}
 
 
 def finish_report(report, per_seed, cfg):
-    """The end of a run's report: the models table, the analysis and claims, from every seed's samples."""
+    """The end of a run's report: the models table, the analysis and claims, from every seed's
+    samples."""
     results, ce, analysis = report_analysis(per_seed)
-    report.update(status="complete", models=results, clean_ce=ce["clean_ce"]["value"], zero_ce=ce["zero_ce"]["value"],
-                  analysis=analysis, seeds=list(range(cfg.seed, cfg.seed + cfg.seeds)),
-                  bootstrap={"resamples": cfg.n_boot, "eval_windows": report["data"]["eval_windows"],
+    report.update(status="complete", models=results, clean_ce=ce["clean_ce"]["value"],
+                  zero_ce=ce["zero_ce"]["value"], analysis=analysis,
+                  seeds=list(range(cfg.seed, cfg.seed + cfg.seeds)),
+                  bootstrap={"resamples": cfg.n_boot,
+                             "eval_windows": report["data"]["eval_windows"],
                              "splice_windows": report["data"]["splice_windows"],
                              "delta_bic_resamples": BIC_RESAMPLES})
 
 
-EVIDENCE_PARTS = ("sums", "contrib", "norms", "params", "param_counts")  # per model or variant: merged
+# per model or variant: merged
+EVIDENCE_PARTS = ("sums", "contrib", "norms", "params", "param_counts")
 
 
 def save_evidence(path, evidence):
@@ -763,13 +758,15 @@ def load_evidence(path):
         for part in parts[:-1]:
             node = node.setdefault(part, {})
         node[parts[-1]] = value
-    for ev in evidence.values():  # a part with nothing in it (no NFM model, say) leaves no key in the file
+    # a part with nothing in it (no NFM model, say) leaves no key in the file
+    for ev in evidence.values():
         for part in EVIDENCE_PARTS:
             ev.setdefault(part, {})
     return evidence
 
 
-PIECE_FLAGS = ("models", "out", "resume", "eval_only", "stage34", "stimuli", "device", "store", "combine")
+PIECE_FLAGS = ("models", "out", "resume", "eval_only", "stage34", "stimuli", "device", "store",
+               "combine")
 
 
 def read_piece(folder):
@@ -778,16 +775,18 @@ def read_piece(folder):
         report = json.loads((folder / "results.json").read_text())
         complete = report["status"] == "complete"
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise de.DualencError(f"{folder} is not a replicate run folder: {runner.one_line(e)}") from None
+        raise de.DualencError(f"{folder} is not a replicate run folder: "
+                              f"{runner.one_line(e)}") from None
     if not complete:
-        raise de.DualencError(f"the run in {folder} is unfinished; finish it with --resume {folder}")
+        raise de.DualencError(f"the run in {folder} is unfinished; "
+                              f"finish it with --resume {folder}")
     return report, load_evidence(folder / "evidence.safetensors")
 
 
 def merge_evidence(pieces):
-    """The evidence of runs that each trained some models on the same data, as one run's: {key: evidence}.
-    Every run must hold the same seeds and steps and have been evaluated on the same tokens (the shared
-    sums agree), and no model may be in two of them."""
+    """The evidence of runs that each trained some models on the same data, as one run's: {key:
+    evidence}. Every run must hold the same seeds and steps and have been evaluated on the same
+    tokens (the shared sums agree), and no model may be in two of them."""
     (first, _, evidence0), merged = pieces[0], {}
     for folder, _, evidence in pieces:
         if evidence.keys() != evidence0.keys():
@@ -795,66 +794,77 @@ def merge_evidence(pieces):
         for key, ev in evidence.items():
             m = merged.setdefault(key, {"shared": ev["shared"], "d_model": ev["d_model"],
                                         **{part: {} for part in EVIDENCE_PARTS}})
-            if not all(torch.allclose(m["shared"][k], v, rtol=1e-5) for k, v in ev["shared"].items()):
+            if not all(torch.allclose(m["shared"][k], v, rtol=1e-5)
+                       for k, v in ev["shared"].items()):
                 raise de.DualencError(f"{folder} was evaluated on other tokens than {first}")
             for part in EVIDENCE_PARTS:
                 if m[part].keys() & ev[part].keys():
-                    raise de.DualencError(f"{', '.join(sorted(m[part].keys() & ev[part].keys()))} is in {folder} "
-                                          f"and in another of the runs")
+                    raise de.DualencError(
+                        f"{', '.join(sorted(m[part].keys() & ev[part].keys()))} is in {folder} "
+                        f"and in another of the runs")
                 m[part].update(ev[part])
     for m in merged.values():  # the report's order, whatever the runs' order
-        m["sums"], m["params"] = ({n: d[n] for n in VARIANTS if n in d} for d in (m["sums"], m["params"]))
+        m["sums"], m["params"] = ({n: d[n] for n in VARIANTS if n in d}
+                                  for d in (m["sums"], m["params"]))
     return merged
 
 
 def combine_runs(cfg):
-    """python replicate.py --combine A,B,...: runs that trained different --models with otherwise the
-    same settings (so the same store key, split, batches and resamples), joined into one report as if
-    one run had trained them all: paired intervals, claims at every checkpoint, figures, and the
-    runs' own timings and commits."""
+    """python replicate.py --combine A,B,...: runs that trained different --models with otherwise
+    the same settings (so the same store key, split, batches and resamples), joined into one report
+    as if one run had trained them all: paired intervals, claims at every checkpoint, figures, and
+    the runs' own timings and commits."""
     folders = [Path(p) for p in cfg.combine.split(",")]
     pieces = [(folder, *read_piece(folder)) for folder in folders]
     _, base, _ = pieces[0]
     for folder, report, _ in pieces[1:]:
         for field, value in base["config"].items():
-            if field not in PIECE_FLAGS and report["config"].get(field, value) != value:  # older runs lack new flags
-                raise de.DualencError(f"{folder} was run with {field} {report['config'].get(field)!r}, "
-                                      f"{folders[0]} with {value!r}")
+            # .get: older runs lack new flags
+            if field not in PIECE_FLAGS and report["config"].get(field, value) != value:
+                raise de.DualencError(f"{folder} was run with {field} "
+                                      f"{report['config'].get(field)!r}, {folders[0]} with "
+                                      f"{value!r}")
     merged = merge_evidence(pieces)
     stages = [Config(**runner.known_settings(Config, r["config"])).stages() for _, r, _ in pieces]
     names = {n for s in stages for n in s}
     with_stage34 = [report for _, report, _ in pieces if "stage34" in report]
-    settings = {**runner.known_settings(Config, base["config"]), "out": cfg.out, "combine": cfg.combine,
-                "models": ",".join(m for m in Config.STAGES if m in names), "stage34": bool(with_stage34)}
+    settings = {**runner.known_settings(Config, base["config"]), "out": cfg.out,
+                "combine": cfg.combine, "models": ",".join(m for m in Config.STAGES if m in names),
+                "stage34": bool(with_stage34)}
     cfg = Config(**settings)
     out = runner.prepare_out(cfg.out)
     data = base["data"]
     weights = window_resamples(cfg, data["eval_windows"], data["splice_windows"])
-    seeds, steps = (sorted({int(k.split("/")[i][len(tag):]) for k in merged}) for i, tag in ((0, "seed"), (1, "step")))
-    per_seed = [analyse(merged[f"seed{s}/step{steps[-1]}"], weights, torch.Generator().manual_seed(s)) for s in seeds]
+    seeds, steps = (sorted({int(k.split("/")[i][len(tag):]) for k in merged})
+                    for i, tag in ((0, "seed"), (1, "step")))
+    per_seed = [analyse(merged[f"seed{s}/step{steps[-1]}"], weights,
+                        torch.Generator().manual_seed(s)) for s in seeds]
     report = {"config": settings, "status": "incomplete", "data": data, "commit": source_commit(),
-              "pieces": [{"run": str(folder), "models": list(s), "commit": r.get("commit"), "timings_s": r["timings_s"],
-                          "peak_rss_gib": r.get("peak_rss_gib")} for (folder, r, _), s in zip(pieces, stages)],
+              "pieces": [{"run": str(folder), "models": list(s), "commit": r.get("commit"),
+                          "timings_s": r["timings_s"], "peak_rss_gib": r.get("peak_rss_gib")}
+                         for (folder, r, _), s in zip(pieces, stages)],
               "curves": {k: v for _, r, _ in pieces for k, v in r["curves"].items()},
-              "timings_s": {f"{folder.name}/{k}": v for folder, r, _ in pieces for k, v in r["timings_s"].items()
-                            if k != "total"}}
+              "timings_s": {f"{folder.name}/{k}": v for folder, r, _ in pieces
+                            for k, v in r["timings_s"].items() if k != "total"}}
     finish_report(report, per_seed, cfg)
     if len(steps) > 1:
-        report["along_training"] = training_points({n: merged[f"seed{cfg.seed}/step{n}"] for n in steps}, cfg, weights)
+        along = {n: merged[f"seed{cfg.seed}/step{n}"] for n in steps}
+        report["along_training"] = training_points(along, cfg, weights)
     if with_stage34:
         report["stage34"] = with_stage34[0]["stage34"]
     save_evidence(out / "evidence.safetensors", merged)
-    plot_figures(report, out)
-    runner.write_results(report, cfg, out, list(cfg.model_keys()), format_report)
+    rep.plot_figures(report, out)
+    runner.write_results(report, cfg, out, list(cfg.model_keys()), rep.format_report)
     return report
 
 
 def measured(stage, peaks):
-    """stage(name) (runner.stopwatch) that also keeps the process's peak resident memory so far, in GiB,
-    in peaks[name]: where a run's memory peaks, stage by stage."""
+    """stage(name) (runner.stopwatch) that also keeps the process's peak resident memory so far, in
+    GiB, in peaks[name]: where a run's memory peaks, stage by stage."""
     def timed(name):
         stage(name)
-        peaks[name] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)  # Linux: KiB
+        # ru_maxrss is in KiB on Linux
+        peaks[name] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)
     return timed
 
 
@@ -862,10 +872,11 @@ def source_commit():
     """The git commit this file runs from ("+dirty" with uncommitted changes to tracked files); None
     outside a git checkout."""
     def git(*args):
-        return subprocess.run(["git", "-C", str(Path(__file__).parent), *args], capture_output=True, text=True,
-                              check=True).stdout.strip()
+        return subprocess.run(["git", "-C", str(Path(__file__).parent), *args],
+                              capture_output=True, text=True, check=True).stdout.strip()
     try:
-        return git("rev-parse", "HEAD") + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+        return (git("rev-parse", "HEAD")
+                + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else ""))
     except (OSError, subprocess.CalledProcessError):
         return None
 
@@ -873,21 +884,24 @@ def source_commit():
 def run(cfg):
     """python replicate.py: check the inputs; extract; for each seed, train dualenc's models and the
     baselines and evaluate every variant; summarise with intervals; judge the claims; report. With
-    cfg.resume, finished models are loaded and an interrupted one continues from its last evaluation;
-    with cfg.eval_only, nothing is trained (with cfg.stage34 too, stages 3-4 are added to the finished
-    run); with cfg.sae, an existing SAE is studied instead of training one."""
+    cfg.resume, finished models are loaded and an interrupted one continues from its last
+    evaluation; with cfg.eval_only, nothing is trained (with cfg.stage34 too, stages 3-4 are added
+    to the finished run); with cfg.sae, an existing SAE is studied instead of training one."""
     if cfg.combine:
         return combine_runs(cfg)
     device = runner.resolve_device(cfg.device)
     cfg, models, previous = runner.settings(cfg)
-    # every input error surfaces here, before the output folder is made and the slow corpus and model loads
+    # every input error surfaces here, before the output folder is made and the slow corpus and
+    # model loads
     layer, n_blocks, d_model = runner.check_inputs(cfg, models)
     saelens = read_saelens(cfg.sae) if cfg.sae and "sae" not in models else None
     if saelens is not None:  # the SAE fixes the layer, F and k; the NFM reads the top k/2 as usual
         layer = sae_layer(cfg, saelens, n_blocks, d_model)
-        cfg = replace(cfg, layer=layer, features=saelens["cfg"]["d_sae"], k=saelens["cfg"]["k"], nfm_k=None)
+        cfg = replace(cfg, layer=layer, features=saelens["cfg"]["d_sae"], k=saelens["cfg"]["k"],
+                      nfm_k=None)
     if cfg.stage34 and cfg.sae:
-        raise de.DualencError("--stage34 studies the joint model's integration features; a --sae run has no joint model")
+        raise de.DualencError("--stage34 studies the joint model's integration features; a --sae "
+                              "run has no joint model")
     if cfg.stage34:
         s34.read_stimuli(cfg.stimuli)
     out = runner.prepare_out(cfg.out)
@@ -900,17 +914,20 @@ def run(cfg):
     if saelens is not None:
         models["sae"] = import_sae(saelens, data["mean"], data["std"]).to(device)
         runner.save_model(models["sae"], out / "sae", runner.sae_metadata(cfg, layer))
-    if cfg.eval_only and cfg.stage34:  # a finished run's evaluation stands; stages 3-4 are added to it
-        report = {**previous, "config": {**previous["config"], "stage34": True, "stimuli": cfg.stimuli},
+    if cfg.eval_only and cfg.stage34:  # a finished run's evaluation stands; stages 3-4 are added
+        report = {**previous, "config": {**previous["config"], "stage34": True,
+                                         "stimuli": cfg.stimuli},
                   "peak_rss_gib": peaks}
         add_stage34(report, lm, tokenizer, models["joint"], data, cfg, out)
         s34.plot_stage34(report["stage34"], out)
         stage("stage34")
         runner.write_json(out / "results.json", report)
         print(s34.format_stage34(report["stage34"]))
-        print(f"added stages 3-4 to {out / 'results.json'}; wrote stage34.txt, stage34.png, secondary/", file=sys.stderr)
+        print(f"added stages 3-4 to {out / 'results.json'}; wrote stage34.txt, stage34.png, "
+              f"secondary/", file=sys.stderr)
         return report
-    report = {**runner.new_report(cfg, data, models, previous, timings), "commit": source_commit(), "peak_rss_gib": peaks}
+    report = {**runner.new_report(cfg, data, models, previous, timings), "commit": source_commit(),
+              "peak_rss_gib": peaks}
     if not cfg.eval_only:
         runner.write_json(out / "results.json", report)
 
@@ -931,10 +948,11 @@ def run(cfg):
 
     if steps:
         first_seed = {name: models[name] for name in cfg.model_names()}
-        along = along_training(lm, steps, lambda name: out / run_key(cfg, cfg.seed, name), first_seed, data, cfg)
+        along = along_training(lm, steps, lambda name: out / run_key(cfg, cfg.seed, name),
+                               first_seed, data, cfg)
         evidence.update({f"seed{cfg.seed}/step{step}": ev for step, ev in along.items()})
-        report["along_training"] = training_points({**along, steps[-1]: evidence[f"seed{cfg.seed}/step{steps[-1]}"]},
-                                                   cfg, weights)
+        report["along_training"] = training_points(
+            {**along, steps[-1]: evidence[f"seed{cfg.seed}/step{steps[-1]}"]}, cfg, weights)
         stage("along_training")
     save_evidence(out / "evidence.safetensors", evidence)
     finish_report(report, per_seed, cfg)
@@ -942,57 +960,10 @@ def run(cfg):
     if cfg.stage34:
         add_stage34(report, lm, tokenizer, models["joint"], data, cfg, out)
         stage("stage34")
-    plot_figures(report, out)
+    rep.plot_figures(report, out)
     stage("report")
-    runner.write_results(report, cfg, out, [*models, "evaluate", "analyse"], format_report)
+    runner.write_results(report, cfg, out, [*models, "evaluate", "analyse"], rep.format_report)
     return report
-
-
-def format_report(report):
-    """dualenc's models table (with intervals), the seed intervals, the claims table, as printed at the end."""
-    seeds = len(report["seeds"])
-    rows = runner.format_models(report)
-    if seeds > 1:
-        rows.append(f"mean of {seeds} seeds; seed intervals (95%, t over seeds):")
-        rows += [f"  {name:<22} fvu {st.fmt_ci(m['seed_ci']['fvu'])}  kl {st.fmt_ci(m['seed_ci']['kl'])}  "
-                 f"ce {st.fmt_ci(m['seed_ci']['ce'])}" for name, m in report["models"].items()]
-    labels = {"paper_way": "paper's way", "fair": "fair", "matched": "param-matched"}
-    rows += ["", "{:<76}{:>7}  {:<14}{:>8}{:>18}{:>18}  {}".format(
-        "claim (rule)", "paper", "reading", "ours", "bootstrap 95%", "seeds 95%" if seeds > 1 else "", "verdict")]
-    for c in report["analysis"]["claims"]:
-        head = f"{c['claim']} ({c['rule']})"
-        paper = "-" if c["paper"] is None else f"{c['paper']:.3f}"
-        for i, (reading, r) in enumerate(c["readings"].items()):
-            seed_ci = st.fmt_ci(r["seed_ci"]) if "seed_ci" in r else ""
-            rows.append(f"{head if i == 0 else '':<76}{paper if i == 0 else '':>7}  {labels[reading]:<14}"
-                        f"{st.fmt_num(r['value']):>8}{st.fmt_ci(r['ci']):>18}{seed_ci:>18}  {r['verdict']}"
-                        + (f" ({r['undefined']})" if "undefined" in r else ""))
-    shares = report["analysis"]["interaction_param_share"]
-    name = next((n for n in ("joint", "sequential") if n in shares), None)  # none with --models sae
-    if name is not None:
-        rows += ["", f"design figure, not a finding: the interaction pathway is {shares[name]:.1%} of the {name} "
-                 f"model's parameters (paper ~3 %), fixed by F, M and D"]
-    rows.append(f"seeds: {', '.join(map(str, report['seeds']))}")
-    if "along_training" in report:
-        rows += ["", format_along_training(report["along_training"])]
-    if "stage34" in report:
-        rows += ["", s34.format_stage34(report["stage34"])]
-    return "\n".join(rows)
-
-
-def format_along_training(points):
-    """Each claim's readings at each checkpoint: the figure and its verdict (+ holds, - no, ? unclear)."""
-    mark = {"holds": "+", "no": "-", "unclear": "?"}
-    rows = ["along the training length (first seed; + holds, - no, ? unclear; intervals in results.json):",
-            f"{'claim, reading':<70}" + "".join(f"{p['presentations'] / 1e6:>10.2f}M" for p in points)]
-    for claim in points[-1]["claims"]:
-        for reading in claim["readings"]:
-            cells = []
-            for p in points:
-                r = next(c for c in p["claims"] if c["claim"] == claim["claim"])["readings"].get(reading)
-                cells.append("-" if r is None else f"{st.fmt_num(r['value'])} {mark[r['verdict']]}")
-            rows.append(f"{(claim['claim'] + ', ' + reading)[:69]:<70}" + "".join(f"{c:>11}" for c in cells))
-    return "\n".join(rows)
 
 
 def parse_args(argv=None):

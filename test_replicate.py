@@ -1,7 +1,7 @@
 """Tests for replicate.py, the referee, written as examples of its API: baselines, claims and their
-verdicts, whole runs, the activation store, the training length and bring-your-own-SAE. It reuses
-test_dualenc's tiny models and fixtures. The statistics are tested in test_stats.py, stages 3-4 in
-test_stages34.py (on this file's tiny run)."""
+verdicts, whole runs, the activation store, the training length and bring-your-own-SAE, and the
+report's tables (report.py). It reuses test_dualenc's tiny models and fixtures. The statistics are
+tested in test_stats.py, stages 3-4 in test_stages34.py (on this file's tiny run)."""
 
 import json
 import shutil
@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 import dualenc as de
 import replicate as rp
+import report as rep
 import runner
 import test_runner
 from test_dualenc import D, FEATS, K, M
@@ -20,7 +21,8 @@ from test_runner import tiny_lm_folder, tiny_method_run  # noqa: F401 (fixtures)
 
 
 def tiny_run_cfg(model, out, **kw):
-    """A tiny replicate run; its activation store beside `out` (a run given the same `out` reuses it)."""
+    """A tiny replicate run; its activation store beside `out` (a run given the same `out` reuses
+    it)."""
     return test_runner.tiny_run_cfg(model, out, cls=rp.Config, **{"store": f"{out}_store", **kw})
 
 
@@ -42,13 +44,16 @@ def fake_seed(R=200, seed=0, joint_kl=0.5, noise=0.01):
     def sample(v):
         return v + torch.cat([torch.zeros(1), noise * torch.randn(R, generator=g)]).double()
 
-    names = ("sae", "sae_matched", "sequential", "joint", "joint_sae_path", "joint_interaction_only", "joint_no_linear")
+    names = ("sae", "sae_matched", "sequential", "joint", "joint_sae_path",
+             "joint_interaction_only", "joint_no_linear")
     models = {n: {"mse": sample(1.0), "kl": sample(1.0)} for n in names}
     models["joint"] = {"mse": sample(0.5), "kl": sample(joint_kl)}
     models["sequential"] = {"mse": sample(1.1), "kl": sample(1.0)}  # worse than the SAE
-    models["joint_interaction_only"] = models["joint_no_linear"] = {"mse": sample(1.0), "kl": sample(0.9)}
-    norms = {"r_sq_norm_vs_nfm_share": sample(-0.9), "bc_joint_W_dec": sample(0.7), "bc_joint_merged": sample(0.4),
-             "bc_sae": sample(0.3), "delta_bic_joint_W_dec": sample(50.0), "delta_bic_joint_merged": sample(-5.0),
+    models["joint_interaction_only"] = models["joint_no_linear"] = {"mse": sample(1.0),
+                                                                    "kl": sample(0.9)}
+    norms = {"r_sq_norm_vs_nfm_share": sample(-0.9), "bc_joint_W_dec": sample(0.7),
+             "bc_joint_merged": sample(0.4), "bc_sae": sample(0.3),
+             "delta_bic_joint_W_dec": sample(50.0), "delta_bic_joint_merged": sample(-5.0),
              "delta_bic_sae": sample(-20.0)}
     return {"models": models, "contrib": {"joint": sample(0.06)}, "norms": norms}
 
@@ -57,31 +62,38 @@ def test_claims_give_a_verdict_per_reading_from_their_intervals():
     rows = {c["claim"]: c["readings"] for c in rp.claims([fake_seed()])}
     assert rows["joint vs SAE, KL reduction"]["fair"]["verdict"] == "holds"
     assert rows["sequential vs SAE, reconstruction error reduction"]["paper_way"]["verdict"] == "no"
-    assert rows["nonlinear part alone, share of the joint model's KL gain"]["fair"]["value"] == pytest.approx(0.2)
+    assert (rows["nonlinear part alone, share of the joint model's KL gain"]["fair"]["value"]
+            == pytest.approx(0.2))
     assert rows["nonlinear part alone, its own KL reduction"]["fair"]["value"] == pytest.approx(0.1)
-    assert rows["joint decoder sq. norms bimodal: bimodality coef."]["paper_way"]["verdict"] == "holds"
+    assert (rows["joint decoder sq. norms bimodal: bimodality coef."]["paper_way"]["verdict"]
+            == "holds")
     assert rows["joint decoder sq. norms bimodal: bimodality coef."]["fair"]["verdict"] == "no"
-    assert not any("parameters" in claim for claim in rows)  # the parameter share is a design figure
+    assert not any("parameters" in claim for claim in rows)  # the parameter share: a design figure
     # a KL reduction at the threshold, with noise: the interval straddles it
-    rows = {c["claim"]: c["readings"] for c in rp.claims([fake_seed(joint_kl=1 - 0.258, noise=0.05)])}
+    rows = {c["claim"]: c["readings"]
+            for c in rp.claims([fake_seed(joint_kl=1 - 0.258, noise=0.05)])}
     assert rows["joint vs SAE, KL reduction"]["fair"]["verdict"] == "unclear"
     # two seeds: the seed interval is reported beside the bootstrap one and both decide
-    rows = {c["claim"]: c["readings"] for c in rp.claims([fake_seed(seed=0), fake_seed(seed=1, joint_kl=0.8)])}
+    rows = {c["claim"]: c["readings"]
+            for c in rp.claims([fake_seed(seed=0), fake_seed(seed=1, joint_kl=0.8)])}
     fair = rows["joint vs SAE, KL reduction"]["fair"]
     assert fair["per_seed"] == pytest.approx([0.5, 0.2]) and fair["verdict"] == "unclear"
 
 
 def test_quick_run_on_smollm2_writes_complete_results(tmp_path):
-    r = run_cli("replicate.py", "--quick", "--out", str(tmp_path / "run"), "--store", str(tmp_path / "store"))
+    r = run_cli("replicate.py", "--quick", "--out", str(tmp_path / "run"),
+                "--store", str(tmp_path / "store"))
     tmp_path = tmp_path / "run"
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.loads((tmp_path / "results.json").read_text())
     assert {"config", "data", "models", "clean_ce", "zero_ce", "timings_s"} <= res.keys()
     assert res["data"]["d_model"] == 576 and res["data"]["layer"] == 15
-    assert res["data"]["train_tokens"] > 10_000 and res["data"]["excluded_tokens"] >= res["config"]["tokens"] // 128
+    assert (res["data"]["train_tokens"] > 10_000
+            and res["data"]["excluded_tokens"] >= res["config"]["tokens"] // 128)
     for name in ("sae", "sae_matched", "sequential", "joint", "joint_sae_path"):
         m = res["models"][name]
-        assert {"params", "mse", "fvu", "kl", "kl_eps_random", "pathology_ratio", "ce", "ce_recovered"} <= m.keys()
+        assert {"params", "mse", "fvu", "kl", "kl_eps_random", "pathology_ratio", "ce",
+                "ce_recovered"} <= m.keys()
         assert 0 < m["fvu"] < 1 and m["kl"] > 0 and 0 < m["ce_recovered"] < 1
         for metric in ("kl", "ce", "fvu"):
             lo, hi = m["ci"][metric]
@@ -99,7 +111,8 @@ def test_quick_run_on_smollm2_writes_complete_results(tmp_path):
             assert reading["verdict"] in ("holds", "no", "unclear") and len(reading["ci"]) == 2
     assert res["status"] == "complete" and res["stages_done"][-1] == "analyse"
     peaks = list(res["peak_rss_gib"].values())  # the peak so far, stage by stage
-    assert list(res["peak_rss_gib"])[:2] == ["load_extract", "train_sae"] and peaks == sorted(peaks) and peaks[0] > 0.1
+    assert (list(res["peak_rss_gib"])[:2] == ["load_extract", "train_sae"]
+            and peaks == sorted(peaks) and peaks[0] > 0.1)
     for name in rp.Config.STAGES:
         assert {"cfg.json", "sae_weights.safetensors", "normalization.safetensors"} <= {
             p.name for p in (tmp_path / name).iterdir()}
@@ -127,27 +140,33 @@ def test_eval_only_reproduces_a_saved_run(tiny_run):
         for metric, value in metrics.items():
             if metric != "ci":
                 assert again["models"][name][metric] == pytest.approx(value, rel=1e-6, abs=1e-6)
-        assert again["models"][name]["ci"]["kl"] == pytest.approx(metrics["ci"]["kl"], rel=1e-6, abs=1e-6)
+        assert again["models"][name]["ci"]["kl"] == pytest.approx(metrics["ci"]["kl"], rel=1e-6,
+                                                                   abs=1e-6)
     assert (out / "results_eval_only.json").exists()
     models, report = runner.load_run(out, rp.Config)
     assert set(models) == set(rp.Config.STAGES) and report["status"] == "complete"
 
 
-def test_interrupted_run_resumes_to_the_same_result(tiny_lm_folder, tiny_run, tmp_path, monkeypatch):
+def test_interrupted_run_resumes_to_the_same_result(tiny_lm_folder, tiny_run, tmp_path,
+                                                    monkeypatch):
     _, uninterrupted = tiny_run
     steps = uninterrupted["data"]["steps_per_model"]
-    real_step = interrupt_training_at(monkeypatch, 3 * steps + 12)  # the joint model's 12th step: checkpoint at 10
+    # the joint model's 12th step: checkpoint at 10
+    real_step = interrupt_training_at(monkeypatch, 3 * steps + 12)
     with pytest.raises(KeyboardInterrupt):
         rp.run(tiny_run_cfg(tiny_lm_folder, tmp_path))
     partial = json.loads((tmp_path / "results.json").read_text())
-    assert partial["status"] == "incomplete" and partial["stages_done"] == ["sae", "sae_matched", "sequential"]
-    assert (tmp_path / "joint" / "train_state.pt").exists() and not (tmp_path / "joint" / "cfg.json").exists()
+    assert (partial["status"] == "incomplete"
+            and partial["stages_done"] == ["sae", "sae_matched", "sequential"])
+    assert ((tmp_path / "joint" / "train_state.pt").exists()
+            and not (tmp_path / "joint" / "cfg.json").exists())
     with pytest.raises(de.DualencError, match="unfinished"):
         rp.run(rp.Config(eval_only=str(tmp_path), device="cpu"))
 
     monkeypatch.setattr(de, "train_step", real_step)
     resumed = rp.run(rp.Config(resume=str(tmp_path), device="cpu"))
-    assert resumed["curves"]["joint"][-1]["train_mse"] == uninterrupted["curves"]["joint"][-1]["train_mse"]
+    assert (resumed["curves"]["joint"][-1]["train_mse"]
+            == uninterrupted["curves"]["joint"][-1]["train_mse"])
     assert resumed["models"] == uninterrupted["models"]
     assert not (tmp_path / "joint" / "train_state.pt").exists()
 
@@ -169,13 +188,15 @@ def test_two_seeds_report_both_runs_and_a_seed_interval(tiny_lm_folder, tiny_run
     report = rp.run(tiny_run_cfg(tiny_lm_folder, tmp_path, seeds=2))
     assert report["seeds"] == [0, 1] and (tmp_path / "seed1" / "joint" / "cfg.json").exists()
     joint = report["models"]["joint"]
-    assert len(joint["per_seed"]["kl"]) == 2 and joint["per_seed"]["kl"][0] == one_seed["models"]["joint"]["kl"]
+    assert (len(joint["per_seed"]["kl"]) == 2
+            and joint["per_seed"]["kl"][0] == one_seed["models"]["joint"]["kl"])
     assert joint["kl"] == pytest.approx(sum(joint["per_seed"]["kl"]) / 2)
     lo, hi = joint["seed_ci"]["kl"]
     assert lo < joint["kl"] < hi and len(joint["ci"]["kl"]) == 2
     for claim in report["analysis"]["claims"]:
         for reading in claim["readings"].values():
-            if "undefined" not in reading:  # a ratio over a denominator that may be 0 has no value to spread
+            # a ratio over a denominator that may be 0 has no value to spread
+            if "undefined" not in reading:
                 assert "seed_ci" in reading and len(reading["per_seed"]) == 2
     models, _ = runner.load_run(tmp_path, rp.Config)
     assert set(models) == {*rp.Config.STAGES, *(f"seed1/{name}" for name in rp.Config.STAGES)}
@@ -187,14 +208,17 @@ def write_saelens(folder, d_in=32, d_sae=48, k=6, seed=0, **cfg):
 
     g = torch.Generator().manual_seed(seed)
     folder.mkdir(parents=True, exist_ok=True)
-    save_file({"W_enc": torch.randn(d_in, d_sae, generator=g), "b_enc": 0.1 * torch.randn(d_sae, generator=g),
-               "W_dec": torch.randn(d_sae, d_in, generator=g), "b_dec": torch.randn(d_in, generator=g)},
+    save_file({"W_enc": torch.randn(d_in, d_sae, generator=g),
+               "b_enc": 0.1 * torch.randn(d_sae, generator=g),
+               "W_dec": torch.randn(d_sae, d_in, generator=g),
+               "b_dec": torch.randn(d_in, generator=g)},
               folder / "sae_weights.safetensors")
-    meta = {"model_name": "m", "hook_name": "blocks.2.hook_resid_post", "context_size": 32, "prepend_bos": False,
-            "exclude_special_tokens": False, "sae_lens_version": "6.0.0"}
+    meta = {"model_name": "m", "hook_name": "blocks.2.hook_resid_post", "context_size": 32,
+            "prepend_bos": False, "exclude_special_tokens": False, "sae_lens_version": "6.0.0"}
     (folder / "cfg.json").write_text(json.dumps({
-        "d_in": d_in, "d_sae": d_sae, "k": k, "dtype": "float32", "device": "cpu", "architecture": "topk",
-        "apply_b_dec_to_input": False, "normalize_activations": "none", "metadata": meta, **cfg}))
+        "d_in": d_in, "d_sae": d_sae, "k": k, "dtype": "float32", "device": "cpu",
+        "architecture": "topk", "apply_b_dec_to_input": False, "normalize_activations": "none",
+        "metadata": meta, **cfg}))
     return folder
 
 
@@ -212,7 +236,8 @@ def test_imported_sae_computes_what_saelens_computes_on_raw_activations(apply_b_
     expected = de.to_dense(vals, idx, 48) @ w["W_dec"] + w["b_dec"]
     torch.testing.assert_close(model.reconstruct(h), expected, rtol=1e-5, atol=1e-4)
     got_vals, got_idx = model.sae.encode(model.normalize(h))
-    torch.testing.assert_close(de.to_dense(got_vals, got_idx, 48), de.to_dense(vals, idx, 48), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(de.to_dense(got_vals, got_idx, 48), de.to_dense(vals, idx, 48),
+                               rtol=1e-5, atol=1e-4)
 
 
 def test_a_runs_exported_sae_comes_back_through_sae(tiny_lm_folder, tiny_run, tmp_path):
@@ -221,7 +246,8 @@ def test_a_runs_exported_sae_comes_back_through_sae(tiny_lm_folder, tiny_run, tm
     imported = rp.import_sae(rp.read_saelens(out / "sae"), original.mean_D, original.std_D)
     x = 2 * torch.randn(64, 32)
     (v1, i1), (v2, i2) = original.sae.encode(x), imported.sae.encode(x)
-    torch.testing.assert_close(de.to_dense(v2, i2, 64), de.to_dense(v1, i1, 64), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(de.to_dense(v2, i2, 64), de.to_dense(v1, i1, 64),
+                               rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(imported(x), original(x), rtol=1e-5, atol=1e-5)
 
     report = rp.run(tiny_run_cfg(tiny_lm_folder, tmp_path / "byo", sae=str(out / "sae")))
@@ -231,8 +257,10 @@ def test_a_runs_exported_sae_comes_back_through_sae(tiny_lm_folder, tiny_run, tm
     assert report["models"]["sequential"]["fvu"] < report["models"]["sae"]["fvu"]
     assert {c["claim"] for c in report["analysis"]["claims"]} == {
         "sequential vs SAE, reconstruction error reduction", "sequential vs SAE, KL reduction"}
-    again = rp.run(rp.Config(eval_only=str(tmp_path / "byo"), device="cpu"))  # the run folder is complete
-    assert again["models"]["sequential"]["fvu"] == pytest.approx(report["models"]["sequential"]["fvu"], rel=1e-6)
+    # the run folder is complete
+    again = rp.run(rp.Config(eval_only=str(tmp_path / "byo"), device="cpu"))
+    assert again["models"]["sequential"]["fvu"] == pytest.approx(
+        report["models"]["sequential"]["fvu"], rel=1e-6)
 
 
 def break_sae(folder, case):
@@ -244,8 +272,10 @@ def break_sae(folder, case):
         (folder / "sae_weights.safetensors").write_bytes(data[: len(data) // 2])
     else:
         cfg = json.loads((folder / "cfg.json").read_text())
-        change = {"wrong hook": {"metadata": {**cfg["metadata"], "hook_name": "blocks.2.hook_resid_pre"}},
-                  "hook outside the model": {"metadata": {**cfg["metadata"], "hook_name": "blocks.9.hook_resid_post"}},
+        change = {"wrong hook": {"metadata": {**cfg["metadata"],
+                                              "hook_name": "blocks.2.hook_resid_pre"}},
+                  "hook outside the model": {"metadata": {**cfg["metadata"],
+                                                          "hook_name": "blocks.9.hook_resid_post"}},
                   "unsupported architecture": {"architecture": "jumprelu"},
                   "normalised activations": {"normalize_activations": "layer_norm"}}[case]
         (folder / "cfg.json").write_text(json.dumps({**cfg, **change}))
@@ -254,10 +284,11 @@ def break_sae(folder, case):
 @pytest.mark.parametrize("case, msg", [
     ("missing file", "cannot read the SAE"), ("truncated safetensors", "cannot read the SAE"),
     ("wrong hook", "not a block output"), ("hook outside the model", "outside the model's blocks"),
-    ("unsupported architecture", "'jumprelu' is not supported"), ("normalised activations", "'layer_norm'"),
+    ("unsupported architecture", "'jumprelu' is not supported"),
+    ("normalised activations", "'layer_norm'"),
     ("wrong d_in", "d_in 16"), ("other layer", "--layer 1, but the SAE reads blocks.2")])
-def test_a_bad_sae_folder_fails_with_one_line_before_any_slow_work(case, msg, tiny_lm_folder, tmp_path, monkeypatch,
-                                                                    capsys):
+def test_a_bad_sae_folder_fails_with_one_line_before_any_slow_work(case, msg, tiny_lm_folder,
+                                                                    tmp_path, monkeypatch, capsys):
     folder = write_saelens(tmp_path / "sae", d_in=16 if case == "wrong d_in" else 32)
     if case not in ("wrong d_in", "other layer"):
         break_sae(folder, case)
@@ -274,7 +305,8 @@ def test_sae_settings_that_the_sae_fixes_are_refused():
         rp.parse_args(["--sae", "some/sae", "--k", "16"])
 
 
-def test_the_referee_trains_the_methods_models_exactly_as_the_method_does(tiny_method_run, tiny_run):
+def test_the_referee_trains_the_methods_models_exactly_as_the_method_does(tiny_method_run,
+                                                                          tiny_run):
     # the same windows, split, batches and steps; the referee's activations come through its store
     # (extracted in corpus order, moments in float64), so the numbers agree to float rounding
     (_, method), (_, referee) = tiny_method_run, tiny_run
@@ -282,12 +314,14 @@ def test_the_referee_trains_the_methods_models_exactly_as_the_method_does(tiny_m
         for ours, theirs in zip(referee["curves"][name], method["curves"][name], strict=True):
             assert ours == pytest.approx(theirs, rel=1e-4)
         for metric in ("params", "mse", "fvu", "kl", "ce", "ce_recovered"):
-            assert referee["models"][name][metric] == pytest.approx(method["models"][name][metric], rel=1e-4)
+            assert referee["models"][name][metric] == pytest.approx(method["models"][name][metric],
+                                                                    rel=1e-4)
 
 
 def test_the_referees_flags_extend_the_methods():
     cfg = rp.parse_args(["--seeds", "3", "--k", "8", "--stage34"])
-    assert (cfg.seeds, cfg.k, cfg.stage34, cfg.n_boot) == (3, 8, True, 1000) and isinstance(cfg, runner.RunConfig)
+    assert ((cfg.seeds, cfg.k, cfg.stage34, cfg.n_boot) == (3, 8, True, 1000)
+            and isinstance(cfg, runner.RunConfig))
     assert rp.parse_args(["--eval-only", "runs/x", "--stage34"]).stage34
     with pytest.raises(de.DualencError, match="only --device, --stage34, --stimuli"):
         rp.parse_args(["--eval-only", "runs/x", "--seeds", "2"])
@@ -301,58 +335,75 @@ def test_the_referees_flags_extend_the_methods():
 
 def test_checkpoints_are_log_spaced_from_the_default_length_to_the_end():
     cfg = rp.Config(checkpoints=5, batch_size=1024, epochs=10, eval_every=100)
-    assert rp.checkpoint_steps(cfg, n_train=1_000_000) == [200, 500, 1400, 3700, 9760]  # 0.2 M to 10 M presentations, x 2.7
+    # 0.2 M to 10 M presentations, x 2.7
+    assert rp.checkpoint_steps(cfg, n_train=1_000_000) == [200, 500, 1400, 3700, 9760]
     assert rp.checkpoint_steps(rp.Config(), n_train=100_000) == []
-    long_run = rp.Config(checkpoints=5, batch_size=1024, epochs=10, eval_every=200)  # the end off the cadence
+    # the end off the cadence
+    long_run = rp.Config(checkpoints=5, batch_size=1024, epochs=10, eval_every=200)
     assert rp.checkpoint_steps(long_run, n_train=1_071_193) == [200, 600, 1400, 3800, 10460]
 
 
-def test_a_run_of_the_sae_alone_reports_it_without_claims_on_models_it_lacks(tiny_lm_folder, tmp_path):
+def test_a_run_of_the_sae_alone_reports_it_without_claims_on_models_it_lacks(tiny_lm_folder,
+                                                                              tmp_path):
     report = rp.run(tiny_run_cfg(tiny_lm_folder, tmp_path, models="sae"))
     assert list(report["models"]) == ["sae"] and report["status"] == "complete"
-    assert "seeds: 0" in rp.format_report(report) and "design figure" not in rp.format_report(report)
+    assert ("seeds: 0" in rep.format_report(report)
+            and "design figure" not in rep.format_report(report))
 
 
-def test_a_run_with_checkpoints_judges_every_claim_along_the_training_length(tiny_lm_folder, tmp_path):
-    report = rp.run(tiny_run_cfg(tiny_lm_folder, tmp_path, checkpoints=3, models="sae,joint,sae_matched"))
+def test_a_run_with_checkpoints_judges_every_claim_along_the_training_length(tiny_lm_folder,
+                                                                              tmp_path):
+    report = rp.run(tiny_run_cfg(tiny_lm_folder, tmp_path, checkpoints=3,
+                                 models="sae,joint,sae_matched"))
     points = report["along_training"]
-    assert [p["step"] for p in points] == rp.checkpoint_steps(rp.Config(**report["config"]), report["data"]["train_tokens"])
+    assert [p["step"] for p in points] == rp.checkpoint_steps(rp.Config(**report["config"]),
+                                                              report["data"]["train_tokens"])
     assert len(points) == 3 and points[-1]["step"] == report["data"]["steps_per_model"]
-    assert set(report["models"]) == {"sae", "sae_matched", "joint", "joint_sae_path", "joint_linear_only",
-                                     "joint_interaction_only"}  # sequential and joint_no_linear not trained
+    # sequential and joint_no_linear not trained
+    assert set(report["models"]) == {"sae", "sae_matched", "joint", "joint_sae_path",
+                                     "joint_linear_only", "joint_interaction_only"}
     for p in points:
-        curve = {name: next(h for h in report["curves"][name] if h["step"] == p["step"]) for name in ("sae", "joint")}
+        curve = {name: next(h for h in report["curves"][name] if h["step"] == p["step"])
+                 for name in ("sae", "joint")}
         for name in curve:  # the model as it was at that step
             assert p["models"][name]["fvu"] == pytest.approx(curve[name]["fvu"], rel=1e-4)
             lo, hi = p["models"][name]["ci"]["kl"]
             assert lo <= p["models"][name]["kl"] <= hi
-        assert {c["claim"] for c in p["claims"]} == {c["claim"] for c in report["analysis"]["claims"]}
+        assert ({c["claim"] for c in p["claims"]}
+                == {c["claim"] for c in report["analysis"]["claims"]})
     assert points[-1]["models"]["joint"]["kl"] == report["models"]["joint"]["kl"]
-    assert (tmp_path / "along_training.png").exists() and (tmp_path / "joint" / f"step{points[0]['step']}" / "cfg.json").exists()
-    assert "along the training length" in rp.format_report(report)
+    assert ((tmp_path / "along_training.png").exists()
+            and (tmp_path / "joint" / f"step{points[0]['step']}" / "cfg.json").exists())
+    assert "along the training length" in rep.format_report(report)
 
 
-def test_a_sequential_checkpoint_is_an_nfm_of_that_length_on_the_sae_of_that_step(tiny_lm_folder, tmp_path):
+def test_a_sequential_checkpoint_is_an_nfm_of_that_length_on_the_sae_of_that_step(tiny_lm_folder,
+                                                                                   tmp_path):
     report = rp.run(tiny_run_cfg(tiny_lm_folder, tmp_path, checkpoints=3, models="sequential"))
     first = report["along_training"][0]["step"]
-    early, sae = (runner.load_model(tmp_path / name / f"step{first}") for name in ("sequential", "sae"))
+    early, sae = (runner.load_model(tmp_path / name / f"step{first}")
+                  for name in ("sequential", "sae"))
     assert torch.equal(early.sae.W_dec, sae.sae.W_dec)
     assert not torch.equal(early.sae.W_dec, runner.load_model(tmp_path / "sae").sae.W_dec)
     assert not torch.equal(early.nfm.W_lin, runner.load_model(tmp_path / "sequential").nfm.W_lin)
     point = report["along_training"][0]["models"]
-    assert point["sequential"]["fvu"] < point["sae"]["fvu"]  # an NFM on that SAE's residual, not another SAE's
+    # an NFM on that SAE's residual, not another SAE's
+    assert point["sequential"]["fvu"] < point["sae"]["fvu"]
 
 
 def test_runs_of_one_model_each_combine_into_the_run_that_trains_them_all(tiny_lm_folder, tmp_path):
-    whole = rp.run(tiny_run_cfg(tiny_lm_folder, tmp_path / "whole", checkpoints=3, models="sae,joint"))
+    whole = rp.run(tiny_run_cfg(tiny_lm_folder, tmp_path / "whole", checkpoints=3,
+                                models="sae,joint"))
     pieces = [tmp_path / name for name in ("joint", "sae")]
     for piece in pieces:  # one store: the pieces' data are the whole run's
-        rp.run(tiny_run_cfg(tiny_lm_folder, piece, checkpoints=3, models=piece.name, store=f"{tmp_path}/store"))
+        rp.run(tiny_run_cfg(tiny_lm_folder, piece, checkpoints=3, models=piece.name,
+                            store=f"{tmp_path}/store"))
     combined = rp.run(rp.Config(combine=",".join(map(str, pieces)), out=str(tmp_path / "combined")))
-    assert list(combined["models"]) == list(whole["models"]) == ["sae", "joint", "joint_sae_path",
-                                                                  "joint_linear_only", "joint_interaction_only"]
+    assert list(combined["models"]) == list(whole["models"]) == [
+        "sae", "joint", "joint_sae_path", "joint_linear_only", "joint_interaction_only"]
     def without_eps(m):  # epsilon-random draws depend on the models evaluated before
-        return {k: without_eps(v) if k == "ci" else v for k, v in m.items() if "eps" not in k and "patho" not in k}
+        return {k: without_eps(v) if k == "ci" else v for k, v in m.items()
+                if "eps" not in k and "patho" not in k}
     for name, m in whole["models"].items():
         assert without_eps(combined["models"][name]) == without_eps(m)
     for c_point, w_point in zip(combined["along_training"], whole["along_training"], strict=True):
@@ -364,7 +415,8 @@ def test_runs_of_one_model_each_combine_into_the_run_that_trains_them_all(tiny_l
 
 def test_runs_that_differ_in_more_than_their_models_do_not_combine(tiny_lm_folder, tmp_path):
     for name, kw in (("a", {}), ("b", {"lr": 3e-3}), ("c", {})):
-        rp.run(tiny_run_cfg(tiny_lm_folder, tmp_path / name, models="sae", store=f"{tmp_path}/store", **kw))
+        rp.run(tiny_run_cfg(tiny_lm_folder, tmp_path / name, models="sae",
+                            store=f"{tmp_path}/store", **kw))
     with pytest.raises(de.DualencError, match="run with lr 0.003"):
         rp.run(rp.Config(combine=f"{tmp_path}/a,{tmp_path}/b", out=str(tmp_path / "ab")))
     with pytest.raises(de.DualencError, match="sae is in"):
@@ -382,18 +434,21 @@ def test_a_share_whose_denominator_may_be_zero_is_undefined_and_unclear():
     assert share["value"] is None and share["ci"] is None and share["verdict"] == "unclear"
     assert "contains 0" in share["undefined"]
     defined = {c["claim"]: c["readings"] for c in rp.claims([fake_seed()])}
-    assert defined["nonlinear part alone, share of the joint model's KL gain"]["fair"]["value"] == pytest.approx(0.2)
+    assert (defined["nonlinear part alone, share of the joint model's KL gain"]["fair"]["value"]
+            == pytest.approx(0.2))
 
 
 def test_each_program_reads_the_others_run_folders(tiny_method_run, tiny_run, tmp_path):
-    import shutil
-
     method_out, method = tiny_method_run
     shutil.copytree(method_out, tmp_path / "run")
-    extended = rp.run(rp.Config(resume=str(tmp_path / "run"), device="cpu"))  # trains the two baselines it lacks
-    assert set(extended["models"]) >= {"sae_matched", "joint_no_linear"} and extended["analysis"]["claims"]
+    # trains the two baselines it lacks
+    extended = rp.run(rp.Config(resume=str(tmp_path / "run"), device="cpu"))
+    assert (set(extended["models"]) >= {"sae_matched", "joint_no_linear"}
+            and extended["analysis"]["claims"])
     assert extended["curves"]["joint"] == method["curves"]["joint"]
     referee_out, referee = tiny_run
-    again = runner.run(runner.RunConfig(eval_only=str(referee_out), device="cpu"))  # the method's three models of it
+    # the method's three models of it
+    again = runner.run(runner.RunConfig(eval_only=str(referee_out), device="cpu"))
     assert list(again["models"]) == list(runner.RunConfig.STAGES)
-    assert again["models"]["joint"]["fvu"] == pytest.approx(referee["models"]["joint"]["fvu"], rel=1e-5)
+    assert again["models"]["joint"]["fvu"] == pytest.approx(referee["models"]["joint"]["fvu"],
+                                                            rel=1e-5)
