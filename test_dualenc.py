@@ -71,17 +71,21 @@ def dense_encode(x_BD, W_enc_DF, b_enc_F, k):
     return F.relu(x_BD @ W_enc_DF + b_enc_F).topk(k, dim=-1, sorted=False)
 
 
-@pytest.mark.parametrize("b,d,f,k,bias,x_grad", [(512, 64, 1024, 16, 0.0, True), (97, 48, 300, 7, 0.0, False),
-                                                 (64, 32, 200, 180, -0.5, True)])  # the last: many f = 0
+@pytest.mark.parametrize("b,d,f,k,bias,x_grad", [
+    (512, 64, 1024, 16, 0.0, True), (97, 48, 300, 7, 0.0, False),
+    (64, 32, 200, 180, -0.5, True)])  # the last: many f = 0
 def test_the_sparse_encoder_backward_equals_the_dense_one(b, d, f, k, bias, x_grad):
     g = torch.Generator().manual_seed(b)
     x = torch.randn(b, d, generator=g).requires_grad_(x_grad)
     W_enc = (torch.randn(d, f, generator=g) / d ** 0.5).requires_grad_()
     b_enc = (bias + 0.1 * torch.randn(f, generator=g)).requires_grad_()
-    (vals, idx), (dense_vals, dense_idx) = de.TopKEncode.apply(x, W_enc, b_enc, k), dense_encode(x, W_enc, b_enc, k)
+    (vals, idx), (dense_vals, dense_idx) = (de.TopKEncode.apply(x, W_enc, b_enc, k),
+                                            dense_encode(x, W_enc, b_enc, k))
     assert torch.equal(vals, dense_vals) and torch.equal(idx, dense_idx)
-    inputs, grad_vals = [t for t in (x, W_enc, b_enc) if t.requires_grad], torch.randn(vals.shape, generator=g)
-    for sparse, dense in zip(torch.autograd.grad(vals, inputs, grad_vals), torch.autograd.grad(dense_vals, inputs, grad_vals)):
+    inputs, grad_vals = ([t for t in (x, W_enc, b_enc) if t.requires_grad],
+                         torch.randn(vals.shape, generator=g))
+    for sparse, dense in zip(torch.autograd.grad(vals, inputs, grad_vals),
+                             torch.autograd.grad(dense_vals, inputs, grad_vals)):
         torch.testing.assert_close(sparse, dense, rtol=1e-5, atol=1e-5)
     if bias < 0:  # the ReLU's mask matters here: a third or more of the selected values are 0
         assert (vals == 0).float().mean() > 0.3
@@ -100,8 +104,10 @@ def test_sae_starts_as_the_papers_linear_layer_with_the_encoder_its_transpose():
     d, f = 576, 4608
     sae = de.TopKSAE(d, f, K)
     torch.testing.assert_close(sae.W_enc, sae.W_dec.T)
-    assert sae.W_dec.abs().max() <= f ** -0.5  # nn.Linear(F, D)'s default: uniform(-1/sqrt(F), 1/sqrt(F))
-    assert sae.W_dec.norm(dim=-1).mean().item() == pytest.approx((d / (3 * f)) ** 0.5, rel=0.01)  # 0.20
+    # nn.Linear(F, D)'s default: uniform(-1/sqrt(F), 1/sqrt(F))
+    assert sae.W_dec.abs().max() <= f ** -0.5
+    assert sae.W_dec.norm(dim=-1).mean().item() == pytest.approx((d / (3 * f)) ** 0.5,  # 0.20
+                                                                 rel=0.01)
     assert (sae.b_enc == 0).all() and (sae.b_dec == 0).all()
     unit = de.TopKSAE(d, f, K, init="unit")
     torch.testing.assert_close(unit.W_dec.norm(dim=-1), torch.ones(f))
@@ -123,7 +129,8 @@ def test_pair_equals_sum_over_pairs():
     vals, idx = torch.rand(3, K), torch.stack([torch.randperm(FEATS)[:K] for _ in range(3)])
     v = nfm.embed
     explicit = torch.stack([
-        sum(vals[b, i] * vals[b, j] * v[idx[b, i]] * v[idx[b, j]] for i, j in itertools.combinations(range(K), 2))
+        sum(vals[b, i] * vals[b, j] * v[idx[b, i]] * v[idx[b, j]]
+            for i, j in itertools.combinations(range(K), 2))
         for b in range(3)])
     torch.testing.assert_close(nfm.pair(vals, idx), explicit, rtol=1e-5, atol=1e-6)
 
@@ -207,8 +214,8 @@ def test_merged_decoder_is_exact_only_on_the_codes_the_nfm_reads():
         with de.pathways(model, "linear"):
             x_hat = model(x)
         # x_s + linear(f) = W_dec f + W_lin f_read + b_dec, whatever n_read is
-        torch.testing.assert_close(x_hat, codes @ model.sae.W_dec + read @ model.nfm.W_lin + model.sae.b_dec,
-                                   rtol=1e-5, atol=1e-5)
+        expected = codes @ model.sae.W_dec + read @ model.nfm.W_lin + model.sae.b_dec
+        torch.testing.assert_close(x_hat, expected, rtol=1e-5, atol=1e-5)
         merged = codes @ (model.sae.W_dec + model.nfm.W_lin) + model.sae.b_dec
         assert torch.allclose(x_hat, merged, rtol=1e-5, atol=1e-5) == (n_read == K)
 
@@ -216,11 +223,13 @@ def test_merged_decoder_is_exact_only_on_the_codes_the_nfm_reads():
 def test_an_ablation_keeps_the_one_output_bias():
     model = de.DualEncoder(de.TopKSAE(D, FEATS, K), de.NFM(FEATS, D, M)).eval()
     nn.init.normal_(model.sae.b_dec)
-    assert [n for n, _ in model.named_parameters() if "bias" in n or n.startswith("b_") or ".b_" in n] == \
-        ["sae.b_enc", "sae.b_dec", "nfm.mlp.0.bias"]  # no b_lin, no MLP output bias
+    biases = [n for n, _ in model.named_parameters()
+              if "bias" in n or n.startswith("b_") or ".b_" in n]
+    assert biases == ["sae.b_enc", "sae.b_dec", "nfm.mlp.0.bias"]  # no b_lin, no MLP output bias
     x = torch.randn(5, D)
     with de.pathways(model):
-        torch.testing.assert_close(model(x), model.sae(x)[0])  # b_dec stays when both pathways are off
+        # b_dec stays when both pathways are off
+        torch.testing.assert_close(model(x), model.sae(x)[0])
 
 
 def test_zeroing_a_pathway_removes_exactly_that_pathway():
@@ -275,7 +284,8 @@ def test_training_until_a_step_is_the_whole_run_as_it_was_at_that_step():
     snapshots = {}
     torch.manual_seed(0)
     whole = de.DualEncoder(de.TopKSAE(D, FEATS, K))
-    de.train_sae(whole, x, x, cfg, on_eval=lambda step, m: snapshots.setdefault(step, m.sae.W_dec.clone()))
+    de.train_sae(whole, x, x, cfg,
+                 on_eval=lambda step, m: snapshots.setdefault(step, m.sae.W_dec.clone()))
     torch.manual_seed(0)
     part = de.DualEncoder(de.TopKSAE(D, FEATS, K))
     history = de.train_sae(part, x, x, cfg, until=30)
@@ -318,7 +328,7 @@ def test_nan_in_training_fails_loudly():
         de.train_sae(de.DualEncoder(de.TopKSAE(D, FEATS, K)), x, x, small_cfg())
 
 
-# ----------------------------------------------------------------------------- hook, extraction, splicing
+# ----------------------------------------------------------------------- hook, extraction, splicing
 
 @pytest.mark.parametrize("arch", TINY_LMS)
 def test_hook_captures_what_the_model_computes(arch):
@@ -395,7 +405,8 @@ def test_splicing_zeros_hurts():
     m = de.splice_metrics(lm, ids, 1, {"same": lambda h: h, "zero": torch.zeros_like})
     assert de.token_mean(m["kl"]["same"], m["kl_mask"]) == pytest.approx(0.0, abs=1e-6)
     assert de.token_mean(m["kl"]["zero"], m["kl_mask"]) > 0.01
-    assert de.token_mean(m["nll"]["zero"], m["nll_mask"]) > de.token_mean(m["nll"]["clean"], m["nll_mask"])
+    assert (de.token_mean(m["nll"]["zero"], m["nll_mask"])
+            > de.token_mean(m["nll"]["clean"], m["nll_mask"]))
 
 
 def test_splice_touches_and_averages_only_kept_positions():
@@ -417,9 +428,12 @@ def test_splice_touches_and_averages_only_kept_positions():
     kl = (clean.exp() * (clean - spliced)).sum(-1)
     nll = -spliced[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1)
     assert kl[:, :8].abs().max() < 1e-6  # causal: positions before the splice are unchanged
-    assert de.token_mean(got["kl"]["zero"], got["kl_mask"]) == pytest.approx(kl[:, 8:].mean().item(), rel=1e-5)
-    assert de.token_mean(got["nll"]["zero"], got["nll_mask"]) == pytest.approx(nll[:, 8:].mean().item(), rel=1e-5)
-    torch.testing.assert_close(got["kl"]["zero"][:, 8:], kl[:, 8:], rtol=1e-4, atol=1e-5)  # per token, per window
+    assert (de.token_mean(got["kl"]["zero"], got["kl_mask"])
+            == pytest.approx(kl[:, 8:].mean().item(), rel=1e-5))
+    assert (de.token_mean(got["nll"]["zero"], got["nll_mask"])
+            == pytest.approx(nll[:, 8:].mean().item(), rel=1e-5))
+    # per token, per window
+    torch.testing.assert_close(got["kl"]["zero"][:, 8:], kl[:, 8:], rtol=1e-4, atol=1e-5)
     assert (got["kl"]["zero"][:, :8] == 0).all() and (got["nll"]["zero"][:, -1] == 0).all()
 
 
@@ -462,7 +476,8 @@ def test_the_method_file_imports_nothing_of_the_project_and_no_file_formats():
     tree = ast.parse((Path(__file__).parent / "dualenc.py").read_text())
     top = {n.module if isinstance(n, ast.ImportFrom) else a.name
            for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom)) for a in n.names}
-    assert {name.split(".")[0] for name in top} == {"math", "contextlib", "dataclasses", "torch", "tqdm"}
+    assert ({name.split(".")[0] for name in top}
+            == {"math", "contextlib", "dataclasses", "torch", "tqdm"})
     code = ("import sys, dualenc; project = {'runner', 'replicate', 'stats', 'stages34', 'store'}; "
             "print(sorted(project & set(sys.modules)))")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
@@ -482,4 +497,5 @@ def test_cached_prefix_splice_equals_full_forward_splice(arch):
         for name, v in full[kind].items():
             torch.testing.assert_close(cached[kind][name], v, rtol=1e-5, atol=1e-6)
     assert de.token_mean(full["kl"]["zero"], full["kl_mask"]) > 0.001
-    assert not any(isinstance(b, de._Cached) for b in de.decoder_blocks(lm))  # the real blocks are back
+    # the real blocks are back
+    assert not any(isinstance(b, de._Cached) for b in de.decoder_blocks(lm))

@@ -17,7 +17,7 @@ import runner
 from test_dualenc import D, FEATS, K, M
 
 
-# ----------------------------------------------------------------------------- text, model, output errors
+# ----------------------------------------------------------------------- text, model, output errors
 
 def test_text_errors(tmp_path):
     with pytest.raises(de.DualencError, match="no text"):
@@ -37,7 +37,9 @@ def test_the_default_corpus_is_deterministic_and_read_only_as_far_as_needed():
     text = runner.corpus(500_000)
     assert 500_000 <= len(text) < 520_000
     runner.file_docstrings.cache_clear()
-    assert runner.corpus(500_000) == text and runner.corpus(100_000) == text[:len(runner.corpus(100_000))]  # a fresh parse
+    # a fresh parse
+    assert (runner.corpus(500_000) == text
+            and runner.corpus(100_000) == text[:len(runner.corpus(100_000))])
 
 
 def test_windows_of_the_corpus_are_the_first_tokens_of_its_whole_text():
@@ -101,11 +103,15 @@ def test_cli_flags_mirror_the_config():
 
 
 def test_paper_density_sets_the_papers_ratios_at_the_models_width(tiny_lm_folder):
-    smollm2 = runner.parse_args(["--paper-density"])  # d_model 576: F = 15.6 d, k = 2 % of F, the NFM reads k/2
-    assert (smollm2.features, smollm2.k, smollm2.nfm_k, smollm2.embed_dim, smollm2.batch_size) == (8986, 180, 90, 300, 1024)
-    tiny = runner.parse_args(["--paper-density", "--model", tiny_lm_folder, "--k", "4"])  # d_model 32; a flag given wins
+    # d_model 576: F = 15.6 d, k = 2 % of F, the NFM reads k/2
+    smollm2 = runner.parse_args(["--paper-density"])
+    assert ((smollm2.features, smollm2.k, smollm2.nfm_k, smollm2.embed_dim, smollm2.batch_size)
+            == (8986, 180, 90, 300, 1024))
+    # d_model 32; a flag given wins
+    tiny = runner.parse_args(["--paper-density", "--model", tiny_lm_folder, "--k", "4"])
     assert (tiny.features, tiny.k, tiny.nfm_k, tiny.embed_dim) == (499, 4, 2, 300)
-    wider = runner.parse_args(["--paper-density", "--features", "20000"])  # k follows the F given: 2 % of it
+    # k follows the F given: 2 % of it
+    wider = runner.parse_args(["--paper-density", "--features", "20000"])
     assert (wider.features, wider.k, wider.nfm_k) == (20000, 400, 200)
 
 
@@ -115,24 +121,29 @@ def test_the_default_corpus_gives_five_million_smollm2_tokens():
     _, tokenizer = runner.load_lm(runner.SMOLLM2, "cpu")
     assert runner.make_windows(tokenizer, runner.corpus, 5_000_000, 1000).shape == (5000, 1000)
     text = runner.corpus(3_000_000)  # tokenised in pieces, as the whole at once
-    assert runner.tokenise(tokenizer, text, piece=200_000).tolist() == tokenizer(text, split_special_tokens=True)["input_ids"]
+    assert (runner.tokenise(tokenizer, text, piece=200_000).tolist()
+            == tokenizer(text, split_special_tokens=True)["input_ids"])
 
 
 def test_quick_run_of_the_method_on_smollm2_gives_the_committed_results(tmp_path):
     r = run_cli("dualenc.py", "--quick", "--out", str(tmp_path))
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.loads((tmp_path / "results.json").read_text())
-    assert res["data"]["d_model"] == 576 and res["data"]["layer"] == 15 and res["status"] == "complete"
+    assert (res["data"]["d_model"] == 576 and res["data"]["layer"] == 15
+            and res["status"] == "complete")
     assert list(res["models"]) == ["sae", "sequential", "joint"] == list(res["curves"])
     for name, m in res["models"].items():
-        assert m.keys() == {"params", "mse", "fvu", "kl", "ce", "ce_recovered", "kl_eps_random", "pathology_ratio"}
-        assert 0 < m["fvu"] < 1 and 0 < m["kl"] < m["kl_eps_random"] * 10 and 0 < m["ce_recovered"] < 1
+        assert m.keys() == {"params", "mse", "fvu", "kl", "ce", "ce_recovered", "kl_eps_random",
+                            "pathology_ratio"}
+        assert (0 < m["fvu"] < 1 and 0 < m["kl"] < m["kl_eps_random"] * 10
+                and 0 < m["ce_recovered"] < 1)
         assert res["curves"][name][-1]["step"] == res["data"]["steps_per_model"]
         assert (tmp_path / name / "cfg.json").exists()
     assert res["models"]["joint"]["params"] > res["models"]["sae"]["params"]
     assert res["zero_ce"] > res["models"]["sae"]["ce"] > res["clean_ce"]
     assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
-    assert "ci" not in res["models"]["sae"] and "claims" not in res  # intervals and claims are the referee's
+    # intervals and claims are the referee's
+    assert "ci" not in res["models"]["sae"] and "claims" not in res
     assert "joint" in r.stdout and "steps per model" in r.stdout
     # the committed quick run (results/quick), made before the method and the runner were two files
     committed = json.loads((Path(__file__).parent / "results/quick/results.json").read_text())
@@ -142,24 +153,28 @@ def test_quick_run_of_the_method_on_smollm2_gives_the_committed_results(tmp_path
         assert res["models"][name] == pytest.approx(m, rel=1e-5)
         for ours, theirs in zip(res["curves"][name], committed["curves"][name], strict=True):
             assert ours == pytest.approx(theirs, rel=1e-5)
-    assert (res["clean_ce"], res["zero_ce"]) == pytest.approx((committed["clean_ce"], committed["zero_ce"]))
+    assert ((res["clean_ce"], res["zero_ce"])
+            == pytest.approx((committed["clean_ce"], committed["zero_ce"])))
 
 
-# ----------------------------------------------------------------------------- checkpoints, resume, determinism
+# ----------------------------------------------------------------- checkpoints, resume, determinism
 
 def trained_models():
     torch.manual_seed(0)
     mean, std = torch.randn(D), torch.rand(D) + 0.5
     return {"sae": de.DualEncoder(de.TopKSAE(D, FEATS, K), None, mean, std),
-            "joint": de.DualEncoder(de.TopKSAE(D, FEATS, K), de.NFM(FEATS, D, M, n_read=K // 2), mean, std),
-            "joint_no_linear": de.DualEncoder(de.TopKSAE(D, FEATS, K), de.NFM(FEATS, D, M, linear=False), mean, std)}
+            "joint": de.DualEncoder(de.TopKSAE(D, FEATS, K),
+                                    de.NFM(FEATS, D, M, n_read=K // 2), mean, std),
+            "joint_no_linear": de.DualEncoder(de.TopKSAE(D, FEATS, K),
+                                              de.NFM(FEATS, D, M, linear=False), mean, std)}
 
 
 @pytest.mark.parametrize("name", ["sae", "joint", "joint_no_linear"])
 def test_save_load_round_trip_is_exact(name, tmp_path):
     model = trained_models()[name].eval()
-    runner.save_model(model, tmp_path / name, {"model_name": "test", "hook_name": "blocks.1.hook_resid_post",
-                                           "context_size": 16})
+    runner.save_model(model, tmp_path / name,
+                      {"model_name": "test", "hook_name": "blocks.1.hook_resid_post",
+                       "context_size": 16})
     loaded = runner.load_model(tmp_path / name)
     h = torch.randn(3, 5, D) * 3
     assert torch.equal(loaded.reconstruct(h), model.reconstruct(h))
@@ -170,7 +185,8 @@ def test_saelens_files_have_the_v6_layout_and_work_on_raw_activations(tmp_path):
     from safetensors.torch import load_file
 
     model = trained_models()["sae"].eval()
-    runner.save_model(model, tmp_path, {"model_name": "m", "hook_name": "blocks.1.hook_resid_post", "context_size": 16})
+    runner.save_model(model, tmp_path, {"model_name": "m", "hook_name": "blocks.1.hook_resid_post",
+                                        "context_size": 16})
     cfg = json.loads((tmp_path / "cfg.json").read_text())
     assert {"d_in", "d_sae", "dtype", "device", "architecture", "k", "apply_b_dec_to_input",
             "normalize_activations", "metadata"} <= cfg.keys()
@@ -212,12 +228,13 @@ def test_damaged_checkpoints_fail_with_one_line(tmp_path):
 
 @pytest.fixture(scope="session")
 def tiny_lm_folder(tmp_path_factory):
-    """A tiny random Llama with SmolLM2's tokenizer, saved as a local model folder: the whole pipeline
-    runs on it in seconds."""
+    """A tiny random Llama with SmolLM2's tokenizer, saved as a local model folder: the whole
+    pipeline runs on it in seconds."""
     folder = tmp_path_factory.mktemp("tiny_lm")
     _, tokenizer = runner.load_lm(runner.SMOLLM2, "cpu")
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=4,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=64)
     torch.manual_seed(0)
     LlamaForCausalLM(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
@@ -226,16 +243,18 @@ def tiny_lm_folder(tmp_path_factory):
 
 def tiny_run_cfg(model, out, cls=runner.RunConfig, **kw):
     return cls(**{"model": model, "tokens": 4096, "ctx": 32, "features": 64, "k": 8, "embed_dim": 8,
-                        "epochs": 2, "batch_size": 128, "eval_every": 5, "splice_tokens": 256, "out": str(out),
-                        "device": "cpu", **kw})
+                  "epochs": 2, "batch_size": 128, "eval_every": 5, "splice_tokens": 256,
+                  "out": str(out), "device": "cpu", **kw})
 
 
-def test_layer_outside_the_model_fails_before_the_corpus_is_read(tiny_lm_folder, tmp_path, monkeypatch, capsys):
+def test_layer_outside_the_model_fails_before_the_corpus_is_read(tiny_lm_folder, tmp_path,
+                                                                 monkeypatch, capsys):
     monkeypatch.setattr(runner, "read_text", lambda path: pytest.fail("the corpus was read"))
     with pytest.raises(SystemExit) as exit_:
         runner.main(["--model", tiny_lm_folder, "--layer", "999", "--out", str(tmp_path)])
     err = capsys.readouterr().err
-    assert exit_.value.code == 2 and err.strip() == "dualenc: error: --layer 999 is outside the model's blocks 0..3"
+    assert (exit_.value.code == 2
+            and err.strip() == "dualenc: error: --layer 999 is outside the model's blocks 0..3")
 
 
 @pytest.fixture(scope="session")
@@ -246,7 +265,8 @@ def tiny_method_run(tiny_lm_folder, tmp_path_factory):
 
 def test_the_method_run_trains_and_evaluates_its_three_models(tiny_method_run):
     out, report = tiny_method_run
-    assert list(report["models"]) == list(runner.RunConfig.STAGES) and report["status"] == "complete"
+    assert (list(report["models"]) == list(runner.RunConfig.STAGES)
+            and report["status"] == "complete")
     models, saved = runner.load_run(out)
     assert set(models) == set(runner.RunConfig.STAGES) and saved["stages_done"][-1] == "evaluate"
     # sequential reuses the SAE it was built on: its SAE path is the SAE's
@@ -255,7 +275,8 @@ def test_the_method_run_trains_and_evaluates_its_three_models(tiny_method_run):
     assert report["models"]["sequential"]["mse"] < report["models"]["sae"]["mse"]
 
 
-def test_the_method_run_is_deterministic_and_its_eval_only_reproduces_it(tiny_lm_folder, tiny_method_run, tmp_path):
+def test_the_method_run_is_deterministic_and_its_eval_only_reproduces_it(tiny_lm_folder,
+                                                                         tiny_method_run, tmp_path):
     out, first = tiny_method_run
     second = runner.run(tiny_run_cfg(tiny_lm_folder, tmp_path))
     assert second["models"] == first["models"] and second["curves"] == first["curves"]
@@ -264,7 +285,8 @@ def test_the_method_run_is_deterministic_and_its_eval_only_reproduces_it(tiny_lm
 
 
 def interrupt_training_at(monkeypatch, n):
-    """Make a run's n-th optimiser step raise KeyboardInterrupt, as Ctrl-C would; returns the real step."""
+    """Make a run's n-th optimiser step raise KeyboardInterrupt, as Ctrl-C would; returns the
+    real step."""
     calls, real_step = [0], de.train_step
 
     def flaky_step(*args):
@@ -277,10 +299,12 @@ def interrupt_training_at(monkeypatch, n):
     return real_step
 
 
-def test_an_interrupted_method_run_resumes_to_the_same_result(tiny_lm_folder, tiny_method_run, tmp_path, monkeypatch):
+def test_an_interrupted_method_run_resumes_to_the_same_result(tiny_lm_folder, tiny_method_run,
+                                                              tmp_path, monkeypatch):
     _, uninterrupted = tiny_method_run
     steps = uninterrupted["data"]["steps_per_model"]
-    real_step = interrupt_training_at(monkeypatch, 2 * steps + 7)  # the joint model's 7th step: checkpoint at 5
+    # the joint model's 7th step: checkpoint at 5
+    real_step = interrupt_training_at(monkeypatch, 2 * steps + 7)
     with pytest.raises(KeyboardInterrupt):
         runner.run(tiny_run_cfg(tiny_lm_folder, tmp_path))
     partial = json.loads((tmp_path / "results.json").read_text())
@@ -289,4 +313,5 @@ def test_an_interrupted_method_run_resumes_to_the_same_result(tiny_lm_folder, ti
         runner.run(runner.RunConfig(eval_only=str(tmp_path), device="cpu"))
     monkeypatch.setattr(de, "train_step", real_step)
     resumed = runner.run(runner.RunConfig(resume=str(tmp_path), device="cpu"))
-    assert resumed["models"] == uninterrupted["models"] and resumed["curves"] == uninterrupted["curves"]
+    assert (resumed["models"] == uninterrupted["models"]
+            and resumed["curves"] == uninterrupted["curves"])

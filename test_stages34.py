@@ -33,7 +33,8 @@ def test_secondary_sae_learns_the_interaction_hidden_layer():
     assert secondary.sae.W_dec.shape == (25 * M, M) and secondary.sae.k == round(M * 250 / 300)
     assert curve[-1]["train_mse"] < curve[0]["train_mse"] and curve[-1]["fvu"] < curve[0]["fvu"]
     torch.testing.assert_close(secondary.normalize(s34.interaction_hidden(joint, x)), h_eval)
-    # the pipeline with the secondary SAE in place reconstructs x, a little worse than the joint model
+    # the pipeline with the secondary SAE in place reconstructs x,
+    # a little worse than the joint model
     pipeline = s34.IntegrationPipeline(joint, secondary).eval()
     assert de.evaluate(joint, x)["fvu"] <= de.evaluate(pipeline, x)["fvu"] < 1
     _, paper, _, _ = tiny_joint_and_secondary(x, paper_density=True)  # the paper's code: 2 % active
@@ -58,7 +59,8 @@ def test_scaling_by_one_or_a_silent_feature_by_zero_changes_nothing():
     with torch.no_grad():
         base = pipeline(x)
         active = pipeline.secondary_codes(x)
-        busy, silent = int(active.count_nonzero(0).argmax()), int((active.count_nonzero(0) == 0).nonzero()[0])
+        busy, silent = (int(active.count_nonzero(0).argmax()),
+                        int((active.count_nonzero(0) == 0).nonzero()[0]))
         pipeline.scale = ("secondary", torch.tensor([busy]), 1.0)
         assert torch.equal(pipeline(x), base)
         pipeline.scale = ("secondary", torch.tensor([silent]), 0.0)
@@ -73,15 +75,18 @@ def test_scaling_by_one_or_a_silent_feature_by_zero_changes_nothing():
         pipeline.scale = ("pair", torch.tensor([feature]), 0.0)
         scaled = pipeline(x)
         touched = (idx == feature).any(-1)
-        assert not torch.allclose(scaled[touched], base[touched]) and torch.equal(scaled[~touched], base[~touched])
-        # the same, written out: x_s and linear(f) as they were, pair(f) reads its codes from the scaled f
+        assert (not torch.allclose(scaled[touched], base[touched])
+                and torch.equal(scaled[~touched], base[~touched]))
+        # the same, written out: x_s and linear(f) as they were,
+        # pair(f) reads its codes from the scaled f
         pair_input = joint.nfm.read(torch.where(idx == feature, 0.0, vals), idx)
         expected = joint.sae.decode(vals, idx) + joint.nfm.linear(*joint.nfm.read(vals, idx)) + \
             joint.nfm.mlp[1:](pipeline.through_secondary(joint.nfm.hidden(*pair_input)))
         torch.testing.assert_close(scaled, expected)
     # and through the LM: x1 leaves the next-token log-probabilities where they were
     lm, ids = tiny_llama(), torch.randint(0, 97, (3, 10))
-    joint_lm, secondary_lm = de.DualEncoder(de.TopKSAE(32, FEATS, K), de.NFM(FEATS, 32, M)).eval(), None
+    joint_lm, secondary_lm = (
+        de.DualEncoder(de.TopKSAE(32, FEATS, K), de.NFM(FEATS, 32, M)).eval(), None)
     secondary_lm = de.DualEncoder(de.TopKSAE(M, 25 * M, 8), None).eval()
     pipe = s34.IntegrationPipeline(joint_lm, secondary_lm).eval()
     prompts, words = [(i, 0) for i in ids], {c: torch.tensor([1, 2, 3]) for c in "abcd"}
@@ -90,9 +95,11 @@ def test_scaling_by_one_or_a_silent_feature_by_zero_changes_nothing():
         return torch.ones(h.shape[:-1], dtype=torch.bool)
 
     base = s34.word_logprobs(lm, 2, prompts, words, pipe, keep_fn)
-    changes, inter = s34.intervention_effect(lm, 2, prompts, words, pipe, keep_fn, ("secondary", torch.tensor([0])), base)
+    changes, inter = s34.intervention_effect(lm, 2, prompts, words, pipe, keep_fn,
+                                             ("secondary", torch.tensor([0])), base)
     pipe.scale = ("secondary", torch.tensor([0]), 1.0)
-    torch.testing.assert_close(s34.word_logprobs(lm, 2, prompts, words, pipe, keep_fn), base, rtol=0, atol=1e-5)
+    torch.testing.assert_close(s34.word_logprobs(lm, 2, prompts, words, pipe, keep_fn), base,
+                               rtol=0, atol=1e-5)
     assert set(changes) == set(s34.SCALES) and inter[0.0].shape == (3,)
 
 
@@ -100,10 +107,12 @@ def test_scaling_by_one_or_a_silent_feature_by_zero_changes_nothing():
 
 @pytest.mark.parametrize("content, msg", [
     ("{not json", "stimuli"), ('{"factors": {"a": ["x", "y"]}}', "not a 2 x 2 design"),
-    ('{"factors": {"a": ["x", "y"], "b": ["u", "v"]}, "prompts": {}, "words": {}}', "not a 2 x 2 design"),
+    ('{"factors": {"a": ["x", "y"], "b": ["u", "v"]}, "prompts": {}, "words": {}}',
+     "not a 2 x 2 design"),
     (json.dumps({"factors": {"a": ["x", "y"], "b": ["u", "v"]},
                  "prompts": {c: ["p"] * 3 for c in ("x u", "x v", "y u", "y v")},
-                 "words": {c: ["w"] for c in ("x u", "x v", "y u", "y v")}}), "at least 4 prompts")])
+                 "words": {c: ["w"] for c in ("x u", "x v", "y u", "y v")}}),
+     "at least 4 prompts")])
 def test_a_malformed_stimulus_file_fails_with_one_line(content, msg, tmp_path):
     path = tmp_path / "s.json"
     path.write_text(content)
@@ -129,16 +138,21 @@ def test_stage34_on_a_tiny_run_writes_its_table_figure_and_secondary_sae(tiny_ru
     out, first = tiny_run
     report = rp.run(rp.Config(eval_only=str(out), device="cpu", stage34=True))
     saved = json.loads((out / "results.json").read_text())
-    assert saved["stage34"] == json.loads(json.dumps(report["stage34"]))  # added to the run's results.json
-    assert saved["models"] == json.loads(json.dumps(first["models"]))  # whose evaluation stands
+    # added to the run's results.json, whose evaluation stands
+    assert saved["stage34"] == json.loads(json.dumps(report["stage34"]))
+    assert saved["models"] == json.loads(json.dumps(first["models"]))
     result = report["stage34"]
     assert result["x1_max_change"] < 1e-5 and set(result["selected"]) == set(st.CONTRASTS)
     assert list(result["intervention"]) == ["0", "2", "4"]
     for row in result["intervention"].values():
-        assert set(row["controls"]) == {"random_matched", "primary_read", "shuffled_selection", "primary_read_whole_code"}
-        assert row["controls"]["primary_read_whole_code"]["reference_only"] and row["verdict"] in ("holds", "no", "unclear")
-        assert len(row["selected"]["word_list_changes"]) == 4 and len(row["controls"]["primary_read"]["ci"]) == 2
-    assert result["selected"]["interaction"]["feature"] not in result["controls"]["shuffled_selection"]
+        assert set(row["controls"]) == {"random_matched", "primary_read", "shuffled_selection",
+                                        "primary_read_whole_code"}
+        assert (row["controls"]["primary_read_whole_code"]["reference_only"]
+                and row["verdict"] in ("holds", "no", "unclear"))
+        assert (len(row["selected"]["word_list_changes"]) == 4
+                and len(row["controls"]["primary_read"]["ci"]) == 2)
+    assert (result["selected"]["interaction"]["feature"]
+            not in result["controls"]["shuffled_selection"])
     assert result["verdicts"]["overall"] in ("holds", "no", "unclear")
     assert (out / "stage34.png").read_bytes()[:4] == b"\x89PNG" and (out / "stage34.txt").exists()
     cfg = json.loads((out / "secondary" / "cfg.json").read_text())

@@ -21,8 +21,8 @@ from test_runner import tiny_lm_folder  # noqa: F401 (a fixture)
 # ----------------------------------------------------------------------------- the activation store
 
 def store_data(model, root, monkeypatch=None, fail_at=None, **kw):
-    """store.load_data on a tiny run whose store lies under `root`; with fail_at=(call, exception), the
-    extraction's call-th batch raises that exception instead."""
+    """store.load_data on a tiny run whose store lies under `root`; with fail_at=(call, exception),
+    the extraction's call-th batch raises that exception instead."""
     if fail_at is not None:
         calls, extract = [], de.extract_activations
 
@@ -44,7 +44,8 @@ def store_bytes(root):
     return {f.name: f.read_bytes() for f in sorted(folder.iterdir())}
 
 
-def test_the_store_gives_the_methods_training_tokens_and_is_read_not_extracted_again(tiny_lm_folder, tmp_path, monkeypatch):
+def test_the_store_gives_the_methods_training_tokens_and_is_read_not_extracted_again(
+        tiny_lm_folder, tmp_path, monkeypatch):
     stored = store_data(tiny_lm_folder, tmp_path / "store")
     cfg = tiny_run_cfg(tiny_lm_folder, tmp_path / "run")
     _, _, in_ram = runner.load_data(cfg, 2, torch.device("cpu"))
@@ -70,7 +71,8 @@ def test_an_interrupted_extraction_resumes_to_the_same_bytes(tiny_lm_folder, tmp
     assert store_bytes(tmp_path / "cut") == store_bytes(tmp_path / "whole")
 
 
-def test_a_full_disk_stops_with_one_line_and_leaves_an_unfinished_store(tiny_lm_folder, tmp_path, monkeypatch):
+def test_a_full_disk_stops_with_one_line_and_leaves_an_unfinished_store(tiny_lm_folder, tmp_path,
+                                                                        monkeypatch):
     full = OSError(28, "No space left on device")
     with pytest.raises(de.DualencError, match="No space left on device.*resumes") as e:
         store_data(tiny_lm_folder, tmp_path / "store", monkeypatch, fail_at=(2, full))
@@ -88,7 +90,8 @@ def test_a_store_of_the_wrong_size_or_of_another_key_is_refused(tiny_lm_folder, 
     acts = (folder / "acts.bin").read_bytes()
     for wrong in (acts[:-1000], acts + acts[:1000]):  # a finished store has exactly its size
         (folder / "acts.bin").write_bytes(wrong)
-        with pytest.raises(de.DualencError, match=f"has {len(wrong):,} bytes in acts.bin where {len(acts):,} are"):
+        with pytest.raises(de.DualencError,
+                           match=f"has {len(wrong):,} bytes in acts.bin where {len(acts):,} are"):
             store_data(tiny_lm_folder, tmp_path / "store")
     (folder / "acts.bin").write_bytes(acts)
     meta = json.loads((folder / "meta.json").read_text())
@@ -108,7 +111,8 @@ def test_the_store_key_is_the_models_weights_not_how_they_were_loaded():
     assert store.store_key(cfg, lm, 2, windows_NT)["weights"] != key["weights"]
 
 
-def test_a_model_folder_overwritten_by_other_weights_gets_a_store_of_its_own(tiny_lm_folder, tmp_path):
+def test_a_model_folder_overwritten_by_other_weights_gets_a_store_of_its_own(tiny_lm_folder,
+                                                                            tmp_path):
     folder = tmp_path / "checkpoint"
     shutil.copytree(tiny_lm_folder, folder)
     first = store_data(str(folder), tmp_path / "store")
@@ -118,22 +122,26 @@ def test_a_model_folder_overwritten_by_other_weights_gets_a_store_of_its_own(tin
     lm.save_pretrained(folder)
     second = store_data(str(folder), tmp_path / "store")
     every = torch.arange(len(first["x_eval"]))
-    assert len(list((tmp_path / "store").iterdir())) == 2 and not torch.equal(first["x_eval"][every],
-                                                                              second["x_eval"][every])
+    assert (len(list((tmp_path / "store").iterdir())) == 2
+            and not torch.equal(first["x_eval"][every], second["x_eval"][every]))
 
 
-def test_two_extractions_of_one_key_started_together_write_the_store_once(tiny_lm_folder, tmp_path, monkeypatch):
+def test_two_extractions_of_one_key_started_together_write_the_store_once(tiny_lm_folder, tmp_path,
+                                                                          monkeypatch):
     store_data(tiny_lm_folder, tmp_path / "single")
-    second_arrived, extract, write = threading.Event(), de.extract_activations, store.ActivationStore.extract
+    second_arrived, extract, write = (threading.Event(), de.extract_activations,
+                                      store.ActivationStore.extract)
     callers = []
 
-    def arriving(store, *args):  # the second extraction reaches the store while the first is writing it
+    # the second extraction reaches the store while the first is writing it
+    def arriving(store, *args):
         callers.append(1)
         if len(callers) == 2:
             second_arrived.set()
         return write(store, *args)
 
-    def waiting(*args, **kwargs):  # the first extraction's batches wait until the second has arrived
+    # the first extraction's batches wait until the second has arrived
+    def waiting(*args, **kwargs):
         assert second_arrived.wait(timeout=60)
         return extract(*args, **kwargs)
     monkeypatch.setattr(store.ActivationStore, "extract", arriving)
@@ -155,8 +163,10 @@ def test_two_extractions_of_one_key_started_together_write_the_store_once(tiny_l
 
 
 def test_a_float16_store_holds_the_activations_to_float16_rounding(tiny_lm_folder, tmp_path):
-    full, half = (store_data(tiny_lm_folder, tmp_path / dtype, store_dtype=dtype) for dtype in ("float32", "float16"))
-    assert 2 * len(store_bytes(tmp_path / "float16")["acts.bin"]) == len(store_bytes(tmp_path / "float32")["acts.bin"])
+    full, half = (store_data(tiny_lm_folder, tmp_path / dtype, store_dtype=dtype)
+                  for dtype in ("float32", "float16"))
+    assert (2 * len(store_bytes(tmp_path / "float16")["acts.bin"])
+            == len(store_bytes(tmp_path / "float32")["acts.bin"]))
     torch.testing.assert_close(half["splice_acts"], full["splice_acts"], rtol=1e-3, atol=1e-3)
     with pytest.raises(de.DualencError, match="store-dtype"):
         rp.Config(store_dtype="int8")
