@@ -656,7 +656,7 @@ def evaluate_models(lm, models, data, generator):
     return results, ce["clean"], ce["zero"]
 
 
-if __name__ == "__main__":  # the runner reads the text, loads the LM, keeps the run folder, prints
-    import runner
+if __name__ == "__main__":  # hand over to the runner: text, LM, run folder, the printed table
+    import runpy
 
-    runner.main()
+    runpy.run_module("runner", run_name="__main__")
