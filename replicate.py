@@ -39,6 +39,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+import browser
 import dualenc as de
 import report as rep
 import runner
@@ -54,7 +55,7 @@ class Config(runner.RunConfig):
     """dualenc's settings, the runner's and the referee's."""
 
     STAGES = ("sae", "sae_matched", "sequential", "joint", "joint_no_linear")  # trained in order
-    RUN_FLAGS = (*runner.RunConfig.RUN_FLAGS, "stage34", "stimuli", "store")
+    RUN_FLAGS = (*runner.RunConfig.RUN_FLAGS, "stage34", "stimuli", "store", "browser")
     POSITIVE = (*runner.RunConfig.POSITIVE, "seeds", "n_boot")
     PROG = "replicate.py"
     DESCRIPTION = sys.modules[__module__].__doc__.split("\n\n")[0]  # the module docstring
@@ -68,6 +69,9 @@ class Config(runner.RunConfig):
                                "run, its evaluation as it stands")
     stimuli: str | None = de.setting(None, "2 x 2 stimulus design for --stage34, JSON like "
                                      "stimuli.json (the default)", "PATH")
+    browser: bool = de.setting(False, "with --eval-only RUN_DIR: write RUN_DIR/browser.html, the "
+                               "run's identity and integration features on one offline page "
+                               "(trains stage 3's secondary SAE first if the run has none)")
     sae: str | None = de.setting(None, "study an existing SAELens TopK SAE (folder with cfg.json "
                                  "and sae_weights.safetensors): no SAE training, the NFM learns "
                                  "its residual", "SAE_DIR")
@@ -96,6 +100,9 @@ class Config(runner.RunConfig):
         if self.models is not None and not set(self.models.split(",")) <= set(self.STAGES):
             raise de.DualencError(f"--models takes some of {', '.join(self.STAGES)}, "
                                   f"got {self.models!r}")
+        if self.browser and not self.eval_only:
+            raise de.DualencError("--browser shows a finished run's features: give it with "
+                                  "--eval-only RUN_DIR")
         if self.checkpoints < 0 or self.checkpoints == 1:
             raise de.DualencError(f"--checkpoints must be 0 or at least 2, got {self.checkpoints}")
 
@@ -706,6 +713,40 @@ def add_stage34(report, lm, tokenizer, joint, data, cfg, out):
                         lambda p: p.write_text(s34.format_stage34(report["stage34"]) + "\n"))
 
 
+def add_browser(report, lm, tokenizer, joint, data, cfg, out):
+    """browser.html: the run's joint model and its secondary SAE (stage 3's, trained first if the
+    run has none), with each integration feature's cell means on the stimulus prompts, split into
+    the halves stage 4 chose on (or, for a run without stage 4, halves drawn from cfg.seed)."""
+    if (out / "secondary" / "cfg.json").exists():
+        secondary = runner.load_model(out / "secondary").to(data["x_eval"].device)
+        pipeline = s34.IntegrationPipeline(joint, secondary).eval()
+    else:
+        generator = torch.Generator().manual_seed(cfg.seed)
+        pipeline, _, _ = s34.stage3(lm, joint, data, cfg, out, generator)
+    design = s34.load_stimuli(s34.read_stimuli(cfg.stimuli), tokenizer)
+    cell_P = torch.tensor([c for _, c in design["prompt_ids"]])
+
+    def keep_fn(h_BTD):
+        return de.keep_mask(h_BTD.norm(dim=-1), data["max_norm"])
+
+    A_PG = s34.stimulus_codes(lm, data["layer"], pipeline, design, keep_fn)
+    chosen = report.get("stage34", {}).get("design", {}).get("selection_prompts")
+    if chosen is None:
+        half_P = st.split_halves(cell_P, torch.Generator().manual_seed(cfg.seed))
+    else:
+        half_P = torch.zeros(len(cell_P), dtype=torch.bool)
+        half_P[chosen] = True
+    summary = (f"{cfg.model}, block {data['layer']}: the joint model's {joint.sae.k}-sparse code "
+               f"of {joint.sae.W_dec.shape[0]:,} identity features and stage 3's "
+               f"{pipeline.secondary.sae.W_dec.shape[0]:,} integration features, on "
+               f"{len(data['x_eval']):,} held-out tokens")
+    page = browser.content(tokenizer, joint, pipeline.secondary, data, (A_PG, cell_P, half_P),
+                           design["cells"], summary)
+    browser.write_browser(out / "browser.html", page)
+    report["browser"] = {"bytes": (out / "browser.html").stat().st_size,
+                         "selection_prompts": half_P.nonzero()[:, 0].tolist()}
+
+
 def window_resamples(cfg, n_eval_windows, n_splice_windows):
     """One resample of the windows for every seed and model, so that the bootstrap is paired
     (§9.6)."""
@@ -914,17 +955,22 @@ def run(cfg):
     if saelens is not None:
         models["sae"] = import_sae(saelens, data["mean"], data["std"]).to(device)
         runner.save_model(models["sae"], out / "sae", runner.sae_metadata(cfg, layer))
-    if cfg.eval_only and cfg.stage34:  # a finished run's evaluation stands; stages 3-4 are added
-        report = {**previous, "config": {**previous["config"], "stage34": True,
-                                         "stimuli": cfg.stimuli},
-                  "peak_rss_gib": peaks}
-        add_stage34(report, lm, tokenizer, models["joint"], data, cfg, out)
-        s34.plot_stage34(report["stage34"], out)
-        stage("stage34")
+    if cfg.eval_only and (cfg.stage34 or cfg.browser):  # a finished run's evaluation stands
+        report = {**previous, "peak_rss_gib": peaks}
+        if cfg.stage34:  # stages 3-4 are added to it
+            report["config"] = {**previous["config"], "stage34": True, "stimuli": cfg.stimuli}
+            add_stage34(report, lm, tokenizer, models["joint"], data, cfg, out)
+            s34.plot_stage34(report["stage34"], out)
+            stage("stage34")
+            print(s34.format_stage34(report["stage34"]))
+            print(f"added stages 3-4 to {out / 'results.json'}; wrote stage34.txt, stage34.png, "
+                  f"secondary/", file=sys.stderr)
+        if cfg.browser:
+            add_browser(report, lm, tokenizer, models["joint"], data, cfg, out)
+            stage("browser")
+            print(f"wrote {out / 'browser.html'} ({report['browser']['bytes'] / 1e6:.1f} MB): "
+                  f"open it in a browser, offline", file=sys.stderr)
         runner.write_json(out / "results.json", report)
-        print(s34.format_stage34(report["stage34"]))
-        print(f"added stages 3-4 to {out / 'results.json'}; wrote stage34.txt, stage34.png, "
-              f"secondary/", file=sys.stderr)
         return report
     report = {**runner.new_report(cfg, data, models, previous, timings), "commit": source_commit(),
               "peak_rss_gib": peaks}

@@ -475,7 +475,9 @@ def check_inputs(cfg, models):
 
 def load_data(cfg, layer, device):
     """The LM, its tokenizer, and block-L activations split into training and held-out tokens, with
-    the windows spliced for KL / CE (the first splice_tokens // ctx held-out ones)."""
+    the windows spliced for KL / CE (the first splice_tokens // ctx held-out ones). The held-out
+    windows' token ids and kept positions (eval_ids, eval_keep [N_eval, T]) say where each held-out
+    token stands in its text."""
     text = read_text(cfg.text)
     lm, tokenizer = load_lm(cfg.model, device)
     n_blocks = len(de.decoder_blocks(lm))
@@ -489,6 +491,7 @@ def load_data(cfg, layer, device):
     n_splice = max(1, min(len(windows_NT) - n_train, cfg.splice_tokens // cfg.ctx))
     held_out = slice(n_train, n_train + n_splice)
     data.update(layer=layer, n_blocks=n_blocks, n_windows=len(windows_NT),
+                eval_ids=windows_NT[n_train:], eval_keep=data["keep"][n_train:],
                 splice_ids=windows_NT[held_out], splice_keep=data["keep"][held_out],
                 splice_acts=acts_NTD[held_out].clone(),  # reused by every splice
                 x_train=data["x_train"].to(device), x_eval=data["x_eval"].to(device),

@@ -260,6 +260,16 @@ def intervention_effect(lm, layer, prompts, word_ids, pipeline, keep_fn, scale, 
 
 
 @torch.no_grad()
+def stimulus_codes(lm, layer, pipeline, design, keep_fn):
+    """Each stimulus prompt's integration features, the secondary code averaged over the prompt's
+    kept positions (keep_fn(h)): [P, F2]."""
+    acts = []
+    for ids, _ in design["prompt_ids"]:
+        h_1TD = de.extract_activations(lm, ids[None], layer)
+        acts.append(pipeline.secondary_codes(pipeline.normalize(h_1TD[keep_fn(h_1TD)])).mean(0))
+    return torch.stack(acts).cpu()
+
+
 @torch.no_grad()
 def primary_read(pipeline, x_ND, feature, n=N_PRIMARY_READ, batch_size=4096):
     """The n primary features an integration feature reads most: those whose mean activation rises
@@ -294,11 +304,7 @@ def stage34(lm, tokenizer, joint, data, cfg, out, generator):
     def keep_fn(h_BTD):
         return de.keep_mask(h_BTD.norm(dim=-1), data["max_norm"])
 
-    acts = []
-    for ids, _ in design["prompt_ids"]:
-        h_1TD = de.extract_activations(lm, ids[None], layer)
-        acts.append(pipeline.secondary_codes(joint.normalize(h_1TD[keep_fn(h_1TD)])).mean(0))
-    A_PF = torch.stack(acts).cpu()
+    A_PF = stimulus_codes(lm, layer, pipeline, design, keep_fn)
     selected, sel, test = st.select_and_test(A_PF, cell_P, cfg.n_boot, generator)
 
     # the intervention on the selected interaction feature, on the test prompts, beside its controls
@@ -353,7 +359,8 @@ def stage34(lm, tokenizer, joint, data, cfg, out, generator):
         "no" if selectivity == "no" or set(verdicts.values()) == {"no"} else "unclear"
     return {"secondary": secondary_report,
             "design": {"factors": design["factors"], "cells": design["cells"],
-                       "prompts_per_half": [int((cell_P[sel] == c).sum()) for c in range(4)]},
+                       "prompts_per_half": [int((cell_P[sel] == c).sum()) for c in range(4)],
+                       "selection_prompts": sel.tolist()},
             "selected": selected, "x1_max_change": x1_change,
             "controls": {"random_matched": random_features, "primary_read": primary,
                          "shuffled_selection": shuffled},

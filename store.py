@@ -251,6 +251,7 @@ def load_data(cfg, layer, device):
             "eval_window": keep_NT[eval_W].nonzero()[:, 0], "n_eval_windows": len(eval_W),
             "n_massive": int((norms_NT[:, 1:] > max_norm).sum()), "layer": layer,
             "n_blocks": len(de.decoder_blocks(lm)), "n_windows": N,
+            "eval_ids": windows_NT[eval_W], "eval_keep": keep_NT[eval_W],
             "splice_ids": windows_NT[eval_W[:n_splice]], "splice_keep": keep_NT[eval_W[:n_splice]],
             "splice_acts": store.windows(eval_W[:n_splice].tolist()).to(device)}
     runner.describe_data(data, cfg)
