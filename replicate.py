@@ -943,6 +943,9 @@ def run(cfg):
     if cfg.stage34 and cfg.sae:
         raise de.DualencError("--stage34 studies the joint model's integration features; a --sae "
                               "run has no joint model")
+    if cfg.browser and "joint" not in cfg.stages():
+        raise de.DualencError(f"--browser shows the joint model's features; the run in "
+                              f"{cfg.eval_only} has no joint model")
     if cfg.stage34:
         s34.read_stimuli(cfg.stimuli)
     out = runner.prepare_out(cfg.out)

@@ -11,9 +11,10 @@ import pytest
 import torch
 
 import browser
+import dualenc as de
 import replicate as rp
 import runner
-from test_replicate import tiny_run  # noqa: F401 (a fixture)
+from test_replicate import tiny_run, tiny_run_cfg  # noqa: F401 (tiny_run: a fixture)
 from test_runner import tiny_lm_folder  # noqa: F401 (a fixture, which tiny_run needs)
 
 
@@ -95,6 +96,15 @@ def test_every_link_of_the_page_has_its_target_and_no_url_leaves_it(page):
         assert all(data["integration"][g] is not None for g in p["used_by"])
     assert all(0 <= f < n_identity for members in data["norms"]["members"] for f in members)
     assert max(g for g in range(n_integration)) < n_integration
+
+
+def test_a_run_without_a_joint_model_has_no_page(tiny_lm_folder, tmp_path):
+    rp.run(tiny_run_cfg(tiny_lm_folder, tmp_path, models="sae"))
+    with pytest.raises(de.DualencError, match="no joint model"):
+        rp.run(rp.Config(eval_only=str(tmp_path), browser=True, device="cpu"))
+    with pytest.raises(de.DualencError, match="with --eval-only"):
+        rp.parse_args(["--browser"])
+    assert not (tmp_path / "browser.html").exists()
 
 
 # ----------------------------------------------------------------------------- in a real browser
