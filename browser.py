@@ -17,6 +17,7 @@ Dimension letters as in dualenc.py; E code entries, G integration features, P pr
 
 import json
 import math
+import shutil
 from pathlib import Path
 from typing import NamedTuple
 
@@ -27,6 +28,8 @@ import stages34 as s34
 import stats as st
 
 N_TOP, N_WEAKER, N_PAIRS, N_BINS = 8, 4, 8, 24  # contexts, weaker contexts, pairs, histogram bins
+BUDGET = 5_000_000  # bytes of one page at most: a run with more has its feature pages in files
+CHUNK = 200  # feature pages a data file holds
 WIDTH = 8  # tokens shown either side of a context's token
 LEVELS = 255  # activations are kept as integers 0..LEVELS, a fraction of the feature's largest
 
@@ -237,22 +240,62 @@ def embedded_json(obj):
     return text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
 
 
-def page_html(content):
-    """The whole page: PAGE with the content embedded."""
-    return PAGE.replace("/*DATA*/", embedded_json(content), 1)
+def search_tokens(content):
+    """What the front page needs of every feature whether or not its page is in memory: the
+    integration features' rates (None: dead) and each feature's context tokens, for the search."""
+    def tokens(page):
+        contexts = page["top"] + page.get("weaker", []) if page else []
+        return sorted({content["texts"][str(w)][pos] for w, pos, _ in contexts})
+    return {"rates": [page["rate"] if page else None for page in content["integration"]],
+            "find": {"int": [tokens(page) for page in content["integration"]],
+                     "id": [tokens(page) for page in content["identity"]]}}
 
 
-def write_browser(path, content):
-    """browser.html, written whole or not at all."""
-    tmp = Path(path).with_name(Path(path).name + ".tmp")
-    tmp.write_text(page_html(content), encoding="utf-8")
+def page_html(content, chunked=None):
+    """The whole page: PAGE with the content embedded; with chunked (a folder name beside the
+    page), the feature pages are left out, read from that folder's files when shown."""
+    page = {**content, **search_tokens(content)}
+    script_src = "'unsafe-inline'"
+    if chunked is not None:
+        page.update(identity=None, integration=None, chunked=chunked, chunk=CHUNK,
+                    n={"id": len(content["identity"]), "int": len(content["integration"])})
+        script_src += " 'self' file:"  # the data files beside the page; still no network
+    return PAGE.replace("/*SCRIPT_SRC*/", script_src, 1).replace("/*DATA*/", embedded_json(page), 1)
+
+
+def write_browser(path, content, budget=BUDGET):
+    """browser.html, written whole or not at all; past `budget` bytes, its feature pages go into
+    files of CHUNK pages in browser_data/ beside it (read with <script> elements, which work on
+    file://, where fetch() does not). Returns the files written."""
+    path = Path(path)
+    folder = path.with_name(path.stem + "_data")
+    html = page_html(content)
+    files = [path]
+    if len(html.encode()) > budget:
+        fresh = folder.with_name(folder.name + ".tmp")
+        shutil.rmtree(fresh, ignore_errors=True)
+        fresh.mkdir()
+        for kind, pages in (("id", content["identity"]), ("int", content["integration"])):
+            for start in range(0, len(pages), CHUNK):
+                text = f"dualencChunk({json.dumps(kind)}, {start}, " \
+                       f"{embedded_json(pages[start:start + CHUNK])});\n"
+                (fresh / f"{kind}-{start}.js").write_text(text, encoding="utf-8")
+        shutil.rmtree(folder, ignore_errors=True)
+        fresh.rename(folder)
+        files += sorted(folder.iterdir())
+        html = page_html(content, chunked=folder.name)
+    else:
+        shutil.rmtree(folder, ignore_errors=True)  # a larger page's files, now stale
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(html, encoding="utf-8")
     tmp.replace(path)
+    return files
 
 
 PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
 <meta http-equiv="Content-Security-Policy"
-      content="default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'">
+      content="default-src 'none'; script-src /*SCRIPT_SRC*/; style-src 'unsafe-inline'">
 <title>dualenc features</title>
 <style>
 body{font:14px/1.45 system-ui,sans-serif;margin:0;color:#222}
@@ -309,10 +352,25 @@ function histogram(counts, width, height, onbar) {
   });
   return svg;
 }
-function matches(page, text) {
-  if (!page) return false;
-  return [...(page.top || []), ...(page.weaker || [])].some(c =>
-    D.vocab[D.texts[c[0]][c[1]]].toLowerCase().includes(text));
+function matches(kind, f, text) {
+  return D.find[kind][f].some(i => D.vocab[i].toLowerCase().includes(text));
+}
+if (D.chunked) {  // the feature pages live in data files beside the page, read when shown
+  D.identity = new Array(D.n.id);
+  D.integration = new Array(D.n.int);
+}
+window.dualencChunk = (kind, start, pages) => {
+  const into = kind === "int" ? D.integration : D.identity;
+  pages.forEach((page, i) => { into[start + i] = page; });
+};
+function need(kind, f, draw) {
+  const pages = kind === "int" ? D.integration : D.identity;
+  if (!D.chunked || pages[f] !== undefined || !(f >= 0 && f < pages.length)) { draw(); return; }
+  const s = document.createElement("script"), start = Math.floor(f / D.chunk) * D.chunk;
+  s.src = D.chunked + "/" + kind + "-" + start + ".js";
+  s.onload = draw;
+  s.onerror = () => main.replaceChildren(el("p", {class: "dead"}, "cannot read " + s.src));
+  document.body.append(s);
 }
 function front() {
   const h = D.norms, binList = el("div", {id: "bin"}), list = el("div", {id: "list"});
@@ -329,25 +387,24 @@ function front() {
       binList.append(ul);
     }), binList, el("h2", {}, "Integration features, most active first"), list);
   const text = q.value.trim().toLowerCase();
-  const order = D.integration.map((p, g) => [p ? p.rate : -1, g]).sort((a, b) => b[0] - a[0]);
+  const order = D.rates.map((r, g) => [r === null ? -1 : r, g]).sort((a, b) => b[0] - a[0]);
   let shown = 0;
   for (const [rate, g] of order) {
-    const page = D.integration[g];
     if (rate < 0) continue;
-    if (text && !(/^\\d+$/.test(text) ? String(g) === text : matches(page, text))) continue;
+    if (text && !(/^\\d+$/.test(text) ? String(g) === text : matches("int", g, text))) continue;
     if (++shown > 200) { list.append(el("p", {}, "... more: search to narrow")); break; }
     list.append(el("div", {class: "entry"}, link("int", g),
       "  fires on " + (100 * rate).toFixed(3) + " %"));
   }
   if (!shown) list.append(el("p", {}, "no integration feature matches"));
   if (text) {
-    const found = D.identity.map((p, f) => f).filter(f =>
-      /^\\d+$/.test(text) ? String(f) === text : matches(D.identity[f], text)).slice(0, 200);
+    const found = D.find.id.map((_, f) => f).filter(f =>
+      /^\\d+$/.test(text) ? String(f) === text : matches("id", f, text)).slice(0, 200);
     list.append(el("h2", {}, "Identity features matching"), found.length ?
       el("div", {id: "identity-found"}, ...found.flatMap(f => [link("id", f), " "])) :
       el("p", {}, "no identity feature matches"));
   }
-  const dead = D.integration.filter(p => !p).length;
+  const dead = D.rates.filter(r => r === null).length;
   if (dead) list.append(el("p", {class: "dead"}, dead + " integration features never fire " +
     "on the held-out tokens (dead)"));
 }
@@ -363,6 +420,7 @@ function cells(c) {
 function integration(g) {
   const p = D.integration[g];
   main.replaceChildren(el("h2", {}, "Integration feature " + g));
+  if (p === undefined) { main.append(el("p", {}, "no such feature")); return; }
   if (!p) {
     main.append(el("p", {class: "dead"}, "dead: never fires on the held-out tokens"));
     return;
@@ -387,7 +445,7 @@ function integration(g) {
 function identity(f) {
   const p = D.identity[f];
   main.replaceChildren(el("h2", {}, "Identity feature " + f));
-  if (!p) { main.append(el("p", {}, "no such feature")); return; }
+  if (p === undefined) { main.append(el("p", {}, "no such feature")); return; }
   main.append(el("p", {}, "decoder norm " + p.norm + "; fires on " + (100 * p.rate).toFixed(3) +
     " % of held-out tokens"));
   if (!p.top.length) {
@@ -400,7 +458,9 @@ function identity(f) {
 }
 function route() {
   const m = location.hash.match(/^#(int|id)-(\\d+)$/);
-  if (!m) front(); else if (m[1] === "int") integration(+m[2]); else identity(+m[2]);
+  if (!m) front();
+  else if (m[1] === "int") need("int", +m[2], () => integration(+m[2]));
+  else need("id", +m[2], () => identity(+m[2]));
 }
 q.addEventListener("input", () => { if (location.hash) location.hash = ""; else front(); });
 window.addEventListener("hashchange", route);

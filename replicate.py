@@ -742,8 +742,8 @@ def add_browser(report, lm, tokenizer, joint, data, cfg, out):
                f"{len(data['x_eval']):,} held-out tokens")
     page = browser.content(tokenizer, joint, pipeline.secondary, data, (A_PG, cell_P, half_P),
                            design["cells"], summary)
-    browser.write_browser(out / "browser.html", page)
-    report["browser"] = {"bytes": (out / "browser.html").stat().st_size,
+    files = browser.write_browser(out / "browser.html", page)
+    report["browser"] = {"bytes": sum(f.stat().st_size for f in files), "files": len(files),
                          "selection_prompts": half_P.nonzero()[:, 0].tolist()}
 
 
@@ -971,8 +971,9 @@ def run(cfg):
         if cfg.browser:
             add_browser(report, lm, tokenizer, models["joint"], data, cfg, out)
             stage("browser")
-            print(f"wrote {out / 'browser.html'} ({report['browser']['bytes'] / 1e6:.1f} MB): "
-                  f"open it in a browser, offline", file=sys.stderr)
+            print(f"wrote {out / 'browser.html'} ({report['browser']['files']} files, "
+                  f"{report['browser']['bytes'] / 1e6:.1f} MB): open it in a browser, offline",
+                  file=sys.stderr)
         runner.write_json(out / "results.json", report)
         return report
     report = {**runner.new_report(cfg, data, models, previous, timings), "commit": source_commit(),

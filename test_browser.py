@@ -26,7 +26,7 @@ def embedded(html):
 
 def test_embedded_json_cannot_close_its_script_element():
     text = "a </script><script>alert(1)</script> & \u2028 \u2029 é"
-    html = browser.page_html({"vocab": [text]})
+    html = browser.page_html({"vocab": [text], "texts": {}, "identity": [], "integration": []})
     assert "</script><script>alert" not in html and "\u2028" not in html and "é" not in html
     assert embedded(html)["vocab"] == [text]
 
@@ -56,7 +56,8 @@ def test_a_finished_run_gets_a_page_of_its_features(page):
     models, _ = runner.load_run(folder, rp.Config)
     joint = models["joint"]
     assert (folder / "secondary" / "cfg.json").exists()  # stage 3 was trained for it
-    assert "default-src 'none'" in html and report["browser"]["bytes"] == len(html.encode())
+    assert "default-src 'none'" in html and "file:" not in html.split("</head>")[0]
+    assert report["browser"] == {**report["browser"], "files": 1, "bytes": len(html.encode())}
     assert len(data["identity"]) == joint.sae.W_dec.shape[0] == len(sum(data["norms"]["members"],
                                                                          []))
     alive = [g for g, p in enumerate(data["integration"]) if p is not None]
@@ -127,6 +128,12 @@ def chromium():
     driver.quit()
 
 
+def forget_logs(driver):
+    """Drop what earlier tests left in the driver's logs."""
+    driver.get_log("performance")
+    driver.get_log("browser")
+
+
 def requests_made(driver):
     """The URLs the page asked for since the last call."""
     urls = []
@@ -143,6 +150,7 @@ def test_the_page_works_offline_in_chromium(page, chromium):
 
     folder, _, _, data = page
     url = (folder / "browser.html").as_uri()
+    forget_logs(chromium)
     chromium.get(url)
     assert {u.split("#")[0] for u in requests_made(chromium)} <= {url}
     assert [e for e in chromium.get_log("browser") if e["level"] == "SEVERE"] == []
@@ -189,8 +197,33 @@ def test_corpus_text_cannot_break_the_page(page, chromium, tmp_path):
     data["vocab"][data["texts"][str(w)][pos]] = hostile
     path = tmp_path / "browser.html"
     browser.write_browser(path, data)
+    forget_logs(chromium)
     chromium.get(f"{path.as_uri()}#int-{g}")
     shown = chromium.find_element(By.TAG_NAME, "main").text
     assert "</script><img src=x onerror=alert(1)>" in shown
     assert chromium.find_elements(By.TAG_NAME, "img") == []
     assert [e for e in chromium.get_log("browser") if e["level"] == "SEVERE"] == []
+
+
+def test_a_page_past_its_budget_reads_its_features_from_files_beside_it(page, chromium, tmp_path):
+    from selenium.webdriver.common.by import By
+
+    _, _, _, data = page
+    path = tmp_path / "browser.html"
+    files = browser.write_browser(path, data, budget=20_000)
+    html = path.read_text(encoding="utf-8")
+    assert len(files) > 2 and embedded(html)["integration"] is None and len(html) < len(page[2])
+    allowed = {f.as_uri() for f in files}
+    g = next(g for g, p in enumerate(data["integration"]) if p is not None)
+    f = data["integration"][g]["pairs"][0][0]
+    forget_logs(chromium)
+    chromium.get(f"{path.as_uri()}#int-{g}")
+    rows = chromium.find_elements(By.CSS_SELECTOR, "#pairs tr")
+    assert len(rows) == 1 + len(data["integration"][g]["pairs"])
+    chromium.get(f"{path.as_uri()}#id-{f}")
+    assert f"int {g}" in chromium.find_element(By.TAG_NAME, "main").text
+    assert {u.split("#")[0] for u in requests_made(chromium)} <= allowed
+    assert [e for e in chromium.get_log("browser") if e["level"] == "SEVERE"] == []
+    browser.write_browser(path, data)  # within its budget again: one file, the data files gone
+    assert not (tmp_path / "browser_data").exists()
+
