@@ -475,25 +475,21 @@ def fit(model, params, x_train_ND, x_eval_ND, cfg, name, state=None, on_eval=Non
     return history
 
 
-def train_sae(model, x_train_ND, x_eval_ND, cfg, state=None, name="sae", on_eval=None, until=None):
+def train_sae(model, x_train_ND, x_eval_ND, cfg, name="sae", **kw):
     """The SAE alone: the fair baseline (§9.1) and stage 1 of sequential training (replicate.py also
-    trains its parameter-matched twin with it, §9.5)."""
-    return fit(model, model.sae.parameters(), x_train_ND, x_eval_ND, cfg, name, state, on_eval,
-               until)
+    trains its parameter-matched twin with it, §9.5). kw: fit's state, on_eval, until."""
+    return fit(model, model.sae.parameters(), x_train_ND, x_eval_ND, cfg, name, **kw)
 
 
-def train_sequential(model, x_train_ND, x_eval_ND, cfg, state=None, name="sequential", on_eval=None,
-                     until=None):
+def train_sequential(model, x_train_ND, x_eval_ND, cfg, name="sequential", **kw):
     """Stage 2 of sequential training: the SAE is frozen and the NFM fits its residual (§5)."""
     model.sae.requires_grad_(False)
-    return fit(model, model.nfm.parameters(), x_train_ND, x_eval_ND, cfg, name, state, on_eval,
-               until)
+    return fit(model, model.nfm.parameters(), x_train_ND, x_eval_ND, cfg, name, **kw)
 
 
-def train_joint(model, x_train_ND, x_eval_ND, cfg, state=None, name="joint", on_eval=None,
-                until=None):
+def train_joint(model, x_train_ND, x_eval_ND, cfg, name="joint", **kw):
     """SAE and NFM from scratch together on one loss MSE(x_s + linear + interaction, x) (§5)."""
-    return fit(model, model.parameters(), x_train_ND, x_eval_ND, cfg, name, state, on_eval, until)
+    return fit(model, model.parameters(), x_train_ND, x_eval_ND, cfg, name, **kw)
 
 
 def build(cfg, data, sae=None, nfm=None, n_features=None):

@@ -518,7 +518,7 @@ def train_into(folder, model, train, cfg, data, name):
     curve."""
     folder.mkdir(parents=True, exist_ok=True)
     state = TrainState(folder / "train_state.pt")
-    curve = train(model, data["x_train"], data["x_eval"], cfg, state, name=name)
+    curve = train(model, data["x_train"], data["x_eval"], cfg, name=name, state=state)
     save_model(model, folder, sae_metadata(cfg, data["layer"]))
     state.path.unlink()
     return curve
