@@ -104,17 +104,18 @@ def pair_table(joint, secondary, x_BD, g, n=N_PAIRS):
     over the tokens (a pair that does not fire on a token counts 0 there): ([[i, j, mean]], const,
     mean pre-activation)."""
     const, idx_BR, terms_BRR = s34.pair_reading(joint, secondary, x_BD, g)
-    sums = {}
     B, R = idx_BR.shape
-    i_BRR, j_BRR = idx_BR[:, :, None].expand(B, R, R), idx_BR[:, None, :].expand(B, R, R)
     upper = torch.ones(R, R, dtype=torch.bool, device=idx_BR.device).triu(1).expand(B, R, R)
-    for i, j, term in zip(i_BRR[upper].tolist(), j_BRR[upper].tolist(),
-                          terms_BRR[upper].tolist()):
-        key = (min(i, j), max(i, j))
-        sums[key] = sums.get(key, 0.0) + term
-    top = sorted(sums.items(), key=lambda kv: -abs(kv[1]))[:n]
-    pre = const.item() + terms_BRR.sum((1, 2)).mean().item()
-    return [[i, j, s / B] for (i, j), s in top], const.item(), pre
+    i_E = idx_BR[:, :, None].expand(B, R, R)[upper]
+    j_E = idx_BR[:, None, :].expand(B, R, R)[upper]
+    # a pair is the same on every token whichever of its features the code read first
+    width = int(idx_BR.max()) + 1
+    pair_E = torch.minimum(i_E, j_E) * width + torch.maximum(i_E, j_E)
+    pairs_Q, which_E = pair_E.unique(return_inverse=True)
+    mean_Q = terms_BRR[upper].new_zeros(len(pairs_Q)).index_add_(0, which_E, terms_BRR[upper]) / B
+    top = mean_Q.abs().argsort(descending=True)[:n]
+    table = [[int(pairs_Q[q]) // width, int(pairs_Q[q]) % width, float(mean_Q[q])] for q in top]
+    return table, const.item(), const.item() + terms_BRR.sum((1, 2)).mean().item()
 
 
 def cell_summary(a_P, cell_P):
