@@ -965,12 +965,14 @@ def run(cfg):
             add_stage34(report, lm, tokenizer, models["joint"], data, cfg, out)
             s34.plot_stage34(report["stage34"], out)
             stage("stage34")
+            report["timings_s"] = {**report["timings_s"], "stage34": timings["stage34"]}
             print(s34.format_stage34(report["stage34"]))
             print(f"added stages 3-4 to {out / 'results.json'}; wrote stage34.txt, stage34.png, "
                   f"secondary/", file=sys.stderr)
         if cfg.browser:
             add_browser(report, lm, tokenizer, models["joint"], data, cfg, out)
             stage("browser")
+            report["timings_s"] = {**report["timings_s"], "browser": timings["browser"]}
             print(f"wrote {out / 'browser.html'} ({report['browser']['files']} files, "
                   f"{report['browser']['bytes'] / 1e6:.1f} MB): open it in a browser, offline",
                   file=sys.stderr)
