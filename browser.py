@@ -12,6 +12,7 @@ Sections, in the order data flows:
   features   what a page shows of an identity or an integration feature
   page       the HTML: the data embedded as escaped JSON, no network (a Content-Security-Policy),
              drawn by a small script, one feature at a time
+  a run's page  add_to_report: a finished run's joint model, its secondary SAE and the stimuli
 Dimension letters as in dualenc.py; E code entries, G integration features, P prompts.
 """
 
@@ -24,6 +25,8 @@ from typing import NamedTuple
 import torch
 from tqdm.auto import tqdm
 
+import dualenc as de
+import runner
 import stages34 as s34
 import stats as st
 
@@ -468,3 +471,40 @@ window.addEventListener("hashchange", route);
 route();
 </script></body></html>
 """
+
+
+# ----------------------------------------------------------------------------- a run's page
+
+def add_to_report(report, lm, tokenizer, joint, data, cfg, out):
+    """A run's browser.html (replicate.py --eval-only RUN_DIR --browser), its size into
+    report["browser"]: the run's joint model and its secondary SAE (stage 3's, trained first if the
+    run has none), with each integration feature's cell means on the stimulus prompts, split into
+    the halves stage 4 chose on (or, for a run without stage 4, halves drawn from cfg.seed)."""
+    if (out / "secondary" / "cfg.json").exists():
+        secondary = runner.load_model(out / "secondary").to(data["x_eval"].device)
+        pipeline = s34.IntegrationPipeline(joint, secondary).eval()
+    else:
+        generator = torch.Generator().manual_seed(cfg.seed)
+        pipeline, _, _ = s34.stage3(lm, joint, data, cfg, out, generator)
+    design = s34.load_stimuli(s34.read_stimuli(cfg.stimuli), tokenizer)
+    cell_P = torch.tensor([c for _, c in design["prompt_ids"]])
+
+    def keep_fn(h_BTD):
+        return de.keep_mask(h_BTD.norm(dim=-1), data["max_norm"])
+
+    A_PG = s34.stimulus_codes(lm, data["layer"], pipeline, design, keep_fn)
+    chosen = report.get("stage34", {}).get("design", {}).get("selection_prompts")
+    if chosen is None:
+        half_P = st.split_halves(cell_P, torch.Generator().manual_seed(cfg.seed))
+    else:
+        half_P = torch.zeros(len(cell_P), dtype=torch.bool)
+        half_P[chosen] = True
+    summary = (f"{cfg.model}, block {data['layer']}: the joint model's {joint.sae.k}-sparse code "
+               f"of {joint.sae.W_dec.shape[0]:,} identity features and stage 3's "
+               f"{pipeline.secondary.sae.W_dec.shape[0]:,} integration features, on "
+               f"{len(data['x_eval']):,} held-out tokens")
+    page = content(tokenizer, joint, pipeline.secondary, data, (A_PG, cell_P, half_P),
+                   design["cells"], summary)
+    files = write_browser(out / "browser.html", page)
+    report["browser"] = {"bytes": sum(f.stat().st_size for f in files), "files": len(files),
+                         "selection_prompts": half_P.nonzero()[:, 0].tolist()}

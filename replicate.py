@@ -713,40 +713,6 @@ def add_stage34(report, lm, tokenizer, joint, data, cfg, out):
                         lambda p: p.write_text(s34.format_stage34(report["stage34"]) + "\n"))
 
 
-def add_browser(report, lm, tokenizer, joint, data, cfg, out):
-    """browser.html: the run's joint model and its secondary SAE (stage 3's, trained first if the
-    run has none), with each integration feature's cell means on the stimulus prompts, split into
-    the halves stage 4 chose on (or, for a run without stage 4, halves drawn from cfg.seed)."""
-    if (out / "secondary" / "cfg.json").exists():
-        secondary = runner.load_model(out / "secondary").to(data["x_eval"].device)
-        pipeline = s34.IntegrationPipeline(joint, secondary).eval()
-    else:
-        generator = torch.Generator().manual_seed(cfg.seed)
-        pipeline, _, _ = s34.stage3(lm, joint, data, cfg, out, generator)
-    design = s34.load_stimuli(s34.read_stimuli(cfg.stimuli), tokenizer)
-    cell_P = torch.tensor([c for _, c in design["prompt_ids"]])
-
-    def keep_fn(h_BTD):
-        return de.keep_mask(h_BTD.norm(dim=-1), data["max_norm"])
-
-    A_PG = s34.stimulus_codes(lm, data["layer"], pipeline, design, keep_fn)
-    chosen = report.get("stage34", {}).get("design", {}).get("selection_prompts")
-    if chosen is None:
-        half_P = st.split_halves(cell_P, torch.Generator().manual_seed(cfg.seed))
-    else:
-        half_P = torch.zeros(len(cell_P), dtype=torch.bool)
-        half_P[chosen] = True
-    summary = (f"{cfg.model}, block {data['layer']}: the joint model's {joint.sae.k}-sparse code "
-               f"of {joint.sae.W_dec.shape[0]:,} identity features and stage 3's "
-               f"{pipeline.secondary.sae.W_dec.shape[0]:,} integration features, on "
-               f"{len(data['x_eval']):,} held-out tokens")
-    page = browser.content(tokenizer, joint, pipeline.secondary, data, (A_PG, cell_P, half_P),
-                           design["cells"], summary)
-    files = browser.write_browser(out / "browser.html", page)
-    report["browser"] = {"bytes": sum(f.stat().st_size for f in files), "files": len(files),
-                         "selection_prompts": half_P.nonzero()[:, 0].tolist()}
-
-
 def window_resamples(cfg, n_eval_windows, n_splice_windows):
     """One resample of the windows for every seed and model, so that the bootstrap is paired
     (§9.6)."""
@@ -970,7 +936,7 @@ def run(cfg):
             print(f"added stages 3-4 to {out / 'results.json'}; wrote stage34.txt, stage34.png, "
                   f"secondary/", file=sys.stderr)
         if cfg.browser:
-            add_browser(report, lm, tokenizer, models["joint"], data, cfg, out)
+            browser.add_to_report(report, lm, tokenizer, models["joint"], data, cfg, out)
             stage("browser")
             report["timings_s"] = {**report["timings_s"], "browser": timings["browser"]}
             print(f"wrote {out / 'browser.html'} ({report['browser']['files']} files, "
