@@ -25,7 +25,6 @@ from typing import NamedTuple
 import torch
 from tqdm.auto import tqdm
 
-import dualenc as de
 import runner
 import stages34 as s34
 import stats as st
@@ -487,12 +486,9 @@ def add_to_report(report, lm, tokenizer, joint, data, cfg, out):
         generator = torch.Generator().manual_seed(cfg.seed)
         pipeline, _, _ = s34.stage3(lm, joint, data, cfg, out, generator)
     design = s34.load_stimuli(s34.read_stimuli(cfg.stimuli), tokenizer)
-    cell_P = torch.tensor([c for _, c in design["prompt_ids"]])
-
-    def keep_fn(h_BTD):
-        return de.keep_mask(h_BTD.norm(dim=-1), data["max_norm"])
-
-    A_PG = s34.stimulus_codes(lm, data["layer"], pipeline, design, keep_fn)
+    cell_P = design["cell_P"]
+    A_PG = s34.stimulus_codes(lm, data["layer"], pipeline, design,
+                              s34.kept_positions(data["max_norm"]))
     chosen = report.get("stage34", {}).get("design", {}).get("selection_prompts")
     if chosen is None:
         half_P = st.split_halves(cell_P, torch.Generator().manual_seed(cfg.seed))

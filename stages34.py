@@ -196,8 +196,8 @@ def read_stimuli(path):
 
 
 def load_stimuli(spec, tokenizer):
-    """The design's prompts as (token ids, cell index) and each cell's words as token ids; a word
-    that is not a single token after a space is a one-line error."""
+    """The design's prompts as (token ids, cell index), their cells (cell_P), and each cell's words
+    as token ids; a word that is not a single token after a space is a one-line error."""
     word_ids = {}
     for c in spec["cells"]:
         ids = [tokenizer(" " + w, add_special_tokens=False)["input_ids"] for w in spec["words"][c]]
@@ -208,7 +208,8 @@ def load_stimuli(spec, tokenizer):
         word_ids[c] = torch.tensor([i[0] for i in ids])
     prompts = [(torch.tensor(tokenizer(p)["input_ids"]), i)
                for i, c in enumerate(spec["cells"]) for p in spec["prompts"][c]]
-    return {**spec, "prompt_ids": prompts, "word_ids": word_ids}
+    return {**spec, "prompt_ids": prompts, "word_ids": word_ids,
+            "cell_P": torch.tensor([c for _, c in prompts])}
 
 
 # ----------------------------------------------------------------------------- intervention
@@ -259,6 +260,14 @@ def intervention_effect(lm, layer, prompts, word_ids, pipeline, keep_fn, scale, 
     return changes, inter
 
 
+def kept_positions(max_norm):
+    """keep_fn for a stimulus prompt's block output h: the positions the models were trained and
+    evaluated on (not position 0, no massive norm, §2)."""
+    def keep_fn(h_BTD):
+        return de.keep_mask(h_BTD.norm(dim=-1), max_norm)
+    return keep_fn
+
+
 @torch.no_grad()
 def stimulus_codes(lm, layer, pipeline, design, keep_fn):
     """Each stimulus prompt's integration features, the secondary code averaged over the prompt's
@@ -299,11 +308,7 @@ def stage34(lm, tokenizer, joint, data, cfg, out, generator):
     # stage 4: which integration features track the 2 x 2 design, chosen on one half, tested on the
     # other
     design = load_stimuli(read_stimuli(cfg.stimuli), tokenizer)
-    cell_P = torch.tensor([c for _, c in design["prompt_ids"]])
-
-    def keep_fn(h_BTD):
-        return de.keep_mask(h_BTD.norm(dim=-1), data["max_norm"])
-
+    keep_fn, cell_P = kept_positions(data["max_norm"]), design["cell_P"]
     A_PF = stimulus_codes(lm, layer, pipeline, design, keep_fn)
     selected, sel, test = st.select_and_test(A_PF, cell_P, cfg.n_boot, generator)
 
