@@ -45,6 +45,7 @@ class Codes(NamedTuple):
     token: torch.Tensor  # [E]
     value: torch.Tensor  # [E]
     start: torch.Tensor  # [F + 1]
+    n_tokens: int  # the tokens coded, those with no active feature too
 
     def of(self, f):
         return slice(int(self.start[f]), int(self.start[f + 1]))
@@ -70,8 +71,8 @@ def sparse_codes(encode, x_ND, n_features, batch_size=4096):
     by_value = value_E.argsort(descending=True, stable=True)
     order = by_value[feature_E[by_value].argsort(stable=True)]
     counts_F = torch.bincount(feature_E, minlength=n_features)
-    return Codes(token_E[order], value_E[order], torch.cat([counts_F.new_zeros(1),
-                                                            counts_F.cumsum(0)]))
+    return Codes(token_E[order], value_E[order],
+                 torch.cat([counts_F.new_zeros(1), counts_F.cumsum(0)]), start)
 
 
 # ----------------------------------------------------------------------------- features
@@ -135,12 +136,12 @@ def cell_summary(a_P, cell_P):
 def identity_features(codes, norms_F, used_by):
     """What each identity feature's page shows: rate (per held-out token), decoder norm, largest
     activation, top contexts, and the integration features that read it."""
-    n_tokens = int(codes.token.max()) + 1 if len(codes.token) else 1
     pages = []
     for f in range(len(norms_F)):
         top = contexts(codes, f)
         largest = top[0][1] if top else 0.0
-        pages.append({"rate": round(codes.count(f) / n_tokens, 6), "norm": round(norms_F[f], 4),
+        pages.append({"rate": round(codes.count(f) / codes.n_tokens, 6),
+                      "norm": round(norms_F[f], 4),
                       "max": round(largest, 4), "top": [[t, quantised(v, largest)] for t, v in top],
                       "used_by": sorted(used_by.get(f, []))})
     return pages
@@ -150,7 +151,6 @@ def integration_features(codes, joint, secondary, x_eval, stimulus=None):
     """What each integration feature's page shows (None for one that never fires): rate, largest
     activation, histogram, top and weaker contexts, its pair table, and, given the stimulus
     prompts' codes (A_PG, cell_P, half_P), its 2 x 2 cell means on each half."""
-    n_tokens = int(codes.token.max()) + 1 if len(codes.token) else 1
     pages = []
     for g in tqdm(range(len(codes.start) - 1), desc="integration features", leave=False):
         if codes.count(g) == 0:
@@ -160,7 +160,7 @@ def integration_features(codes, joint, secondary, x_eval, stimulus=None):
         largest = top[0][1]
         x_BD = x_eval[torch.tensor([t for t, _ in top[:N_TOP]])]
         pairs, const, pre = pair_table(joint, secondary, x_BD, g)
-        page = {"rate": round(codes.count(g) / n_tokens, 6), "max": round(largest, 4),
+        page = {"rate": round(codes.count(g) / codes.n_tokens, 6), "max": round(largest, 4),
                 "hist": histogram(codes.value[codes.of(g)]),
                 "top": [[t, quantised(v, largest)] for t, v in top[:N_TOP]],
                 "weaker": [[t, quantised(v, largest)] for t, v in top[N_TOP:]],

@@ -32,11 +32,12 @@ def test_embedded_json_cannot_close_its_script_element():
 
 
 def test_codes_are_grouped_by_feature_largest_first():
-    vals_BK = torch.tensor([[3.0, 1.0], [2.0, 0.0], [5.0, 4.0]])
-    idx_BK = torch.tensor([[0, 2], [2, 1], [2, 0]])
+    vals_BK = torch.tensor([[3.0, 1.0], [2.0, 0.0], [5.0, 4.0], [0.0, 0.0]])
+    idx_BK = torch.tensor([[0, 2], [2, 1], [2, 0], [1, 3]])
     codes = browser.sparse_codes(lambda x: (vals_BK[x[:, 0].long()], idx_BK[x[:, 0].long()]),
-                                 torch.arange(3.0)[:, None], n_features=4, batch_size=2)
+                                 torch.arange(4.0)[:, None], n_features=4, batch_size=2)
     assert [codes.count(f) for f in range(4)] == [2, 0, 3, 0]  # the 0 in token 1 is not a code
+    assert codes.n_tokens == 4  # token 3 has no active feature, and still counts in the rates
     assert codes.token[codes.of(2)].tolist() == [2, 1, 0]
     assert codes.value[codes.of(2)].tolist() == [5.0, 2.0, 1.0]
 
