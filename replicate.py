@@ -931,17 +931,17 @@ def run(cfg):
             add_stage34(report, lm, tokenizer, models["joint"], data, cfg, out)
             s34.plot_stage34(report["stage34"], out)
             stage("stage34")
-            report["timings_s"] = {**report["timings_s"], "stage34": timings["stage34"]}
             print(s34.format_stage34(report["stage34"]))
             print(f"added stages 3-4 to {out / 'results.json'}; wrote stage34.txt, stage34.png, "
                   f"secondary/", file=sys.stderr)
         if cfg.browser:
             browser.add_to_report(report, lm, tokenizer, models["joint"], data, cfg, out)
             stage("browser")
-            report["timings_s"] = {**report["timings_s"], "browser": timings["browser"]}
             print(f"wrote {out / 'browser.html'} ({report['browser']['files']} files, "
                   f"{report['browser']['bytes'] / 1e6:.1f} MB): open it in a browser, offline",
                   file=sys.stderr)
+        added = {k: timings[k] for k in ("stage34", "browser") if k in timings}
+        report["timings_s"] = {**previous["timings_s"], **added}  # the run's own times stand
         runner.write_json(out / "results.json", report)
         return report
     report = {**runner.new_report(cfg, data, models, previous, timings), "commit": source_commit(),
