@@ -355,7 +355,8 @@ function histogram(counts, width, height, onbar) {
   });
   return svg;
 }
-function matches(kind, f, text) {
+function matches(kind, f, text) {  // a number is a feature's; other text, a token of its contexts
+  if (/^\\d+$/.test(text)) return String(f) === text;
   return D.find[kind][f].some(i => D.vocab[i].toLowerCase().includes(text));
 }
 if (D.chunked) {  // the feature pages live in data files beside the page, read when shown
@@ -394,15 +395,14 @@ function front() {
   let shown = 0;
   for (const [rate, g] of order) {
     if (rate < 0) continue;
-    if (text && !(/^\\d+$/.test(text) ? String(g) === text : matches("int", g, text))) continue;
+    if (text && !matches("int", g, text)) continue;
     if (++shown > 200) { list.append(el("p", {}, "... more: search to narrow")); break; }
     list.append(el("div", {class: "entry"}, link("int", g),
       "  fires on " + (100 * rate).toFixed(3) + " %"));
   }
   if (!shown) list.append(el("p", {}, "no integration feature matches"));
   if (text) {
-    const found = D.find.id.map((_, f) => f).filter(f =>
-      /^\\d+$/.test(text) ? String(f) === text : matches("id", f, text)).slice(0, 200);
+    const found = D.find.id.map((_, f) => f).filter(f => matches("id", f, text)).slice(0, 200);
     list.append(el("h2", {}, "Identity features matching"), found.length ?
       el("div", {id: "identity-found"}, ...found.flatMap(f => [link("id", f), " "])) :
       el("p", {}, "no identity feature matches"));
