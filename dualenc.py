@@ -1,14 +1,10 @@
 """dualenc: identity SAE + integration network (NFM), trained sequentially and jointly.
 
 The method of O. Claflin, "Feature Integration Spaces: Joint Training Reveals Dual Encoding in
-Neural Network Representations" (arXiv 2507.00269), in one file to read top to bottom. An SAE
-explains an activation as a sparse sum of feature directions ("identity"); a Neural Factorization
-Machine reads the same sparse code and adds what depends on which features fire together
-("integration"). METHOD.md (shared with this project) states the method; the sections cite it as §N.
-
-This file is the method and nothing else: runner.py beside it reads text, loads the LM, keeps run
-folders and checkpoints and derives the command line from Config; replicate.py is the referee.
-Sections, in the order data flows:
+Neural Network Representations" (arXiv 2507.00269; METHOD.md, cited as §N): an SAE explains an
+activation as a sparse sum of feature directions ("identity"); a Neural Factorization Machine reads
+the same code and adds what depends on which features fire together ("integration"). The method
+only (runner.py: text, LM, runs, flags; replicate.py: referee). Sections, in the order data flows:
   settings      Config: the method's settings
   extraction    the block hook, block-L activations, the keep mask and the z-score (§2)
   identity SAE  TopKEncode (the sparse backward, §15), TopKSAE (§3)
@@ -16,9 +12,8 @@ Sections, in the order data flows:
   dual encoder  DualEncoder: z-score + SAE + NFM, with switchable pathways (§5)
   training      train_step, fit, and the three regimes side by side: sae, sequential, joint
   evaluation    evaluate (MSE, FVU), splice_metrics (per-token KL / CE), eps_random, evaluate_models
-`python dualenc.py` runs it end to end (extract, train the three, evaluate, print the table) through
-runner.py. Dimension letters in names and shape comments: N windows (or tokens), T tokens per
-window, B batch, D d_model, F features, K active features, M embedding dim, V vocabulary.
+Dimension letters in names and shape comments: N windows (or tokens), T tokens per window, B batch,
+D d_model, F features, K active features, M embedding dim, V vocabulary.
 """
 
 import math
@@ -44,8 +39,7 @@ def setting(default, help, metavar=None):
 
 @dataclass
 class Config:
-    """The method's settings: the models and how they train. runner.RunConfig adds the data's
-    (model, layer, text, tokens) and the run's; replicate.Config the referee's."""
+    """The method's settings; runner.RunConfig adds the data's and the run's."""
 
     POSITIVE = ("features", "k", "embed_dim", "epochs", "batch_size", "eval_every")
 
@@ -70,9 +64,8 @@ class Config:
 
     def __post_init__(self):
         for name in self.POSITIVE:
-            if getattr(self, name) <= 0:
-                raise DualencError(f"--{name.replace('_', '-')} must be positive, "
-                                   f"got {getattr(self, name)}")
+            if (value := getattr(self, name)) <= 0:
+                raise DualencError(f"--{name.replace('_', '-')} must be positive, got {value}")
         if not (self.lr > 0 and self.outlier_factor > 0 and 0 <= self.dropout < 1):
             raise DualencError("--lr and --outlier-factor must be positive and --dropout in [0, 1)")
         if self.sae_init not in TopKSAE.INITS:
@@ -88,8 +81,7 @@ class Config:
 # ----------------------------------------------------------------------------- extraction
 
 def decoder_blocks(lm):
-    """The ModuleList of decoder blocks, found by its length (Llama: model.layers, GPT-2:
-    transformer.h, ...), so any transformers causal LM works without a per-architecture table."""
+    """The ModuleList of decoder blocks, found by its length: any causal LM, no per-model table."""
     n = lm.config.num_hidden_layers
     blocks = [m for m in lm.modules() if isinstance(m, nn.ModuleList) and len(m) == n]
     if not blocks:
@@ -99,11 +91,9 @@ def decoder_blocks(lm):
 
 @contextmanager
 def block_hook(lm, layer, fn):
-    """While active, every forward calls fn(h) on the OUTPUT of decoder block `layer` (h: [B, T,
-    D]); a tensor returned replaces h for the rest of the model. The one place that reads or writes
-    the residual stream, for extraction and splicing alike (§2: not output_hidden_states, off by one
-    and normed at the end). A block returns a tensor or a tuple (h, ...) depending on the
-    transformers version; the yielded dict records which ("tuple") once the hook has fired."""
+    """While active, every forward calls fn(h) on block `layer`'s OUTPUT h [B, T, D]; a returned
+    tensor replaces h. The one hook on the residual stream (§2: not output_hidden_states, off by
+    one and normed). Once fired, info["tuple"] says if blocks return (h, ...) rather than h."""
     blocks = decoder_blocks(lm)
     if not 0 <= layer < len(blocks):
         raise DualencError(f"--layer {layer} is outside the model's blocks 0..{len(blocks) - 1}")
@@ -127,8 +117,7 @@ class _StopForward(Exception):
 
 
 def run_to_block(lm, input_ids_BT, layer, fn=None):
-    """Run the LM up to block `layer` only, calling fn(h) on its output; returns block_hook's
-    info."""
+    """Run the LM through block `layer`, calling fn(h) on its output; returns block_hook's info."""
     def stop(h):
         if fn is not None:
             fn(h)
@@ -145,8 +134,7 @@ def run_to_block(lm, input_ids_BT, layer, fn=None):
 @torch.no_grad()
 def extract_activations(lm, input_ids_NT, layer, batch_size=16):
     """Block-`layer` outputs [N, T, D] (fp32, on the LM's device) for the windows input_ids_NT."""
-    device = next(lm.parameters()).device
-    captured = []
+    device, captured = next(lm.parameters()).device, []
     batches = range(0, len(input_ids_NT), batch_size)
     for i in tqdm(batches, desc="extract", leave=False, disable=len(batches) == 1):
         ids_BT = input_ids_NT[i:i + batch_size].to(device)
@@ -158,8 +146,7 @@ def extract_activations(lm, input_ids_NT, layer, batch_size=16):
 
 
 def keep_mask(norms_NT, max_norm):
-    """Positions to train and evaluate on: not position 0 and norm <= max_norm (§2 massive
-    activations, attention sinks)."""
+    """Not position 0 (attention sink) and norm <= max_norm (massive activations, §2)."""
     keep_NT = norms_NT <= max_norm
     keep_NT[:, 0] = False
     return keep_NT
@@ -171,10 +158,8 @@ def fit_normalisation(x_ND):
 
 
 def split_activations(acts_NTD, n_train, outlier_factor):
-    """Drop position 0 and massive-norm tokens (threshold from the training windows), z-score with
-    the training statistics, and split: the first n_train windows train, the rest are held out. Each
-    held-out token keeps the index of its window (eval_window): windows are the independent
-    units."""
+    """keep_mask and z-score fitted on the first n_train windows (training), the rest held out;
+    eval_window gives each held-out token's window, the independent unit."""
     norms_NT = acts_NTD.norm(dim=-1)
     max_norm = outlier_factor * norms_NT[:n_train, 1:].median().item()
     keep_NT = keep_mask(norms_NT, max_norm)
@@ -191,14 +176,11 @@ def split_activations(acts_NTD, n_train, outlier_factor):
 # ----------------------------------------------------------------------------- identity SAE
 
 class TopKEncode(torch.autograd.Function):
-    """f = TopK_k(ReLU(x W_enc + b_enc)) as (values, indices) [B, K], with a backward through the k
-    selected entries only (§15). With g = grad_f * [f > 0] (ReLU's mask; TopK passes nothing
-    elsewhere):
+    """f = TopK_k(ReLU(x W_enc + b_enc)) as (values, indices) [B, K]; the backward runs through the
+    k selected only (§15), O(B K D), not autograd's two O(B F D) GEMMs. With g = grad_f * [f > 0]:
         grad_b_enc[i]    = sum_{(b,j): idx_bj = i} g_bj
         grad_x[b]        = sum_j g_bj W_enc[:, idx_bj]        an embedding_bag over W_enc^T
-        grad_W_enc[:, i] = sum_{(b,j): idx_bj = i} g_bj x_b   that embedding_bag's weight gradient
-    O(B K D) where autograd's backward is two dense O(B F D) GEMMs; no [B, F] or [B, K, D]
-    tensor."""
+        grad_W_enc[:, i] = sum_{(b,j): idx_bj = i} g_bj x_b   its weight gradient"""
 
     @staticmethod
     def forward(ctx, x_BD, W_enc_DF, b_enc_F, k):
@@ -232,15 +214,11 @@ class TopKSAE(nn.Module):
     """The identity SAE (§3):
         f   = TopK_k( ReLU( W_enc x + b_enc ) )    the k largest, kept as (values, indices)
         x_s = W_dec f + b_dec
-    The paper's choices: free decoder norms (§7 needs them), no sparsity penalty, and its init
-    (init="paper"): the decoder is nn.Linear(F, D)'s default, uniform(+-1/sqrt(F)), so a row has
-    norm about sqrt(D / 3F), and the encoder its transpose; init="unit" (unit-norm rows) trains
-    15-20 % worse at short length (§3). Not used (Gao et al. 2024): b_dec subtracted before
-    encoding, unit-norm decoder columns, the AuxK loss. b_dec is the reconstruction's only output
-    bias (see NFM). W_dec is stored [F, D] (SAELens' layout), so decoding the k active features is
-    an embedding_bag: ~5x faster than a dense [B, F] @ [F, D] matmul on CPU (measured, fwd + bwd);
-    encoding keeps the dense GEMM (every pre-activation competes in TopK) but its backward is sparse
-    (TopKEncode)."""
+    The paper's: free decoder norms (§7 needs them), no sparsity penalty, init "paper" (decoder as
+    nn.Linear(F, D)'s default uniform(+-1/sqrt(F)), row norm ~sqrt(D / 3F), encoder its transpose;
+    "unit", unit-norm rows, trains 15-20 % worse in short runs). Not Gao et al.'s: b_dec subtracted
+    before encoding, unit-norm decoder columns, AuxK. W_dec is [F, D] (SAELens'): decoding is an
+    embedding_bag (~5x a dense matmul's speed on CPU); encoding is dense: all compete in TopK."""
 
     INITS = ("paper", "unit")
 
@@ -250,8 +228,7 @@ class TopKSAE(nn.Module):
             raise ValueError(f"init must be one of {self.INITS}, got {init!r}")
         self.k = k
         if init == "paper":
-            # nn.Linear's kaiming_uniform(a=sqrt(5)) is uniform(+-1/sqrt(fan_in))
-            bound = n_features ** -0.5
+            bound = n_features ** -0.5  # nn.Linear's kaiming_uniform(a=sqrt(5)): 1/sqrt(fan_in)
             W_dec_FD = torch.empty(n_features, d_model).uniform_(-bound, bound)
         else:
             W_dec_FD = F.normalize(torch.randn(n_features, d_model), dim=-1)
@@ -286,13 +263,10 @@ class NFM(nn.Module):
         pair(f)        = 1/2 [ (sum_i f_i v_i)^2 - sum_i (f_i v_i)^2 ]
                        = sum_{i<j} f_i f_j (v_i * v_j)
         interaction(f) = W_2 Dropout(ReLU(W_1 pair(f) + c_1))               M -> M -> D
-    It reads the n_read largest of the k active codes (paper: 512 of 1024). Both sums of pair(f) are
-    embedding_bags over the active features: O(B K M), and no [B, F, M] (nor [B, K, M]) tensor is
-    built. Init (paper): v ~ N(0, 0.05^2), weights ~ N(0, 0.01^2). The paper's b_lin and MLP output
-    bias c_2 would be two more copies of the SAE's b_dec (the trained copies come out identical),
-    and zeroing a pathway would take part of the bias with it, so b_dec is the only one; in
-    sequential training the frozen b_dec already makes the residual mean-zero. linear=False: no
-    linear term (§9.3 ablation)."""
+    over the n_read largest active codes; pair's sums are embedding_bags, O(B K M), no [B, F, M].
+    Init (paper): v ~ N(0, 0.05^2), weights ~ N(0, 0.01^2). No b_lin, c_2 (paper's output biases):
+    copies of the SAE's b_dec (trained, identical) that zeroing a pathway would partly take away;
+    the frozen b_dec already centres sequential's residual. linear=False: no linear term (§9.3)."""
 
     def __init__(self, n_features, d_model, embed_dim, n_read=None, dropout=0.15, linear=True):
         super().__init__()
@@ -329,8 +303,7 @@ class NFM(nn.Module):
         return F.embedding_bag(idx_BK, self.W_lin, per_sample_weights=vals_BK, mode="sum")
 
     def forward(self, vals_BK, idx_BK):
-        """(linear(f), interaction(f)), each [B, D], from the n_read largest codes; linear is zeros
-        when the model has none."""
+        """(linear(f), interaction(f)), each [B, D]; linear is zeros when the model has none."""
         vals_BK, idx_BK = self.read(vals_BK, idx_BK)
         # interaction first: autograd then sums the codes' gradients in the trained models' order
         interaction_BD = self.mlp[1:](self.hidden(vals_BK, idx_BK))
@@ -343,11 +316,8 @@ PATHWAYS = ("linear", "interaction")
 
 
 class DualEncoder(nn.Module):
-    """One reconstruction model (§5):
-        x_hat = x_s + linear(f) + interaction(f)
-    with nfm=None for a plain SAE; `pathways` switches NFM terms off (ablations, the SAE path
-    alone). It works in the z-scored space; the statistics (§2) live here as buffers, so
-    reconstruct() maps a raw block output to a raw reconstruction, ready to splice."""
+    """x_hat = x_s + linear(f) + interaction(f) (§5; nfm=None: a plain SAE), pathways switchable,
+    in the z-scored space; the statistics (§2) are buffers, so reconstruct() maps raw to raw."""
 
     def __init__(self, sae, nfm=None, mean_D=None, std_D=None):
         super().__init__()
@@ -359,12 +329,9 @@ class DualEncoder(nn.Module):
 
     def forward(self, x_BD):
         x_hat_BD, code = self.sae(x_BD)
-        if self.nfm is not None and self.pathways:
-            linear_BD, interaction_BD = self.nfm(*code)
-            if "linear" in self.pathways:
-                x_hat_BD = x_hat_BD + linear_BD
-            if "interaction" in self.pathways:
-                x_hat_BD = x_hat_BD + interaction_BD
+        if self.nfm is not None and self.pathways:  # x_s + linear + interaction, that order
+            terms = zip(PATHWAYS, self.nfm(*code))
+            x_hat_BD = sum((t_BD for name, t_BD in terms if name in self.pathways), x_hat_BD)
         return x_hat_BD
 
     def normalize(self, h):
@@ -389,15 +356,13 @@ def pathways(model, *names):
 # ----------------------------------------------------------------------------- training
 
 def lr_at(step, steps, cfg):
-    """Paper schedule (§5): linear decay from lr to lr_end * lr over decay_frac of the steps, then
-    flat."""
+    """Paper schedule (§5): lr decays linearly to lr_end * lr over decay_frac of the steps."""
     t = min(step / max(1, cfg.decay_frac * steps), 1.0)
     return cfg.lr * (1 - t * (1 - cfg.lr_end))
 
 
 def train_step(model, optimiser, x_BD):
-    """One optimiser step on MSE(x_hat, x). With the SAE frozen this is the sequential objective
-    MSE(linear + interaction, x - x_s) exactly, since x_s is then a constant."""
+    """One step on MSE(x_hat, x); SAE frozen, this is exactly MSE(linear + interaction, x - x_s)."""
     loss = F.mse_loss(model(x_BD), x_BD)
     optimiser.zero_grad(set_to_none=True)
     loss.backward()
@@ -421,8 +386,7 @@ def mean_token(x_ND, batch_size=4096):
 
 
 def evaluate(model, x_ND):
-    """Held-out reconstruction in the normalised space (§6): MSE per element, and
-    FVU = sum ||x - x_hat||^2 / sum ||x - mean(x)||^2 (centred)."""
+    """z-scored MSE per element and FVU = sum ||x - x_hat||^2 / sum ||x - mean(x)||^2 (§6)."""
     sse = sq_errors(model, x_ND).sum()
     mean_D = mean_token(x_ND)
     sst = sum((x_BD - mean_D).square().sum() for x_BD in x_ND.split(4096))
@@ -430,12 +394,9 @@ def evaluate(model, x_ND):
 
 
 def fit(model, params, x_train_ND, x_eval_ND, cfg, name, state=None, on_eval=None, until=None):
-    """Adam on MSE(x_hat, x) over `params`: the same seed gives every model the same batches and
-    steps. Evaluates every eval_every steps and at the last; returns the history of (step, train
-    loss, held-out mse, fvu). on_eval(step, model) is called after each evaluation. `state`
-    (runner's TrainState, or None) resumes training where it was saved and saves it at each
-    evaluation. With until, training stops after that step, part-way through the whole run's
-    schedule."""
+    """Adam on MSE(x_hat, x) over `params`, the same batches and steps for every model of a seed;
+    evaluates every eval_every steps and at the last, then on_eval(step, model). `state` (runner's
+    TrainState) resumes and is saved at each; `until` stops after that step. Returns the history."""
     params = [p for p in params if p.requires_grad]
     # fused: one kernel for all parameters, ~7x faster than the default Adam step on CPU (measured)
     optimiser = torch.optim.Adam(params, lr=cfg.lr, betas=(0.9, 0.999), fused=True)
@@ -476,8 +437,7 @@ def fit(model, params, x_train_ND, x_eval_ND, cfg, name, state=None, on_eval=Non
 
 
 def train_sae(model, x_train_ND, x_eval_ND, cfg, name="sae", **kw):
-    """The SAE alone: the fair baseline (§9.1) and stage 1 of sequential training (replicate.py also
-    trains its parameter-matched twin with it, §9.5). kw: fit's state, on_eval, until."""
+    """The SAE alone: the baseline (§9.1, and §9.5's twin) and sequential's stage 1. kw: fit's."""
     return fit(model, model.sae.parameters(), x_train_ND, x_eval_ND, cfg, name, **kw)
 
 
@@ -494,22 +454,18 @@ def train_joint(model, x_train_ND, x_eval_ND, cfg, name="joint", **kw):
 
 def build(cfg, data, sae=None, nfm=None, n_features=None):
     """A fresh model from cfg.seed: a TopK SAE of n_features (default cfg.features), or the given
-    one, and nfm None, "linear" (the NFM of §4) or "interaction" (without its linear term, §9.3)."""
+    one, and nfm None, "linear" (the NFM of §4) or "interaction" (no linear term, §9.3)."""
     d_model = data["x_train"].shape[1]
     torch.manual_seed(cfg.seed)
     if sae is None:
         sae = TopKSAE(d_model, n_features or cfg.features, cfg.k, cfg.sae_init)
-    network = None
-    if nfm is not None:
-        network = NFM(cfg.features, d_model, cfg.embed_dim, cfg.nfm_k, cfg.dropout,
-                      linear=nfm == "linear")
+    network = None if nfm is None else NFM(cfg.features, d_model, cfg.embed_dim, cfg.nfm_k,
+                                           cfg.dropout, linear=nfm == "linear")
     return DualEncoder(sae, network, data["mean"], data["std"]).to(data["x_train"].device)
 
 
 def recipes(cfg, data):
-    """The three regimes side by side, in training order: name -> (make(the models trained so far),
-    train). Every model starts from cfg.seed and sees the same batches and steps; sequential's NFM
-    reads the finished SAE's code, joint learns its own SAE beside its NFM."""
+    """The three regimes in training order: name -> (make(the models trained so far), train)."""
     return {"sae": (lambda done: build(cfg, data), train_sae),
             "sequential": (lambda done: build(cfg, data, sae=done["sae"].sae, nfm="linear"),
                            train_sequential),
@@ -519,16 +475,13 @@ def recipes(cfg, data):
 # ----------------------------------------------------------------------------- evaluation
 
 def eps_random(h, h_hat, generator=None):
-    """Gurnee's epsilon-random baseline (§6): per token, an error of the norm of h_hat - h in a
-    uniformly random direction."""
+    """Gurnee's epsilon-random baseline (§6): per token, h_hat - h's norm in a random direction."""
     noise = torch.randn(h.shape, generator=generator, device=h.device, dtype=h.dtype)
-    u = F.normalize(noise, dim=-1)
-    return h + (h_hat - h).norm(dim=-1, keepdim=True) * u
+    return h + (h_hat - h).norm(dim=-1, keepdim=True) * F.normalize(noise, dim=-1)
 
 
 class _Cached(nn.Module):
-    """Stands in for decoder block i <= L in a pass whose block-L output h is already known: blocks
-    before L pass their input through, block L returns h (as a tuple if the real blocks do)."""
+    """Block i <= L once block L's output h is known: i < L passes its input on, L returns h."""
 
     def __init__(self, h, as_tuple):
         super().__init__()
@@ -541,9 +494,7 @@ class _Cached(nn.Module):
 
 @contextmanager
 def cached_prefix(lm, layer, h_BTD):
-    """Skip blocks 0..layer in every forward while active: block `layer` outputs h_BTD, its clean
-    output saved at extraction. Every splice pass shares that prefix, so only blocks L+1.. and the
-    head run again (about half the cost of a full forward for a middle block)."""
+    """While active, blocks 0..layer are skipped, block `layer` giving h_BTD: ~half a pass saved."""
     blocks = decoder_blocks(lm)
     probe = torch.zeros(1, 1, dtype=torch.long, device=h_BTD.device)
     info = run_to_block(lm, probe, 0)  # do the blocks return tuples?
@@ -560,16 +511,13 @@ def cached_prefix(lm, layer, h_BTD):
 @torch.no_grad()
 def splice_metrics(lm, input_ids_NT, layer, replacements, keep_NT=None, acts_NTD=None,
                    batch_size=4):
-    """Run the LM once clean and once per {name: fn} in `replacements`, with block `layer`'s output
-    h replaced by fn(h) (raw space) at the kept positions (§6, §10, SAELens' protocol). Per token:
+    """Run the LM once clean and once per {name: fn} in `replacements`, block `layer`'s output h
+    replaced by fn(h) (raw space) at the kept positions (§6, §10, SAELens' protocol). Per token:
         kl[name]   [N, T]  KL(P_clean || P_spliced) at the next token, from fp32 log-softmaxes
         nll[name]  [N, T]  cross-entropy of the TRUE next token; also "clean"
-    counted where kl_mask (keep_NT; default: all but position 0) and nll_mask (kept, not last), 0
-    elsewhere; kept per window (row), the bootstrap's unit (§9.6). One clean pass per batch serves
-    every replacement; given acts_NTD (the clean block-L outputs), blocks 0..L are not run
-    (cached_prefix). batch_size windows a pass: a pass holds three [B, T, V] float32 tensors at most
-    (P_clean, the spliced logits and the model's own), 100 MB each at 4 windows of 128 tokens and
-    SmolLM2's V of 49,152."""
+    0 outside kl_mask (keep_NT; default: all but position 0) and nll_mask (kept, not last); rows are
+    windows, the bootstrap's unit (§9.6). One clean pass a batch serves all; given acts_NTD (clean
+    block-L outputs), cached_prefix skips blocks 0..L. A pass holds <= 3 [B, T, V] fp32 tensors."""
     T = input_ids_NT.shape[1]
     keep_NT = (torch.arange(T) > 0).expand(input_ids_NT.shape) if keep_NT is None else keep_NT.cpu()
     nll_mask_NT = keep_NT & (torch.arange(T) < T - 1)
@@ -587,14 +535,11 @@ def splice_metrics(lm, input_ids_NT, layer, replacements, keep_NT=None, acts_NTD
     for i in tqdm(range(0, len(input_ids_NT), batch_size), desc="splice", leave=False):
         rows = slice(i, i + batch_size)
         ids, keep_BT = input_ids_NT[rows].to(device), keep_NT[rows].to(device)
-        prefix = nullcontext()
-        if acts_NTD is not None:
-            prefix = cached_prefix(lm, layer, acts_NTD[rows].to(device))
-        with prefix:
+        with (nullcontext() if acts_NTD is None
+              else cached_prefix(lm, layer, acts_NTD[rows].to(device))):
             clean = logprobs(ids)
             nll["clean"][rows] = token_nll(clean, ids)
-            # KL(P || Q) = sum P log P - sum P log Q: the first term once a batch, the second a
-            # dot product
+            # KL(P || Q) = sum P log P - sum P log Q: the first once a batch, the second a vecdot
             p_clean = clean.exp()
             neg_entropy_BT = torch.linalg.vecdot(p_clean, clean)
             del clean  # p_clean is all the replacements need
@@ -618,8 +563,7 @@ def token_mean(values_NT, mask_NT):
 
 
 def spliced(model, paths=None, eps_generator=None):
-    """A splice_metrics replacement: h -> the model's reconstruction of h, with the NFM pathways
-    `paths` (default: the model's own), or, given a generator, its epsilon-random twin."""
+    """For splice_metrics: h -> reconstruction with pathways `paths`, or its eps-random twin."""
     def fn(h):
         with pathways(model, *(model.pathways if paths is None else paths)):
             h_hat = model.reconstruct(h)
@@ -632,9 +576,8 @@ def n_params(model):
 
 
 def evaluate_models(lm, models, data, generator):
-    """Every model evaluated the same way (§6): held-out MSE and FVU; spliced into the LM, KL, CE,
-    CE recovered against zero-ablation, the KL of its epsilon-random twin and the pathology ratio KL
-    / KL_eps. Returns ({name: figures}, clean CE, zero-ablation CE)."""
+    """Every model alike (§6): MSE, FVU, spliced KL, CE, CE recovered against zero-ablation, KL_eps
+    (its epsilon-random twin), KL / KL_eps (pathology ratio). Returns (figures, clean, zero CE)."""
     replacements = {"zero": torch.zeros_like}
     for name, model in models.items():
         replacements[name] = spliced(model)
@@ -654,5 +597,4 @@ def evaluate_models(lm, models, data, generator):
 
 if __name__ == "__main__":  # hand over to the runner: text, LM, run folder, the printed table
     import runpy
-
     runpy.run_module("runner", run_name="__main__")
