@@ -484,12 +484,13 @@ def add_to_report(report, lm, tokenizer, joint, data, cfg, out):
         pipeline = s34.IntegrationPipeline(joint, secondary).eval()
     else:
         generator = torch.Generator().manual_seed(cfg.seed)
-        pipeline, _, _ = s34.stage3(lm, joint, data, cfg, out, generator)
+        pipeline, _, _ = s34.stage3(lm, joint, data, cfg, out / "secondary", generator)
     design = s34.load_stimuli(s34.read_stimuli(cfg.stimuli), tokenizer)
     cell_P = design["cell_P"]
     A_PG = s34.stimulus_codes(lm, data["layer"], pipeline, design,
                               s34.kept_positions(data["max_norm"]))
-    chosen = report.get("stage34", {}).get("design", {}).get("selection_prompts")
+    first_seed = report.get("stage34", {}).get("per_seed", [{}])[0]  # the seed of secondary/
+    chosen = first_seed.get("design", {}).get("selection_prompts")
     if chosen is None:
         half_P = st.split_halves(cell_P, torch.Generator().manual_seed(cfg.seed))
     else:

@@ -704,11 +704,14 @@ def run_key(cfg, seed, name):
     return "sae" if cfg.sae and name == "sae" else model_key(name, seed, cfg.seed)
 
 
-def add_stage34(report, lm, tokenizer, joint, data, cfg, out):
-    """Stages 3-4 on the run's joint model, into report["stage34"] and the run folder's
-    stage34.txt."""
-    report["stage34"] = s34.stage34(lm, tokenizer, joint, data, cfg, out,
-                                    torch.Generator().manual_seed(cfg.seed))
+def add_stage34(report, lm, tokenizer, models, data, cfg, out):
+    """Stages 3-4 on every seed's joint model, the seed's other SAEs as the identity baseline, into
+    report["stage34"] and the run folder's stage34.txt."""
+    seeds = range(cfg.seed, cfg.seed + cfg.seeds)
+    baselines = {seed: {name: models[run_key(cfg, seed, name)] for name in ("sae", "sae_matched")
+                        if run_key(cfg, seed, name) in models} for seed in seeds}
+    joints = {seed: models[run_key(cfg, seed, "joint")] for seed in seeds}
+    report["stage34"] = s34.stage34(lm, tokenizer, joints, baselines, data, cfg, out)
     runner.atomic_write(out / "stage34.txt",
                         lambda p: p.write_text(s34.format_stage34(report["stage34"]) + "\n"))
 
@@ -928,12 +931,12 @@ def run(cfg):
         report = {**previous, "peak_rss_gib": peaks}
         if cfg.stage34:  # stages 3-4 are added to it
             report["config"] = {**previous["config"], "stage34": True, "stimuli": cfg.stimuli}
-            add_stage34(report, lm, tokenizer, models["joint"], data, cfg, out)
+            add_stage34(report, lm, tokenizer, models, data, cfg, out)
             s34.plot_stage34(report["stage34"], out)
             stage("stage34")
             print(s34.format_stage34(report["stage34"]))
             print(f"added stages 3-4 to {out / 'results.json'}; wrote stage34.txt, stage34.png, "
-                  f"secondary/", file=sys.stderr)
+                  f"each seed's stage34_plan*.json and secondary*/", file=sys.stderr)
         if cfg.browser:
             browser.add_to_report(report, lm, tokenizer, models["joint"], data, cfg, out)
             stage("browser")
@@ -976,7 +979,7 @@ def run(cfg):
     finish_report(report, per_seed, cfg)
     report["data"]["steps_per_model"] = report["curves"][cfg.stages()[0]][-1]["step"]
     if cfg.stage34:
-        add_stage34(report, lm, tokenizer, models["joint"], data, cfg, out)
+        add_stage34(report, lm, tokenizer, models, data, cfg, out)
         stage("stage34")
     rep.plot_figures(report, out)
     stage("report")

@@ -7,15 +7,19 @@ other way. Sections, in the order data flows:
                     with the secondary SAE in place, a feature scaled), stage3 (what it costs);
                     firing_counts, which replicate.py's decoder-norm analysis uses too
   stimuli           the 2 x 2 stimulus design (stimuli.json), read and checked before slow work
-  intervention      stage 4: per-prompt codes, held-out selection (stats.select_and_test), the
-                    intervention on the word lists' log-probabilities and its controls; stage34
-  figure and table  plot_stage34 (stage34.png), format_stage34 (stage34.txt and the report)
+  intervention      stage 4: per-prompt codes (integration and identity features), the plan fixed
+                    on the selection half and sealed in a file (stage4_plan: carried features,
+                    directions, minimum effects, controls), the test half read once (the carried
+                    features, stats.test_preregistered; the intervention on the word lists'
+                    log-probabilities beside its controls), stage4 per seed, stage34 over seeds
+  figure and table  plot_stage34 (stage34.png), format_seed / format_stage34 (stage34.txt)
 
 Dimension letters as in dualenc.py, and M the NFM's hidden width, F2 the secondary SAE's features,
 P prompts, C controls, R bootstrap resamples.
 """
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -142,8 +146,8 @@ class IntegrationPipeline(de.DualEncoder):
         return de.to_dense(*self.secondary_code(x_BD), self.secondary.sae.W_dec.shape[0])
 
 
-def stage3(lm, joint, data, cfg, out, generator):
-    """The secondary SAE (train_secondary), saved in out/secondary, and what it costs: held-out FVU
+def stage3(lm, joint, data, cfg, folder, generator):
+    """The secondary SAE (train_secondary), saved in `folder`, and what it costs: held-out FVU
     of the hidden layer, dead features, and the spliced KL with the hidden layer replaced by its
     reconstruction, against the joint model's own (paired bootstrap over windows)."""
     layer = data["layer"]
@@ -151,7 +155,7 @@ def stage3(lm, joint, data, cfg, out, generator):
                                                   cfg.paper_density)
     hook = f"blocks.{layer}.hook_resid_post.nfm.hook_interaction_pre_relu"
     metadata = {**runner.sae_metadata(cfg, layer), "hook_name": hook}
-    runner.save_model(secondary, out / "secondary", metadata)
+    runner.save_model(secondary, folder, metadata)
     pipeline = IntegrationPipeline(joint, secondary).eval()
     firing_F2 = firing_counts(secondary.sae, h_eval_NM)
     m = de.splice_metrics(lm, data["splice_ids"], layer,
@@ -214,9 +218,15 @@ def load_stimuli(spec, tokenizer):
 
 # ----------------------------------------------------------------------------- intervention
 
-N_RANDOM_CONTROLS, N_SHUFFLED_CONTROLS, N_PRIMARY_READ = 12, 4, 2  # control (a), (c) and (b) sizes
+N_PERM = 1999  # permutations a test: p's floor, 1 / 2000, stays far below alpha / 30
+N_CONTROLS = 39  # features in each random control, (a) and (c): their rank p can reach 1 / 40
+N_PRIMARY_READ = 2  # primary features in control (b)
+# the smallest intervention effect that counts: this fraction of the clean word-list interaction's
+# size, the mean |2 x 2 interaction of the lists' log-probabilities| over the selection prompts
+MIN_EFFECT_FRACTION = 0.1
 # factors applied to a feature; x1 is the unscaled pipeline every change is against
 SCALES = (0.0, 2.0, 4.0)
+COMBINATION = "majority: holds (no) where more than half of the seeds hold (say no), else unclear"
 
 
 @torch.no_grad()
@@ -246,16 +256,20 @@ def word_logprobs(lm, layer, prompts, word_ids, pipeline, keep_fn):
                        dim=-1).double().cpu()
 
 
+def list_interaction(logp_P4):
+    """Per prompt, the 2 x 2 interaction of the four word lists' figures (in cell order): [P]."""
+    return logp_P4 @ torch.tensor(st.CONTRASTS["interaction"], dtype=torch.float64)
+
+
 def intervention_effect(lm, layer, prompts, word_ids, pipeline, keep_fn, scale, base_P4):
     """The changes in each word list's log-probability when `scale` is applied, for every factor in
     SCALES, against the unscaled pipeline base_P4: {factor: [P, 4]}; and per prompt the 2 x 2
-    interaction of those changes (the word lists in cell order), {factor: [P]}."""
+    interaction of those changes, {factor: [P]}."""
     changes, inter = {}, {}
-    c = torch.tensor(st.CONTRASTS["interaction"], dtype=torch.float64)
     for factor in SCALES:
         pipeline.scale = (*scale, factor)
         changes[factor] = word_logprobs(lm, layer, prompts, word_ids, pipeline, keep_fn) - base_P4
-        inter[factor] = changes[factor] @ c
+        inter[factor] = list_interaction(changes[factor])
     pipeline.scale = None
     return changes, inter
 
@@ -269,126 +283,229 @@ def kept_positions(max_norm):
 
 
 @torch.no_grad()
-def stimulus_codes(lm, layer, pipeline, design, keep_fn):
-    """Each stimulus prompt's integration features, the secondary code averaged over the prompt's
-    kept positions (keep_fn(h)): [P, F2]."""
-    acts = []
+def stimulus_states(lm, layer, design, keep_fn):
+    """Each stimulus prompt's block-`layer` outputs at its kept positions (keep_fn(h)), raw: a list
+    of [T_p, D], one LM pass a prompt that every code below shares."""
+    states = []
     for ids, _ in design["prompt_ids"]:
         h_1TD = de.extract_activations(lm, ids[None], layer)
-        acts.append(pipeline.secondary_codes(pipeline.normalize(h_1TD[keep_fn(h_1TD)])).mean(0))
-    return torch.stack(acts).cpu()
+        states.append(h_1TD[keep_fn(h_1TD)])
+    return states
 
 
 @torch.no_grad()
-def primary_read(pipeline, x_ND, feature, n=N_PRIMARY_READ, batch_size=4096):
-    """The n primary features an integration feature reads most: those whose mean activation rises
-    most on the held-out tokens where the integration feature is active (control b). Summed batch by
-    batch from the sparse codes: no [tokens, F] tensor."""
-    n_features = pipeline.sae.W_dec.shape[0]
-    sum_F = torch.zeros(n_features, dtype=torch.float64, device=x_ND.device)
-    sum_active_F, n_active = torch.zeros_like(sum_F), 0
-    for x_BD in x_ND.split(batch_size):
-        g_vals, g_idx = pipeline.secondary_code(x_BD)
-        active_B = ((g_idx == feature) & (g_vals > 0)).any(-1)
-        vals_BK, idx_BK = pipeline.sae.encode(x_BD)
-        sum_F.index_add_(0, idx_BK.flatten(), vals_BK.flatten().double())
-        sum_active_F.index_add_(0, idx_BK[active_B].flatten(), vals_BK[active_B].flatten().double())
-        n_active += int(active_B.sum())
-    mean_F = sum_F / len(x_ND)
-    lift_F = sum_active_F / n_active - mean_F if n_active else mean_F
-    return lift_F.topk(n).indices.tolist()
+def prompt_codes(states, code):
+    """code(raw h [T_p, D]) -> dense [T_p, F], averaged over each prompt's kept positions:
+    [P, F]."""
+    return torch.stack([code(h_TD).mean(0) for h_TD in states]).cpu()
 
 
-def stage34(lm, tokenizer, joint, data, cfg, out, generator):
-    """Stages 3 and 4 of the paper (§13), with a referee's controls. Returns the report's
-    "stage34"."""
-    layer, device = data["layer"], data["x_train"].device
-    pipeline, firing_F2, secondary_report = stage3(lm, joint, data, cfg, out, generator)
+def integration_code(pipeline):
+    """Raw h -> the integration features' activations [T, F2]."""
+    return lambda h: pipeline.secondary_codes(pipeline.normalize(h))
 
-    # stage 4: which integration features track the 2 x 2 design, chosen on one half, tested on the
-    # other
-    design = load_stimuli(read_stimuli(cfg.stimuli), tokenizer)
-    keep_fn, cell_P = kept_positions(data["max_norm"]), design["cell_P"]
-    A_PF = stimulus_codes(lm, layer, pipeline, design, keep_fn)
-    selected, sel, test = st.select_and_test(A_PF, cell_P, cfg.n_boot, generator)
 
-    # the intervention on the selected interaction feature, on the test prompts, beside its controls
-    prompts, words = [design["prompt_ids"][i] for i in test], design["word_ids"]
+def identity_code(model):
+    """Raw h -> a model's primary SAE code, dense [T, F]."""
+    return lambda h: de.to_dense(*model.sae.encode(model.normalize(h)), model.sae.W_dec.shape[0])
+
+
+def stimulus_codes(lm, layer, pipeline, design, keep_fn):
+    """Each stimulus prompt's integration features, averaged over its kept positions: [P, F2]."""
+    return prompt_codes(stimulus_states(lm, layer, design, keep_fn), integration_code(pipeline))
+
+
+@torch.no_grad()
+def pair_inputs(joint, secondary, states, feature, n=N_PRIMARY_READ):
+    """Control (b): the n primary features that raise integration feature `feature` most through
+    pair (pair_reading: each feature's share of every pair term it is in, summed over the prompts'
+    kept positions), among those active there. The prompts are the selection half's."""
+    n_features = joint.sae.W_dec.shape[0]
+    share_F = torch.zeros(n_features, dtype=torch.float64)
+    for h_TD in states:
+        _, idx_TR, terms_TRR = pair_reading(joint, secondary, joint.normalize(h_TD), feature)
+        per_read_TR = (terms_TRR.sum(-1) + terms_TRR.sum(-2)).double().cpu() / 2
+        share_F.index_add_(0, idx_TR.flatten().cpu(), per_read_TR.flatten())
+    top = share_F.topk(n)
+    return [f for f, v in zip(top.indices.tolist(), top.values.tolist()) if v > 0]
+
+
+def matched_random(A_sel_PF, firing_F2, feature, generator, n=N_CONTROLS):
+    """Control (a): n integration features drawn from the 2n nearest the selected one in mean
+    activation over the selection prompts, among those active there and on held-out tokens."""
+    mean_F = A_sel_PF.double().mean(0)
+    candidates = ((A_sel_PF > 0).any(0) & (firing_F2.cpu() > 0)).nonzero()[:, 0]
+    candidates = candidates[candidates != feature]
+    near = candidates[(mean_F[candidates] - mean_F[feature]).abs().argsort()[: 2 * n]]
+    return near[torch.randperm(len(near), generator=generator)[:n]].tolist()
+
+
+def shuffled_selections(A_sel_PF, cell_sel, feature, generator, n=N_CONTROLS):
+    """Control (c): the feature each of n shufflings of the selection prompts' cells would have
+    chosen (the largest |t| of the interaction, none chosen twice and not the selected one)."""
+    chosen = []
+    for _ in range(n):
+        shuffled = cell_sel[torch.randperm(len(cell_sel), generator=generator)]
+        chosen.append(st.top_features(A_sel_PF, shuffled, exclude=[feature, *chosen])[0][0])
+    return chosen
+
+
+def stage4_plan(lm, layer, pipeline, design, sel_states, A_sel, cell_sel, firing_F2, generator):
+    """Everything stage 4 decides before a test prompt is read, from the selection half alone: the
+    features each code carries to the test half with their directions and minimum effects
+    (stats.preregister), the intervention's feature, its expected direction at each scale (the
+    selection sign times the sign of scale - 1), its minimum effect (MIN_EFFECT_FRACTION of the
+    clean word-list interaction on the selection prompts), and the controls' features."""
+    carried = {kind: st.preregister(A_PF, cell_sel) for kind, A_PF in A_sel.items()}
+    top = carried["integration"]["interaction"][0]
+    clean = list_interaction(word_logprobs(lm, layer, design["selection"], design["word_ids"],
+                                           pipeline, design["keep_fn"]))
+    size = clean.abs().mean().item()
+    feature = top["feature"]
+    return {"alpha": st.ALPHA, "min_selectivity_sd": st.MIN_SELECTIVITY, "carried": carried,
+            "intervention": {
+                "feature": feature, "selection_sign": top["direction"],
+                "directions": {f"{f:g}": top["direction"] * (1 if f > 1 else -1) for f in SCALES},
+                "clean_interaction_size": size, "min_effect_fraction": MIN_EFFECT_FRACTION,
+                "min_effect": MIN_EFFECT_FRACTION * size},
+            "controls": {
+                "random_matched": matched_random(A_sel["integration"], firing_F2, feature,
+                                                 generator),
+                "primary_read": pair_inputs(pipeline, pipeline.secondary, sel_states, feature),
+                "shuffled_selection": shuffled_selections(A_sel["integration"], cell_sel,
+                                                          feature, generator)},
+            "min_controls": st.MIN_CONTROLS, "combination_over_seeds": COMBINATION}
+
+
+def intervention(lm, layer, pipeline, design, plan, active):
+    """The plan's intervention on the test prompts: at each scale, the selected feature's per-prompt
+    effect on the word lists' 2 x 2 interaction, its t interval and rule's verdict against the
+    plan's direction and minimum effect, beside its three controls (stats.against_random,
+    against_paired); stats.with_controls gives the verdict. active(code, features) [len(features)]
+    tells which control features fire on the test prompts."""
+    prompts, words, keep_fn = design["test"], design["word_ids"], design["keep_fn"]
+    device = next(pipeline.parameters()).device
     base_P4 = word_logprobs(lm, layer, prompts, words, pipeline, keep_fn)
-    j = selected["interaction"]["feature"]
+
+    def effects(code, feature_sets):
+        runs = [intervention_effect(lm, layer, prompts, words, pipeline, keep_fn,
+                                    (code, torch.tensor(fs, device=device, dtype=torch.long)),
+                                    base_P4)
+                for fs in feature_sets]
+        return {f: (torch.stack([inter[f] for _, inter in runs]),
+                    torch.stack([ch[f].mean(0) for ch, _ in runs]).mean(0).tolist())
+                for f in SCALES}
+
+    plan_i, ctrl = plan["intervention"], plan["controls"]
+    j = plan_i["feature"]
     pipeline.scale = ("secondary", torch.tensor([j], device=device), 1.0)
     x1_change = (word_logprobs(lm, layer, prompts, words, pipeline, keep_fn)
                  - base_P4).abs().max().item()
-    # one prompt resample for every comparison
-    w_RP = st.bootstrap_weights(len(prompts), cfg.n_boot, generator)
-
-    def effects(code, feature_sets):
-        """Per scale, the per-prompt interaction effect of each feature set [C, P] and the word-list
-        changes."""
-        runs = [intervention_effect(lm, layer, prompts, words, pipeline, keep_fn,
-                                    (code, torch.tensor(fs, device=device)), base_P4)
-                for fs in feature_sets]
-        return {f: (torch.stack([inter[f] for _, inter in runs]),
-                    torch.stack([changes[f].mean(0) for changes, _ in runs]).mean(0).tolist())
-                for f in SCALES}
-
-    rank = firing_F2.argsort().argsort()
-    near = [f for f in (rank - rank[j]).abs().argsort().tolist()
-            if f != j and firing_F2[f] > 0][: 2 * N_RANDOM_CONTROLS]
-    random_features = [near[i] for i in
-                       torch.randperm(len(near), generator=generator)[:N_RANDOM_CONTROLS]]
-    primary = primary_read(pipeline, data["x_eval"], j)
-    shuffled = [st.top_feature(A_PF[sel],
-                               cell_P[sel][torch.randperm(len(sel), generator=generator)],
-                               exclude=[j])[0]
-                for _ in range(N_SHUFFLED_CONTROLS)]
-    runs = {"selected": effects("secondary", [[j]]),
-            "random_matched": effects("secondary", [[f] for f in random_features]),
-            "primary_read": effects("pair", [primary]),
-            "shuffled_selection": effects("secondary", [[f] for f in shuffled]),
-            "primary_read_whole_code": effects("primary", [primary])}
-    intervention = {}
+    pipeline.scale = None
+    selected = effects("secondary", [[j]])
+    random_runs = {name: effects("secondary", [[f] for f in ctrl[name]])
+                   for name in ("random_matched", "shuffled_selection")}
+    primary = effects("pair", [ctrl["primary_read"]]) if ctrl["primary_read"] else None
+    out = {}
     for f in SCALES:
-        row = st.beyond_controls(runs["selected"][f][0][0],
-                                 {name: r[f][0] for name, r in runs.items() if name != "selected"},
-                                 w_RP, reference=("primary_read_whole_code",))
-        for name, r in runs.items():
-            (row["selected"] if name == "selected"
-             else row["controls"][name])["word_list_changes"] = r[f][1]
-        intervention[f"{f:g}"] = row
+        direction = plan_i["directions"][f"{f:g}"]
+        effect_P = selected[f][0][0]
+        effect, ci = st.mean_interval(effect_P)
+        effect_verdict = st.rule([ci], direction, direction * plan_i["min_effect"])
+        controls = {name: {**st.against_random(effect, r[f][0].mean(-1),
+                                               active("secondary", ctrl[name])),
+                           "word_list_changes": r[f][1]}
+                    for name, r in random_runs.items()}
+        silent = torch.zeros(len(effect_P), dtype=torch.float64)
+        controls["primary_read"] = {
+            **st.against_paired(effect_P, primary[f][0][0] if primary else silent, direction,
+                                bool(active("pair", ctrl["primary_read"]).any())),
+            "word_list_changes": primary[f][1] if primary else [0.0] * 4}
+        out[f"{f:g}"] = {"selected": {"effect": effect, "ci": ci, "direction": direction,
+                                      "min_effect": plan_i["min_effect"],
+                                      "verdict": effect_verdict,
+                                      "word_list_changes": selected[f][1]},
+                         "controls": controls,
+                         "verdict": st.with_controls(effect_verdict, controls)}
+    return out, x1_change
 
-    verdicts = {f"intervention_x{f}_beyond_controls": row["verdict"]
-                for f, row in intervention.items()}
-    selectivity = selected["interaction"]["verdict"]
-    overall = "holds" if selectivity == "holds" and set(verdicts.values()) == {"holds"} else \
-        "no" if selectivity == "no" or set(verdicts.values()) == {"no"} else "unclear"
-    return {"secondary": secondary_report,
-            "design": {"factors": design["factors"], "cells": design["cells"],
+
+def stage4(lm, pipeline, models, data, cfg, design, firing_F2, plan_path, generator):
+    """Stage 4 (§13) on one seed: the prompts split into halves, stage4_plan written to plan_path
+    from the selection half, then the test half read once: every code's carried features
+    (integration features, and as the baseline the identity features of the joint model's SAE and
+    of the run's other SAEs, `models`), the paper's way, and the intervention with its controls."""
+    layer, cell_P = data["layer"], design["cell_P"]
+    keep_fn = kept_positions(data["max_norm"])
+    half_P = st.split_halves(cell_P, generator)
+    sel, test = half_P.nonzero()[:, 0], (~half_P).nonzero()[:, 0]
+    states = stimulus_states(lm, layer, design, keep_fn)
+    codes = {"integration": integration_code(pipeline), "identity_joint": identity_code(pipeline),
+             **{f"identity_{name}": identity_code(m) for name, m in models.items()}}
+    A = {kind: prompt_codes(states, code) for kind, code in codes.items()}
+    design = {**design, "keep_fn": keep_fn, "selection": [design["prompt_ids"][i] for i in sel],
+              "test": [design["prompt_ids"][i] for i in test]}
+    plan = stage4_plan(lm, layer, pipeline, design, [states[i] for i in sel],
+                       {kind: A_PF[sel] for kind, A_PF in A.items()}, cell_P[sel], firing_F2,
+                       generator)
+    runner.write_json(plan_path, plan)  # sealed before the test half is read
+
+    # the test half
+    selectivity = {kind: st.test_preregistered(A_PF, cell_P, half_P, plan["carried"][kind],
+                                               N_PERM, generator) for kind, A_PF in A.items()}
+
+    def active(code, features):  # which features fire on the test prompts' kept positions
+        A_PF = A["integration"] if code == "secondary" else A["identity_joint"]
+        return (A_PF[test][:, features] > 0).any(0) if features else torch.zeros(0, dtype=bool)
+
+    rows, x1_change = intervention(lm, layer, pipeline, design, plan, active)
+    verdicts = {f"intervention_x{f}": row["verdict"] for f, row in rows.items()}
+    top = selectivity["integration"]["interaction"]["features"][0]["verdict"]
+    overall = "holds" if top == "holds" and set(verdicts.values()) == {"holds"} else \
+        "no" if top == "no" or set(verdicts.values()) == {"no"} else "unclear"
+    return {"design": {"factors": design["factors"], "cells": design["cells"],
                        "prompts_per_half": [int((cell_P[sel] == c).sum()) for c in range(4)],
                        "selection_prompts": sel.tolist()},
-            "selected": selected, "x1_max_change": x1_change,
-            "controls": {"random_matched": random_features, "primary_read": primary,
-                         "shuffled_selection": shuffled},
-            "intervention": intervention,
-            "verdicts": {"selectivity_on_held_out_prompts": selectivity, **verdicts,
-                         "overall": overall}}
+            "plan": plan, "selectivity": selectivity,
+            "paper_way": st.paper_way(A["integration"], cell_P, N_PERM, generator),
+            "x1_max_change": x1_change, "intervention": rows,
+            "verdicts": {"selectivity_on_held_out_prompts": top, **verdicts, "overall": overall}}
+
+
+def stage34(lm, tokenizer, joints, baselines, data, cfg, out):
+    """Stages 3 and 4 of the paper (§13) on each seed's joint model (joints {seed: model}), with a
+    referee's controls and baselines (baselines {seed: {name: model}}, the run's SAEs), combined
+    over the seeds by COMBINATION, fixed before they run. Returns the report's "stage34"."""
+    design = load_stimuli(read_stimuli(cfg.stimuli), tokenizer)
+    first, per_seed = min(joints), []
+    for seed, joint in joints.items():
+        generator = torch.Generator().manual_seed(seed)
+        tag = "" if seed == first else f"_seed{seed}"
+        pipeline, firing_F2, secondary = stage3(lm, joint, data, replace(cfg, seed=seed),
+                                                out / f"secondary{tag}", generator)
+        result = stage4(lm, pipeline, baselines.get(seed, {}), data, cfg, design, firing_F2,
+                        out / f"stage34_plan{tag}.json", generator)
+        per_seed.append({"seed": seed, "secondary": secondary, **result})
+    keys = per_seed[0]["verdicts"]
+    return {"combination": COMBINATION, "per_seed": per_seed,
+            "combined": {k: st.majority(r["verdicts"][k] for r in per_seed) for k in keys}}
 
 
 # ----------------------------------------------------------------------------- figure and table
 
 def plot_stage34(result, out):
     """stage34.png: per scale, the 2 x 2 interaction plot of the word lists' log-probability changes
-    (x: the first factor's lists, lines: the second factor's), for the selected feature and
-    controls."""
+    (x: the first factor's lists, lines: the second factor's), for the first seed's selected
+    feature and controls (a random control: its features' mean)."""
     from matplotlib.figure import Figure
 
-    (fa, (a1, a2)), (fb, (b1, b2)) = result["design"]["factors"].items()
+    first = result["per_seed"][0]
+    (fa, (a1, a2)), (fb, (b1, b2)) = first["design"]["factors"].items()
     styles = {"selected": ("tab:blue", 2.5), "random_matched": ("0.6", 1.2),
-              "primary_read": ("tab:orange", 1.2), "primary_read_whole_code": ("tab:red", 0.8),
-              "shuffled_selection": ("tab:green", 1.2)}
-    fig = Figure(figsize=(4.2 * len(result["intervention"]), 4), layout="constrained")
-    for ax, (f, row) in zip(fig.subplots(1, len(result["intervention"]), sharey=True),
-                            result["intervention"].items()):
+              "primary_read": ("tab:orange", 1.2), "shuffled_selection": ("tab:green", 1.2)}
+    fig = Figure(figsize=(4.2 * len(first["intervention"]), 4), layout="constrained")
+    for ax, (f, row) in zip(fig.subplots(1, len(first["intervention"]), sharey=True),
+                            first["intervention"].items()):
         for name, (color, width) in styles.items():
             ch = (row["selected"] if name == "selected"
                   else row["controls"][name])["word_list_changes"]
@@ -400,45 +517,68 @@ def plot_stage34(result, out):
         ax.set(title=f"feature x{f}", xlabel=f"{fa} of the word list")
     fig.axes[0].set_ylabel("change in mean log P(word list) at the next token")
     fig.axes[-1].legend(fontsize=6)
-    fig.suptitle("Scaling the selected integration feature, and the controls: word-list changes on "
-                 "the test prompts")
+    fig.suptitle(f"Seed {first['seed']}: scaling the selected integration feature, and the "
+                 f"controls: word-list changes on the test prompts")
     fig.savefig(out / "stage34.png", dpi=110)
 
 
-def format_stage34(result):
-    """The stages 3-4 tables (§13): the secondary SAE, the selected features on both halves, the
-    intervention beside its controls as paired differences, and the verdicts."""
-    sec = result["secondary"]
-    factors = result["design"]["factors"]
-    rows = [f"stage 3: secondary SAE on the joint NFM's interaction hidden layer: "
-            f"{sec['features']} features, k {sec['k']}; held-out fvu {sec['fvu']:.4f}, "
+def format_seed(r):
+    """One seed's stages 3-4: the secondary SAE, the carried features of every code, the
+    intervention beside its controls, and the verdicts."""
+    sec, plan_i = r["secondary"], r["plan"]["intervention"]
+    rows = [f"seed {r['seed']}, stage 3: secondary SAE on the joint NFM's interaction hidden "
+            f"layer: {sec['features']} features, k {sec['k']}; held-out fvu {sec['fvu']:.4f}, "
             f"dead {sec['dead_features']}; spliced KL {sec['kl_with_secondary']['value']:.4f} "
             f"against the joint model's {sec['kl_joint']['value']:.4f} "
             f"(increase {sec['kl_increase']['value']:.4f} {st.fmt_ci(sec['kl_increase']['ci'])})",
-            f"stage 4: {' x '.join(f'{k} ({a} / {b})' for k, (a, b) in factors.items())}, "
-            f"{result['design']['prompts_per_half']} selection prompts per cell, the rest tested",
-            "{:<13}{:>8}{:>9}{:>11}{:>18}{:>8}{:>9}{:>8}  {:<9}{}".format(
-                "contrast", "feature", "sel. t", "test half", "test 95%", "test t", "p (1-s)",
-                "p x3", "verdict", "paper's way: same prompts")]
-    for name, c in result["selected"].items():
-        pw = c["paper_way"]
-        rows.append(f"{name:<13}{c['feature']:>8}{c['selection_t']:>9.2f}{c['test_half']:>11.4f}"
-                    f"{st.fmt_ci(c['test_half_ci']):>18}{c['test_t']:>8.2f}{c['p']:>9.4f}"
-                    f"{c['p_bonferroni']:>8.4f}  "
-                    f"{c['verdict']:<9}feature {pw['feature']}, contrast {pw['contrast']:.4f}, "
-                    f"p {pw['p_same_prompts_uncorrected']:.4f} (two-sided, uncorrected)")
-    rows.append(f"intervention on feature {result['selected']['interaction']['feature']}: "
-                f"2 x 2 interaction of the word lists' log-prob changes, mean over test prompts "
-                f"(x1 changes nothing: max {result['x1_max_change']:.1e}); controls as paired "
-                f"differences in size, s x selected - mean |control| (s the selected sign), rank = "
-                f"share of the control's features moving the lists at least as much")
-    for f, row in result["intervention"].items():
-        sel = row["selected"]
-        rows.append(f"  x{f}: selected {sel['effect']:.2e} [{sel['ci'][0]:.2e}, "
-                    f"{sel['ci'][1]:.2e}]; verdict {row['verdict']}")
-        rows += [f"    {name:<26} effect {c['effect']:>10.2e}  difference {c['difference']:>10.2e} "
-                 f"[{c['ci'][0]:.2e}, {c['ci'][1]:.2e}]  rank {c['rank']:.2f}"
-                 + ("  (reference, does not decide)" if c["reference_only"] else "")
-                 for name, c in row["controls"].items()]
-    rows.append("verdicts: " + ", ".join(f"{k} {v}" for k, v in result["verdicts"].items()))
+            f"stage 4: {r['design']['prompts_per_half']} selection prompts per cell, the rest "
+            f"tested; {st.N_CARRIED} features carried per contrast and code, each one-sided in "
+            f"its selection direction, Bonferroni over all carried, holds at >= "
+            f"{st.MIN_SELECTIVITY:g} selection-half sd",
+            "{:<21}{:<13}{:>8}{:>9}{:>11}{:>20}{:>9}{:>9}  {:<9}{:>7}  {}".format(
+                "code", "contrast", "top", "sel. t", "test half", "test 95% (Welch)", "min",
+                "p x n", "verdict", "holds", "share 95%")]
+    for kind, contrasts in r["selectivity"].items():
+        for name, c in contrasts.items():
+            t = c["features"][0]
+            rows.append(f"{kind:<21}{name:<13}{t['feature']:>8}{t['selection_t']:>9.2f}"
+                        f"{t['test_half']:>11.4f}{st.fmt_ci(t['test_half_ci']):>20}"
+                        f"{t['min_effect']:>9.4f}{t['p_bonferroni']:>9.4f}  {t['verdict']:<9}"
+                        f"{c['holds']:>3}/{c['carried']:<3}  {st.fmt_ci(c['holds_share_ci'])}")
+    pw = r["paper_way"]["interaction"]
+    rows.append(f"the paper's way (integration, interaction): feature {pw['feature']}, contrast "
+                f"{pw['contrast']:.4f}, p {pw['p_same_prompts_uncorrected']:.4f} on the same "
+                f"prompts, two-sided, uncorrected")
+    rows.append(f"intervention on feature {plan_i['feature']} (selection sign "
+                f"{plan_i['selection_sign']:+d}): per test prompt the 2 x 2 interaction of the "
+                f"word lists' log-prob changes; minimum effect {plan_i['min_effect']:.2e} = "
+                f"{plan_i['min_effect_fraction']:g} x the clean interaction's "
+                f"{plan_i['clean_interaction_size']:.3f} (x1 changes nothing: max "
+                f"{r['x1_max_change']:.1e})")
+    for f, row in r["intervention"].items():
+        s = row["selected"]
+        rows.append(f"  x{f}: expected {s['direction']:+d}; effect {s['effect']:.2e} "
+                    f"{st.fmt_ci(s['ci'])} -> {s['verdict']}; beside the controls: "
+                    f"{row['verdict']}")
+        for name, c in row["controls"].items():
+            if "active" in c:  # a random control
+                detail = f"{c['active']} features active on the test prompts" + (
+                    f", rank p {c['p']:.3f}" if c["p"] is not None else "")
+            elif c["ci"] is not None:
+                detail = f"paired difference {c['difference']:.2e} {st.fmt_ci(c['ci'])}"
+            else:
+                detail = "silent on the test prompts"
+            rows.append(f"    {name:<20} {c['status']:<11} {detail}")
+    rows.append("verdicts: " + ", ".join(f"{k} {v}" for k, v in r["verdicts"].items()))
+    return rows
+
+
+def format_stage34(result):
+    """The stages 3-4 tables (§13): each seed's (format_seed), then the verdicts combined over the
+    seeds by the rule fixed before they ran."""
+    rows = []
+    for r in result["per_seed"]:
+        rows += format_seed(r) + [""]
+    rows.append(f"combined over {len(result['per_seed'])} seed(s) ({result['combination']}): "
+                + ", ".join(f"{k} {v}" for k, v in result["combined"].items()))
     return "\n".join(rows)

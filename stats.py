@@ -2,15 +2,19 @@
 nothing of the project. replicate.py and stages34.py import it; it imports only torch and the
 standard library. Sections, in the order data flows:
   intervals           bootstrap weights (resamples over windows, features or prompts, paired across
-                      models), percentile and Student-t seed intervals, summarise / across (a figure
-                      over seeds), fmt_ci
-  verdicts            the holds / no / unclear rule of intervals against a threshold
+                      models), percentile intervals, Student / Welch t intervals, Wilson's interval,
+                      summarise / across (a figure over seeds), fmt_ci
+  verdicts            rule: the one holds / no / unclear rule (intervals against the smallest effect
+                      that counts, a test's p); verdict (a summarised figure); majority (seeds)
   distribution shape  weighted moments, Sarle's bimodality coefficient, two-Gaussian mixtures and
                       delta BIC, pearson: the decoder-norm analysis's statistics
-  the 2 x 2 design    stage 4's contrasts, each tested by permutations against its own null
-                      (restricted permutations for a main effect, Freedman-Lane for the interaction)
-  held-out selection  a feature chosen on one half of the prompts, tested on the other
-  beyond controls     an intervention's effect against its controls, paired over prompt resamples
+  the 2 x 2 design    stage 4's contrasts and their Welch errors, each tested by permutations
+                      against its own null (restricted permutations for a main effect,
+                      Freedman-Lane for the interaction)
+  held-out selection  features chosen on one half of the prompts with their directions and minimum
+                      effects (preregister), tested on the other (test_preregistered)
+  controls            an intervention's effect against random controls (rank p) and a paired one;
+                      with_controls: a control that is not beaten, or is empty, keeps "unclear"
 
 Dimension letters as in dualenc.py, and P prompts, C cells or controls, R bootstrap resamples or
 permutations, S seeds.
@@ -51,12 +55,33 @@ def t_quantile(p, df):
     return t[1 + torch.searchsorted(cdf, p)].item()
 
 
+def t_interval(value, se, df, level=0.95):
+    """value +- t_{df} se, with df rounded down (a slightly wider interval; t_quantile is cached per
+    whole df): Student's or Welch's interval for a mean or a contrast of a few units."""
+    half = t_quantile((1 + level) / 2, max(1, math.floor(df))) * se
+    return [value - half, value + half]
+
+
 def seed_interval(values, level=0.95):
     """mean +- t sd / sqrt(S) over S seeds: the spread that training (initialisation, batch order)
     adds."""
     v = torch.as_tensor(values, dtype=torch.float64)
-    half = t_quantile((1 + level) / 2, len(v) - 1) * v.std() / len(v) ** 0.5
-    return [(v.mean() - half).item(), (v.mean() + half).item()]
+    return t_interval(v.mean().item(), v.std().item() / len(v) ** 0.5, len(v) - 1, level)
+
+
+def mean_interval(x_P, level=0.95):
+    """(mean, Student's t interval) of per-prompt values x [P]: prompts are the units."""
+    x_P = x_P.double()
+    return x_P.mean().item(), t_interval(x_P.mean().item(), x_P.std().item() / len(x_P) ** 0.5,
+                                         len(x_P) - 1, level)
+
+
+def wilson(successes, n, level=0.95):
+    """Wilson's interval for a proportion successes / n (how many carried features replicate)."""
+    z = 2 ** 0.5 * torch.erfinv(torch.tensor(level, dtype=torch.float64)).item()
+    centre = (successes + z * z / 2) / (n + z * z)
+    half = z / (n + z * z) * math.sqrt(successes * (n - successes) / n + z * z / 4)
+    return [max(0.0, centre - half), min(1.0, centre + half)]
 
 
 def summarise(samples_SR):
@@ -89,22 +114,41 @@ def fmt_ci(ci):
 
 # ----------------------------------------------------------------------------- verdicts
 
-def verdict(summary, threshold, above):
-    """holds when every interval of `summary` lies on the rule's side of the threshold (>= when
-    above, <= otherwise), no when every interval lies wholly on the other side, unclear
-    otherwise."""
-    if summary["ci"] is None:  # an undefined figure (a ratio over a denominator that may be 0)
+ALPHA = 0.05  # every test's level, fixed before any data are read
+
+
+def rule(cis, direction, threshold, p=None, alpha=ALPHA):
+    """The referee's one verdict rule (the claims, stage 4's selectivity and its intervention), with
+    each interval [lo, hi] of `cis` read in `direction` (+1: the effect is upwards, -1: downwards)
+    and `threshold` where the smallest effect that counts lies on the figure's axis (direction x
+    the minimum effect, for an effect against 0), fixed before the data:
+        holds    every interval lies at or beyond the threshold, and p <= alpha when there is a test
+        no       every interval lies wholly short of it: an effect of the size that counts is ruled
+                 out (the equivalence margin; an effect of the opposite sign is its far end)
+        unclear  otherwise, and for an undefined interval (a ratio whose denominator may be 0)"""
+    if any(ci is None for ci in cis):
         return "unclear"
+    spans = [sorted((direction * lo, direction * hi)) for lo, hi in cis]
+    if all(lo >= direction * threshold for lo, _ in spans) and (p is None or p <= alpha):
+        return "holds"
+    return "no" if all(hi < direction * threshold for _, hi in spans) else "unclear"
+
+
+def verdict(summary, threshold, above):
+    """rule on a summarised figure: its bootstrap interval and, over seeds, its seed interval, at
+    or above the threshold (above) or at or below it."""
     cis = [summary["ci"]] + ([summary["seed_ci"]] if "seed_ci" in summary else [])
-    meets = [lo >= threshold if above else hi <= threshold for lo, hi in cis]
-    misses = [hi < threshold if above else lo > threshold for lo, hi in cis]
-    return "holds" if all(meets) else "no" if all(misses) else "unclear"
+    return rule(cis, 1 if above else -1, threshold)
 
 
-def on_side(ci, sign, at=0.0):
-    """Whether the interval [lo, hi] lies wholly beyond `at` in the direction sign
-    (+1: lo > at; -1: hi < at)."""
-    return ci[0] > at if sign > 0 else ci[1] < at
+def majority(verdicts):
+    """Several seeds' verdicts on one question, by the rule fixed before they are run: holds (no)
+    where more than half of them hold (say no), unclear otherwise."""
+    verdicts = list(verdicts)
+    for v in ("holds", "no"):
+        if 2 * verdicts.count(v) > len(verdicts):
+            return v
+    return "unclear"
 
 
 # ----------------------------------------------------------------------------- distribution shape
@@ -242,13 +286,22 @@ def contrasts(A_PF, cell_P, weights_RP=None):
     return out
 
 
-def stratified_weights(cell_P, n_boot, generator):
-    """[1 + R, P] bootstrap counts that resample the prompts within each cell (row 0 all ones)."""
-    w_RP = torch.zeros(n_boot + 1, len(cell_P), dtype=torch.float64)
-    for c in range(4):
-        members = (cell_P == c).nonzero()[:, 0]
-        w_RP[:, members] = bootstrap_weights(len(members), n_boot, generator)
-    return w_RP
+def welch(A_PF, cell_P, contrast):
+    """Per feature, a contrast's value, its Welch standard error and Welch-Satterthwaite degrees of
+    freedom, each [F]:
+        se^2 = sum_c u_c,  u_c = k_c^2 s_c^2 / n_c,   df = se^4 / sum_c u_c^2 / (n_c - 1)
+    (df = P - 4 for a feature silent within its cells, whose se is 0)."""
+    onehot_PC = F.one_hot(cell_P, 4).double()
+    n_C1 = onehot_PC.sum(0)[:, None]
+    mean_CF = onehot_PC.T @ A_PF.double() / n_C1
+    var_CF = (onehot_PC.T @ A_PF.double().square() / n_C1 - mean_CF.square()).clamp_min(0) \
+        * n_C1 / (n_C1 - 1)
+    k_C1 = torch.tensor(CONTRASTS[contrast], dtype=torch.float64)[:, None]
+    u_CF = k_C1.square() * var_CF / n_C1
+    se_F = u_CF.sum(0).sqrt()
+    df_F = torch.where(se_F > 0, u_CF.sum(0).square()
+                       / (u_CF.square() / (n_C1 - 1)).sum(0).clamp_min(1e-300), len(cell_P) - 4.0)
+    return (k_C1 * mean_CF).sum(0), se_F, df_F
 
 
 def random_permutations(n_perm, n, generator):
@@ -285,19 +338,22 @@ def freedman_lane(A_PF, cell_P, n_perm, generator):
     return fit_PF + (A_PF.double() - fit_PF)[random_permutations(n_perm, len(cell_P), generator)]
 
 
-def null_t(A_PF, cell_P, contrast, n_perm, generator):
-    """[R, F]: the contrast's t on n_perm samples of its own null, in one batch:
+def null_samples(A_PF, cell_P, contrast, n_perm, generator):
+    """[R, P, F]: n_perm samples of the contrast's own null:
         main_a: A permuted within each level of b (b's effect kept);
         main_b: within each level of a;
         interaction: Freedman-Lane (both main effects kept).
-    Shuffling all four labels would test "nothing differs" instead: with a real main effect and no
-    interaction, that test almost never rejects. Memory goes as n_perm P F: for the features carried
-    over."""
+    Shuffling all four labels would sample "nothing differs" instead, removing the main effects the
+    null must keep. Memory goes as n_perm P F: for the features carried over."""
     if contrast == "interaction":
-        null_RPF = freedman_lane(A_PF, cell_P, n_perm, generator)
-    else:
-        null_RPF = shuffle_within(A_PF, cell_P % 2 if contrast == "main_a" else cell_P // 2,
-                                  n_perm, generator)
+        return freedman_lane(A_PF, cell_P, n_perm, generator)
+    return shuffle_within(A_PF, cell_P % 2 if contrast == "main_a" else cell_P // 2, n_perm,
+                          generator)
+
+
+def null_t(A_PF, cell_P, contrast, n_perm, generator):
+    """[R, F]: the contrast's t on each of null_samples, in one batch."""
+    null_RPF = null_samples(A_PF, cell_P, contrast, n_perm, generator)
     n_R, n_P, n_F = null_RPF.shape
     t = contrasts(null_RPF.permute(1, 0, 2).reshape(n_P, n_R * n_F),  # a sample per column
                   cell_P)[contrast][1]
@@ -324,6 +380,12 @@ def permutation_p(A_PF, cell_P, contrast, n_perm, generator, sign=None):
 
 # ----------------------------------------------------------------------------- held-out selection
 
+N_CARRIED = 10  # features carried from the selection half to the test half, per contrast
+# the smallest contrast that counts, in the feature's within-cell standard deviations on the
+# selection half (pooled over the cells): cells half a spread apart
+MIN_SELECTIVITY = 0.5
+
+
 def split_halves(cell_P, generator):
     """[P] bool, True for the selection half: each cell's prompts split in two at random (the first
     floor(n_c / 2) of a random order), so both halves keep the design."""
@@ -335,98 +397,114 @@ def split_halves(cell_P, generator):
     return half_P
 
 
-def top_feature(A_PF, cell_P, contrast="interaction", exclude=()):
-    """(feature, sign, t): the feature with the largest |t| of a contrast (none of `exclude`), and
-    the sign of its t (+1 for t = 0: a silent selection, whose test then gives p = 1)."""
+def top_features(A_PF, cell_P, contrast="interaction", n=1, exclude=()):
+    """The n features with the largest |t| of a contrast (none of `exclude`), largest first, as
+    (feature, sign of t: +1 for t = 0, t)."""
     t_F = contrasts(A_PF, cell_P)[contrast][1]
-    j = int(t_F.abs().index_fill(0, torch.tensor(list(exclude), dtype=torch.long), -1.0).argmax())
-    return j, 1 if t_F[j] >= 0 else -1, t_F[j].item()
+    size_F = t_F.abs().index_fill(0, torch.tensor(list(exclude), dtype=torch.long), -1.0)
+    return [(j, 1 if t_F[j] >= 0 else -1, t_F[j].item()) for j in size_F.topk(n).indices.tolist()]
 
 
-def held_out_verdict(p_corrected, p_opposite_corrected, value, ci, sign, alpha=0.05):
-    """holds: the one-sided test in the selected direction rejects (p_corrected < alpha), with the
-    estimate and its whole interval on the selected sign's side of 0; no: the same in the opposite
-    direction (a sign flip that is itself significant); unclear otherwise: a test that does not
-    reject is absence of evidence, not evidence of absence, and a sign flip is never "holds"."""
-    if p_corrected < alpha and value * sign > 0 and on_side(ci, sign):
-        return "holds"
-    return "no" if p_opposite_corrected < alpha and value * sign < 0 and on_side(ci, -sign) \
-        else "unclear"
+def preregister(A_sel_PF, cell_sel_P, n=N_CARRIED):
+    """What the test half will be asked, from the selection half's prompts alone: per contrast the
+    n features of largest |t|, each with its direction (the sign of its t) and the smallest
+    test-half contrast that counts, MIN_SELECTIVITY times its pooled within-cell standard deviation
+    there. {contrast: [{feature, direction, selection_t, min_effect}]}."""
+    onehot_PC = F.one_hot(cell_sel_P, 4).double()
+    plan = {}
+    for name in CONTRASTS:
+        chosen = top_features(A_sel_PF, cell_sel_P, name, n)
+        A_PN = A_sel_PF[:, [j for j, _, _ in chosen]].double()
+        centred_PN = A_PN - onehot_PC @ (onehot_PC.T @ A_PN / onehot_PC.sum(0)[:, None])
+        sd_N = (centred_PN.square().sum(0) / (len(cell_sel_P) - 4)).sqrt()
+        plan[name] = [{"feature": j, "direction": sign, "selection_t": t,
+                       "min_effect": MIN_SELECTIVITY * sd}
+                      for (j, sign, t), sd in zip(chosen, sd_N.tolist())]
+    return plan
 
 
-def select_and_test(A_PF, cell_P, n_boot, generator, n_perm=2000, half_P=None, alpha=0.05):
-    """Choose on one half, test on the other (§13). On the selection half (half_P True; split_halves
-    if None) each contrast's top_feature and its sign; on the test half its contrast, a within-cell
-    stratified bootstrap interval, the one-sided permutation p in the selected direction (each
-    contrast against its own null), p_bonferroni = min(1, 3 p) for the len(CONTRASTS) features
-    carried over, the opposite direction's p (p_opposite, for a sign flip), and held_out_verdict.
-    Beside each, the paper's way: the top feature picked and tested on all prompts, two-sided and
-    uncorrected. Returns (per-contrast dicts, selection indices, test indices)."""
-    half_P = split_halves(cell_P, generator) if half_P is None else half_P
-    sel, test = half_P.nonzero()[:, 0], (~half_P).nonzero()[:, 0]
-    w_RP = stratified_weights(cell_P[test], n_boot, generator)
+def test_preregistered(A_PF, cell_P, half_P, plan, n_perm, generator, alpha=ALPHA):
+    """The plan's features on the test half (half_P False): per feature its contrast, Welch
+    interval, the one-sided permutation p in its direction (each contrast against its own null),
+    p_bonferroni over every feature the plan carries, and rule's verdict against its min_effect;
+    per contrast how many hold, with Wilson's interval for that share. The first feature of each
+    contrast is "the" selected one."""
+    A_test, cell_test = A_PF[~half_P], cell_P[~half_P]
+    n_tests = sum(len(rows) for rows in plan.values())
+    out = {}
+    for name, rows in plan.items():
+        j = [r["feature"] for r in rows]
+        value_F, se_F, df_F = welch(A_test[:, j], cell_test, name)
+        direction_F = torch.tensor([r["direction"] for r in rows], dtype=torch.float64)
+        p_F = permutation_p(A_test[:, j], cell_test, name, n_perm, generator, direction_F)
+        tested = []
+        for r, value, se, df, p in zip(rows, value_F.tolist(), se_F.tolist(), df_F.tolist(),
+                                       p_F.tolist()):
+            ci, p_bonferroni = t_interval(value, se, df), min(1.0, p * n_tests)
+            tested.append({**r, "test_half": value, "test_half_ci": ci, "p": p,
+                           "p_bonferroni": p_bonferroni,
+                           "verdict": rule([ci], r["direction"], r["direction"] * r["min_effect"],
+                                           p_bonferroni, alpha)})
+        holds = sum(r["verdict"] == "holds" for r in tested)
+        out[name] = {"features": tested, "holds": holds, "carried": len(tested),
+                     "holds_share_ci": wilson(holds, len(tested))}
+    return out
+
+
+def paper_way(A_PF, cell_P, n_perm, generator):
+    """The paper's way, for comparison: per contrast the top feature picked and tested on all
+    prompts, two-sided and uncorrected."""
     out = {}
     for name in CONTRASTS:
-        j, sign, t_sel = top_feature(A_PF[sel], cell_P[sel], name)
-        a_P1 = A_PF[test][:, [j]]
-        value_R1, t_R1 = contrasts(a_P1, cell_P[test], w_RP)[name]  # row 0: the test half itself
-        p, p_opposite = (permutation_p(a_P1, cell_P[test], name, n_perm, generator, s).item()
-                         for s in (sign, -sign))
-        p_bonferroni, value, ci = min(1.0, p * len(CONTRASTS)), value_R1[0, 0].item(), \
-            interval(value_R1[1:, 0])
-        all_j = top_feature(A_PF, cell_P, name)[0]
-        out[name] = {"feature": j, "sign": sign, "selection_t": t_sel, "test_half": value,
-                     "test_half_ci": ci, "test_t": t_R1[0, 0].item(), "p": p,
-                     "p_bonferroni": p_bonferroni, "p_opposite": p_opposite,
-                     "verdict": held_out_verdict(p_bonferroni,
-                                                 min(1.0, p_opposite * len(CONTRASTS)), value, ci,
-                                                 sign, alpha),
-                     "paper_way": {"feature": all_j,
-                                   "contrast": contrasts(A_PF[:, [all_j]], cell_P)[name][0].item(),
-                                   "p_same_prompts_uncorrected": permutation_p(
-                                       A_PF[:, [all_j]], cell_P, name, n_perm, generator).item()}}
-    return out, sel, test
+        j = top_features(A_PF, cell_P, name)[0][0]
+        out[name] = {"feature": j, "contrast": contrasts(A_PF[:, [j]], cell_P)[name][0].item(),
+                     "p_same_prompts_uncorrected": permutation_p(A_PF[:, [j]], cell_P, name,
+                                                                 n_perm, generator).item()}
+    return out
 
 
-# ----------------------------------------------------------------------------- beyond controls
+# ----------------------------------------------------------------------------- controls
 
-def resampled_means(X_CP, w_RP):
-    """[R, C]: each row of X [C, P] averaged over the prompts of each resample, (w X^T) / P."""
-    return (w_RP @ X_CP.double().T) / X_CP.shape[-1]
+MIN_CONTROLS = 19  # active random controls a rank needs: (1 + 0) / (1 + 19) = 0.05 is its floor
 
 
-def paired_difference(sel_P, ctrl_CP, w_RP, sign):
-    """[R]: per prompt resample (the same prompts for both, so the prompt-to-prompt spread cancels),
-    how much further the selected feature moves the lists than the control's features do, each by
-    its size:
-        d_r = s (w_r . sel) / P - (1/C) sum_c |(w_r . ctrl_c) / P|
-        s = the selected effect's sign
-    Sizes, because a control's direction means nothing: signed, controls pushing both ways would
-    cancel, and one pushing the other way would count for the selected feature."""
-    return sign * resampled_means(sel_P[None], w_RP)[:, 0] \
-        - resampled_means(ctrl_CP, w_RP).abs().mean(-1)
+def rank_p(effect, control_effects_C):
+    """The selected effect's rank among C controls' as a permutation p:
+        p = (1 + #{|control| >= |selected|}) / (1 + C)."""
+    c = torch.as_tensor(control_effects_C, dtype=torch.float64)
+    return (1 + int((c.abs() >= abs(effect)).sum())) / (1 + len(c))
 
 
-def beyond_controls(sel_P, controls, w_RP, reference=()):
-    """The selected feature's per-prompt effect sel_P [P] against each control {name: [C, P]}
-    (C features scaled one at a time, or one set scaled together), paired over prompts by
-    w_RP [1 + R, P]. Per control: its mean effect, the paired difference in size (paired_difference:
-    estimate, interval), and the selected feature's rank, the fraction of the control's features
-    with |effect| >= the selected one's. holds when the selected effect's own interval excludes 0
-    and every deciding control's difference lies wholly above 0; no when some deciding control's
-    lies wholly below 0 (it moves the lists further); unclear otherwise. Controls in `reference`
-    are shown but never decide."""
-    effect_R = resampled_means(sel_P[None], w_RP)[:, 0]
-    sign, rows = int(torch.sign(effect_R[0])), {}
-    for name, ctrl_CP in controls.items():
-        d_R, effect_C = paired_difference(sel_P, ctrl_CP, w_RP, sign), ctrl_CP.double().mean(-1)
-        rows[name] = {"effect": effect_C.mean().item(), "difference": d_R[0].item(),
-                      "ci": interval(d_R[1:]),
-                      "rank": (effect_C.abs() >= effect_R[0].abs()).double().mean().item(),
-                      "reference_only": name in reference}
-    selected = {"effect": effect_R[0].item(), "ci": interval(effect_R[1:])}
-    deciding = [r["ci"] for r in rows.values() if not r["reference_only"]]
-    holds = sign and on_side(selected["ci"], sign) and deciding \
-        and all(on_side(ci, 1) for ci in deciding)
-    decision = "holds" if holds else "no" if any(on_side(ci, -1) for ci in deciding) else "unclear"
-    return {"selected": selected, "controls": rows, "verdict": decision}
+def against_random(effect, control_effects_C, active_C, alpha=ALPHA):
+    """The selected feature's mean effect against a random set of control features' (each scaled
+    alone): the rank p over the controls that are active on the test prompts. "beyond" when
+    p <= alpha, "empty" with fewer than MIN_CONTROLS active (silent features change nothing: they
+    would make any effect look large), "not beyond" otherwise."""
+    active = torch.as_tensor(control_effects_C, dtype=torch.float64)[torch.as_tensor(active_C)]
+    if len(active) < MIN_CONTROLS:
+        return {"status": "empty", "active": len(active), "p": None, "effect": None}
+    p = rank_p(effect, active)
+    return {"status": "beyond" if p <= alpha else "not beyond", "active": len(active), "p": p,
+            "effect": active.abs().mean().item()}
+
+
+def against_paired(effect_P, control_P, direction, active):
+    """The selected feature's per-prompt effect against one control set's on the same prompts, in
+    size: d_p = direction x effect_p - s x control_p, s the sign of the control's mean effect
+    (whichever way it moves the lists counts for it). "beyond" when the t interval of d lies wholly
+    above 0, "empty" when the control's features are silent on the test prompts."""
+    if not active:
+        return {"status": "empty", "difference": None, "ci": None, "effect": 0.0}
+    s = 1.0 if control_P.double().mean() >= 0 else -1.0
+    d, ci = mean_interval(direction * effect_P.double() - s * control_P.double())
+    return {"status": "beyond" if ci[0] > 0 else "not beyond", "difference": d, "ci": ci,
+            "effect": control_P.double().mean().item()}
+
+
+def with_controls(effect_verdict, controls):
+    """An effect's verdict beside its controls: "holds" stands only when every control is
+    "beyond"; otherwise it becomes "unclear" (an empty control cannot fail, so it cannot pass).
+    "no" and "unclear" stand."""
+    if effect_verdict == "holds" and any(c["status"] != "beyond" for c in controls.values()):
+        return "unclear"
+    return effect_verdict

@@ -52,6 +52,20 @@ def test_an_integration_features_pairs_and_constant_give_back_its_pre_activation
         assert idx_BR.shape == (64, K) and (pairs_BRR.tril() == 0).all()  # each pair once, i < j
 
 
+def test_control_b_reads_the_primary_features_that_raise_the_feature_through_pair():
+    x = synthetic_acts(n=256)
+    joint, secondary, _, _ = tiny_joint_and_secondary(x)
+    states = [x[i:i + 16] * joint.std_D + joint.mean_D for i in range(0, 64, 16)]  # raw
+    feature = int(s34.firing_counts(secondary.sae, s34.interaction_hidden(joint, x)).argmax())
+    chosen = s34.pair_inputs(joint, secondary, states, feature, n=3)
+    share = torch.zeros(FEATS, dtype=torch.float64)  # the same sum, feature by feature
+    for h in states:
+        _, idx, terms = s34.pair_reading(joint, secondary, joint.normalize(h), feature)
+        for i in idx.unique().tolist():
+            share[i] += terms[(idx == i)[:, :, None] | (idx == i)[:, None, :]].sum().item() / 2
+    assert chosen and chosen == [f for f in share.topk(3).indices.tolist() if share[f] > 0]
+
+
 def test_scaling_by_one_or_a_silent_feature_by_zero_changes_nothing():
     x = synthetic_acts(n=256)
     joint, secondary, _, _ = tiny_joint_and_secondary(x)
@@ -134,26 +148,46 @@ def test_the_shipped_stimuli_are_a_full_design_of_single_token_words():
 
 # ----------------------------------------------------------------------------- on a run
 
-def test_stage34_on_a_tiny_run_writes_its_table_figure_and_secondary_sae(tiny_run, capsys):
+def test_stage34_on_a_tiny_run_seals_its_plan_before_the_test_half(tiny_run, capsys, monkeypatch):
     out, first = tiny_run
+    sealed, test_half = [], st.test_preregistered
+
+    def after_the_plan(*args, **kw):
+        sealed.append((out / "stage34_plan.json").exists())
+        return test_half(*args, **kw)
+
+    monkeypatch.setattr(st, "test_preregistered", after_the_plan)
     report = rp.run(rp.Config(eval_only=str(out), device="cpu", stage34=True))
+    assert sealed and all(sealed)
     saved = json.loads((out / "results.json").read_text())
     # added to the run's results.json, whose evaluation stands
     assert saved["stage34"] == json.loads(json.dumps(report["stage34"]))
     assert saved["models"] == json.loads(json.dumps(first["models"]))
     result = report["stage34"]
-    assert result["x1_max_change"] < 1e-5 and set(result["selected"]) == set(st.CONTRASTS)
-    assert list(result["intervention"]) == ["0", "2", "4"]
-    for row in result["intervention"].values():
-        assert set(row["controls"]) == {"random_matched", "primary_read", "shuffled_selection",
-                                        "primary_read_whole_code"}
-        assert (row["controls"]["primary_read_whole_code"]["reference_only"]
-                and row["verdict"] in ("holds", "no", "unclear"))
-        assert (len(row["selected"]["word_list_changes"]) == 4
-                and len(row["controls"]["primary_read"]["ci"]) == 2)
-    assert (result["selected"]["interaction"]["feature"]
-            not in result["controls"]["shuffled_selection"])
-    assert result["verdicts"]["overall"] in ("holds", "no", "unclear")
+    (seed,) = result["per_seed"]
+    plan = seed["plan"]
+    assert json.loads((out / "stage34_plan.json").read_text()) == json.loads(json.dumps(plan))
+    # the baseline: the same selection and test on every SAE's identity features
+    assert set(seed["selectivity"]) == {"integration", "identity_joint", "identity_sae",
+                                        "identity_sae_matched"}
+    assert all(set(kind) == set(st.CONTRASTS) for kind in seed["selectivity"].values())
+    # directions and the minimum effect come from the plan, beside each verdict
+    sign, intervention = plan["intervention"]["selection_sign"], plan["intervention"]
+    assert intervention["directions"] == {"0": -sign, "2": sign, "4": sign}
+    assert intervention["min_effect"] == pytest.approx(
+        s34.MIN_EFFECT_FRACTION * intervention["clean_interaction_size"])
+    assert seed["x1_max_change"] < 1e-5 and list(seed["intervention"]) == ["0", "2", "4"]
+    for f, row in seed["intervention"].items():
+        assert row["selected"]["direction"] == intervention["directions"][f]
+        assert row["selected"]["min_effect"] == intervention["min_effect"]
+        assert set(row["controls"]) == {"random_matched", "primary_read", "shuffled_selection"}
+        assert all(c["status"] in ("beyond", "not beyond", "empty")
+                   for c in row["controls"].values())
+        assert row["verdict"] in ("holds", "no", "unclear")
+    controls = plan["controls"]
+    assert len(controls["random_matched"]) <= s34.N_CONTROLS
+    assert intervention["feature"] not in controls["shuffled_selection"] + controls["random_matched"]
+    assert result["combined"] == seed["verdicts"]  # one seed: its own verdicts
     assert (out / "stage34.png").read_bytes()[:4] == b"\x89PNG" and (out / "stage34.txt").exists()
     cfg = json.loads((out / "secondary" / "cfg.json").read_text())
     assert cfg["metadata"]["hook_name"] == "blocks.2.hook_resid_post.nfm.hook_interaction_pre_relu"

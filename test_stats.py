@@ -26,6 +26,48 @@ def test_bootstrap_of_a_constant_is_a_point_and_widens_with_noise():
     assert widths[0] == pytest.approx(0.0, abs=1e-12) and 0 < widths[1] < widths[2]
 
 
+def welch_coverage(A_PF, cell, true_value):
+    """The share of features whose Welch interval of the interaction covers its true value."""
+    value, se, df = st.welch(A_PF, cell, "interaction")
+    return sum(lo <= true_value <= hi for lo, hi in
+               (st.t_interval(v, e, d) for v, e, d in zip(value.tolist(), se.tolist(),
+                                                          df.tolist()))) / A_PF.shape[1]
+
+
+def percentile_coverage(A_PF, cell, true_value, g, n_boot=200):
+    """The same for the percentile interval of a bootstrap within the cells (the flaw: it is too
+    narrow for 8 prompts a cell)."""
+    w_RP = torch.zeros(n_boot, len(cell), dtype=torch.float64)
+    for c in range(4):
+        members = (cell == c).nonzero()[:, 0]
+        w_RP[:, members] = st.bootstrap_weights(len(members), n_boot, g)[1:]
+    value_RF = st.contrasts(A_PF, cell, w_RP)["interaction"][0]
+    lo_F, hi_F = value_RF.quantile(torch.tensor([0.025, 0.975], dtype=torch.float64), dim=0)
+    return ((lo_F <= true_value) & (true_value <= hi_F)).double().mean().item()
+
+
+def test_welch_intervals_cover_what_they_say_at_eight_prompts_a_cell():
+    """2,000 designs of 8 prompts a cell, unequal variances and an interaction of 1: the Welch
+    interval covers 95 % within 2.3 binomial sd; the percentile bootstrap's does not."""
+    g = torch.Generator().manual_seed(7)
+    cell = torch.arange(4).repeat_interleave(8)
+    sd_C = torch.tensor([0.5, 1.0, 2.0, 1.0], dtype=torch.float64)
+    A = (torch.tensor([0.25, -0.25, -0.25, 0.25], dtype=torch.float64)[cell][:, None]
+         + sd_C[cell][:, None] * torch.randn(32, 2000, generator=g, dtype=torch.float64))
+    slack = 2.3 * math.sqrt(0.95 * 0.05 / 2000)
+    assert abs(welch_coverage(A, cell, 1.0) - 0.95) <= slack
+    assert percentile_coverage(A[:, :500], cell, 1.0, g) < 0.95 - 2.3 * math.sqrt(0.95 * 0.05 / 500)
+    value, se, df = st.welch(torch.ones(32, 1), cell, "interaction")  # silent within its cells
+    assert (value.item(), se.item(), df.item()) == (0.0, 0.0, 28.0)
+
+
+def test_a_share_and_a_mean_get_their_textbook_intervals():
+    lo, hi = st.wilson(3, 10)
+    assert lo == pytest.approx(0.1078, abs=1e-3) and hi == pytest.approx(0.6032, abs=1e-3)
+    mean, (lo, hi) = st.mean_interval(torch.tensor([1.0, 2.0, 3.0]))
+    assert mean == 2.0 and (hi - lo) / 2 == pytest.approx(4.303 / 3 ** 0.5, abs=2e-3)
+
+
 def test_seed_interval_is_students_t():
     assert st.t_quantile(0.975, 1) == pytest.approx(12.706, abs=2e-3)
     assert st.t_quantile(0.975, 2) == pytest.approx(4.303, abs=2e-3)
@@ -44,6 +86,28 @@ def test_seed_interval_is_students_t():
 def test_verdict_needs_every_interval_on_one_side(ci, seed_ci, expected):
     summary = {"value": sum(ci) / 2, "ci": ci, **({"seed_ci": seed_ci} if seed_ci else {})}
     assert st.verdict(summary, 0.2, above=True) == expected
+    mirrored = {**summary, "ci": [-ci[1], -ci[0]],
+                **({"seed_ci": [-seed_ci[1], -seed_ci[0]]} if seed_ci else {})}
+    assert st.verdict(mirrored, -0.2, above=False) == expected
+
+
+@pytest.mark.parametrize("ci, p, expected", [
+    ([0.30, 0.50], None, "holds"), ([0.30, 0.50], 0.01, "holds"),
+    ([0.30, 0.50], 0.20, "unclear"),  # the interval alone does not hold: the test must reject too
+    ([0.05, 0.15], None, "no"),  # an effect of the size that counts is ruled out: equivalence
+    ([-0.5, -0.3], 0.01, "no"),  # the opposite sign, however small its p
+    ([0.10, 0.50], None, "unclear")])
+def test_the_one_rule_reads_intervals_in_the_expected_direction(ci, p, expected):
+    """Expected upwards, the smallest effect that counts 0.2; downwards is the mirror image."""
+    assert st.rule([ci], +1, 0.2, p) == expected
+    assert st.rule([[-ci[1], -ci[0]]], -1, -0.2, p) == expected
+
+
+def test_seeds_combine_by_majority():
+    assert st.majority(["holds", "holds", "unclear"]) == "holds"
+    assert st.majority(["holds", "no", "unclear"]) == "unclear"
+    assert st.majority(["no", "no", "holds"]) == "no" and st.majority(["holds"]) == "holds"
+    assert st.majority(["holds", "holds", "no", "no"]) == "unclear"
 
 
 # ----------------------------------------------------------------------------- distribution shape
@@ -159,25 +223,71 @@ def test_a_planted_interaction_is_found_and_its_permutation_p_is_small():
     assert int(c["main_a"][1].abs().argmax()) == 5 and c["interaction"][1][5].abs() < 3
 
 
+def global_shuffle(A_PF, cell_P, contrast, n_perm, generator):
+    """The flaw the per-contrast nulls replace: all four labels shuffled, whatever the contrast."""
+    return A_PF.double()[st.random_permutations(n_perm, len(cell_P), generator)]
+
+
+def check_each_null(g, cell, n_designs=300):
+    """The interaction (Freedman-Lane) beside two strong main effects; each main effect (restricted
+    permutation) beside a strong other one: each null keeps the other effects, and rejects at its
+    nominal rate over n_designs designs (a feature each), alpha 0.05, 999 permutations."""
+    y = planted(g, cell, main_a=1.5, main_b=-1.0, n_features=n_designs)
+    y_b, y_a = planted(g, cell, main_b=2.0, n_features=n_designs), \
+        planted(g, cell, main_a=2.0, n_features=n_designs)
+    for data, null, kept in ((y, "interaction", ("main_a", "main_b")), (y_b, "main_a", ("main_b",)),
+                             (y_a, "main_b", ("main_a",))):
+        samples_RPF = st.null_samples(data[:, :20], cell, null, 200, g)
+        for other in kept:
+            observed_F = st.contrasts(data[:, :20], cell)[other][0]
+            null_F = st.contrasts(samples_RPF.permute(1, 0, 2).reshape(len(cell), -1),
+                                  cell)[other][0].reshape(200, 20).mean(0)
+            assert (null_F - observed_F).abs().max() < 0.3, (null, other)
+    rates = {"interaction +": st.permutation_p(y, cell, "interaction", 999, g, sign=1),
+             "interaction two-sided": st.permutation_p(y, cell, "interaction", 999, g),
+             "main_a +": st.permutation_p(y_b, cell, "main_a", 999, g, sign=1),
+             "main_b -": st.permutation_p(y_a, cell, "main_b", 999, g, sign=-1)}
+    rates = {name: (p <= 0.05).double().mean().item() for name, p in rates.items()}
+    slack = 2.3 * math.sqrt(0.05 * 0.95 / n_designs)
+    assert all(abs(r - 0.05) <= slack for r in rates.values()), rates
+
+
 @pytest.mark.parametrize("cell", [CELL, UNBALANCED], ids=["balanced", "unbalanced"])
 def test_each_null_keeps_the_other_effects_and_rejects_at_its_nominal_rate(cell, one_thread):
-    """The interaction (Freedman-Lane) beside two strong main effects; each main effect (restricted
-    permutation) beside a strong other one: 300 designs each, alpha 0.05, 999 permutations."""
-    g = torch.Generator().manual_seed(0)
-    n_designs, rejected = 300, {"interaction +": 0, "interaction two-sided": 0,
-                                "main_a +": 0, "main_b -": 0}
-    for _ in range(n_designs):
-        y = planted(g, cell, main_a=1.5, main_b=-1.0)
-        rejected["interaction +"] += (
-            st.permutation_p(y, cell, "interaction", 999, g, sign=1).item() < 0.05)
-        rejected["interaction two-sided"] += (
-            st.permutation_p(y, cell, "interaction", 999, g).item() < 0.05)
-        # each main effect's null
-        y_b, y_a = planted(g, cell, main_b=2.0), planted(g, cell, main_a=2.0)
-        rejected["main_a +"] += st.permutation_p(y_b, cell, "main_a", 999, g, sign=1).item() < 0.05
-        rejected["main_b -"] += st.permutation_p(y_a, cell, "main_b", 999, g, sign=-1).item() < 0.05
-    rates = {name: count / n_designs for name, count in rejected.items()}
-    assert all(0.02 <= r <= 0.08 for r in rates.values()), rates
+    check_each_null(torch.Generator().manual_seed(0), cell)
+
+
+def test_the_null_check_fails_with_all_labels_shuffled(monkeypatch, one_thread):
+    monkeypatch.setattr(st, "null_samples", global_shuffle)
+    with pytest.raises(AssertionError):
+        check_each_null(torch.Generator().manual_seed(0), CELL)
+
+
+def sae_null(g, scale_C, n_features, per_cell=8):
+    """Sparse lognormal codes (half the prompts fire) scaled per cell by scale_C: the cells' means
+    and standard deviations both follow scale_C, so main effects, unequal variances and no
+    interaction when scale_C is additive."""
+    cell = torch.arange(4).repeat_interleave(per_cell)
+    fires = torch.rand(len(cell), n_features, generator=g, dtype=torch.float64) < 0.5
+    sizes = torch.randn(len(cell), n_features, generator=g, dtype=torch.float64).exp()
+    return torch.tensor(scale_C, dtype=torch.float64)[cell][:, None] * fires * sizes, cell
+
+
+@pytest.mark.parametrize("null, scale_C", [("interaction", (1, 2, 3, 4)), ("main_a", (1, 3, 1, 3)),
+                                           ("main_b", (1, 1, 3, 3))])
+def test_an_sae_like_null_at_eight_prompts_a_cell_rejects_at_its_nominal_rate(null, scale_C,
+                                                                            one_thread):
+    """1,000 designs, one-sided each way, within 2.3 binomial sd of 0.05. (Cells whose codes differ
+    in shape, not only in scale, are beyond any test of means at 8 prompts a cell: docs/stage34.md.)
+    """
+    g = torch.Generator().manual_seed(11)
+    slack = 2.3 * math.sqrt(0.05 * 0.95 / 1000)
+    for sign in (1, -1):
+        rejected = 0
+        for _ in range(4):
+            A, cell = sae_null(g, scale_C, 250)
+            rejected += int((st.permutation_p(A, cell, null, 999, g, sign) <= 0.05).sum())
+        assert abs(rejected / 1000 - 0.05) <= slack, (sign, rejected)
 
 
 def test_planted_effects_are_found_in_their_direction_only(one_thread):
@@ -215,111 +325,113 @@ def test_the_nulls_keep_what_they_must(one_thread):
 
 # ----------------------------------------------------------------------------- held-out selection
 
-def test_select_then_test_on_meaningless_labels_rejects_at_its_nominal_rate(one_thread):
+def select_then_test(A_PF, cell_P, g, half_P=None, n_perm=999):
+    """Stage 4's selectivity: the plan from the selection half, then the test half read once."""
+    half_P = st.split_halves(cell_P, g) if half_P is None else half_P
+    plan = st.preregister(A_PF[half_P], cell_P[half_P])
+    return st.test_preregistered(A_PF, cell_P, half_P, plan, n_perm, g), plan
+
+
+def any_holds(out):
+    return any(f["verdict"] == "holds" for c in out.values() for f in c["features"])
+
+
+def test_a_plan_carries_each_contrasts_strongest_features_with_their_directions():
+    A, cell = planted_design(effect=-1.0)
+    plan = st.preregister(A, cell)
+    assert all(len(rows) == st.N_CARRIED for rows in plan.values())
+    top = plan["interaction"][0]
+    assert (top["feature"], top["direction"]) == (3, -1) and top["selection_t"] < 0
+    within_sd = (A[:, 3] - A[:, 3].new_tensor([-0.25, 0.25, 0.25, -0.25])[cell]).std().item()
+    assert top["min_effect"] == pytest.approx(st.MIN_SELECTIVITY * within_sd, rel=0.05)
+
+
+def test_select_then_test_on_meaningless_labels_keeps_its_rates(one_thread):
     """400 random dealings of labels to sparse heavy-tailed codes (64 prompts, 200 features): the
-    whole pipeline, selection included, gives p < 0.05 at 5 % and Bonferroni keeps "holds" rare."""
+    carried top features' one-sided p is at most 0.05 in 5 % of tests, and "holds" anywhere among
+    the 30 carried features stays within the family-wise 5 % (bounds + 2.3 binomial sd)."""
     g = torch.Generator().manual_seed(3)
-    p, verdicts = [], []
+    p, family = [], []
     for _ in range(400):
-        out, _, _ = st.select_and_test(sae_like(g), dealt(g), 200, g, n_perm=999)
-        p.append([out[c]["p"] for c in st.CONTRASTS])
-        verdicts.append([out[c]["verdict"] for c in st.CONTRASTS])
-    rate_C = (torch.tensor(p) < 0.05).double().mean(0)
-    holds_C = torch.tensor([[v == "holds" for v in row] for row in verdicts]).double()
-    assert all(0.02 <= r <= 0.08 for r in rate_C.tolist()), rate_C
-    # Bonferroni's third of alpha, + 2.3 binomial sd
-    assert (holds_C.mean(0) <= 0.05 / 3 + 0.015).all()
-    assert holds_C.max(1).values.mean() <= 0.05  # the family-wise rate Bonferroni promises
+        out, _ = select_then_test(sae_like(g), dealt(g), g)
+        p += [c["features"][0]["p"] for c in out.values()]
+        family.append(any_holds(out))
+    rate = sum(x <= 0.05 for x in p) / len(p)
+    assert abs(rate - 0.05) <= 2.3 * math.sqrt(0.05 * 0.95 / len(p)), rate
+    assert sum(family) / len(family) <= 0.05 + 2.3 * math.sqrt(0.05 * 0.95 / len(family))
 
 
-@pytest.mark.parametrize("seed", range(4))
-def test_labels_without_meaning_give_no_holds(seed, one_thread):
-    """Features that follow a hidden property of the prompts, not their labels: nothing holds."""
+@pytest.mark.parametrize("seed", range(6))
+def test_cells_dealt_at_random_never_hold(seed, one_thread):
+    """Cells dealt at random, to sparse codes and to codes that follow a hidden property of the
+    prompts: no carried feature of any contrast holds."""
     g = torch.Generator().manual_seed(100 + seed)
     hidden_P = torch.randn(64, 1, generator=g, dtype=torch.float64)
-    A = sae_like(g) * (1 + (hidden_P * torch.randn(1, 200, generator=g, dtype=torch.float64)).exp())
-    out, _, _ = st.select_and_test(A, dealt(g), 500, g, n_perm=1999)
-    assert all(r["verdict"] != "holds" for r in out.values()), out
+    follows = sae_like(g) * (1 + (hidden_P * torch.randn(1, 200, generator=g,
+                                                         dtype=torch.float64)).exp())
+    for A in (sae_like(g), follows):
+        assert not any_holds(select_then_test(A, dealt(g), g, n_perm=1999)[0])
 
 
 def test_a_planted_interaction_is_selected_on_one_half_and_holds_on_the_other(one_thread):
     g = torch.Generator().manual_seed(4)
     A = torch.cat([planted(g, interaction=-3.0), planted(g, n_features=50)], 1)
-    out, sel, test = st.select_and_test(A, CELL, 500, g, n_perm=1999)
-    r = out["interaction"]
-    assert (r["feature"], r["sign"], r["verdict"]) == (0, -1, "holds") and r["p_bonferroni"] < 0.01
-    assert sorted(torch.cat([sel, test]).tolist()) == list(range(64))
-    assert [int((CELL[test] == c).sum()) for c in range(4)] == [8, 8, 8, 8]
+    out, plan = select_then_test(A, CELL, g, n_perm=1999)
+    top = out["interaction"]["features"][0]
+    assert (top["feature"], top["direction"], top["verdict"]) == (0, -1, "holds")
+    assert top["test_half_ci"][1] <= -top["min_effect"] and out["interaction"]["holds"] == 1
+    assert top["p_bonferroni"] == pytest.approx(min(1.0, 30 * top["p"]))
 
 
-def test_a_sign_flip_never_holds_and_a_weak_test_is_unclear(one_thread):
+def test_a_sign_flip_never_holds_and_a_faded_effect_is_unclear(one_thread):
     g = torch.Generator().manual_seed(5)
     half_P = st.split_halves(CELL, g)
     flip_P = torch.where(half_P, 1.0, -1.0).double()[:, None]
     flipped = torch.cat([planted(g, interaction=4.0) * flip_P, planted(g, n_features=30)], 1)
-    r = st.select_and_test(flipped, CELL, 500, g, 999, half_P=half_P)[0]["interaction"]
-    assert (r["feature"], r["sign"], r["verdict"]) == (0, 1, "no") and r["p"] > 0.9
+    top = select_then_test(flipped, CELL, g, half_P)[0]["interaction"]["features"][0]
+    assert (top["feature"], top["direction"], top["verdict"]) == (0, 1, "no") and top["p"] > 0.9
     faded = torch.where(half_P[:, None], planted(g, interaction=4.0), planted(g, interaction=0.3))
-    r = st.select_and_test(torch.cat([faded, planted(g, n_features=30)], 1), CELL, 500, g, 999,
-                           half_P=half_P)[0]
-    assert r["interaction"]["feature"] == 0 and r["interaction"]["p"] > 0.05
-    assert r["interaction"]["verdict"] == "unclear"
-    # the rule itself, in both directions: (p, p the other way, estimate, interval, sign)
-    for sign in (1, -1):
-        assert st.held_out_verdict(0.001, 1.0, sign * 0.5,
-                                   [sign * 0.1, sign * 0.9][::sign], sign) == "holds"
-        assert st.held_out_verdict(1.0, 0.001, -sign * 0.5,
-                                   [-sign * 0.9, -sign * 0.1][::sign], sign) == "no"
-        assert st.held_out_verdict(1.0, 0.3, -sign * 0.5,
-                                   [-sign * 0.9, -sign * 0.1][::sign], sign) == "unclear"
-        assert st.held_out_verdict(0.3, 1.0, sign * 0.5,
-                                   [sign * 0.1, sign * 0.9][::sign], sign) == "unclear"
-        assert st.held_out_verdict(0.001, 1.0, sign * 0.5, [-0.1, 0.9], sign) == "unclear"
+    top = select_then_test(torch.cat([faded, planted(g, n_features=30)], 1), CELL, g,
+                           half_P)[0]["interaction"]["features"][0]
+    assert top["feature"] == 0 and top["verdict"] == "unclear"
 
 
-def test_a_shuffled_selection_never_picks_the_selected_feature():
+def test_top_features_can_leave_features_out():
     A, cell = planted_design(effect=1.0)
-    j = st.top_feature(A, cell)[0]
-    assert j == 3 and st.top_feature(A, cell, exclude=[3])[0] != 3
+    assert st.top_features(A, cell)[0][0] == 3
+    assert 3 not in [j for j, _, _ in st.top_features(A, cell, n=5, exclude=[3])]
 
 
-# ----------------------------------------------------------------------------- beyond controls
+# ----------------------------------------------------------------------------- controls
 
-def test_the_paired_difference_is_the_difference_of_the_written_out_resampled_means():
-    g = torch.Generator().manual_seed(6)
-    sel_P = torch.randn(20, generator=g, dtype=torch.float64)
-    ctrl_CP = torch.randn(12, 20, generator=g, dtype=torch.float64)
-    w_RP = st.bootstrap_weights(20, 30, g)
-    for sign in (1, -1):
-        d_R = st.paired_difference(sel_P, ctrl_CP, w_RP, sign)
-        for r in range(len(w_RP)):
-            drawn = torch.arange(20).repeat_interleave(w_RP[r].long())  # the resample written out
-            written_out = sign * sel_P[drawn].mean() - ctrl_CP[:, drawn].mean(1).abs().mean()
-            assert d_R[r].item() == pytest.approx(written_out.item(), abs=1e-12)
+def test_the_rank_is_a_permutation_p():
+    assert st.rank_p(1.0, [0.5] * 39) == 1 / 40 and st.rank_p(-1.0, [-2.0] * 39) == 1.0
+    assert st.rank_p(1.0, [0.5] * 20 + [1.5] * 19) == 20 / 40
 
 
-def test_an_intervention_holds_only_beyond_every_deciding_control():
+def test_random_controls_decide_by_rank_and_silent_ones_make_them_empty():
+    quiet_C = 0.1 * torch.linspace(-1, 1, 39)
+    active_C = torch.ones(39, dtype=torch.bool)
+    assert st.against_random(0.5, quiet_C, active_C)["status"] == "beyond"
+    assert st.against_random(0.05, quiet_C, active_C)["status"] == "not beyond"
+    silent = st.against_random(0.5, quiet_C, torch.arange(39) < 18)  # 18 active of 39
+    assert silent["status"] == "empty" and silent["p"] is None and silent["active"] == 18
+
+
+def test_a_paired_control_counts_by_size_and_is_empty_when_silent():
     g = torch.Generator().manual_seed(7)
-    sel_P = 1.0 + 0.3 * torch.randn(40, generator=g, dtype=torch.float64)
-    quiet = 0.3 * torch.randn(12, 40, generator=g, dtype=torch.float64)
-    w_RP = st.bootstrap_weights(40, 400, g)
-    out = st.beyond_controls(sel_P, {"random": quiet}, w_RP)
-    assert out["verdict"] == "holds" and out["controls"]["random"]["rank"] == 0.0
-    assert st.beyond_controls(-sel_P, {"random": quiet}, w_RP)["verdict"] == "holds"
-    stronger = {"random": quiet, "primary": 2.0 + quiet[:2]}
-    # a control moves the lists further
-    assert st.beyond_controls(sel_P, stronger, w_RP)["verdict"] == "no"
-    out = st.beyond_controls(sel_P, stronger, w_RP, reference=("primary",))
-    # shown, does not decide
-    assert out["verdict"] == "holds" and out["controls"]["primary"]["rank"] == 1.0
-    close = {"random": quiet, "close": 1.0 + quiet}
-    assert st.beyond_controls(sel_P, close, w_RP)["verdict"] == "unclear"
-    half = torch.cat([quiet[:6], 5.0 + quiet[6:]])
-    assert st.beyond_controls(sel_P, {"mixed": half}, w_RP)["controls"]["mixed"]["rank"] == 0.5
-    # a control's direction means nothing: features pushing both ways, or the other way,
-    # still count by size
-    both_ways = torch.cat([3.0 + quiet[:6], -3.0 + quiet[6:]])
-    assert st.beyond_controls(sel_P, {"random": both_ways}, w_RP)["verdict"] == "no"
-    assert st.beyond_controls(sel_P, {"other_way": -3.0 + quiet[:1]}, w_RP)["verdict"] == "no"
-    faint = 0.05 + torch.randn(40, generator=g, dtype=torch.float64)  # its own interval contains 0
-    assert st.beyond_controls(faint, {"random": 0.01 * quiet}, w_RP)["verdict"] != "holds"
+    effect_P = 1.0 + 0.3 * torch.randn(32, generator=g, dtype=torch.float64)
+    quiet_P = 0.3 * torch.randn(32, generator=g, dtype=torch.float64)
+    assert st.against_paired(effect_P, quiet_P, +1, True)["status"] == "beyond"
+    assert st.against_paired(-effect_P, quiet_P, -1, True)["status"] == "beyond"
+    # pushing the other way still counts by its size
+    assert st.against_paired(effect_P, -2.0 + quiet_P, +1, True)["status"] == "not beyond"
+    assert st.against_paired(effect_P, torch.zeros(32), +1, False)["status"] == "empty"
+
+
+def test_an_effect_holds_only_beyond_every_control_and_an_empty_one_keeps_it_unclear():
+    beyond, empty = {"status": "beyond"}, {"status": "empty"}
+    assert st.with_controls("holds", {"a": beyond, "b": beyond}) == "holds"
+    assert st.with_controls("holds", {"a": beyond, "b": empty}) == "unclear"
+    assert st.with_controls("holds", {"a": {"status": "not beyond"}}) == "unclear"
+    assert st.with_controls("no", {"a": empty}) == "no"
