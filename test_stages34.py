@@ -186,7 +186,8 @@ def test_stage34_on_a_tiny_run_seals_its_plan_before_the_test_half(tiny_run, cap
         assert row["verdict"] in ("holds", "no", "unclear")
     controls = plan["controls"]
     assert len(controls["random_matched"]) <= s34.N_CONTROLS
-    assert intervention["feature"] not in controls["shuffled_selection"] + controls["random_matched"]
+    chosen = controls["shuffled_selection"] + controls["random_matched"]
+    assert intervention["feature"] not in chosen
     assert result["combined"] == seed["verdicts"]  # one seed: its own verdicts
     assert (out / "stage34.png").read_bytes()[:4] == b"\x89PNG" and (out / "stage34.txt").exists()
     cfg = json.loads((out / "secondary" / "cfg.json").read_text())
