@@ -10,7 +10,7 @@ other way. Sections, in the order data flows:
   intervention      stage 4: per-prompt codes (integration and identity features), the plan fixed
                     on the selection half and sealed in a file (stage4_plan: carried features,
                     directions, minimum effects, controls), the test half read once (the carried
-                    features, stats.test_preregistered; the intervention on the word lists'
+                    features, stats.judge_plan; the intervention on the word lists'
                     log-probabilities beside its controls), stage4 per seed, stage34 over seeds
   figure and table  plot_stage34 (stage34.png), format_seed / format_stage34 (stage34.txt)
 
@@ -451,7 +451,7 @@ def stage4(lm, pipeline, models, data, cfg, design, firing_F2, plan_path, genera
     runner.write_json(plan_path, plan)  # sealed before the test half is read
 
     # the test half
-    selectivity = {kind: st.test_preregistered(A_PF, cell_P, half_P, plan["carried"][kind],
+    selectivity = {kind: st.judge_plan(A_PF, cell_P, half_P, plan["carried"][kind],
                                                N_PERM, generator) for kind, A_PF in A.items()}
 
     def active(code, features):  # which features fire on the test prompts' kept positions

@@ -12,7 +12,7 @@ standard library. Sections, in the order data flows:
                       against its own null (restricted permutations for a main effect,
                       Freedman-Lane for the interaction)
   held-out selection  features chosen on one half of the prompts with their directions and minimum
-                      effects (preregister), tested on the other (test_preregistered)
+                      effects (preregister), tested on the other (judge_plan)
   controls            an intervention's effect against random controls (rank p) and a paired one;
                       with_controls: a control that is not beaten, or is empty, keeps "unclear"
 
@@ -423,7 +423,7 @@ def preregister(A_sel_PF, cell_sel_P, n=N_CARRIED):
     return plan
 
 
-def test_preregistered(A_PF, cell_P, half_P, plan, n_perm, generator, alpha=ALPHA):
+def judge_plan(A_PF, cell_P, half_P, plan, n_perm, generator, alpha=ALPHA):
     """The plan's features on the test half (half_P False): per feature its contrast, Welch
     interval, the one-sided permutation p in its direction (each contrast against its own null),
     p_bonferroni over every feature the plan carries, and rule's verdict against its min_effect;

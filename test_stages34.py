@@ -150,13 +150,13 @@ def test_the_shipped_stimuli_are_a_full_design_of_single_token_words():
 
 def test_stage34_on_a_tiny_run_seals_its_plan_before_the_test_half(tiny_run, capsys, monkeypatch):
     out, first = tiny_run
-    sealed, test_half = [], st.test_preregistered
+    sealed, test_half = [], st.judge_plan
 
     def after_the_plan(*args, **kw):
         sealed.append((out / "stage34_plan.json").exists())
         return test_half(*args, **kw)
 
-    monkeypatch.setattr(st, "test_preregistered", after_the_plan)
+    monkeypatch.setattr(st, "judge_plan", after_the_plan)
     report = rp.run(rp.Config(eval_only=str(out), device="cpu", stage34=True))
     assert sealed and all(sealed)
     saved = json.loads((out / "results.json").read_text())

@@ -329,7 +329,7 @@ def select_then_test(A_PF, cell_P, g, half_P=None, n_perm=999):
     """Stage 4's selectivity: the plan from the selection half, then the test half read once."""
     half_P = st.split_halves(cell_P, g) if half_P is None else half_P
     plan = st.preregister(A_PF[half_P], cell_P[half_P])
-    return st.test_preregistered(A_PF, cell_P, half_P, plan, n_perm, g), plan
+    return st.judge_plan(A_PF, cell_P, half_P, plan, n_perm, g), plan
 
 
 def any_holds(out):
