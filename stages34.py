@@ -405,7 +405,7 @@ def intervention(lm, layer, pipeline, design, plan, active):
     selected = effects("secondary", [[j]])
     random_runs = {name: effects("secondary", [[f] for f in ctrl[name]])
                    for name in ("random_matched", "shuffled_selection")}
-    primary = effects("pair", [ctrl["primary_read"]]) if ctrl["primary_read"] else None
+    primary = effects("pair", [ctrl["primary_read"]])  # none read: it scales nothing
     out = {}
     for f in SCALES:
         direction = plan_i["directions"][f"{f:g}"]
@@ -416,11 +416,10 @@ def intervention(lm, layer, pipeline, design, plan, active):
                                                active("secondary", ctrl[name])),
                            "word_list_changes": r[f][1]}
                     for name, r in random_runs.items()}
-        silent = torch.zeros(len(effect_P), dtype=torch.float64)
         controls["primary_read"] = {
-            **st.against_paired(effect_P, primary[f][0][0] if primary else silent, direction,
+            **st.against_paired(effect_P, primary[f][0][0], direction,
                                 bool(active("pair", ctrl["primary_read"]).any())),
-            "word_list_changes": primary[f][1] if primary else [0.0] * 4}
+            "word_list_changes": primary[f][1]}
         out[f"{f:g}"] = {"selected": {"effect": effect, "ci": ci, "direction": direction,
                                       "min_effect": plan_i["min_effect"],
                                       "verdict": effect_verdict,
@@ -451,12 +450,12 @@ def stage4(lm, pipeline, models, data, cfg, design, firing_F2, plan_path, genera
     runner.write_json(plan_path, plan)  # sealed before the test half is read
 
     # the test half
-    selectivity = {kind: st.judge_plan(A_PF, cell_P, half_P, plan["carried"][kind],
-                                               N_PERM, generator) for kind, A_PF in A.items()}
+    selectivity = {kind: st.judge_plan(A_PF, cell_P, half_P, plan["carried"][kind], N_PERM,
+                                       generator) for kind, A_PF in A.items()}
 
     def active(code, features):  # which features fire on the test prompts' kept positions
         A_PF = A["integration"] if code == "secondary" else A["identity_joint"]
-        return (A_PF[test][:, features] > 0).any(0) if features else torch.zeros(0, dtype=bool)
+        return (A_PF[test][:, features] > 0).any(0)
 
     rows, x1_change = intervention(lm, layer, pipeline, design, plan, active)
     verdicts = {f"intervention_x{f}": row["verdict"] for f, row in rows.items()}

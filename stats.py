@@ -8,9 +8,9 @@ standard library. Sections, in the order data flows:
                       that counts, a test's p); verdict (a summarised figure); majority (seeds)
   distribution shape  weighted moments, Sarle's bimodality coefficient, two-Gaussian mixtures and
                       delta BIC, pearson: the decoder-norm analysis's statistics
-  the 2 x 2 design    stage 4's contrasts and their Welch errors, each tested by permutations
-                      against its own null (restricted permutations for a main effect,
-                      Freedman-Lane for the interaction)
+  the 2 x 2 design    cell moments, stage 4's contrasts and their Welch errors, each tested by
+                      permutations against its own null (restricted permutations for a main
+                      effect, Freedman-Lane for the interaction)
   held-out selection  features chosen on one half of the prompts with their directions and minimum
                       effects (preregister), tested on the other (judge_plan)
   controls            an intervention's effect against random controls (rank p) and a paired one;
@@ -262,6 +262,18 @@ CONTRASTS = {"interaction": (1.0, -1.0, -1.0, 1.0), "main_a": (0.5, 0.5, -0.5, -
 TIE_TOLERANCE = 1e-9
 
 
+def cell_moments(A_PF, cell_P, weights_RP=None):
+    """Each cell's size [R, 4, 1], mean and unbiased variance [R, 4, F] of the per-prompt
+    activations A [P, F], for every row of weights_RP [R, P] (bootstrap counts; one row of ones, the
+    prompts themselves, when None)."""
+    onehot_PC = F.one_hot(cell_P, 4).double()
+    w_RP = torch.ones(1, len(cell_P), dtype=torch.float64) if weights_RP is None else weights_RP
+    n_RC1 = (w_RP @ onehot_PC)[..., None]
+    mean_RCF = torch.einsum("rp,pc,pf->rcf", w_RP, onehot_PC, A_PF.double()) / n_RC1
+    sq_RCF = torch.einsum("rp,pc,pf->rcf", w_RP, onehot_PC, A_PF.double().square()) / n_RC1
+    return n_RC1, mean_RCF, (sq_RCF - mean_RCF.square()).clamp_min(0) * n_RC1 / (n_RC1 - 1)
+
+
 def contrasts(A_PF, cell_P, weights_RP=None):
     """Per feature, the 2 x 2 contrasts of per-prompt activations A [P, F] with cell indices 0..3 in
     the order (a1 b1, a1 b2, a2 b1, a2 b2), from the cell means m:
@@ -270,12 +282,7 @@ def contrasts(A_PF, cell_P, weights_RP=None):
     and t = contrast / se, se^2 = sum_c k_c^2 s_c^2 / n_c from the within-cell variances s_c^2
     (Welch's form; 0 for a feature silent within its cells). {name: (value [F], t [F])}; with
     weights_RP [R, P] (bootstrap counts), [R, F] each, a row per resample."""
-    onehot_PC = F.one_hot(cell_P, 4).double()
-    w_RP = torch.ones(1, len(cell_P), dtype=torch.float64) if weights_RP is None else weights_RP
-    n_RC1 = (w_RP @ onehot_PC)[..., None]
-    mean_RCF = torch.einsum("rp,pc,pf->rcf", w_RP, onehot_PC, A_PF.double()) / n_RC1
-    sq_RCF = torch.einsum("rp,pc,pf->rcf", w_RP, onehot_PC, A_PF.double().square()) / n_RC1
-    var_RCF = (sq_RCF - mean_RCF.square()).clamp_min(0) * n_RC1 / (n_RC1 - 1)
+    n_RC1, mean_RCF, var_RCF = cell_moments(A_PF, cell_P, weights_RP)
     out = {}
     for name, k in CONTRASTS.items():
         k_C = torch.tensor(k, dtype=torch.float64)
@@ -291,11 +298,7 @@ def welch(A_PF, cell_P, contrast):
     freedom, each [F]:
         se^2 = sum_c u_c,  u_c = k_c^2 s_c^2 / n_c,   df = se^4 / sum_c u_c^2 / (n_c - 1)
     (df = P - 4 for a feature silent within its cells, whose se is 0)."""
-    onehot_PC = F.one_hot(cell_P, 4).double()
-    n_C1 = onehot_PC.sum(0)[:, None]
-    mean_CF = onehot_PC.T @ A_PF.double() / n_C1
-    var_CF = (onehot_PC.T @ A_PF.double().square() / n_C1 - mean_CF.square()).clamp_min(0) \
-        * n_C1 / (n_C1 - 1)
+    n_C1, mean_CF, var_CF = (m[0] for m in cell_moments(A_PF, cell_P))
     k_C1 = torch.tensor(CONTRASTS[contrast], dtype=torch.float64)[:, None]
     u_CF = k_C1.square() * var_CF / n_C1
     se_F = u_CF.sum(0).sqrt()
@@ -410,13 +413,12 @@ def preregister(A_sel_PF, cell_sel_P, n=N_CARRIED):
     n features of largest |t|, each with its direction (the sign of its t) and the smallest
     test-half contrast that counts, MIN_SELECTIVITY times its pooled within-cell standard deviation
     there. {contrast: [{feature, direction, selection_t, min_effect}]}."""
-    onehot_PC = F.one_hot(cell_sel_P, 4).double()
     plan = {}
     for name in CONTRASTS:
         chosen = top_features(A_sel_PF, cell_sel_P, name, n)
-        A_PN = A_sel_PF[:, [j for j, _, _ in chosen]].double()
-        centred_PN = A_PN - onehot_PC @ (onehot_PC.T @ A_PN / onehot_PC.sum(0)[:, None])
-        sd_N = (centred_PN.square().sum(0) / (len(cell_sel_P) - 4)).sqrt()
+        n_C1, _, var_CN = (m[0] for m in cell_moments(A_sel_PF[:, [j for j, _, _ in chosen]],
+                                                      cell_sel_P))
+        sd_N = (((n_C1 - 1) * var_CN).sum(0) / (len(cell_sel_P) - 4)).sqrt()
         plan[name] = [{"feature": j, "direction": sign, "selection_t": t,
                        "min_effect": MIN_SELECTIVITY * sd}
                       for (j, sign, t), sd in zip(chosen, sd_N.tolist())]
