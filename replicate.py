@@ -50,6 +50,9 @@ from store import load_data
 
 # ----------------------------------------------------------------------------- config
 
+STORE = "runs/activations"  # where activation stores go unless --store says
+
+
 @dataclass
 class Config(runner.RunConfig):
     """dualenc's settings, the runner's and the referee's."""
@@ -75,9 +78,10 @@ class Config(runner.RunConfig):
     sae: str | None = de.setting(None, "study an existing SAELens TopK SAE (folder with cfg.json "
                                  "and sae_weights.safetensors): no SAE training, the NFM learns "
                                  "its residual", "SAE_DIR")
-    store: str = de.setting("runs/activations", "folder of activation stores, one per model, "
-                            "layer, text, tokens and ctx: extracted once, reused by every run with "
-                            "the same key", "DIR")
+    store: str | None = de.setting(None, "folder of activation stores, one per model, layer, "
+                                   "text, tokens and ctx: extracted once, reused by every run "
+                                   f"with the same key (default: {STORE}, or with --resume / "
+                                   "--eval-only the run's own)", "DIR")
     store_dtype: str = de.setting("float32", "activations on disk: float32, or float16 (half the "
                                   "disk)", "{float32,float16}")
     models: str | None = de.setting(None, "the models to train, comma-separated (default: all "
@@ -197,14 +201,12 @@ def evaluate_variants(lm, evaluated, data, generator):
 
 
 def model_key(name, seed, first_seed):
-    """Where a seed's model lives in the run folder: the first seed's at <name>/, others at
-    seedS/<name>/."""
+    """Where a seed's model lives: <name>/ for the first seed, seedS/<name>/ for the others."""
     return name if seed == first_seed else f"seed{seed}/{name}"
 
 
 def matched_features(d_model, n_params):
-    """The dictionary size at which a TopK SAE (2 F D + F + D parameters) has n_params parameters
-    (§9.5)."""
+    """The dictionary size at which a TopK SAE (2 F D + F + D parameters) has n_params (§9.5)."""
     return round((n_params - d_model) / (2 * d_model + 1))
 
 
@@ -239,8 +241,7 @@ def model_stats(sums, shared, w_eval, w_splice, d_model):
     ones; a resampled total is a weighted sum, w @ per-window sums."""
     n_nll, n_kl = w_splice @ shared["nll_tokens"], w_splice @ shared["kl_tokens"]
     n_tokens, sst = w_eval @ shared["tokens"], w_eval @ shared["sst"]
-    clean_ce, zero_ce = ((w_splice @ shared["clean_nll"]) / n_nll,
-                         (w_splice @ shared["zero_nll"]) / n_nll)
+    clean_ce, zero_ce = ((w_splice @ shared[k]) / n_nll for k in ("clean_nll", "zero_nll"))
     stats = {}
     for name, v in sums.items():
         sse, kl, ce = w_eval @ v["sse"], (w_splice @ v["kl"]) / n_kl, (w_splice @ v["nll"]) / n_nll
@@ -325,10 +326,10 @@ def decoder_norm_analysis(norms, n_boot, generator, bins=60):
     samples = {f"bc_{k}": st.bimodality_coefficient(v, w[k]) for k, v in sq.items()}
     samples.update({f"delta_bic_{k}": st.gmm_bic(v, w[k][:1 + BIC_RESAMPLES])
                     for k, v in sq.items()})
-    samples.update(
-        r_sq_norm_vs_nfm_share=st.pearson(sq["joint_W_dec"], share, w["joint_W_dec"]),
-        r_sq_norm_vs_W_lin_sq_norm=st.pearson(sq["joint_W_dec"], joint["W_lin"], w["joint_W_dec"]),
-        r_sq_norm_vs_embed_sq_norm=st.pearson(sq["joint_W_dec"], joint["embed"], w["joint_W_dec"]))
+    sq_F, w_RF = sq["joint_W_dec"], w["joint_W_dec"]
+    samples.update(r_sq_norm_vs_nfm_share=st.pearson(sq_F, share, w_RF),
+                   r_sq_norm_vs_W_lin_sq_norm=st.pearson(sq_F, joint["W_lin"], w_RF),
+                   r_sq_norm_vs_embed_sq_norm=st.pearson(sq_F, joint["embed"], w_RF))
     hi = max(v.max().item() for v in sq.values())
     q = torch.tensor([0.05, 0.25, 0.5, 0.75, 0.95], dtype=torch.float64)
     fits = {k: st.gmm2(v) for k, v in sq.items()}
@@ -339,8 +340,7 @@ def decoder_norm_analysis(norms, n_boot, generator, bins=60):
         "summary": {k: {"mean": v.mean().item(),
                         "quantiles_5_25_50_75_95": torch.quantile(v.double(), q).tolist(),
                         "gmm2": {p: fits[k][p].tolist() for p in ("means", "stds", "weights")},
-                        "gmm2_has_two_modes": st.two_modes(fits[k])} for k, v in sq.items()},
-    }
+                        "gmm2_has_two_modes": st.two_modes(fits[k])} for k, v in sq.items()}}
 
 
 def reduction(base, new):
@@ -511,8 +511,7 @@ def report_analysis(per_seed):
         # a design figure, fixed by F, M and D before any training: shown, not judged
         "interaction_param_share": {n: (c["nfm_embed"] + c["nfm_mlp"]) / sum(c.values())
                                     for n, c in counts.items()},
-        "claims": claims(per_seed),
-    }
+        "claims": claims(per_seed)}
     if per_seed[0]["norm_info"] is not None:
         analysis["decoder_norms"] = {**per_seed[0]["norm_info"],
                                      **{k: st.across(per_seed, lambda s: s["norms"][k])
@@ -575,8 +574,7 @@ def saving_checkpoints(recipes, steps, folder_of, metadata, cfg, data):
 
 
 def checkpoint_point(step, cfg, results, analysis):
-    """What a checkpoint keeps: each model's FVU and KL with their window intervals, and the
-    claims."""
+    """What a checkpoint keeps: each model's FVU and KL with their window intervals; the claims."""
     return {"step": step, "presentations": step * cfg.batch_size,
             "models": {name: {"fvu": m["fvu"], "kl": m["kl"],
                               "ci": {"fvu": m["ci"]["fvu"], "kl": m["ci"]["kl"]}}
@@ -705,13 +703,14 @@ def run_key(cfg, seed, name):
 
 
 def add_stage34(report, lm, tokenizer, models, data, cfg, out):
-    """Stages 3-4 on every seed's joint model, the seed's other SAEs as the identity baseline, into
-    report["stage34"] and the run folder's stage34.txt."""
+    """Stages 3-4 on every seed's joint model (its seed's SAEs the identity baseline) into
+    report["stage34"], with the commit they ran at, and the run folder's stage34.txt."""
     seeds = range(cfg.seed, cfg.seed + cfg.seeds)
     baselines = {seed: {name: models[run_key(cfg, seed, name)] for name in ("sae", "sae_matched")
                         if run_key(cfg, seed, name) in models} for seed in seeds}
     joints = {seed: models[run_key(cfg, seed, "joint")] for seed in seeds}
-    report["stage34"] = s34.stage34(lm, tokenizer, joints, baselines, data, cfg, out)
+    report["stage34"] = {**s34.stage34(lm, tokenizer, joints, baselines, data, cfg, out),
+                         "commit": source_commit()}
     runner.atomic_write(out / "stage34.txt",
                         lambda p: p.write_text(s34.format_stage34(report["stage34"]) + "\n"))
 
@@ -901,6 +900,8 @@ def run(cfg):
         return combine_runs(cfg)
     device = runner.resolve_device(cfg.device)
     cfg, models, previous = runner.settings(cfg)
+    # a run resumed or re-evaluated without --store reads the store it was trained from
+    cfg = replace(cfg, store=cfg.store or previous.get("config", {}).get("store") or STORE)
     # every input error surfaces here, before the output folder is made and the slow corpus and
     # model loads
     layer, n_blocks, d_model = runner.check_inputs(cfg, models)

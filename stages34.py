@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 import dualenc as de
 import runner
@@ -51,9 +52,13 @@ def firing_counts(sae, x_ND, batch_size=4096):
 @torch.no_grad()
 def interaction_hidden(joint, x_ND, batch_size=4096):
     """The joint NFM's interaction hidden layer W_1 pair(f) + c_1, before its ReLU (§13, the paper's
-    choice): [N, M], the layer integration features are read from."""
-    return torch.cat([joint.nfm.hidden(*joint.nfm.read(*joint.sae.encode(x_BD)))
-                      for x_BD in x_ND.split(batch_size)])
+    choice): [N, M], the layer integration features are read from. Filled batch by batch, never
+    held twice: at a million tokens it is 1.2 GiB."""
+    h_NM = torch.empty(len(x_ND), joint.nfm.embed.shape[1], device=x_ND.device)
+    for i, x_BD in enumerate(x_ND.split(batch_size)):
+        vals_BK, idx_BK = joint.nfm.read(*joint.sae.encode(x_BD))
+        h_NM[i * batch_size:][:len(x_BD)] = joint.nfm.hidden(vals_BK, idx_BK)
+    return h_NM
 
 
 def train_secondary(joint, x_train_ND, x_eval_ND, cfg, paper_density=False):
@@ -61,17 +66,17 @@ def train_secondary(joint, x_train_ND, x_eval_ND, cfg, paper_density=False):
     features, k = M * 250 / 300 as the paper's text (2 % of the features as its code, with
     paper_density), trained as the primary SAE is (train_sae: the same loop, schedule, batches and
     steps) on the training tokens' hidden vectors, z-scored with their own statistics."""
-    h_train_NM, h_eval_NM = (interaction_hidden(joint, x_train_ND),
-                             interaction_hidden(joint, x_eval_ND))
+    h_train_NM = interaction_hidden(joint, x_train_ND)
     mean_M, std_M = de.fit_normalisation(h_train_NM)
     m = h_train_NM.shape[1]
     torch.manual_seed(cfg.seed)
     k = SECONDARY_ACTIVE * SECONDARY_EXPANSION * m if paper_density else SECONDARY_K_PER_M * m
     sae = de.TopKSAE(m, SECONDARY_EXPANSION * m, max(1, round(k)), cfg.sae_init)
     secondary = de.DualEncoder(sae, None, mean_M, std_M).to(x_train_ND.device)
-    curve = de.train_sae(secondary, secondary.normalize(h_train_NM), secondary.normalize(h_eval_NM),
-                         cfg, name="secondary")
-    return secondary, curve, secondary.normalize(h_eval_NM)
+    z_train_NM = h_train_NM.sub_(mean_M).div_(std_M)  # secondary.normalize, in place: one copy
+    z_eval_NM = secondary.normalize(interaction_hidden(joint, x_eval_ND))
+    curve = de.train_sae(secondary, z_train_NM, z_eval_NM, cfg, name="secondary")
+    return secondary, curve, z_eval_NM
 
 
 @torch.no_grad()
@@ -387,11 +392,11 @@ def intervention(lm, layer, pipeline, design, plan, active):
     device = next(pipeline.parameters()).device
     base_P4 = word_logprobs(lm, layer, prompts, words, pipeline, keep_fn)
 
-    def effects(code, feature_sets):
+    def effects(code, feature_sets, what):
         runs = [intervention_effect(lm, layer, prompts, words, pipeline, keep_fn,
                                     (code, torch.tensor(fs, device=device, dtype=torch.long)),
                                     base_P4)
-                for fs in feature_sets]
+                for fs in tqdm(feature_sets, desc=f"stage 4: {what}", leave=False)]
         return {f: (torch.stack([inter[f] for _, inter in runs]),
                     torch.stack([ch[f].mean(0) for ch, _ in runs]).mean(0).tolist())
                 for f in SCALES}
@@ -402,10 +407,10 @@ def intervention(lm, layer, pipeline, design, plan, active):
     x1_change = (word_logprobs(lm, layer, prompts, words, pipeline, keep_fn)
                  - base_P4).abs().max().item()
     pipeline.scale = None
-    selected = effects("secondary", [[j]])
-    random_runs = {name: effects("secondary", [[f] for f in ctrl[name]])
+    selected = effects("secondary", [[j]], "selected feature")
+    random_runs = {name: effects("secondary", [[f] for f in ctrl[name]], name.replace("_", " "))
                    for name in ("random_matched", "shuffled_selection")}
-    primary = effects("pair", [ctrl["primary_read"]])  # none read: it scales nothing
+    primary = effects("pair", [ctrl["primary_read"]], "primary read")  # none read: scales nothing
     out = {}
     for f in SCALES:
         direction = plan_i["directions"][f"{f:g}"]

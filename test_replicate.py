@@ -133,9 +133,11 @@ def test_same_seed_gives_identical_results(tiny_lm_folder, tiny_run, tmp_path):
     assert second["analysis"]["claims"] == first["analysis"]["claims"]
 
 
-def test_eval_only_reproduces_a_saved_run(tiny_run):
+def test_eval_only_reproduces_a_saved_run(tiny_run, tmp_path, monkeypatch):
     out, first = tiny_run
+    monkeypatch.chdir(tmp_path)
     again = rp.run(rp.Config(eval_only=str(out), device="cpu"))
+    assert not (tmp_path / rp.STORE).exists()  # no --store: the run's own store, no extraction
     for name, metrics in first["models"].items():
         for metric, value in metrics.items():
             if metric != "ci":
