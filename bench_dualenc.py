@@ -252,7 +252,8 @@ def bench_neighbour(repeats):
           "stand-in), CPU")
     for label, threads, policy in NEIGHBOUR_SETTINGS:
         env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
-        env.update({} if policy is None else {"OMP_WAIT_POLICY": policy})
+        if policy is not None:
+            env["OMP_WAIT_POLICY"] = policy
         cmd = [sys.executable, __file__, "--sae-step", str(threads), "--repeats", str(repeats * 2)]
         quiet = float(subprocess.run(cmd, capture_output=True, text=True, env=env,
                                      check=True).stdout)
