@@ -7,11 +7,14 @@ min / median of several repeats. Not a test: nothing here asserts a time.
 
     python bench_dualenc.py --neighbour                    # only the thread/wait-policy comparison
 
+    python bench_dualenc.py --precision                    # only fp32 against bf16
+
 Sections: NFM (sparse vs the dense [B, F, M] reference, with peak memory), SAE decode
 (embedding_bag vs dense matmul), the SAE step (sparse vs dense encoder backward, and where its
-time goes), extraction (early exit vs full forward), splicing (cached prefix vs full forward),
-training throughput, on CPU the SAE step beside a low-priority neighbour (threads and OpenMP wait
-policy), and the end-to-end stage split.
+time goes), precision (the paper-density steps and extraction in bf16 against fp32, and the share
+of a long run that its curve's evaluations take), extraction (early exit vs full forward),
+splicing (cached prefix vs full forward), training throughput, on CPU the SAE step beside a
+low-priority neighbour (threads and OpenMP wait policy), and the end-to-end stage split.
 """
 
 import argparse
@@ -27,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 import dualenc as de
+import replicate as rp
 import runner
 
 # dualenc's (n_read = k/2) and the paper's (METHOD.md §4, §8)
@@ -218,6 +222,57 @@ def bench_sae_step(device, repeats):
               + f", the backward and the rest {1 - sum(parts.values()):.0%}")
 
 
+def paper_density_models(d, device):
+    """The long run's three models at the paper's density (d_model d): name -> (model, Config)."""
+    cfg = de.Config(**runner.paper_density(d))
+    data = {"x_train": torch.zeros(1, d, device=device), "mean": None, "std": None}
+    joint = de.build(cfg, data, nfm="linear")
+    matched = rp.matched_features(d, de.n_params(joint))
+    return cfg, {"sae": de.build(cfg, data), "sae_matched": de.build(cfg, data, n_features=matched),
+                 "joint": joint}
+
+
+# The long run's shape (results/long): 119,084 held-out tokens in 938 windows, evaluated every 200
+# steps; its curve now reads the first curve_windows of them.
+LONG_RUN = dict(eval_tokens=119_084, eval_windows=938, eval_every=200)
+
+
+def bench_precision(device, repeats):
+    print("\n## Precision: bf16 autocast against fp32, the paper-density training steps (d 576)")
+    d = DEFAULT["d"]
+    cfg, models = paper_density_models(d, device)
+    x = torch.randn(cfg.batch_size, d, device=device)
+    fns = {}
+    for name, model in models.items():
+        opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=True)
+        for precision in de.Config.PRECISIONS:
+            fns[name, precision] = (lambda model=model, opt=opt, p=precision:
+                                    de.train_step(model, opt, x, p))
+    t = {}
+    for _ in range(2):  # interleaved, as in the SAE step's section
+        for key, fn in fns.items():
+            t[key] = min(t.get(key, (1e9, 1e9)), timed(fn, device, repeats * 2))
+    for name, model in models.items():
+        fp32, bf16 = t[name, "fp32"], t[name, "bf16"]
+        print(f"  {name:<12} F {model.sae.W_dec.shape[0]:>6,}   fp32 {fmt(fp32)}   bf16 {fmt(bf16)}"
+              f"   bf16 / fp32 (median) {bf16[1] / fp32[1]:5.2f}")
+    print("\n## A long run's evaluation share: the curve's held-out pass every "
+          f"{LONG_RUN['eval_every']} steps, all {LONG_RUN['eval_tokens']:,} held-out tokens "
+          "against the first curve_windows windows' (joint model)")
+    joint = models["joint"]
+    per_window = LONG_RUN["eval_tokens"] / LONG_RUN["eval_windows"]
+    x_eval = torch.randn(LONG_RUN["eval_tokens"], d, device=device)
+    x_curve = x_eval[:round(cfg.curve_windows * per_window)]
+    t_eval = {"all held-out tokens": timed(lambda: de.evaluate(joint, x_eval), device, 3),
+              f"first {cfg.curve_windows} windows": timed(lambda: de.evaluate(joint, x_curve),
+                                                          device, 3)}
+    for precision in de.Config.PRECISIONS:
+        train_s = LONG_RUN["eval_every"] * t["joint", precision][1]
+        for label, (_, median) in t_eval.items():
+            print(f"  {precision} training, {label:<20} {median:6.2f} s a pass against "
+                  f"{train_s:6.1f} s of steps: {median / (median + train_s):6.1%} of the run")
+
+
 NEIGHBOUR_SETTINGS = (("2 threads, OMP_WAIT_POLICY unset", 2, None),  # OpenMP's own default
                       ("2 threads, OMP_WAIT_POLICY=PASSIVE", 2, "PASSIVE"),
                       ("2 threads, OMP_WAIT_POLICY=ACTIVE", 2, "ACTIVE"),
@@ -297,10 +352,19 @@ def bench_lm(device, repeats):
         with torch.no_grad(), de.block_hook(lm, layer, lambda h: None):
             for i in range(0, len(ids), 16):
                 lm(ids[i:i + 16].to(device), use_cache=False)
+    def early_bf16():
+        de.extract_activations(lm, ids, layer, precision="bf16")
     t_early, t_full = timed(early, device, repeats), timed(full, device, repeats)
+    t_bf16 = timed(early_bf16, device, repeats)
     print(f"  extraction  early exit {n / t_early[1]:8,.0f} tokens/s   "
           f"full forward {n / t_full[1]:8,.0f} tokens/s   ratio {t_full[1] / t_early[1]:4.2f} x")
     acts = de.extract_activations(lm, ids, layer)
+    acts_bf16 = de.extract_activations(lm, ids, layer, precision="bf16")
+    keep = de.keep_mask(acts.norm(dim=-1), 1e9)  # the rows a run keeps (position 0 aside)
+    error = (acts_bf16 - acts)[keep].norm() / acts[keep].norm()
+    print(f"  extraction  fp32 {n / t_early[1]:8,.0f} tokens/s   "
+          f"bf16 {n / t_bf16[1]:8,.0f} tokens/s   bf16 / fp32 time {t_bf16[1] / t_early[1]:4.2f}   bf16's activations differ from "
+          f"fp32's by {error:.2%} (relative norm, positions > 0)")
     reps = {"zero": torch.zeros_like}
     t_cached = timed(lambda: de.splice_metrics(lm, ids, layer, reps, acts_NTD=acts), device,
                      repeats)
@@ -325,6 +389,8 @@ def main():
                    help="results.json of a default run, to split its wall time by stage")
     p.add_argument("--neighbour", action="store_true",
                    help="only the SAE step beside a busy neighbour (CPU)")
+    p.add_argument("--precision", action="store_true",
+                   help="only fp32 against bf16 (the paper-density steps, evaluation, extraction)")
     # internal, the child processes: one CPU peak-memory measurement (--peak), one timed step with
     # N threads (--sae-step), the neighbour (--busy)
     p.add_argument("--peak", nargs=2, help=argparse.SUPPRESS)
@@ -343,9 +409,13 @@ def main():
     name = (torch.cuda.get_device_name() if device.type == "cuda"
             else f"CPU, {torch.get_num_threads()} threads")
     print(f"# dualenc benchmark on {name}, torch {torch.__version__}")
+    if args.precision:
+        bench_precision(device, args.repeats)
+        return bench_lm(device, max(2, args.repeats // 2))
     bench_nfm(device, args.repeats)
     bench_sae_decode(device, args.repeats)
     bench_sae_step(device, args.repeats)
+    bench_precision(device, args.repeats)
     bench_training(device, args.repeats)
     bench_lm(device, max(2, args.repeats // 2))
     if device.type == "cpu":

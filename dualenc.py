@@ -5,7 +5,7 @@ Neural Network Representations" (arXiv 2507.00269; METHOD.md, cited as §N): an 
 activation as a sparse sum of feature directions ("identity"); a Neural Factorization Machine reads
 the same code and adds what depends on which features fire together ("integration"). The method
 only (runner.py: text, LM, runs, flags; replicate.py: referee). Sections, in the order data flows:
-  settings      Config: the method's settings
+  settings      Config: the method's settings; autocast, the one switch of precision
   extraction    the block hook, block-L activations, the keep mask and the z-score (§2)
   identity SAE  TopKEncode (the sparse backward, §15), TopKSAE (§3)
   integration   NFM (§4)
@@ -41,7 +41,8 @@ def setting(default, help, metavar=None):
 class Config:
     """The method's settings; runner.RunConfig adds the data's and the run's."""
 
-    POSITIVE = ("features", "k", "embed_dim", "epochs", "batch_size", "eval_every")
+    POSITIVE = ("features", "k", "embed_dim", "epochs", "batch_size", "eval_every", "curve_windows")
+    PRECISIONS = ("fp32", "bf16")
 
     features: int = setting(4608, "SAE dictionary size F (paper: 50,000)")
     k: int = setting(64, "active features per token K (paper: 1024)")
@@ -57,6 +58,14 @@ class Config:
     lr_end: float = setting(0.1, "final lr as a fraction of --lr (paper: 1e-5 / 1e-4)")
     decay_frac: float = setting(0.8, "fraction of steps over which lr decays linearly (paper: 0.8)")
     eval_every: int = setting(100, "steps between held-out evaluations and log lines")
+    curve_windows: int = setting(128, "held-out windows (the first ones, the same for every model) "
+                                 "that the curve's evaluations read every --eval-every steps; the "
+                                 "end and the checkpoints read them all")
+    precision: str = setting("fp32", "training's forward: fp32, or bf16 autocast (matrix products "
+                             "in bf16; weights, Adam, loss and evaluation fp32)", "{fp32,bf16}")
+    extract_precision: str = setting("fp32", "the LM's forward when activations are extracted: "
+                                     "fp32 or bf16 autocast (the splice evaluation is always fp32)",
+                                     "{fp32,bf16}")
     outlier_factor: float = setting(10.0, "drop tokens whose norm exceeds this times the median "
                                     "(§2)")
     seed: int = setting(0, "seed for the data split, batch order, initialisation and the "
@@ -71,11 +80,26 @@ class Config:
         if self.sae_init not in TopKSAE.INITS:
             raise DualencError(f"--sae-init must be one of {', '.join(TopKSAE.INITS)}, "
                                f"got {self.sae_init!r}")
+        for name in ("precision", "extract_precision"):
+            if getattr(self, name) not in self.PRECISIONS:
+                raise DualencError(f"--{name.replace('_', '-')} must be fp32 or bf16, "
+                                   f"got {getattr(self, name)!r}")
         if self.k > self.features:
             raise DualencError(f"--k {self.k} exceeds --features {self.features}")
         self.nfm_k = max(1, self.k // 2) if self.nfm_k is None else self.nfm_k
         if not 0 < self.nfm_k <= self.k:
             raise DualencError(f"--nfm-k must be in 1..k={self.k}, got {self.nfm_k}")
+
+
+def autocast(precision, device):
+    """The forward's precision, one switch for CPU and CUDA alike: "bf16" is torch's autocast, which
+    runs matrix products (the SAE's encoder GEMM, the NFM's MLP, the LM's linear layers and
+    attention) in bf16 with fp32 accumulation, and leaves the rest in the inputs' fp32:
+    embedding_bags (the decoder, the NFM's linear term and its pair sums, whose square-minus-squares
+    would cancel away bf16's 8 bits), reductions and losses. The parameters, their gradients and
+    Adam's state are fp32 in either precision. Why: the encoder GEMM is most of a training step and
+    the LM's forward all of extraction, and both ran 3-10x faster in bf16 on an AVX-512 BF16 CPU."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
 # ----------------------------------------------------------------------------- extraction
@@ -132,13 +156,15 @@ def run_to_block(lm, input_ids_BT, layer, fn=None):
 
 
 @torch.no_grad()
-def extract_activations(lm, input_ids_NT, layer, batch_size=16):
-    """Block-`layer` outputs [N, T, D] (fp32, on the LM's device) for the windows input_ids_NT."""
+def extract_activations(lm, input_ids_NT, layer, batch_size=16, precision="fp32"):
+    """Block-`layer` outputs [N, T, D] (fp32, on the LM's device) for the windows input_ids_NT, the
+    LM run in `precision` (autocast: in bf16 the blocks' products are bf16, their sum fp32)."""
     device, captured = next(lm.parameters()).device, []
     batches = range(0, len(input_ids_NT), batch_size)
     for i in tqdm(batches, desc="extract", leave=False, disable=len(batches) == 1):
         ids_BT = input_ids_NT[i:i + batch_size].to(device)
-        run_to_block(lm, ids_BT, layer, lambda h: captured.append(h.float()))
+        with autocast(precision, device):
+            run_to_block(lm, ids_BT, layer, lambda h: captured.append(h.float()))
     acts_NTD = torch.cat(captured)
     if not torch.isfinite(acts_NTD).all():
         raise DualencError(f"the LM produced NaN/inf activations at block {layer}")
@@ -173,6 +199,14 @@ def split_activations(acts_NTD, n_train, outlier_factor):
             "n_massive": int((norms_NT[:, 1:] > max_norm).sum())}
 
 
+def curve_subset(x_eval_ND, eval_window_N, n_windows):
+    """The kept tokens of the first n_windows held-out windows (a copy, [N', D]): what the curve's
+    evaluations read, the same windows for every model. At the paper's density a pass over all
+    held-out tokens costs about 50 training steps; the end and the checkpoints still read them
+    all."""
+    return x_eval_ND[(eval_window_N.cpu() < n_windows).nonzero()[:, 0]]
+
+
 # ----------------------------------------------------------------------------- identity SAE
 
 class TopKEncode(torch.autograd.Function):
@@ -180,11 +214,17 @@ class TopKEncode(torch.autograd.Function):
     k selected only (§15), O(B K D), not autograd's two O(B F D) GEMMs. With g = grad_f * [f > 0]:
         grad_b_enc[i]    = sum_{(b,j): idx_bj = i} g_bj
         grad_x[b]        = sum_j g_bj W_enc[:, idx_bj]        an embedding_bag over W_enc^T
-        grad_W_enc[:, i] = sum_{(b,j): idx_bj = i} g_bj x_b   its weight gradient"""
+        grad_W_enc[:, i] = sum_{(b,j): idx_bj = i} g_bj x_b   its weight gradient
+    Under bf16 autocast the forward's product and top-k are bf16 (they pick which k fire); the
+    values come out in x's dtype (fp32) and the backward, cheap, is fp32 throughout: its sums over tokens are
+    accumulated in fp32, as the dense backward's bf16 GEMM accumulates them."""
 
     @staticmethod
     def forward(ctx, x_BD, W_enc_DF, b_enc_F, k):
-        vals_BK, idx_BK = F.relu(x_BD @ W_enc_DF + b_enc_F).topk(k, dim=-1, sorted=False)
+        pre_BF = x_BD @ W_enc_DF  # bf16 under autocast: the O(B D F) cost of a step
+        pre_BF = F.relu(pre_BF + b_enc_F.to(pre_BF.dtype))
+        vals_BK, idx_BK = pre_BF.topk(k, dim=-1, sorted=False)
+        vals_BK = vals_BK.to(x_BD.dtype)  # the decoder and the NFM read codes in x's fp32
         ctx.save_for_backward(x_BD, W_enc_DF, vals_BK, idx_BK)
         ctx.mark_non_differentiable(idx_BK)
         return vals_BK, idx_BK
@@ -361,9 +401,13 @@ def lr_at(step, steps, cfg):
     return cfg.lr * (1 - t * (1 - cfg.lr_end))
 
 
-def train_step(model, optimiser, x_BD):
-    """One step on MSE(x_hat, x); SAE frozen, this is exactly MSE(linear + interaction, x - x_s)."""
-    loss = F.mse_loss(model(x_BD), x_BD)
+def train_step(model, optimiser, x_BD, precision="fp32"):
+    """One step on MSE(x_hat, x); SAE frozen, this is exactly MSE(linear + interaction, x - x_s).
+    The forward runs in `precision` (autocast); x_hat comes out fp32, and the loss, the backward's
+    gradients and Adam are fp32."""
+    with autocast(precision, x_BD.device):
+        x_hat_BD = model(x_BD)
+    loss = F.mse_loss(x_hat_BD, x_BD)
     optimiser.zero_grad(set_to_none=True)
     loss.backward()
     optimiser.step()
@@ -372,7 +416,8 @@ def train_step(model, optimiser, x_BD):
 
 @torch.no_grad()
 def sq_errors(model, x_ND, batch_size=4096):
-    """||x - x_hat||^2 per token, [N], in eval mode (no dropout)."""
+    """||x - x_hat||^2 per token, [N], in eval mode (no dropout), in fp32 whatever the model was
+    trained in: held-out figures measure the weights, comparable across precisions."""
     was_training = model.training
     model.eval()
     err_N = torch.cat([(model(x_BD) - x_BD).square().sum(-1) for x_BD in x_ND.split(batch_size)])
@@ -393,9 +438,10 @@ def evaluate(model, x_ND):
     return {"mse": (sse / (len(x_ND) * x_ND.shape[1])).item(), "fvu": (sse / sst).item()}
 
 
-def fit(model, params, x_train_ND, x_eval_ND, cfg, name, state=None, on_eval=None, until=None):
-    """Adam on MSE(x_hat, x) over `params`, the same batches and steps for every model of a seed;
-    evaluates every eval_every steps and at the last, then on_eval(step, model). `state` (runner's
+def fit(model, params, x_train_ND, x_curve_ND, cfg, name, state=None, on_eval=None, until=None):
+    """Adam on MSE(x_hat, x) over `params`, the same batches and steps for every model of a seed,
+    the forward in cfg.precision; evaluates on the held-out tokens x_curve_ND (curve_subset) every
+    eval_every steps and at the last, then on_eval(step, model). `state` (runner's
     TrainState) resumes and is saved at each; `until` stops after that step. Returns the history."""
     params = [p for p in params if p.requires_grad]
     # fused: one kernel for all parameters, ~7x faster than the default Adam step on CPU (measured)
@@ -418,12 +464,13 @@ def fit(model, params, x_train_ND, x_eval_ND, cfg, name, state=None, on_eval=Non
         batch_BD = x_train_ND[order[j * cfg.batch_size:(j + 1) * cfg.batch_size]]
         for group in optimiser.param_groups:
             group["lr"] = lr_at(step, steps, cfg)
-        loss_sum, n_sum = loss_sum + train_step(model, optimiser, batch_BD), n_sum + 1
+        loss = train_step(model, optimiser, batch_BD, cfg.precision)
+        loss_sum, n_sum = loss_sum + loss, n_sum + 1
         if (step + 1) % cfg.eval_every == 0 or step + 1 == last:
             train_loss = (loss_sum / n_sum).item()  # one host sync per cadence, not per step
             if not math.isfinite(train_loss):
                 raise DualencError(f"{name}: training loss became {train_loss} at step {step + 1}")
-            ev = evaluate(model, x_eval_ND)
+            ev = evaluate(model, x_curve_ND)
             history.append({"step": step + 1, "train_mse": train_loss, **ev})
             bar.write(f"{name:>16s} step {step + 1:5d}/{steps}  train mse {train_loss:.4f}  "
                       f"held-out mse {ev['mse']:.4f}  fvu {ev['fvu']:.4f}")
@@ -436,20 +483,20 @@ def fit(model, params, x_train_ND, x_eval_ND, cfg, name, state=None, on_eval=Non
     return history
 
 
-def train_sae(model, x_train_ND, x_eval_ND, cfg, name="sae", **kw):
+def train_sae(model, x_train_ND, x_curve_ND, cfg, name="sae", **kw):
     """The SAE alone: the baseline (§9.1, and §9.5's twin) and sequential's stage 1. kw: fit's."""
-    return fit(model, model.sae.parameters(), x_train_ND, x_eval_ND, cfg, name, **kw)
+    return fit(model, model.sae.parameters(), x_train_ND, x_curve_ND, cfg, name, **kw)
 
 
-def train_sequential(model, x_train_ND, x_eval_ND, cfg, name="sequential", **kw):
+def train_sequential(model, x_train_ND, x_curve_ND, cfg, name="sequential", **kw):
     """Stage 2 of sequential training: the SAE is frozen and the NFM fits its residual (§5)."""
     model.sae.requires_grad_(False)
-    return fit(model, model.nfm.parameters(), x_train_ND, x_eval_ND, cfg, name, **kw)
+    return fit(model, model.nfm.parameters(), x_train_ND, x_curve_ND, cfg, name, **kw)
 
 
-def train_joint(model, x_train_ND, x_eval_ND, cfg, name="joint", **kw):
+def train_joint(model, x_train_ND, x_curve_ND, cfg, name="joint", **kw):
     """SAE and NFM from scratch together on one loss MSE(x_s + linear + interaction, x) (§5)."""
-    return fit(model, model.parameters(), x_train_ND, x_eval_ND, cfg, name, **kw)
+    return fit(model, model.parameters(), x_train_ND, x_curve_ND, cfg, name, **kw)
 
 
 def build(cfg, data, sae=None, nfm=None, n_features=None):

@@ -563,7 +563,7 @@ def saving_checkpoints(recipes, steps, folder_of, metadata, cfg, data):
                 if not (folder / "cfg.json").exists():
                     sae = runner.load_model(folder_of("sae") / f"step{step}").sae
                     early = de.build(cfg, data, sae=sae, nfm="linear")
-                    de.train_sequential(early, data["x_train"], data["x_eval"], cfg,
+                    de.train_sequential(early, data["x_train"], data["x_curve"], cfg,
                                         name=f"sequential to {step}", until=step)
                     runner.save_model(early, folder, metadata)
             return history

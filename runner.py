@@ -486,7 +486,7 @@ def load_data(cfg, layer, device):
     order = torch.randperm(len(windows_NT), generator=torch.Generator().manual_seed(cfg.seed))
     windows_NT = windows_NT[order]
     n_train = int(0.9 * len(windows_NT))
-    acts_NTD = de.extract_activations(lm, windows_NT, layer)
+    acts_NTD = de.extract_activations(lm, windows_NT, layer, precision=cfg.extract_precision)
     data = de.split_activations(acts_NTD, n_train, cfg.outlier_factor)
     n_splice = max(1, min(len(windows_NT) - n_train, cfg.splice_tokens // cfg.ctx))
     held_out = slice(n_train, n_train + n_splice)
@@ -496,6 +496,7 @@ def load_data(cfg, layer, device):
                 splice_acts=acts_NTD[held_out].clone(),  # reused by every splice
                 x_train=data["x_train"].to(device), x_eval=data["x_eval"].to(device),
                 mean=data["mean"].to(device), std=data["std"].to(device))
+    data["x_curve"] = de.curve_subset(data["x_eval"], data["eval_window"], cfg.curve_windows)
     describe_data(data, cfg)
     return lm, tokenizer, data
 
@@ -518,7 +519,7 @@ def train_into(folder, model, train, cfg, data, name):
     curve."""
     folder.mkdir(parents=True, exist_ok=True)
     state = TrainState(folder / "train_state.pt")
-    curve = train(model, data["x_train"], data["x_eval"], cfg, name=name, state=state)
+    curve = train(model, data["x_train"], data["x_curve"], cfg, name=name, state=state)
     save_model(model, folder, sae_metadata(cfg, data["layer"]))
     state.path.unlink()
     return curve
@@ -614,6 +615,8 @@ def new_report(cfg, data, models, previous, timings):
                      "eval_windows": data["n_eval_windows"],
                      "splice_windows": len(data["splice_ids"]),
                      "splice_tokens": int(data["splice_keep"].sum()),
+                     "curve_windows": min(cfg.curve_windows, data["n_eval_windows"]),
+                     "curve_tokens": len(data["x_curve"]),
                      "excluded_tokens": data["n_windows"] + data["n_massive"],
                      "excluded_massive": data["n_massive"],
                      "massive_norm_threshold": data["max_norm"],

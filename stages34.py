@@ -61,11 +61,13 @@ def interaction_hidden(joint, x_ND, batch_size=4096):
     return h_NM
 
 
-def train_secondary(joint, x_train_ND, x_eval_ND, cfg, paper_density=False):
+def train_secondary(joint, x_train_ND, x_eval_ND, cfg, paper_density=False, eval_window_N=None):
     """Stage 3 (§13): a TopK SAE on the frozen joint model's interaction hidden layer, 25 x M
     features, k = M * 250 / 300 as the paper's text (2 % of the features as its code, with
     paper_density), trained as the primary SAE is (train_sae: the same loop, schedule, batches and
-    steps) on the training tokens' hidden vectors, z-scored with their own statistics."""
+    steps) on the training tokens' hidden vectors, z-scored with their own statistics; its curve
+    reads the held-out tokens of the first cfg.curve_windows windows (eval_window_N gives each
+    token's window; None: all of them)."""
     h_train_NM = interaction_hidden(joint, x_train_ND)
     mean_M, std_M = de.fit_normalisation(h_train_NM)
     m = h_train_NM.shape[1]
@@ -75,7 +77,9 @@ def train_secondary(joint, x_train_ND, x_eval_ND, cfg, paper_density=False):
     secondary = de.DualEncoder(sae, None, mean_M, std_M).to(x_train_ND.device)
     z_train_NM = h_train_NM.sub_(mean_M).div_(std_M)  # secondary.normalize, in place: one copy
     z_eval_NM = secondary.normalize(interaction_hidden(joint, x_eval_ND))
-    curve = de.train_sae(secondary, z_train_NM, z_eval_NM, cfg, name="secondary")
+    z_curve_NM = z_eval_NM if eval_window_N is None else de.curve_subset(
+        z_eval_NM, eval_window_N, cfg.curve_windows)
+    curve = de.train_sae(secondary, z_train_NM, z_curve_NM, cfg, name="secondary")
     return secondary, curve, z_eval_NM
 
 
@@ -157,7 +161,7 @@ def stage3(lm, joint, data, cfg, folder, generator):
     reconstruction, against the joint model's own (paired bootstrap over windows)."""
     layer = data["layer"]
     secondary, curve, h_eval_NM = train_secondary(joint, data["x_train"], data["x_eval"], cfg,
-                                                  cfg.paper_density)
+                                                  cfg.paper_density, data["eval_window"])
     hook = f"blocks.{layer}.hook_resid_post.nfm.hook_interaction_pre_relu"
     metadata = {**runner.sae_metadata(cfg, layer), "hook_name": hook}
     runner.save_model(secondary, folder, metadata)

@@ -28,8 +28,8 @@ from dualenc import DualencError
 
 class ActivationStore:
     """Block-L outputs of a corpus's windows on disk, for runs larger than RAM (§15), in a folder
-    named by its key (model, layer, dtype and a hash of the token windows, so text, token count and
-    ctx):
+    named by its key (model, layer, dtype, the LM's precision and a hash of the token windows, so
+    text, token count and ctx):
         acts.bin   [N, T, D] in `dtype` (float32, or float16 at half the disk), window after window
         norms.bin  [N, T] float32 norms of the float32 outputs (the outlier threshold, §2)
         meta.json  the key, the shape, and how many windows are written (written after their bytes)
@@ -75,7 +75,7 @@ class ActivationStore:
     def complete(self):
         return self.done == self.shape[0]
 
-    def extract(self, lm, windows_NT, layer):
+    def extract(self, lm, windows_NT, layer, precision="fp32"):
         """Fill the store, holding its lock: a second process extracting the same key waits, then
         finds it done (or resumes where the first stopped)."""
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -87,10 +87,10 @@ class ActivationStore:
                       file=sys.stderr)
                 fcntl.flock(lock, fcntl.LOCK_EX)
             self.done = self.recorded()
-            self.write_windows(lm, windows_NT, layer)
+            self.write_windows(lm, windows_NT, layer, precision)
 
     @torch.no_grad()
-    def write_windows(self, lm, windows_NT, layer, batch_size=16):
+    def write_windows(self, lm, windows_NT, layer, precision, batch_size=16):
         """Windows self.done on, batch_size at a time (the batches of an uninterrupted extraction,
         so the same bytes), each written at its own offset and flushed before meta.json counts it. A
         full disk stops with one line; the store then reads as unfinished."""
@@ -102,7 +102,7 @@ class ActivationStore:
             batches = range(self.done, len(windows_NT), batch_size)
             for i in tqdm(batches, desc="extract to store", leave=False):
                 acts_BTD = de.extract_activations(lm, windows_NT[i:i + batch_size], layer,
-                                                  batch_size)
+                                                  batch_size, precision)
                 acts_bytes = acts_BTD.to(self.dtype).cpu().numpy().tobytes()
                 os.pwrite(files["acts.bin"], acts_bytes, i * T * self.row_bytes)
                 norms_bytes = acts_BTD.norm(dim=-1).cpu().numpy().tobytes()
@@ -201,11 +201,13 @@ LOADING_ONLY = ("_name_or_path", "quantization_config", "transformers_version", 
 def store_key(cfg, lm, layer, windows_NT):
     """What the activations depend on: the model (its config, without what only says how it was
     loaded: a GGUF file and its cached de-quantised copy are one model, and its weights'
-    fingerprint), the layer, the dtype on disk and the token windows."""
+    fingerprint), the layer, the dtype on disk, the precision the LM ran in and the token
+    windows."""
     config = {k: v for k, v in lm.config.to_dict().items() if k not in LOADING_ONLY}
     config_json = json.dumps(config, sort_keys=True, default=str)
     return {"model": cfg.model, "config": hashlib.sha1(config_json.encode()).hexdigest(),
             "weights": weights_fingerprint(lm), "layer": layer, "dtype": cfg.store_dtype,
+            "lm_precision": cfg.extract_precision,
             "windows": hashlib.sha1(windows_NT.numpy().tobytes()).hexdigest(),
             "shape_NT": list(windows_NT.shape)}
 
@@ -234,7 +236,7 @@ def load_data(cfg, layer, device):
     store = ActivationStore(cfg.store, store_key(cfg, lm, layer, windows_NT),
                             (N, T, lm.config.hidden_size))
     if not store.complete:
-        store.extract(lm, windows_NT, layer)
+        store.extract(lm, windows_NT, layer, cfg.extract_precision)
     else:
         print(f"activations from the store {store.folder}", file=sys.stderr)
     perm_N = torch.randperm(N, generator=torch.Generator().manual_seed(cfg.seed))
@@ -254,5 +256,6 @@ def load_data(cfg, layer, device):
             "eval_ids": windows_NT[eval_W], "eval_keep": keep_NT[eval_W],
             "splice_ids": windows_NT[eval_W[:n_splice]], "splice_keep": keep_NT[eval_W[:n_splice]],
             "splice_acts": store.windows(eval_W[:n_splice].tolist()).to(device)}
+    data["x_curve"] = de.curve_subset(data["x_eval"], data["eval_window"], cfg.curve_windows)
     runner.describe_data(data, cfg)
     return lm, tokenizer, data
