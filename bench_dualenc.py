@@ -363,8 +363,8 @@ def bench_lm(device, repeats):
     keep = de.keep_mask(acts.norm(dim=-1), 1e9)  # the rows a run keeps (position 0 aside)
     error = (acts_bf16 - acts)[keep].norm() / acts[keep].norm()
     print(f"  extraction  fp32 {n / t_early[1]:8,.0f} tokens/s   "
-          f"bf16 {n / t_bf16[1]:8,.0f} tokens/s   bf16 / fp32 time {t_bf16[1] / t_early[1]:4.2f}   bf16's activations differ from "
-          f"fp32's by {error:.2%} (relative norm, positions > 0)")
+          f"bf16 {n / t_bf16[1]:8,.0f} tokens/s   bf16 / fp32 time {t_bf16[1] / t_early[1]:4.2f}"
+          f"   bf16's activations differ from fp32's by {error:.2%} (relative norm, positions > 0)")
     reps = {"zero": torch.zeros_like}
     t_cached = timed(lambda: de.splice_metrics(lm, ids, layer, reps, acts_NTD=acts), device,
                      repeats)

@@ -98,7 +98,8 @@ def autocast(precision, device):
     embedding_bags (the decoder, the NFM's linear term and its pair sums, whose square-minus-squares
     would cancel away bf16's 8 bits), reductions and losses. The parameters, their gradients and
     Adam's state are fp32 in either precision. Why: the encoder GEMM is most of a training step and
-    the LM's forward all of extraction, and both ran 3-10x faster in bf16 on an AVX-512 BF16 CPU."""
+    the LM's forward all of extraction, and on a CPU with AVX-512 BF16 (or a GPU) both run several
+    times faster in bf16 (bench_dualenc.py --precision)."""
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
@@ -216,8 +217,8 @@ class TopKEncode(torch.autograd.Function):
         grad_x[b]        = sum_j g_bj W_enc[:, idx_bj]        an embedding_bag over W_enc^T
         grad_W_enc[:, i] = sum_{(b,j): idx_bj = i} g_bj x_b   its weight gradient
     Under bf16 autocast the forward's product and top-k are bf16 (they pick which k fire); the
-    values come out in x's dtype (fp32) and the backward, cheap, is fp32 throughout: its sums over tokens are
-    accumulated in fp32, as the dense backward's bf16 GEMM accumulates them."""
+    values come out in x's dtype (fp32) and the backward, cheap, is fp32 throughout: its sums over
+    tokens accumulate in fp32, as the dense backward's bf16 GEMM accumulates them."""
 
     @staticmethod
     def forward(ctx, x_BD, W_enc_DF, b_enc_F, k):

@@ -10,7 +10,8 @@ statistics (paired bootstrap, seed intervals, the holds / no / unclear rule, mix
 tests), stages34.py the paper's stages 3-4 and report.py the figures and tables; this file imports
 all three. Sections, in the order data flows:
   config           Config: dualenc's and runner's settings and the referee's (--seeds, --n-boot,
-                   --stage34, --stimuli, --sae, --store, --models, --checkpoints, --combine)
+                   --stage34, --stimuli, --sae, --store, --models, --checkpoints, --combine,
+                   --compare)
   baselines        the models a reviewer adds (sae_matched, joint_no_linear), the variants
                    evaluated (the joint model's own SAE path, the pathway ablations),
                    evaluate_variants (sums per window)
@@ -20,7 +21,7 @@ all three. Sections, in the order data flows:
   training length  checkpoints along the training length: each model and claim at log-spaced steps
   your own SAE     read_saelens, import_sae: study a SAELens TopK SAE instead of training one
   run              run (the whole replication; stages 3-4 from stages34.py, figures and tables from
-                   report.py), --combine, main
+                   report.py), --combine, --compare, main
 
 Dimension letters as in dualenc.py, and R bootstrap resamples.
 """
@@ -95,6 +96,11 @@ class Config(runner.RunConfig):
                                      "--models with otherwise the same settings: one report of "
                                      "all their models, paired, with intervals and claims at "
                                      "every checkpoint, into --out", "DIRS")
+    compare: str | None = de.setting(None, "two finished runs A,B of the same models on the same "
+                                     "activations that differ in settings (--precision, say): "
+                                     "each model's FVU, KL and CE difference B - A with paired "
+                                     "window intervals, and every claim's verdict in each, into "
+                                     "--out", "A,B")
 
     def __post_init__(self):
         super().__post_init__()
@@ -133,9 +139,10 @@ class Config(runner.RunConfig):
             flags = ", ".join(sorted("--" + k.replace("_", "-") for k in from_sae))
             raise de.DualencError(f"--sae brings its own dictionary size and k (the NFM reads its "
                                   f"top k/2); {flags} do not apply")
-        if given.get("combine") and given.keys() - {"combine", "out"}:
-            raise de.DualencError("--combine takes the runs' own settings; only --out may be given "
-                                  "with it")
+        for flag in ("combine", "compare"):
+            if given.get(flag) and given.keys() - {flag, "out"}:
+                raise de.DualencError(f"--{flag} takes the runs' own settings; only --out may be "
+                                      "given with it")
 
 
 # ----------------------------------------------------------------------------- baselines
@@ -775,7 +782,7 @@ def load_evidence(path):
 
 
 PIECE_FLAGS = ("models", "out", "resume", "eval_only", "stage34", "stimuli", "device", "store",
-               "combine")
+               "combine", "compare")
 
 
 def read_piece(folder):
@@ -867,6 +874,64 @@ def combine_runs(cfg):
     return report
 
 
+COMPARED = ("fvu", "kl", "ce")  # the figures --compare puts side by side
+
+
+def compare_runs(cfg):
+    """python replicate.py --compare A,B: two finished runs of the same models on the same
+    activations (their shared sums agree) that differ in some settings: each model's figures in
+    both and the difference B - A, with its interval over the same window resamples for both runs
+    (paired), on each seed and over seeds; and every claim's verdict in each. Into --out:
+    compare.json and compare.txt. Where runs differ in how they trained (--precision), B - A
+    includes the training path's own noise, which the window interval does not see."""
+    folders = [Path(p) for p in cfg.compare.split(",")]
+    if len(folders) != 2:
+        raise de.DualencError(f"--compare takes two run folders, A,B; got {cfg.compare!r}")
+    (report_a, ev_a), (report_b, ev_b) = (read_piece(folder) for folder in folders)
+    if ev_a.keys() != ev_b.keys():
+        raise de.DualencError(f"{folders[1]} holds other seeds or checkpoint steps than "
+                              f"{folders[0]}")
+    last = max(int(k.split("/step")[1]) for k in ev_a)
+    keys = sorted(k for k in ev_a if k.endswith(f"/step{last}"))
+    for key in keys:
+        if not all(torch.allclose(ev_a[key]["shared"][k], v, rtol=1e-5)
+                   for k, v in ev_b[key]["shared"].items()):
+            raise de.DualencError(f"{folders[1]} was evaluated on other tokens than {folders[0]}: "
+                                  "compare runs that read the same activations")
+    config_a, config_b = report_a["config"], report_b["config"]
+    differ = {k: [config_a.get(k), config_b.get(k)] for k in sorted(config_a.keys() | config_b)
+              if k not in PIECE_FLAGS and config_a.get(k) != config_b.get(k)}
+    base = Config(**runner.known_settings(Config, config_a))
+    data = report_a["data"]
+    weights = window_resamples(base, data["eval_windows"], data["splice_windows"])
+    per_seed = [[model_stats(ev[key]["sums"], ev[key]["shared"], weights["eval"],
+                             weights["splice"], int(ev[key]["d_model"]))[0] for ev in (ev_a, ev_b)]
+                for key in keys]
+    names = [n for n in VARIANTS if n in per_seed[0][0] and n in per_seed[0][1]]
+    models = {name: {m: {"a": st.across([a for a, _ in per_seed], lambda s: s[name][m]),
+                         "b": st.across([b for _, b in per_seed], lambda s: s[name][m]),
+                         "b_minus_a": st.summarise(torch.stack([b[name][m] - a[name][m]
+                                                                for a, b in per_seed]))}
+                     for m in COMPARED}
+              for name in names}
+    verdicts_b = {(c["claim"], r): v["verdict"] for c in report_b["analysis"]["claims"]
+                  for r, v in c["readings"].items()}
+    claims_ab = [{"claim": c["claim"], "reading": r, "a": v["verdict"],
+                  "b": verdicts_b.get((c["claim"], r))}
+                 for c in report_a["analysis"]["claims"] for r, v in c["readings"].items()]
+    result = {"runs": [str(f) for f in folders], "differ": differ, "seeds": len(keys),
+              "step": last, "resamples": base.n_boot, "models": models,
+              "claims": claims_ab,
+              "verdicts_changed": sum(c["a"] != c["b"] for c in claims_ab)}
+    out = runner.prepare_out(cfg.out)
+    runner.write_json(out / "compare.json", result)
+    text = rep.format_compare(result)
+    runner.atomic_write(out / "compare.txt", lambda p: p.write_text(text + "\n"))
+    print(text)
+    print(f"wrote {out / 'compare.json'} and {out / 'compare.txt'}", file=sys.stderr)
+    return result
+
+
 def measured(stage, peaks):
     """stage(name) (runner.stopwatch) that also keeps the process's peak resident memory so far, in
     GiB, in peaks[name]: where a run's memory peaks, stage by stage."""
@@ -898,6 +963,8 @@ def run(cfg):
     to the finished run); with cfg.sae, an existing SAE is studied instead of training one."""
     if cfg.combine:
         return combine_runs(cfg)
+    if cfg.compare:
+        return compare_runs(cfg)
     device = runner.resolve_device(cfg.device)
     cfg, models, previous = runner.settings(cfg)
     # a run resumed or re-evaluated without --store reads the store it was trained from

@@ -5,7 +5,8 @@ its runs call that dict `report`), never the other way. Sections, in the order d
            stages34's stage34.png, along_training.png), plot_interval (estimates with their
            intervals), plot_along_training, plot_decoder_norms, plot_models
   tables   format_report (the models table with intervals, the seed intervals, the claims table,
-           as a run prints it at the end), format_along_training (the claims at each checkpoint)
+           as a run prints it at the end), format_along_training (the claims at each checkpoint),
+           format_compare (two runs side by side, --compare)
 """
 
 import math
@@ -187,4 +188,29 @@ def format_along_training(points):
                 cells.append("-" if r is None else f"{st.fmt_num(r['value'])} {mark[r['verdict']]}")
             rows.append(f"{(claim['claim'] + ', ' + reading)[:69]:<70}"
                         + "".join(f"{c:>11}" for c in cells))
+    return "\n".join(rows)
+
+
+def format_compare(result):
+    """--compare's table: each model's figure in run A and in run B and B - A with its paired 95 %
+    interval over windows (and over seeds, with several), whether 0 lies inside it; then the
+    claims whose verdict differs between the runs."""
+    differ = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in result["differ"].items()) or "nothing"
+    rows = [f"A = {result['runs'][0]}", f"B = {result['runs'][1]}",
+            f"settings that differ: {differ}",
+            f"B - A at step {result['step']}, paired 95% intervals over the same window resamples "
+            f"({result['resamples']}){'' if result['seeds'] == 1 else ', mean of the seeds'}:",
+            f"{'model':<24}{'figure':<6}{'A':>9}{'B':>9}{'B - A':>11}{'95% (windows)':>24}"
+            "  0 inside"]
+    for name, figures in result["models"].items():
+        for i, (figure, f) in enumerate(figures.items()):
+            d = f["b_minus_a"]
+            inside = d["ci"][0] <= 0 <= d["ci"][1]
+            rows.append(f"{name if i == 0 else '':<24}{figure:<6}{f['a']['value']:>9.4f}"
+                        f"{f['b']['value']:>9.4f}{d['value']:>11.2e}"
+                        f"{'[{:.2e}, {:.2e}]'.format(*d['ci']):>24}  {'yes' if inside else 'no'}")
+    changed = [c for c in result["claims"] if c["a"] != c["b"]]
+    rows.append(f"claims' verdicts: {len(result['claims']) - len(changed)} of "
+                f"{len(result['claims'])} the same" + ("; changed:" if changed else ""))
+    rows += [f"  {c['claim']}, {c['reading']}: {c['a']} -> {c['b']}" for c in changed]
     return "\n".join(rows)

@@ -337,7 +337,8 @@ def test_a_bf16_run_agrees_with_an_fp32_run():
 
 
 def test_bf16_extraction_is_close_to_fp32():
-    lm, ids = tiny_llama(), torch.randint(0, 97, (4, 16), generator=torch.Generator().manual_seed(0))
+    lm = tiny_llama()
+    ids = torch.randint(0, 97, (4, 16), generator=torch.Generator().manual_seed(0))
     fp32, bf16 = (de.extract_activations(lm, ids, 2, precision=p) for p in ("fp32", "bf16"))
     assert bf16.dtype == torch.float32 and not torch.equal(fp32, bf16)
     assert (bf16 - fp32).norm() <= 0.02 * fp32.norm()

@@ -429,6 +429,34 @@ def test_runs_that_differ_in_more_than_their_models_do_not_combine(tiny_lm_folde
         rp.parse_args(["--combine", f"{tmp_path}/a,{tmp_path}/c", "--lr", "0.1"])
 
 
+def test_compare_puts_two_runs_side_by_side_paired_over_windows(tiny_lm_folder, tmp_path):
+    runs = {name: tmp_path / name for name in ("fp32", "bf16", "bf16_lm")}
+    for (name, run), kw in zip(runs.items(), ({}, {"precision": "bf16"},
+                                              {"extract_precision": "bf16"})):
+        rp.run(tiny_run_cfg(tiny_lm_folder, run, models="sae,joint", store=f"{tmp_path}/store",
+                            **kw))
+    same = rp.run(rp.Config(compare=f"{runs['fp32']},{runs['fp32']}", out=str(tmp_path / "aa")))
+    assert same["differ"] == {} and same["verdicts_changed"] == 0
+    assert all(f["b_minus_a"]["value"] == 0 and f["b_minus_a"]["ci"] == [0, 0]
+               for figures in same["models"].values() for f in figures.values())
+    result = rp.run(rp.Config(compare=f"{runs['fp32']},{runs['bf16']}", out=str(tmp_path / "ab")))
+    assert result["differ"] == {"precision": ["fp32", "bf16"]}
+    a, b = (json.loads((runs[n] / "results.json").read_text())["models"] for n in ("fp32", "bf16"))
+    fvu = result["models"]["joint"]["fvu"]
+    assert (fvu["a"]["value"], fvu["b"]["value"]) == pytest.approx((a["joint"]["fvu"],
+                                                                     b["joint"]["fvu"]))
+    assert fvu["b_minus_a"]["value"] == pytest.approx(b["joint"]["fvu"] - a["joint"]["fvu"])
+    lo, hi = fvu["b_minus_a"]["ci"]
+    assert lo < fvu["b_minus_a"]["value"] < hi
+    assert "precision fp32 -> bf16" in (tmp_path / "ab" / "compare.txt").read_text()
+    with pytest.raises(de.DualencError, match="other tokens"):  # another extraction's activations
+        rp.run(rp.Config(compare=f"{runs['fp32']},{runs['bf16_lm']}", out=str(tmp_path / "ac")))
+    with pytest.raises(de.DualencError, match="two run folders"):
+        rp.run(rp.Config(compare=str(runs["fp32"]), out=str(tmp_path / "a")))
+    with pytest.raises(de.DualencError, match="only --out may be given with it"):
+        rp.parse_args(["--compare", f"{runs['fp32']},{runs['bf16']}", "--seeds", "2"])
+
+
 def test_a_share_whose_denominator_may_be_zero_is_undefined_and_unclear():
     seed = fake_seed(joint_kl=1.0, noise=0.05)  # the joint model gains nothing over the SAE
     rows = {c["claim"]: c["readings"] for c in rp.claims([seed])}

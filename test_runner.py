@@ -2,6 +2,7 @@
 eval-only, and the command line. The tiny LM folder and the tiny method run are shared with
 test_replicate.py."""
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -145,14 +146,22 @@ def test_quick_run_of_the_method_on_smollm2_gives_the_committed_results(tmp_path
     # intervals and claims are the referee's
     assert "ci" not in res["models"]["sae"] and "claims" not in res
     assert "joint" in r.stdout and "steps per model" in r.stdout
-    # the committed quick run (results/quick), made before the method and the runner were two files
+    # The committed quick run (results/quick), made before the method and the runner were two
+    # files, on a CPU whose fp32 kernels round otherwise than some machines of this project's kind
+    # (one with AMX moved the massive-norm threshold by 3e-7 and the joint model's KL by 3.6e-4,
+    # relative; on the CPU it was made on, 1e-5 held). Settings added since take their defaults.
     committed = json.loads((Path(__file__).parent / "results/quick/results.json").read_text())
-    assert res["data"] == committed["data"]
-    assert {**res["config"], "out": None} == {**committed["config"], "out": None}
+    data = {**res["data"], "massive_norm_threshold": pytest.approx(
+        committed["data"]["massive_norm_threshold"], rel=1e-5)}
+    assert {k: data[k] for k in committed["data"]} == committed["data"]
+    assert (res["data"]["curve_windows"], res["data"]["curve_tokens"]) == (
+        committed["data"]["eval_windows"], committed["data"]["eval_tokens"])  # all held out
+    defaults = {f.name: f.default for f in dataclasses.fields(runner.RunConfig)}
+    assert {**res["config"], "out": None} == {**defaults, **committed["config"], "out": None}
     for name, m in committed["models"].items():
-        assert res["models"][name] == pytest.approx(m, rel=1e-5)
+        assert res["models"][name] == pytest.approx(m, rel=2e-3)
         for ours, theirs in zip(res["curves"][name], committed["curves"][name], strict=True):
-            assert ours == pytest.approx(theirs, rel=1e-5)
+            assert ours == pytest.approx(theirs, rel=2e-4)
     assert ((res["clean_ce"], res["zero_ce"])
             == pytest.approx((committed["clean_ce"], committed["zero_ce"])))
 

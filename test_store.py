@@ -170,3 +170,24 @@ def test_a_float16_store_holds_the_activations_to_float16_rounding(tiny_lm_folde
     torch.testing.assert_close(half["splice_acts"], full["splice_acts"], rtol=1e-3, atol=1e-3)
     with pytest.raises(de.DualencError, match="store-dtype"):
         rp.Config(store_dtype="int8")
+
+
+def test_a_bf16_extraction_gets_a_store_of_its_own_close_to_fp32s(tiny_lm_folder, tmp_path):
+    fp32, bf16 = (store_data(tiny_lm_folder, tmp_path / "store", extract_precision=p)
+                  for p in ("fp32", "bf16"))
+    metas = (tmp_path / "store").glob("*/meta.json")
+    keys = [json.loads(meta.read_text())["key"] for meta in metas]
+    assert sorted(k["lm_precision"] for k in keys) == ["bf16", "fp32"]
+    assert not torch.equal(bf16["splice_acts"], fp32["splice_acts"])
+    assert (bf16["splice_acts"] - fp32["splice_acts"]).norm() <= 0.02 * fp32["splice_acts"].norm()
+
+
+def test_the_curve_reads_the_first_held_out_windows_and_the_end_reads_all(tiny_lm_folder,
+                                                                         tmp_path):
+    data = store_data(tiny_lm_folder, tmp_path / "store", curve_windows=3)
+    first = torch.nonzero(data["eval_window"] < 3)[:, 0]
+    assert 0 < len(data["x_curve"]) == len(first) < len(data["x_eval"])
+    assert torch.equal(data["x_curve"], data["x_eval"][first])
+    everything = store_data(tiny_lm_folder, tmp_path / "store", curve_windows=10_000)
+    assert torch.equal(everything["x_curve"], data["x_eval"][torch.arange(len(data["x_eval"]))])
+
