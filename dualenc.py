@@ -57,6 +57,10 @@ class Config:
     lr: float = setting(1e-3, "Adam learning rate (paper: 1e-4 at 5M tokens)")
     lr_end: float = setting(0.1, "final lr as a fraction of --lr (paper: 1e-5 / 1e-4)")
     decay_frac: float = setting(0.8, "fraction of steps over which lr decays linearly (paper: 0.8)")
+    warmup_steps: int = setting(0, "steps over which lr first rises linearly to --lr (paper: "
+                                "none)")
+    clip_norm: float = setting(0.0, "clip the gradient's norm to this before each step, 0 for "
+                               "none (paper's code: 1.0)")
     eval_every: int = setting(100, "steps between held-out evaluations and log lines")
     curve_windows: int = setting(128, "held-out windows (the first ones, the same for every model) "
                                  "that the curve's evaluations read every --eval-every steps; the "
@@ -77,6 +81,8 @@ class Config:
                 raise DualencError(f"--{name.replace('_', '-')} must be positive, got {value}")
         if not (self.lr > 0 and self.outlier_factor > 0 and 0 <= self.dropout < 1):
             raise DualencError("--lr and --outlier-factor must be positive and --dropout in [0, 1)")
+        if self.warmup_steps < 0 or self.clip_norm < 0:
+            raise DualencError("--warmup-steps and --clip-norm must be 0 (none) or positive")
         if self.sae_init not in TopKSAE.INITS:
             raise DualencError(f"--sae-init must be one of {', '.join(TopKSAE.INITS)}, "
                                f"got {self.sae_init!r}")
@@ -397,20 +403,25 @@ def pathways(model, *names):
 # ----------------------------------------------------------------------------- training
 
 def lr_at(step, steps, cfg):
-    """Paper schedule (§5): lr decays linearly to lr_end * lr over decay_frac of the steps."""
+    """Paper schedule (§5): lr decays linearly to lr_end * lr over decay_frac of the steps; with
+    warmup_steps, it first rises linearly, lr * (step + 1) / warmup_steps, until it meets it."""
     t = min(step / max(1, cfg.decay_frac * steps), 1.0)
-    return cfg.lr * (1 - t * (1 - cfg.lr_end))
+    warm = min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0
+    return cfg.lr * min(warm, 1 - t * (1 - cfg.lr_end))
 
 
-def train_step(model, optimiser, x_BD, precision="fp32"):
+def train_step(model, optimiser, x_BD, precision="fp32", clip_norm=0.0):
     """One step on MSE(x_hat, x); SAE frozen, this is exactly MSE(linear + interaction, x - x_s).
     The forward runs in `precision` (autocast); x_hat comes out fp32, and the loss, the backward's
-    gradients and Adam are fp32."""
+    gradients and Adam are fp32. clip_norm > 0 scales the gradient down to that norm (over every
+    trained parameter together) where it is larger, as the paper's code does at 1.0."""
     with autocast(precision, x_BD.device):
         x_hat_BD = model(x_BD)
     loss = F.mse_loss(x_hat_BD, x_BD)
     optimiser.zero_grad(set_to_none=True)
     loss.backward()
+    if clip_norm > 0:  # a frozen SAE has no gradient: clip_grad_norm_ skips it
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip_norm, foreach=True)
     optimiser.step()
     return loss.detach()
 
@@ -465,7 +476,7 @@ def fit(model, params, x_train_ND, x_curve_ND, cfg, name, state=None, on_eval=No
         batch_BD = x_train_ND[order[j * cfg.batch_size:(j + 1) * cfg.batch_size]]
         for group in optimiser.param_groups:
             group["lr"] = lr_at(step, steps, cfg)
-        loss = train_step(model, optimiser, batch_BD, cfg.precision)
+        loss = train_step(model, optimiser, batch_BD, cfg.precision, cfg.clip_norm)
         loss_sum, n_sum = loss_sum + loss, n_sum + 1
         if (step + 1) % cfg.eval_every == 0 or step + 1 == last:
             train_loss = (loss_sum / n_sum).item()  # one host sync per cadence, not per step

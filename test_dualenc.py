@@ -358,6 +358,25 @@ def test_lr_schedule_is_the_papers():
     assert de.lr_at(0, 100, cfg) == pytest.approx(1e-4)
     assert de.lr_at(40, 100, cfg) == pytest.approx(0.55e-4)
     assert de.lr_at(80, 100, cfg) == de.lr_at(99, 100, cfg) == pytest.approx(1e-5)
+    warm = small_cfg(lr=1e-4, lr_end=0.1, decay_frac=0.8, warmup_steps=10)
+    assert de.lr_at(0, 100, warm) == pytest.approx(1e-5) and de.lr_at(4, 100, warm) == pytest.approx(5e-5)
+    assert de.lr_at(40, 100, warm) == de.lr_at(40, 100, cfg)  # then the paper's schedule
+
+
+def test_clipping_bounds_the_step_and_leaves_small_gradients_alone():
+    torch.manual_seed(0)
+    x = 100 * synthetic_acts(n=64)  # off scale: the first gradient is large
+    norms = {}
+    for clip in (0.0, 1.0, 1e9):
+        torch.manual_seed(0)
+        model = de.DualEncoder(de.TopKSAE(D, FEATS, K))
+        sgd = torch.optim.SGD(model.parameters(), lr=1.0)
+        before = [p.detach().clone() for p in model.parameters()]
+        de.train_step(model, sgd, x, clip_norm=clip)
+        step = torch.cat([(p.detach() - b).flatten() for p, b in zip(model.parameters(), before)])
+        norms[clip] = step.norm().item()  # SGD at lr 1: the step is the (clipped) gradient
+    assert norms[0.0] > 10 and norms[1.0] == pytest.approx(1.0, rel=1e-4)
+    assert norms[1e9] == pytest.approx(norms[0.0], rel=1e-6)
 
 
 def test_nan_activations_fail_loudly():
@@ -511,6 +530,8 @@ def test_keep_mask_drops_position_zero_and_massive_tokens():
     (dict(precision="fp16"), "--precision must be fp32 or bf16"),
     (dict(extract_precision="half"), "--extract-precision must be"),
     (dict(curve_windows=0), "--curve-windows must be positive"),
+    (dict(clip_norm=-1.0), "--clip-norm"),
+    (dict(warmup_steps=-5), "--warmup-steps"),
 ])
 def test_bad_settings_raise(kw, msg):
     with pytest.raises(de.DualencError, match=msg):
