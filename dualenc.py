@@ -16,6 +16,7 @@ Dimension letters in names and shape comments: N windows (or tokens), T tokens p
 D d_model, F features, K active features, M embedding dim, V vocabulary.
 """
 
+import copy
 import math
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -43,6 +44,7 @@ class Config:
 
     POSITIVE = ("features", "k", "embed_dim", "epochs", "batch_size", "eval_every", "curve_windows")
     PRECISIONS = ("fp32", "bf16")
+    SCHEDULES = ("paper", "wsd")
 
     features: int = setting(4608, "SAE dictionary size F (paper: 50,000)")
     k: int = setting(64, "active features per token K (paper: 1024)")
@@ -56,7 +58,12 @@ class Config:
     batch_size: int = setting(512, "tokens per optimiser step")
     lr: float = setting(1e-3, "Adam learning rate (paper: 1e-4 at 5M tokens)")
     lr_end: float = setting(0.1, "final lr as a fraction of --lr (paper: 1e-5 / 1e-4)")
+    schedule: str = setting("paper", "paper: lr decays linearly over the first --decay-frac of the "
+                            "steps; wsd: constant, then decays over the last --wsd-decay (and a "
+                            "checkpoint is a branch that decays on its own)", "{paper,wsd}")
     decay_frac: float = setting(0.8, "fraction of steps over which lr decays linearly (paper: 0.8)")
+    wsd_decay: float = setting(0.2, "with --schedule wsd: the last fraction of a run's (or a "
+                               "checkpoint branch's) steps, over which lr decays to --lr-end")
     warmup_steps: int = setting(0, "steps over which lr first rises linearly to --lr (paper: "
                                 "none)")
     clip_norm: float = setting(0.0, "clip the gradient's norm to this before each step, 0 for "
@@ -81,6 +88,9 @@ class Config:
                 raise DualencError(f"--{name.replace('_', '-')} must be positive, got {value}")
         if not (self.lr > 0 and self.outlier_factor > 0 and 0 <= self.dropout < 1):
             raise DualencError("--lr and --outlier-factor must be positive and --dropout in [0, 1)")
+        if self.schedule not in self.SCHEDULES or not 0 < self.wsd_decay <= 1:
+            raise DualencError(f"--schedule must be one of {', '.join(self.SCHEDULES)} and "
+                               f"--wsd-decay in (0, 1], got {self.schedule!r}, {self.wsd_decay}")
         if self.warmup_steps < 0 or self.clip_norm < 0:
             raise DualencError("--warmup-steps and --clip-norm must be 0 (none) or positive")
         if self.sae_init not in TopKSAE.INITS:
@@ -403,9 +413,16 @@ def pathways(model, *names):
 # ----------------------------------------------------------------------------- training
 
 def lr_at(step, steps, cfg):
-    """Paper schedule (§5): lr decays linearly to lr_end * lr over decay_frac of the steps; with
-    warmup_steps, it first rises linearly, lr * (step + 1) / warmup_steps, until it meets it."""
-    t = min(step / max(1, cfg.decay_frac * steps), 1.0)
+    """The rate at `step` of a run of `steps` steps. "paper" (§5): lr decays linearly to
+    lr_end * lr over the first decay_frac of the steps. "wsd" (warm-up, stable, decay): lr, then a
+    linear decay to lr_end * lr over the last wsd_decay of the steps; until then the rate does not
+    depend on `steps`, so a run's state there is also the start of a shorter run's decay (a
+    checkpoint's branch, decay_branch). warmup_steps > 0: first a linear rise,
+    lr * (step + 1) / warmup_steps, until it meets the schedule."""
+    if cfg.schedule == "paper":
+        t = min(step / max(1, cfg.decay_frac * steps), 1.0)
+    else:
+        t = min(max(0.0, step - (1 - cfg.wsd_decay) * steps) / (cfg.wsd_decay * steps), 1.0)
     warm = min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0
     return cfg.lr * min(warm, 1 - t * (1 - cfg.lr_end))
 
@@ -450,32 +467,85 @@ def evaluate(model, x_ND):
     return {"mse": (sse / (len(x_ND) * x_ND.shape[1])).item(), "fvu": (sse / sst).item()}
 
 
-def fit(model, params, x_train_ND, x_curve_ND, cfg, name, state=None, on_eval=None, until=None):
-    """Adam on MSE(x_hat, x) over `params`, the same batches and steps for every model of a seed,
-    the forward in cfg.precision; evaluates on the held-out tokens x_curve_ND (curve_subset) every
-    eval_every steps and at the last, then on_eval(step, model). `state` (runner's
-    TrainState) resumes and is saved at each; `until` stops after that step. Returns the history."""
-    params = [p for p in params if p.requires_grad]
-    # fused: one kernel for all parameters, ~7x faster than the default Adam step on CPU (measured)
-    optimiser = torch.optim.Adam(params, lr=cfg.lr, betas=(0.9, 0.999), fused=True)
+def per_epoch_steps(x_train_ND, cfg):
     per_epoch = len(x_train_ND) // cfg.batch_size
     if per_epoch == 0:
         raise DualencError(f"{len(x_train_ND)} training tokens are fewer than "
                            f"--batch-size {cfg.batch_size}")
-    steps = cfg.epochs * per_epoch
+    return per_epoch
+
+
+def batches(x_train_ND, cfg, start, stop):
+    """(step, batch [B, D]) for steps start..stop-1: each epoch in its own order, drawn from a seed
+    of its own, so that any step's batch is known without replaying the steps before it (resuming,
+    branching), and every model of a seed sees the same batches."""
+    per_epoch = per_epoch_steps(x_train_ND, cfg)
+    for step in range(start, stop):
+        j = step % per_epoch
+        if j == 0 or step == start:
+            gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step // per_epoch)
+            order = torch.randperm(len(x_train_ND), generator=gen).to(x_train_ND.device)
+        yield step, x_train_ND[order[j * cfg.batch_size:(j + 1) * cfg.batch_size]]
+
+
+def set_lr(optimiser, lr):
+    for group in optimiser.param_groups:
+        group["lr"] = lr
+
+
+def branch_start(stop, cfg):
+    """The step at which a wsd branch to `stop` leaves the main run: its decay's first step."""
+    return math.floor((1 - cfg.wsd_decay) * stop)
+
+
+def decay_branch(model, optimiser, x_train_ND, cfg, stop):
+    """A finished model of `stop` steps (wsd), branched off a longer run at branch_start(stop):
+    a copy of the run's model and Adam state trained on the run's own batches up to `stop` with
+    its own decay, lr_at(step, stop). The run's model, optimiser and random state are untouched,
+    so its own steps go on bit for bit as without the branch."""
+    branch = copy.deepcopy(model)
+    position = {id(p): i for i, p in enumerate(model.parameters())}
+    copies = list(branch.parameters())
+    params = [copies[position[id(p)]] for p in optimiser.param_groups[0]["params"]]
+    branch_optimiser = torch.optim.Adam(params, fused=True)  # its settings come with the state
+    # a deep copy: load_state_dict may keep the run's own moment tensors, which the branch updates
+    branch_optimiser.load_state_dict(copy.deepcopy(optimiser.state_dict()))
+    devices = [x_train_ND.device] if x_train_ND.device.type == "cuda" else []
+    with torch.random.fork_rng(devices):  # dropout's draws in the branch leave the run's alone
+        for step, batch_BD in batches(x_train_ND, cfg, branch_start(stop, cfg), stop):
+            set_lr(branch_optimiser, lr_at(step, stop, cfg))
+            train_step(branch, branch_optimiser, batch_BD, cfg.precision, cfg.clip_norm)
+    return branch.eval()
+
+
+def fit(model, params, x_train_ND, x_curve_ND, cfg, name, state=None, on_eval=None, until=None,
+        length=None, branches=(), on_branch=None):
+    """Adam on MSE(x_hat, x) over `params`, the same batches and steps for every model of a seed,
+    the forward in cfg.precision; evaluates on the held-out tokens x_curve_ND (curve_subset) every
+    eval_every steps and at the last, then on_eval(step, model). `state` (runner's TrainState)
+    resumes and is saved at each; `until` stops after that step; `length` (default: cfg.epochs
+    epochs) is the run's length, where its schedule ends. With cfg.schedule "wsd", each step of
+    `branches` gets a finished model of its own (decay_branch), given to on_branch(step, model).
+    Returns the history."""
+    params = [p for p in params if p.requires_grad]
+    # fused: one kernel for all parameters, ~7x faster than the default Adam step on CPU (measured)
+    optimiser = torch.optim.Adam(params, lr=cfg.lr, betas=(0.9, 0.999), fused=True)
+    steps = length or cfg.epochs * per_epoch_steps(x_train_ND, cfg)
     last = steps if until is None else min(until, steps)
+    if branches and cfg.schedule != "wsd":
+        raise DualencError("checkpoint branches need --schedule wsd")
+    branch_at = {branch_start(b, cfg): b for b in branches if b < steps}
     start, history = (0, []) if state is None else state.load(model, optimiser)
     loss_sum, n_sum = 0.0, 0
     model.train()
-    bar = tqdm(range(start, last), desc=name, leave=False, initial=start, total=last)
-    for step in bar:
-        j = step % per_epoch
-        if j == 0 or step == start:  # a seed per epoch: resuming needs no replay to find batches
-            gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step // per_epoch)
-            order = torch.randperm(len(x_train_ND), generator=gen).to(x_train_ND.device)
-        batch_BD = x_train_ND[order[j * cfg.batch_size:(j + 1) * cfg.batch_size]]
-        for group in optimiser.param_groups:
-            group["lr"] = lr_at(step, steps, cfg)
+    bar = tqdm(batches(x_train_ND, cfg, start, last), desc=name, leave=False, initial=start,
+               total=last)
+    for step, batch_BD in bar:
+        if step in branch_at:  # before this step: the branch starts from the same state
+            on_branch(branch_at[step], decay_branch(model, optimiser, x_train_ND, cfg,
+                                                    branch_at[step]))
+            model.train()
+        set_lr(optimiser, lr_at(step, steps, cfg))
         loss = train_step(model, optimiser, batch_BD, cfg.precision, cfg.clip_norm)
         loss_sum, n_sum = loss_sum + loss, n_sum + 1
         if (step + 1) % cfg.eval_every == 0 or step + 1 == last:

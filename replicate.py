@@ -91,7 +91,8 @@ class Config(runner.RunConfig):
     checkpoints: int = de.setting(0, "also evaluate every model at this many log-spaced steps, the "
                                   "first near 0.2 M token presentations (or a tenth of the run), "
                                   "the last the end: intervals and claims at each (0: the end "
-                                  "only)")
+                                  "only); with --schedule wsd each a finished model, a branch "
+                                  "decaying to its step")
     combine: str | None = de.setting(None, "run folders, comma-separated, that trained different "
                                      "--models with otherwise the same settings: one report of "
                                      "all their models, paired, with intervals and claims at "
@@ -536,9 +537,9 @@ def total_steps(cfg, n_train):
 def checkpoint_steps(cfg, n_train):
     """The steps at which every model is evaluated (cfg.checkpoints of them, none without):
     log-spaced from the step nearest 0.2 M token presentations (the default run's length) or a
-    tenth of the run, whichever is earlier, to the last, on the evaluation cadence. The learning
-    rate decays over the whole run, so an early checkpoint is a model part-way through its
-    schedule, not one trained to that length."""
+    tenth of the run, whichever is earlier, to the last, on the evaluation cadence. With --schedule
+    paper the rate decays over the whole run, so an early checkpoint is a model part-way through
+    its schedule; with --schedule wsd each is a finished model of that length (a decay branch)."""
     steps = total_steps(cfg, n_train)
     if not cfg.checkpoints:
         return []
@@ -551,16 +552,21 @@ def checkpoint_steps(cfg, n_train):
 
 
 def saving_checkpoints(recipes, steps, folder_of, metadata, cfg, data):
-    """The recipes, their training also saving the model at each of `steps` but the last (the
+    """The recipes, their training also saving a model at each of `steps` but the last (the
     finished model is the run's own) into folder_of(name) / step<N>; a resumed run keeps those
-    already saved. Sequential's checkpoint at step N is an NFM trained for N steps (on the whole
-    run's schedule) on the SAE of step N, not on the finished one: each checkpoint compares models
-    of one length."""
+    already saved. With --schedule paper the model as it was at step N; with wsd a branch that
+    decays on its own to step N (dualenc.decay_branch), a finished model of that length.
+    Sequential's checkpoint at step N is an NFM trained for N steps (on the whole run's schedule,
+    or with wsd on its own of N steps) on the SAE of step N, not on the finished one: each
+    checkpoint compares models of one length."""
     def saving(train, folder):
         def save(step, model):
             if step in steps[:-1]:
                 runner.save_model(model, folder / f"step{step}", metadata)
-        return functools.partial(train, on_eval=save)
+        if cfg.schedule == "paper":
+            return functools.partial(train, on_eval=save)
+        todo = [s for s in steps[:-1] if not (folder / f"step{s}" / "cfg.json").exists()]
+        return functools.partial(train, branches=todo, on_branch=save)
 
     def sequential(train):
         def train_all(model, *args, **kw):
@@ -571,7 +577,8 @@ def saving_checkpoints(recipes, steps, folder_of, metadata, cfg, data):
                     sae = runner.load_model(folder_of("sae") / f"step{step}").sae
                     early = de.build(cfg, data, sae=sae, nfm="linear")
                     de.train_sequential(early, data["x_train"], data["x_curve"], cfg,
-                                        name=f"sequential to {step}", until=step)
+                                        name=f"sequential to {step}", until=step,
+                                        length=step if cfg.schedule == "wsd" else None)
                     runner.save_model(early, folder, metadata)
             return history
         return train_all

@@ -316,6 +316,32 @@ def test_training_until_a_step_is_the_whole_run_as_it_was_at_that_step():
     assert history[-1]["step"] == 30 and torch.equal(part.sae.W_dec, snapshots[30])
 
 
+def test_a_wsd_branch_is_the_shorter_run_and_leaves_the_main_run_as_it_was():
+    # wsd: the rate is constant until a run's last quarter, so a branch that leaves a 64-step run
+    # at step 24 and decays over 24..31 is the 32-step run, and the 64-step run goes on unchanged.
+    x, cfg = synthetic_acts(), small_cfg(schedule="wsd", wsd_decay=0.25, warmup_steps=5)
+
+    def joint():
+        torch.manual_seed(0)  # dropout draws from the global generator: branches must not move it
+        return de.DualEncoder(de.TopKSAE(D, FEATS, K), de.NFM(FEATS, D, M, n_read=K))
+    branched, branches = joint(), {}
+    history = de.train_joint(branched, x, x, cfg, branches=[32, 48],
+                             on_branch=lambda step, model: branches.setdefault(step, model))
+    plain = joint()
+    assert de.train_joint(plain, x, x, cfg) == history
+    assert all(torch.equal(a, b) for a, b in zip(plain.state_dict().values(),
+                                                 branched.state_dict().values()))
+    short = joint()
+    de.train_joint(short, x, x, cfg, length=32)
+    assert sorted(branches) == [32, 48] and not branches[32].training
+    assert all(torch.equal(a, b) for a, b in zip(short.state_dict().values(),
+                                                 branches[32].state_dict().values()))
+    assert de.lr_at(24, 32, cfg) == de.lr_at(24, 64, cfg) == cfg.lr > de.lr_at(25, 32, cfg)
+    assert de.lr_at(31, 32, cfg) == pytest.approx(cfg.lr * (1 - 7 / 8 * (1 - cfg.lr_end)))
+    with pytest.raises(de.DualencError, match="--schedule wsd"):
+        de.train_joint(joint(), x, x, small_cfg(), branches=[32], on_branch=print)
+
+
 def test_same_seed_same_history():
     x, cfg = synthetic_acts(), small_cfg(epochs=1)
     assert trained("joint", x, cfg)[0] == trained("joint", x, cfg)[0]
@@ -532,6 +558,8 @@ def test_keep_mask_drops_position_zero_and_massive_tokens():
     (dict(curve_windows=0), "--curve-windows must be positive"),
     (dict(clip_norm=-1.0), "--clip-norm"),
     (dict(warmup_steps=-5), "--warmup-steps"),
+    (dict(schedule="cosine"), "--schedule must be one of paper, wsd"),
+    (dict(wsd_decay=0.0), "--wsd-decay"),
 ])
 def test_bad_settings_raise(kw, msg):
     with pytest.raises(de.DualencError, match=msg):

@@ -393,6 +393,18 @@ def test_a_sequential_checkpoint_is_an_nfm_of_that_length_on_the_sae_of_that_ste
     assert point["sequential"]["fvu"] < point["sae"]["fvu"]
 
 
+def test_wsd_checkpoints_are_branches_that_leave_the_run_as_it_was(tiny_lm_folder, tmp_path):
+    kw = dict(models="sequential", schedule="wsd", store=f"{tmp_path}/store")
+    branched = rp.run(tiny_run_cfg(tiny_lm_folder, tmp_path / "branched", checkpoints=3, **kw))
+    plain = rp.run(tiny_run_cfg(tiny_lm_folder, tmp_path / "plain", **kw))
+    assert branched["curves"] == plain["curves"] and branched["models"] == plain["models"]
+    first = branched["along_training"][0]["step"]
+    early = runner.load_model(tmp_path / "branched" / "sae" / f"step{first}")
+    assert not torch.equal(early.sae.W_dec, runner.load_model(tmp_path / "plain" / "sae").sae.W_dec)
+    point = branched["along_training"][0]["models"]
+    assert point["sequential"]["fvu"] < point["sae"]["fvu"]  # an NFM on that SAE's residual
+
+
 def test_runs_of_one_model_each_combine_into_the_run_that_trains_them_all(tiny_lm_folder, tmp_path):
     whole = rp.run(tiny_run_cfg(tiny_lm_folder, tmp_path / "whole", checkpoints=3,
                                 models="sae,joint"))
