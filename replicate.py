@@ -587,12 +587,36 @@ def saving_checkpoints(recipes, steps, folder_of, metadata, cfg, data):
             for name, (make, train) in recipes.items()}
 
 
-def checkpoint_point(step, cfg, results, analysis):
-    """What a checkpoint keeps: each model's FVU and KL with their window intervals; the claims."""
+def path_noise(curve, start, stop):
+    """How far a model's held-out FVU moves between neighbouring evaluations of its curve with
+    start <= step <= stop: the largest |change|. The training path's own noise, which a window
+    interval (the weights held fixed) does not see. None with fewer than two evaluations there."""
+    fvu = [h["fvu"] for h in curve if start <= h["step"] <= stop]
+    if len(fvu) < 2:
+        return None
+    return max(abs(b - a) for a, b in zip(fvu, fvu[1:]))
+
+
+def stable_path_noise(curves, cfg, step):
+    """Each trained model's path_noise over the last half of its constant-rate phase before the
+    model of `step` steps decays (wsd: from the warm-up to branch_start(step)): {name: figure}. {}
+    with the paper's schedule, which decays from the first step and has no such phase."""
+    if cfg.schedule != "wsd":
+        return {}
+    stop = de.branch_start(step, cfg)
+    start = (cfg.warmup_steps + stop) / 2
+    return {name: path_noise(curve, start, stop) for name, curve in curves.items()
+            if "/" not in name}  # the first seed's: "seedS/..." are the others'
+
+
+def checkpoint_point(step, cfg, results, analysis, curves):
+    """What a checkpoint keeps: each model's FVU and KL with their window intervals, each trained
+    model's path noise in FVU (stable_path_noise); the claims."""
     return {"step": step, "presentations": step * cfg.batch_size,
             "models": {name: {"fvu": m["fvu"], "kl": m["kl"],
                               "ci": {"fvu": m["ci"]["fvu"], "kl": m["ci"]["kl"]}}
                        for name, m in results.items()},
+            "path_noise_fvu": stable_path_noise(curves, cfg, step),
             "claims": analysis["claims"]}
 
 
@@ -611,14 +635,14 @@ def along_training(lm, steps, folder_of, final, data, cfg):
     return evidence
 
 
-def training_points(evidence, cfg, weights):
+def training_points(evidence, cfg, weights, curves):
     """Each checkpoint's figures and claims (checkpoint_point) from its evidence {step: evidence},
     with the run's window resamples, as the end of the run is judged."""
     points = []
     for step, ev in sorted(evidence.items()):
         samples = analyse(ev, weights, torch.Generator().manual_seed(cfg.seed))
         results, _, analysis = report_analysis([samples])
-        points.append(checkpoint_point(step, cfg, results, analysis))
+        points.append(checkpoint_point(step, cfg, results, analysis, curves))
     return points
 
 
@@ -741,7 +765,9 @@ def finish_report(report, per_seed, cfg):
     """The end of a run's report: the models table, the analysis and claims, from every seed's
     samples."""
     results, ce, analysis = report_analysis(per_seed)
+    last = max(h["step"] for curve in report["curves"].values() for h in curve)
     report.update(status="complete", models=results, clean_ce=ce["clean_ce"]["value"],
+                  path_noise_fvu=stable_path_noise(report["curves"], cfg, last),
                   zero_ce=ce["zero_ce"]["value"], analysis=analysis,
                   seeds=list(range(cfg.seed, cfg.seed + cfg.seeds)),
                   bootstrap={"resamples": cfg.n_boot,
@@ -872,7 +898,7 @@ def combine_runs(cfg):
     finish_report(report, per_seed, cfg)
     if len(steps) > 1:
         along = {n: merged[f"seed{cfg.seed}/step{n}"] for n in steps}
-        report["along_training"] = training_points(along, cfg, weights)
+        report["along_training"] = training_points(along, cfg, weights, report["curves"])
     if with_stage34:
         report["stage34"] = with_stage34[0]["stage34"]
     save_evidence(out / "evidence.safetensors", merged)
@@ -1048,7 +1074,8 @@ def run(cfg):
                                first_seed, data, cfg)
         evidence.update({f"seed{cfg.seed}/step{step}": ev for step, ev in along.items()})
         report["along_training"] = training_points(
-            {**along, steps[-1]: evidence[f"seed{cfg.seed}/step{steps[-1]}"]}, cfg, weights)
+            {**along, steps[-1]: evidence[f"seed{cfg.seed}/step{steps[-1]}"]}, cfg, weights,
+            report["curves"])
         stage("along_training")
     save_evidence(out / "evidence.safetensors", evidence)
     finish_report(report, per_seed, cfg)

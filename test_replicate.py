@@ -403,6 +403,21 @@ def test_wsd_checkpoints_are_branches_that_leave_the_run_as_it_was(tiny_lm_folde
     assert not torch.equal(early.sae.W_dec, runner.load_model(tmp_path / "plain" / "sae").sae.W_dec)
     point = branched["along_training"][0]["models"]
     assert point["sequential"]["fvu"] < point["sae"]["fvu"]  # an NFM on that SAE's residual
+    noise = branched["path_noise_fvu"]  # the curve's moves in the stable phase's last half
+    assert noise.keys() == {"sae", "sequential"} and all(v >= 0 for v in noise.values())
+    assert branched["along_training"][-1]["path_noise_fvu"] == noise
+
+
+def test_path_noise_is_the_largest_move_of_the_curve_in_the_stable_phases_last_half():
+    fvu = [0.5, 0.4, 0.30, 0.28, 0.31, 0.29, 0.30, 0.30, 0.1, 0.05]  # steps 100..1000
+    curve = [{"step": 100 * (i + 1), "fvu": f} for i, f in enumerate(fvu)]
+    assert rp.path_noise(curve, 300, 700) == pytest.approx(0.03)  # 0.28 -> 0.31
+    assert rp.path_noise(curve, 650, 700) is None  # one evaluation: no move to measure
+    cfg = rp.Config(schedule="wsd", wsd_decay=0.2, warmup_steps=100)
+    # the main run decays after step 800: its stable phase 100..800, the last half from 450
+    assert rp.stable_path_noise({"sae": curve, "seed1/sae": curve}, cfg, 1000) == {
+        "sae": pytest.approx(0.02)}  # 0.31 -> 0.29 at 500 -> 600; the first seed's only
+    assert rp.stable_path_noise({"sae": curve}, rp.Config(), 1000) == {}  # the paper's: no phase
 
 
 def test_runs_of_one_model_each_combine_into_the_run_that_trains_them_all(tiny_lm_folder, tmp_path):
