@@ -577,7 +577,7 @@ def test_the_method_file_imports_nothing_of_the_project_and_no_file_formats():
     top = {n.module if isinstance(n, ast.ImportFrom) else a.name
            for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom)) for a in n.names}
     assert ({name.split(".")[0] for name in top}
-            == {"math", "contextlib", "dataclasses", "torch", "tqdm"})
+            == {"copy", "math", "contextlib", "dataclasses", "torch", "tqdm"})
     code = ("import sys, dualenc; project = {'runner', 'replicate', 'stats', 'stages34', 'store'}; "
             "print(sorted(project & set(sys.modules)))")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
