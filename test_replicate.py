@@ -468,6 +468,9 @@ def test_compare_puts_two_runs_side_by_side_paired_over_windows(tiny_lm_folder, 
                for figures in same["models"].values() for f in figures.values())
     result = rp.run(rp.Config(compare=f"{runs['fp32']},{runs['bf16']}", out=str(tmp_path / "ab")))
     assert result["differ"] == {"precision": ["fp32", "bf16"]}
+    for name, precision in (("fp32", "fp32"), ("bf16", "bf16")):  # each run records its own
+        assert json.loads((runs[name] / "results.json").read_text())["config"]["precision"] == (
+            precision)
     a, b = (json.loads((runs[n] / "results.json").read_text())["models"] for n in ("fp32", "bf16"))
     fvu = result["models"]["joint"]["fvu"]
     assert (fvu["a"]["value"], fvu["b"]["value"]) == pytest.approx((a["joint"]["fvu"],
