@@ -860,8 +860,9 @@ def merge_evidence(pieces):
 
 def combine_runs(cfg):
     """python replicate.py --combine A,B,...: runs that trained different --models with otherwise
-    the same settings (so the same store key, split, batches and resamples), joined into one report
-    as if one run had trained them all: paired intervals, claims at every checkpoint, figures, and
+    the same settings (so the same store key, split, batches and resamples) but for --lr, each
+    model's own, joined into one report as if one run had trained them all: paired intervals,
+    claims at every checkpoint, figures, each model's rate ("lr", shown beside its figures), and
     the runs' own timings and commits."""
     folders = [Path(p) for p in cfg.combine.split(",")]
     pieces = [(folder, *read_piece(folder)) for folder in folders]
@@ -869,7 +870,8 @@ def combine_runs(cfg):
     for folder, report, _ in pieces[1:]:
         for field, value in base["config"].items():
             # .get: older runs lack new flags
-            if field not in PIECE_FLAGS and report["config"].get(field, value) != value:
+            if (field not in (*PIECE_FLAGS, "lr")
+                    and report["config"].get(field, value) != value):
                 raise de.DualencError(f"{folder} was run with {field} "
                                       f"{report['config'].get(field)!r}, {folders[0]} with "
                                       f"{value!r}")
@@ -889,6 +891,8 @@ def combine_runs(cfg):
     per_seed = [analyse(merged[f"seed{s}/step{steps[-1]}"], weights,
                         torch.Generator().manual_seed(s)) for s in seeds]
     report = {"config": settings, "status": "incomplete", "data": data, "commit": source_commit(),
+              "lr": {variant: r["config"]["lr"] for (_, r, _), s in zip(pieces, stages)
+                     for variant, (model, _) in VARIANTS.items() if model in s},
               "pieces": [{"run": str(folder), "models": list(s), "commit": r.get("commit"),
                           "timings_s": r["timings_s"], "peak_rss_gib": r.get("peak_rss_gib")}
                          for (folder, r, _), s in zip(pieces, stages)],

@@ -659,19 +659,22 @@ def plot_curves(curves, out):
 
 
 def format_models(report):
-    """The models table: a row per model (with its KL interval where the run has intervals), the
-    clean and zero-ablation CE, and what the run saw."""
+    """The models table: a row per model (with its KL interval where the run has intervals, and its
+    learning rate where models of a combined run had their own), the clean and zero-ablation CE,
+    and what the run saw."""
     with_ci = all("ci" in m for m in report["models"].values())
+    rates = report.get("lr", {})
     rows = [f"{'model':<24}{'params':>10}{'mse':>8}{'fvu':>8}{'kl':>8}"
             + (f"{'kl 95% (windows)':>18}" * with_ci)
-            + f"{'kl eps':>8}{'patho':>7}{'ce':>7}{'ce rec':>8}"]
+            + f"{'kl eps':>8}{'patho':>7}{'ce':>7}{'ce rec':>8}" + (f"{'lr':>9}" if rates else "")]
     for name, m in report["models"].items():
         eps = f"{'-':>8}{'-':>7}"
         if "kl_eps_random" in m:
             eps = f"{m['kl_eps_random']:>8.4f}{m['pathology_ratio']:>7.2f}"
         ci = f"{'[{:.3f}, {:.3f}]'.format(*m['ci']['kl']):>18}" if with_ci else ""
         rows.append(f"{name:<24}{m['params']:>10,}{m['mse']:>8.4f}{m['fvu']:>8.4f}{m['kl']:>8.4f}"
-                    f"{ci}{eps}{m['ce']:>7.3f}{m['ce_recovered']:>8.3f}")
+                    f"{ci}{eps}{m['ce']:>7.3f}{m['ce_recovered']:>8.3f}"
+                    + (f"{rates[name]:>9.1e}" if rates else ""))
     d = report["data"]
     return rows + [f"clean ce {report['clean_ce']:.3f}, zero-ablation ce {report['zero_ce']:.3f}",
                    f"{d['model']} block {d['layer']}: {d['train_tokens']:,} train tokens, "

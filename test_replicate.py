@@ -440,13 +440,22 @@ def test_runs_of_one_model_each_combine_into_the_run_that_trains_them_all(tiny_l
     assert combined["analysis"]["claims"] == whole["analysis"]["claims"]
     assert [p["models"] for p in combined["pieces"]] == [["joint"], ["sae"]]
     assert (tmp_path / "combined" / "along_training.png").exists()
+    # each model at its own rate: the pieces combine, and the table shows each model's rate
+    rp.run(tiny_run_cfg(tiny_lm_folder, tmp_path / "sae_fast", checkpoints=3, models="sae",
+                        lr=3e-3, store=f"{tmp_path}/store"))
+    rates = rp.run(rp.Config(combine=f"{tmp_path}/joint,{tmp_path}/sae_fast",
+                             out=str(tmp_path / "rates")))
+    assert rates["lr"] == {"sae": 3e-3, "joint": 1e-3, "joint_sae_path": 1e-3,
+                           "joint_linear_only": 1e-3, "joint_interaction_only": 1e-3}
+    sae_row = next(r for r in runner.format_models(rates) if r.startswith("sae "))
+    assert sae_row.endswith("3.0e-03")
 
 
 def test_runs_that_differ_in_more_than_their_models_do_not_combine(tiny_lm_folder, tmp_path):
-    for name, kw in (("a", {}), ("b", {"lr": 3e-3}), ("c", {})):
+    for name, kw in (("a", {}), ("b", {"warmup_steps": 3}), ("c", {})):
         rp.run(tiny_run_cfg(tiny_lm_folder, tmp_path / name, models="sae",
                             store=f"{tmp_path}/store", **kw))
-    with pytest.raises(de.DualencError, match="run with lr 0.003"):
+    with pytest.raises(de.DualencError, match="run with warmup_steps 3"):
         rp.run(rp.Config(combine=f"{tmp_path}/a,{tmp_path}/b", out=str(tmp_path / "ab")))
     with pytest.raises(de.DualencError, match="sae is in"):
         rp.run(rp.Config(combine=f"{tmp_path}/a,{tmp_path}/c", out=str(tmp_path / "ac")))
