@@ -75,7 +75,8 @@ class Config:
     precision: str = setting("fp32", "training's forward: fp32, or bf16 autocast (matrix products "
                              "in bf16; weights, Adam, loss and evaluation fp32)", "{fp32,bf16}")
     extract_precision: str = setting("fp32", "the LM's forward when activations are extracted: "
-                                     "fp32 or bf16 autocast (the splice evaluation is always fp32)",
+                                     "fp32 or bf16 autocast (the splice's LM passes after the "
+                                     "block are fp32, from these activations)",
                                      "{fp32,bf16}")
     outlier_factor: float = setting(10.0, "drop tokens whose norm exceeds this times the median "
                                     "(§2)")
@@ -233,7 +234,8 @@ class TopKEncode(torch.autograd.Function):
         grad_x[b]        = sum_j g_bj W_enc[:, idx_bj]        an embedding_bag over W_enc^T
         grad_W_enc[:, i] = sum_{(b,j): idx_bj = i} g_bj x_b   its weight gradient
     Under bf16 autocast the forward's product and top-k are bf16 (they pick which k fire); the
-    values come out in x's dtype (fp32) and the backward, cheap, is fp32 throughout: its sums over
+    values come out in x's dtype (fp32, to bf16's precision) and the backward, cheap, is fp32
+    throughout: its sums over
     tokens accumulate in fp32, as the dense backward's bf16 GEMM accumulates them."""
 
     @staticmethod
@@ -430,15 +432,17 @@ def lr_at(step, steps, cfg):
 def train_step(model, optimiser, x_BD, precision="fp32", clip_norm=0.0):
     """One step on MSE(x_hat, x); SAE frozen, this is exactly MSE(linear + interaction, x - x_s).
     The forward runs in `precision` (autocast); x_hat comes out fp32, and the loss, the backward's
-    gradients and Adam are fp32. clip_norm > 0 scales the gradient down to that norm (over every
-    trained parameter together) where it is larger, as the paper's code does at 1.0."""
+    gradients and Adam are fp32. clip_norm > 0 scales the gradient down to that norm (over the
+    parameters the optimiser trains, together) where it is larger, as the paper's code does at
+    1.0."""
     with autocast(precision, x_BD.device):
         x_hat_BD = model(x_BD)
     loss = F.mse_loss(x_hat_BD, x_BD)
     optimiser.zero_grad(set_to_none=True)
     loss.backward()
-    if clip_norm > 0:  # a frozen SAE has no gradient: clip_grad_norm_ skips it
-        torch.nn.utils.clip_grad_norm_(model.parameters(), clip_norm, foreach=True)
+    if clip_norm > 0:  # the optimiser's own: a frozen SAE may still hold stage 1's last gradient
+        trained = [p for group in optimiser.param_groups for p in group["params"]]
+        torch.nn.utils.clip_grad_norm_(trained, clip_norm, foreach=True)
     optimiser.step()
     return loss.detach()
 
@@ -535,6 +539,9 @@ def fit(model, params, x_train_ND, x_curve_ND, cfg, name, state=None, on_eval=No
     if branches and cfg.schedule != "wsd":
         raise DualencError("checkpoint branches need --schedule wsd")
     branch_at = {branch_start(b, cfg): b for b in branches if b < steps}
+    if len(branch_at) < len([b for b in branches if b < steps]):
+        raise DualencError(f"checkpoints {sorted(branches)} would branch off at the same step; "
+                           "lower --wsd-decay")
     start, history = (0, []) if state is None else state.load(model, optimiser)
     loss_sum, n_sum = 0.0, 0
     model.train()

@@ -588,9 +588,10 @@ def saving_checkpoints(recipes, steps, folder_of, metadata, cfg, data):
 
 
 def path_noise(curve, start, stop):
-    """How far a model's held-out FVU moves between neighbouring evaluations of its curve with
-    start <= step <= stop: the largest |change|. The training path's own noise, which a window
-    interval (the weights held fixed) does not see. None with fewer than two evaluations there."""
+    """How far a model's held-out FVU moves between neighbouring evaluations of its curve (the
+    curve's windows) with start <= step <= stop: the largest |change|. The training path's own
+    noise, which a window interval (the weights held fixed) does not see, with whatever trend is
+    left at a constant rate: an upper bound on the noise. None with fewer than two evaluations."""
     fvu = [h["fvu"] for h in curve if start <= h["step"] <= stop]
     if len(fvu) < 2:
         return None
@@ -862,8 +863,8 @@ def combine_runs(cfg):
     """python replicate.py --combine A,B,...: runs that trained different --models with otherwise
     the same settings (so the same store key, split, batches and resamples) but for --lr, each
     model's own, joined into one report as if one run had trained them all: paired intervals,
-    claims at every checkpoint, figures, each model's rate ("lr", shown beside its figures), and
-    the runs' own timings and commits."""
+    claims at every checkpoint, figures, each model's rate ("lr", shown beside its figures; the
+    report's config.lr is the first piece's), and the runs' own timings and commits."""
     folders = [Path(p) for p in cfg.combine.split(",")]
     pieces = [(folder, *read_piece(folder)) for folder in folders]
     _, base, _ = pieces[0]
@@ -918,7 +919,8 @@ def compare_runs(cfg):
     """python replicate.py --compare A,B: two finished runs of the same models on the same
     activations (their shared sums agree) that differ in some settings: each model's figures in
     both and the difference B - A, with its interval over the same window resamples for both runs
-    (paired), on each seed and over seeds; and every claim's verdict in each. Into --out:
+    (paired; with several seeds, the interval of the seeds' mean); and every claim's verdict in
+    each. Into --out:
     compare.json and compare.txt. Where runs differ in how they trained (--precision), B - A
     includes the training path's own noise, which the window interval does not see."""
     folders = [Path(p) for p in cfg.compare.split(",")]
@@ -931,8 +933,10 @@ def compare_runs(cfg):
     last = max(int(k.split("/step")[1]) for k in ev_a)
     keys = sorted(k for k in ev_a if k.endswith(f"/step{last}"))
     for key in keys:
-        if not all(torch.allclose(ev_a[key]["shared"][k], v, rtol=1e-5)
-                   for k, v in ev_b[key]["shared"].items()):
+        shared_a, shared_b = ev_a[key]["shared"], ev_b[key]["shared"]
+        if (shared_a.keys() != shared_b.keys()
+                or any(v.shape != shared_a[k].shape or not torch.allclose(shared_a[k], v, rtol=1e-5)
+                       for k, v in shared_b.items())):
             raise de.DualencError(f"{folders[1]} was evaluated on other tokens than {folders[0]}: "
                                   "compare runs that read the same activations")
     config_a, config_b = report_a["config"], report_b["config"]

@@ -660,8 +660,8 @@ def plot_curves(curves, out):
 
 def format_models(report):
     """The models table: a row per model (with its KL interval where the run has intervals, and its
-    learning rate where models of a combined run had their own), the clean and zero-ablation CE,
-    and what the run saw."""
+    learning rate in a combined run, whose pieces may each have their own), the clean and
+    zero-ablation CE, and what the run saw."""
     with_ci = all("ci" in m for m in report["models"].values())
     rates = report.get("lr", {})
     rows = [f"{'model':<24}{'params':>10}{'mse':>8}{'fvu':>8}{'kl':>8}"

@@ -316,6 +316,20 @@ def test_training_until_a_step_is_the_whole_run_as_it_was_at_that_step():
     assert history[-1]["step"] == 30 and torch.equal(part.sae.W_dec, snapshots[30])
 
 
+def test_clipping_reads_only_what_the_optimiser_trains():
+    # sequential: the frozen SAE may still hold stage 1's last gradient, which must not count
+    torch.manual_seed(0)
+    model = de.DualEncoder(de.TopKSAE(D, FEATS, K), de.NFM(FEATS, D, M, n_read=K))
+    x = 100 * synthetic_acts(n=64)
+    F.mse_loss(model(x), x).backward()  # stage 1 leaves gradients on every SAE parameter
+    model.sae.requires_grad_(False)
+    nfm_before = [p.detach().clone() for p in model.nfm.parameters()]
+    de.train_step(model, torch.optim.SGD(model.nfm.parameters(), lr=1.0), x, clip_norm=1.0)
+    step = torch.cat([(p.detach() - b).flatten()
+                      for p, b in zip(model.nfm.parameters(), nfm_before)])
+    assert step.norm().item() == pytest.approx(1.0, rel=1e-4)
+
+
 def test_a_wsd_branch_is_the_shorter_run_and_leaves_the_main_run_as_it_was():
     # wsd: the rate is constant until a run's last quarter, so a branch that leaves a 64-step run
     # at step 24 and decays over 24..31 is the 32-step run, and the 64-step run goes on unchanged.
@@ -340,6 +354,9 @@ def test_a_wsd_branch_is_the_shorter_run_and_leaves_the_main_run_as_it_was():
     assert de.lr_at(31, 32, cfg) == pytest.approx(cfg.lr * (1 - 7 / 8 * (1 - cfg.lr_end)))
     with pytest.raises(de.DualencError, match="--schedule wsd"):
         de.train_joint(joint(), x, x, small_cfg(), branches=[32], on_branch=print)
+    with pytest.raises(de.DualencError, match="same step; lower --wsd-decay"):  # both start at 0
+        de.train_joint(joint(), x, x, small_cfg(schedule="wsd", wsd_decay=1.0), branches=[16, 32],
+                       on_branch=print)
 
 
 def test_same_seed_same_history():
