@@ -610,15 +610,42 @@ def stable_path_noise(curves, cfg, step):
             if "/" not in name}  # the first seed's: "seedS/..." are the others'
 
 
+# the baselines the joint model is read against by the second long run's rule, with the claims'
+# readings that hold its paired reductions
+GAP_BASELINES = {"sae": "fair", "sae_matched": "matched"}
+GAP_CLAIMS = {"fvu": "joint vs SAE, reconstruction error reduction",
+              "kl": "joint vs SAE, KL reduction"}
+
+
+def gap_readings(point):
+    """A checkpoint's (checkpoint_point) joint model against each baseline trained beside it, in
+    FVU and in KL, by stats.gap_reading: the claims' paired reductions against the pair's path
+    noise. A model's path noise in FVU, as a share of its FVU, times its KL is its path noise in KL
+    (the curve has no KL); a pair's is the larger of its two models'. {} without path noise."""
+    noise, models = point["path_noise_fvu"], point["models"]
+    claims = {c["claim"]: c["readings"] for c in point["claims"]}
+    readings = {}
+    for base, reading in GAP_BASELINES.items():
+        if not {"joint", base} <= noise.keys() or None in (noise["joint"], noise[base]):
+            continue
+        for metric, claim in GAP_CLAIMS.items():
+            share = {m: noise[m] / models[m]["fvu"] for m in ("joint", base)}
+            pair = max(share[m] * models[m][metric] for m in share) / models[base][metric]
+            readings[f"joint vs {base}, {metric}"] = st.gap_reading(claims[claim][reading], pair)
+    return readings
+
+
 def checkpoint_point(step, cfg, results, analysis, curves):
     """What a checkpoint keeps: each model's FVU and KL with their window intervals, each trained
-    model's path noise in FVU (stable_path_noise); the claims."""
-    return {"step": step, "presentations": step * cfg.batch_size,
-            "models": {name: {"fvu": m["fvu"], "kl": m["kl"],
-                              "ci": {"fvu": m["ci"]["fvu"], "kl": m["ci"]["kl"]}}
-                       for name, m in results.items()},
-            "path_noise_fvu": stable_path_noise(curves, cfg, step),
-            "claims": analysis["claims"]}
+    model's path noise in FVU (stable_path_noise), the claims, and the gap readings."""
+    point = {"step": step, "presentations": step * cfg.batch_size,
+             "models": {name: {"fvu": m["fvu"], "kl": m["kl"],
+                               "ci": {"fvu": m["ci"]["fvu"], "kl": m["ci"]["kl"]}}
+                        for name, m in results.items()},
+             "path_noise_fvu": stable_path_noise(curves, cfg, step),
+             "claims": analysis["claims"]}
+    point["gaps"] = gap_readings(point)
+    return point
 
 
 def along_training(lm, steps, folder_of, final, data, cfg):

@@ -5,7 +5,8 @@ standard library. Sections, in the order data flows:
                       models), percentile intervals, Student / Welch t intervals, Wilson's interval,
                       summarise / across (a figure over seeds), fmt_ci
   verdicts            rule: the one holds / no / unclear rule (intervals against the smallest effect
-                      that counts, a test's p); verdict (a summarised figure); majority (seeds)
+                      that counts, a test's p); verdict (a summarised figure); majority (seeds);
+                      gap_reading (one model against another, beyond its path noise or within X)
   distribution shape  weighted moments, Sarle's bimodality coefficient, two-Gaussian mixtures and
                       delta BIC, pearson: the decoder-norm analysis's statistics
   the 2 x 2 design    cell moments, stage 4's contrasts and their Welch errors, each tested by
@@ -149,6 +150,22 @@ def majority(verdicts):
         if 2 * verdicts.count(v) > len(verdicts):
             return v
     return "unclear"
+
+
+def gap_reading(reduction, noise_share):
+    """The second long run's rule (fixed before its runs), on a model's relative reduction of a
+    baseline's error (positive: it is ahead), a summarised figure with its paired interval, and the
+    pair's path noise as a share of the baseline's figure (0 where none is known):
+        behind     the interval wholly below 0 and the gap beyond the noise
+        ahead      the interval wholly above 0 and the gap beyond the noise
+        within X   otherwise: X the largest of |either bound| and the noise"""
+    (lo, hi), r = reduction["ci"], reduction["value"]
+    if hi < 0 and -r > noise_share:
+        return {"reading": "behind", "gap": -r, "noise": noise_share}
+    if lo > 0 and r > noise_share:
+        return {"reading": "ahead", "gap": r, "noise": noise_share}
+    return {"reading": "within", "within": max(abs(lo), abs(hi), noise_share),
+            "noise": noise_share}
 
 
 # ----------------------------------------------------------------------------- distribution shape

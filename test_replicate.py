@@ -420,6 +420,22 @@ def test_path_noise_is_the_largest_move_of_the_curve_in_the_stable_phases_last_h
     assert rp.stable_path_noise({"sae": curve}, rp.Config(), 1000) == {}  # the paper's: no phase
 
 
+def test_gap_readings_carry_each_models_path_noise_to_kl_and_take_the_pairs_larger():
+    point = {"path_noise_fvu": {"sae": 0.002, "joint": 0.004},
+             "models": {"sae": {"fvu": 0.10, "kl": 0.20}, "joint": {"fvu": 0.08, "kl": 0.10}},
+             "claims": [{"claim": "joint vs SAE, reconstruction error reduction",
+                         "readings": {"fair": {"value": 0.2, "ci": [0.18, 0.22]}}},
+                        {"claim": "joint vs SAE, KL reduction",
+                         "readings": {"fair": {"value": 0.5, "ci": [-0.1, 0.9]}}}]}
+    gaps = rp.gap_readings(point)
+    assert gaps.keys() == {"joint vs sae, fvu", "joint vs sae, kl"}  # no sae_matched here
+    fvu, kl = gaps["joint vs sae, fvu"], gaps["joint vs sae, kl"]
+    assert fvu["reading"] == "ahead" and fvu["noise"] == pytest.approx(0.04)  # 0.004 / 0.10
+    # KL: sae's 0.02 x 0.20 = 0.004, joint's 0.05 x 0.10 = 0.005: 0.005 / 0.20 of sae's KL
+    assert kl == {"reading": "within", "within": 0.9, "noise": pytest.approx(0.025)}
+    assert rp.gap_readings({**point, "path_noise_fvu": {}}) == {}  # the paper's schedule
+
+
 def test_runs_of_one_model_each_combine_into_the_run_that_trains_them_all(tiny_lm_folder, tmp_path):
     whole = rp.run(tiny_run_cfg(tiny_lm_folder, tmp_path / "whole", checkpoints=3,
                                 models="sae,joint"))

@@ -435,3 +435,15 @@ def test_an_effect_holds_only_beyond_every_control_and_an_empty_one_keeps_it_unc
     assert st.with_controls("holds", {"a": beyond, "b": empty}) == "unclear"
     assert st.with_controls("holds", {"a": {"status": "not beyond"}}) == "unclear"
     assert st.with_controls("no", {"a": empty}) == "no"
+
+
+def test_a_gap_counts_only_beyond_its_interval_and_its_path_noise():
+    behind = {"value": -0.05, "ci": [-0.06, -0.04]}
+    assert st.gap_reading(behind, 0.01)["reading"] == "behind"
+    assert st.gap_reading({"value": 0.05, "ci": [0.04, 0.06]}, 0.01)["reading"] == "ahead"
+    # beyond the interval but not the path noise: within the larger of the two
+    assert st.gap_reading(behind, 0.08) == {"reading": "within", "within": 0.08, "noise": 0.08}
+    # the interval spans 0: within its wider end
+    assert st.gap_reading({"value": 0.01, "ci": [-0.02, 0.03]}, 0.0) == {
+        "reading": "within", "within": 0.03, "noise": 0.0}
+
