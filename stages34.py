@@ -19,6 +19,7 @@ P prompts, C controls, R bootstrap resamples.
 """
 
 import json
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
@@ -155,6 +156,17 @@ class IntegrationPipeline(de.DualEncoder):
         return de.to_dense(*self.secondary_code(x_BD), self.secondary.sae.W_dec.shape[0])
 
 
+@contextmanager
+def scaling(pipeline, scale):
+    """While active, `pipeline` applies `scale` (IntegrationPipeline's); afterwards, an error
+    included, it is as it was."""
+    saved, pipeline.scale = pipeline.scale, scale
+    try:
+        yield pipeline
+    finally:
+        pipeline.scale = saved
+
+
 def stage3(lm, joint, data, cfg, folder, generator):
     """The secondary SAE (train_secondary), saved in `folder`, and what it costs: held-out FVU
     of the hidden layer, dead features, and the spliced KL with the hidden layer replaced by its
@@ -276,10 +288,10 @@ def intervention_effect(lm, layer, prompts, word_ids, pipeline, keep_fn, scale, 
     interaction of those changes, {factor: [P]}."""
     changes, inter = {}, {}
     for factor in SCALES:
-        pipeline.scale = (*scale, factor)
-        changes[factor] = word_logprobs(lm, layer, prompts, word_ids, pipeline, keep_fn) - base_P4
+        with scaling(pipeline, (*scale, factor)):
+            changes[factor] = (word_logprobs(lm, layer, prompts, word_ids, pipeline, keep_fn)
+                               - base_P4)
         inter[factor] = list_interaction(changes[factor])
-    pipeline.scale = None
     return changes, inter
 
 
@@ -407,10 +419,9 @@ def intervention(lm, layer, pipeline, design, plan, active):
 
     plan_i, ctrl = plan["intervention"], plan["controls"]
     j = plan_i["feature"]
-    pipeline.scale = ("secondary", torch.tensor([j], device=device), 1.0)
-    x1_change = (word_logprobs(lm, layer, prompts, words, pipeline, keep_fn)
-                 - base_P4).abs().max().item()
-    pipeline.scale = None
+    with scaling(pipeline, ("secondary", torch.tensor([j], device=device), 1.0)):
+        x1_change = (word_logprobs(lm, layer, prompts, words, pipeline, keep_fn)
+                     - base_P4).abs().max().item()
     selected = effects("secondary", [[j]], "selected feature")
     random_runs = {name: effects("secondary", [[f] for f in ctrl[name]], name.replace("_", " "))
                    for name in ("random_matched", "shuffled_selection")}

@@ -111,9 +111,13 @@ def test_scaling_by_one_or_a_silent_feature_by_zero_changes_nothing():
     base = s34.word_logprobs(lm, 2, prompts, words, pipe, keep_fn)
     changes, inter = s34.intervention_effect(lm, 2, prompts, words, pipe, keep_fn,
                                              ("secondary", torch.tensor([0])), base)
-    pipe.scale = ("secondary", torch.tensor([0]), 1.0)
-    torch.testing.assert_close(s34.word_logprobs(lm, 2, prompts, words, pipe, keep_fn), base,
-                               rtol=0, atol=1e-5)
+    assert pipe.scale is None  # the pipeline is left unscaled
+    with s34.scaling(pipe, ("secondary", torch.tensor([0]), 1.0)):
+        torch.testing.assert_close(s34.word_logprobs(lm, 2, prompts, words, pipe, keep_fn), base,
+                                   rtol=0, atol=1e-5)
+    with pytest.raises(KeyboardInterrupt), s34.scaling(pipe, ("secondary", torch.tensor([0]), 2.0)):
+        raise KeyboardInterrupt  # an interrupted intervention leaves no scale behind
+    assert pipe.scale is None
     assert set(changes) == set(s34.SCALES) and inter[0.0].shape == (3,)
 
 
