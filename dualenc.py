@@ -235,8 +235,8 @@ class TopKEncode(torch.autograd.Function):
         grad_W_enc[:, i] = sum_{(b,j): idx_bj = i} g_bj x_b   its weight gradient
     Under bf16 autocast the forward's product and top-k are bf16 (they pick which k fire); the
     values come out in x's dtype (fp32, to bf16's precision) and the backward, cheap, is fp32
-    throughout: its sums over
-    tokens accumulate in fp32, as the dense backward's bf16 GEMM accumulates them."""
+    throughout: its sums over tokens accumulate in fp32, as the dense backward's bf16 GEMM
+    accumulates them."""
 
     @staticmethod
     def forward(ctx, x_BD, W_enc_DF, b_enc_F, k):
@@ -538,8 +538,9 @@ def fit(model, params, x_train_ND, x_curve_ND, cfg, name, state=None, on_eval=No
     last = steps if until is None else min(until, steps)
     if branches and cfg.schedule != "wsd":
         raise DualencError("checkpoint branches need --schedule wsd")
-    branch_at = {branch_start(b, cfg): b for b in branches if b < steps}
-    if len(branch_at) < len([b for b in branches if b < steps]):
+    before_end = [b for b in branches if b < steps]
+    branch_at = {branch_start(b, cfg): b for b in before_end}
+    if len(branch_at) < len(before_end):
         raise DualencError(f"checkpoints {sorted(branches)} would branch off at the same step; "
                            "lower --wsd-decay")
     start, history = (0, []) if state is None else state.load(model, optimiser)
@@ -551,7 +552,6 @@ def fit(model, params, x_train_ND, x_curve_ND, cfg, name, state=None, on_eval=No
         if step in branch_at:  # before this step: the branch starts from the same state
             on_branch(branch_at[step], decay_branch(model, optimiser, x_train_ND, cfg,
                                                     branch_at[step]))
-            model.train()
         set_lr(optimiser, lr_at(step, steps, cfg))
         loss = train_step(model, optimiser, batch_BD, cfg.precision, cfg.clip_norm)
         loss_sum, n_sum = loss_sum + loss, n_sum + 1

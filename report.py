@@ -193,7 +193,7 @@ def format_along_training(points):
 
 def format_compare(result):
     """--compare's table: each model's figure in run A and in run B and B - A with its paired 95 %
-    interval over windows (and over seeds, with several), whether 0 lies inside it; then the
+    interval over windows (of the seeds' mean, with several), whether 0 lies inside it; then the
     claims whose verdict differs between the runs."""
     differ = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in result["differ"].items()) or "nothing"
     rows = [f"A = {result['runs'][0]}", f"B = {result['runs'][1]}",
