@@ -860,6 +860,14 @@ def read_piece(folder):
     return report, load_evidence(folder / "evidence.safetensors")
 
 
+def evaluated_alike(shared_a, shared_b):
+    """Whether two runs' shared sums (evaluate_variants) agree: the same held-out and spliced
+    tokens, and so the same activations."""
+    return shared_a.keys() == shared_b.keys() and all(
+        v.shape == shared_a[k].shape and torch.allclose(shared_a[k], v, rtol=1e-5)
+        for k, v in shared_b.items())
+
+
 def merge_evidence(pieces):
     """The evidence of runs that each trained some models on the same data, as one run's: {key:
     evidence}. Every run must hold the same seeds and steps and have been evaluated on the same
@@ -871,8 +879,7 @@ def merge_evidence(pieces):
         for key, ev in evidence.items():
             m = merged.setdefault(key, {"shared": ev["shared"], "d_model": ev["d_model"],
                                         **{part: {} for part in EVIDENCE_PARTS}})
-            if not all(torch.allclose(m["shared"][k], v, rtol=1e-5)
-                       for k, v in ev["shared"].items()):
+            if not evaluated_alike(m["shared"], ev["shared"]):
                 raise de.DualencError(f"{folder} was evaluated on other tokens than {first}")
             for part in EVIDENCE_PARTS:
                 if m[part].keys() & ev[part].keys():
@@ -947,9 +954,9 @@ def compare_runs(cfg):
     activations (their shared sums agree) that differ in some settings: each model's figures in
     both and the difference B - A, with its interval over the same window resamples for both runs
     (paired; with several seeds, the interval of the seeds' mean); and every claim's verdict in
-    each. Into --out:
-    compare.json and compare.txt. Where runs differ in how they trained (--precision), B - A
-    includes the training path's own noise, which the window interval does not see."""
+    each. Into --out: compare.json and compare.txt. Where runs differ in how they trained
+    (--precision), B - A includes the training path's own noise, which the window interval does
+    not see."""
     folders = [Path(p) for p in cfg.compare.split(",")]
     if len(folders) != 2:
         raise de.DualencError(f"--compare takes two run folders, A,B; got {cfg.compare!r}")
@@ -960,10 +967,7 @@ def compare_runs(cfg):
     last = max(int(k.split("/step")[1]) for k in ev_a)
     keys = sorted(k for k in ev_a if k.endswith(f"/step{last}"))
     for key in keys:
-        shared_a, shared_b = ev_a[key]["shared"], ev_b[key]["shared"]
-        if (shared_a.keys() != shared_b.keys()
-                or any(v.shape != shared_a[k].shape or not torch.allclose(shared_a[k], v, rtol=1e-5)
-                       for k, v in shared_b.items())):
+        if not evaluated_alike(ev_a[key]["shared"], ev_b[key]["shared"]):
             raise de.DualencError(f"{folders[1]} was evaluated on other tokens than {folders[0]}: "
                                   "compare runs that read the same activations")
     config_a, config_b = report_a["config"], report_b["config"]
