@@ -25,6 +25,7 @@ import statistics
 import subprocess
 import sys
 import time
+import types
 
 import torch
 import torch.nn.functional as F
@@ -48,7 +49,7 @@ def dense_nfm(nfm, vals_BK, idx_BK):
     codes_BF = de.to_dense(vals_BK, idx_BK, nfm.embed.shape[0])
     fv_BFM = codes_BF[:, :, None] * nfm.embed
     pair_BM = 0.5 * (fv_BFM.sum(1).square() - fv_BFM.square().sum(1))
-    return codes_BF @ nfm.W_lin, nfm.mlp(pair_BM)
+    return codes_BF @ nfm.W_lin, nfm.interaction(nfm.W_1(pair_BM))
 
 
 def random_code(cfg, device, seed=0):
@@ -225,7 +226,8 @@ def bench_sae_step(device, repeats):
 def paper_density_models(d, device):
     """The long run's three models at the paper's density (d_model d): name -> (model, Config)."""
     cfg = de.Config(**runner.paper_density(d))
-    data = {"x_train": torch.zeros(1, d, device=device), "mean": None, "std": None}
+    # build reads the data's width, device and z-score; a benchmark's models need no real data
+    data = types.SimpleNamespace(x_train=torch.zeros(1, d, device=device), mean=None, std=None)
     joint = de.build(cfg, data, nfm="linear")
     matched = rp.matched_features(d, de.n_params(joint))
     return cfg, {"sae": de.build(cfg, data), "sae_matched": de.build(cfg, data, n_features=matched),

@@ -25,6 +25,7 @@ from typing import NamedTuple
 import torch
 from tqdm.auto import tqdm
 
+import dualenc as de
 import runner
 import stages34 as s34
 import stats as st
@@ -55,7 +56,7 @@ class Codes(NamedTuple):
 
 
 @torch.no_grad()
-def sparse_codes(encode, x_ND, n_features, batch_size=4096):
+def sparse_codes(encode, x_ND, n_features, batch_size=de.EVAL_BATCH):
     """Codes of every token of x_ND under encode(x_BD) -> (values [B, K], indices [B, K]); zeros
     (a TopK code's inactive slots) are left out. Read in batches: x_ND may be on disk."""
     tokens, features, values, start = [], [], [], 0
@@ -186,7 +187,7 @@ def readers(integration):
 def texts(tokenizer, data, pages):
     """The held-out windows the pages' contexts come from, as indices into a table of readable
     token strings (each token once), and the contexts rewritten to [window, position, level]."""
-    pos_N = data["eval_keep"].nonzero()
+    pos_N = data.eval_keep.nonzero()
     windows, vocab, strings = {}, {}, []
     for page in pages:
         for key in ("top", "weaker"):
@@ -196,7 +197,7 @@ def texts(tokenizer, data, pages):
                 ctx[:1] = [w, p]
     rows = {}
     for w in sorted(windows):
-        ids = data["eval_ids"][w].tolist()
+        ids = data.eval_ids[w].tolist()
         for i in ids:
             if i not in vocab:
                 vocab[i] = len(strings)
@@ -218,13 +219,13 @@ def norm_bins(norms_F, bins=N_BINS):
 @torch.no_grad()
 def content(tokenizer, joint, secondary, data, stimulus=None, cells=(), summary=""):
     """Everything the page shows, as lists and numbers: the joint model's identity features and
-    the secondary SAE's integration features on the held-out tokens (data["x_eval"]), with the
+    the secondary SAE's integration features on the held-out tokens (data.x_eval), with the
     stimulus prompts' codes (A_PG, cell_P, half_P) and the cells' names when given."""
     pipeline = s34.IntegrationPipeline(joint, secondary).eval()
     n_identity, n_integration = joint.sae.W_dec.shape[0], secondary.sae.W_dec.shape[0]
-    identity_codes = sparse_codes(joint.sae.encode, data["x_eval"], n_identity)
-    integration_codes = sparse_codes(pipeline.secondary_code, data["x_eval"], n_integration)
-    integration = integration_features(integration_codes, joint, secondary, data["x_eval"],
+    identity_codes = sparse_codes(joint.sae.encode, data.x_eval, n_identity)
+    integration_codes = sparse_codes(pipeline.secondary_code, data.x_eval, n_integration)
+    integration = integration_features(integration_codes, joint, secondary, data.x_eval,
                                        stimulus)
     norms_F = joint.sae.W_dec.norm(dim=-1).cpu()
     identity = identity_features(identity_codes, norms_F.tolist(), readers(integration))
@@ -480,15 +481,15 @@ def add_to_report(report, lm, tokenizer, joint, data, cfg, out):
     run has none), with each integration feature's cell means on the stimulus prompts, split into
     the halves stage 4 chose on (or, for a run without stage 4, halves drawn from cfg.seed)."""
     if (out / "secondary" / "cfg.json").exists():
-        secondary = runner.load_model(out / "secondary").to(data["x_eval"].device)
+        secondary = runner.load_model(out / "secondary").to(data.x_eval.device)
         pipeline = s34.IntegrationPipeline(joint, secondary).eval()
     else:
         generator = torch.Generator().manual_seed(cfg.seed)
         pipeline, _, _ = s34.stage3(lm, joint, data, cfg, out / "secondary", generator)
     design = s34.load_stimuli(s34.read_stimuli(cfg.stimuli), tokenizer)
     cell_P = design["cell_P"]
-    A_PG = s34.stimulus_codes(lm, data["layer"], pipeline, design,
-                              s34.kept_positions(data["max_norm"]))
+    A_PG = s34.stimulus_codes(lm, data.layer, pipeline, design,
+                              s34.kept_positions(data.max_norm))
     first_seed = report.get("stage34", {}).get("per_seed", [{}])[0]  # the seed of secondary/
     chosen = first_seed.get("design", {}).get("selection_prompts")
     if chosen is None:
@@ -496,10 +497,10 @@ def add_to_report(report, lm, tokenizer, joint, data, cfg, out):
     else:
         half_P = torch.zeros(len(cell_P), dtype=torch.bool)
         half_P[chosen] = True
-    summary = (f"{cfg.model}, block {data['layer']}: the joint model's {joint.sae.k}-sparse code "
+    summary = (f"{cfg.model}, block {data.layer}: the joint model's {joint.sae.k}-sparse code "
                f"of {joint.sae.W_dec.shape[0]:,} identity features and stage 3's "
                f"{pipeline.secondary.sae.W_dec.shape[0]:,} integration features, on "
-               f"{len(data['x_eval']):,} held-out tokens")
+               f"{len(data.x_eval):,} held-out tokens")
     page = content(tokenizer, joint, pipeline.secondary, data, (A_PG, cell_P, half_P),
                    design["cells"], summary)
     files = write_browser(out / "browser.html", page)

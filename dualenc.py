@@ -6,12 +6,14 @@ activation as a sparse sum of feature directions ("identity"); a Neural Factoriz
 the same code and adds what depends on which features fire together ("integration"). The method
 only (runner.py: text, LM, runs, flags; replicate.py: referee). Sections, in the order data flows:
   settings      Config: the method's settings; autocast, the one switch of precision
-  extraction    the block hook, block-L activations, the keep mask and the z-score (§2)
+  extraction    the block hook, block-L activations, the keep mask and the z-score (§2), the
+                split of windows (WindowSplit) and the prepared data (Activations)
   identity SAE  TopKEncode (the sparse backward, §15), TopKSAE (§3)
   integration   NFM (§4)
   dual encoder  DualEncoder: z-score + SAE + NFM, with switchable pathways (§5)
   training      train_step, fit, and the three regimes side by side: sae, sequential, joint
-  evaluation    evaluate (MSE, FVU), splice_metrics (per-token KL / CE), eps_random, evaluate_models
+  evaluation    evaluate (MSE, FVU), splice_metrics (per-token KL / CE), eps_random, splices (what
+                a splice pass runs), evaluate_models
 Dimension letters in names and shape comments: N windows (or tokens), T tokens per window, B batch,
 D d_model, F features, K active features, M embedding dim, V vocabulary.
 """
@@ -201,20 +203,29 @@ def fit_normalisation(x_ND):
     return x_ND.mean(0), x_ND.std(0).clamp_min(1e-6)  # clamp: a dead dimension must not divide by 0
 
 
-def split_activations(acts_NTD, n_train, outlier_factor):
-    """keep_mask and z-score fitted on the first n_train windows (training), the rest held out;
-    eval_window gives each held-out token's window, the independent unit."""
-    norms_NT = acts_NTD.norm(dim=-1)
-    max_norm = outlier_factor * norms_NT[:n_train, 1:].median().item()
-    keep_NT = keep_mask(norms_NT, max_norm)
-    x_train_ND = acts_NTD[:n_train][keep_NT[:n_train]]
-    x_eval_ND = acts_NTD[n_train:][keep_NT[n_train:]]
-    mean_D, std_D = fit_normalisation(x_train_ND)
-    return {"x_train": (x_train_ND - mean_D) / std_D, "x_eval": (x_eval_ND - mean_D) / std_D,
-            "mean": mean_D, "std": std_D, "keep": keep_NT, "max_norm": max_norm,
-            "eval_window": keep_NT[n_train:].nonzero()[:, 0],
-            "n_eval_windows": len(acts_NTD) - n_train,
-            "n_massive": int((norms_NT[:, 1:] > max_norm).sum())}
+@dataclass
+class WindowSplit:
+    """Which windows train and which are held out, and which tokens count (§2, §5). Windows, not
+    tokens, are split: a window's tokens share a text, so they go to one side together."""
+    train_W: torch.Tensor  # [W_train] window indices, the training set
+    eval_W: torch.Tensor  # [W_eval] the held-out windows
+    splice_W: torch.Tensor  # [W_splice] the first held-out windows, spliced for KL / CE
+    keep_NT: torch.Tensor  # [N, T] over all windows: not position 0, not a massive norm
+    max_norm: float  # the massive-norm threshold, from the training windows alone
+    n_massive: int  # tokens beyond it (position 0 aside), in all windows
+
+
+def split_windows(norms_NT, order_W, outlier_factor, n_splice):
+    """The 90/10 split of the windows in order_W (the first 90 % train; §5), the keep mask with its
+    threshold outlier_factor x the training tokens' median norm (§2), and the first n_splice
+    held-out windows (at least one) to splice."""
+    n_train = int(0.9 * len(order_W))
+    train_W, eval_W = order_W[:n_train], order_W[n_train:]
+    max_norm = outlier_factor * norms_NT[train_W][:, 1:].median().item()
+    return WindowSplit(train_W=train_W, eval_W=eval_W,
+                       splice_W=eval_W[:max(1, min(len(eval_W), n_splice))],
+                       keep_NT=keep_mask(norms_NT, max_norm), max_norm=max_norm,
+                       n_massive=int((norms_NT[:, 1:] > max_norm).sum()))
 
 
 def curve_subset(x_eval_ND, eval_window_N, n_windows):
@@ -223,6 +234,50 @@ def curve_subset(x_eval_ND, eval_window_N, n_windows):
     held-out tokens costs about 50 training steps; the end and the checkpoints still read them
     all."""
     return x_eval_ND[(eval_window_N.cpu() < n_windows).nonzero()[:, 0]]
+
+
+@dataclass
+class Activations:
+    """Block-L activations ready to train on and to evaluate with, made by prepare from a
+    WindowSplit. The token sets are z-scored [N, D]: tensors, or store.Tokens, which read a store
+    on disk batch by batch and answer the same len, [idx], shape, device and split."""
+    x_train: torch.Tensor  # [N_train, D] the training windows' kept tokens
+    x_eval: torch.Tensor  # [N_eval, D] the held-out windows' kept tokens
+    x_curve: torch.Tensor  # [N_curve, D] those of the first curve_windows held-out windows
+    eval_window: torch.Tensor  # [N_eval] each held-out token's window: the bootstrap's unit (§9)
+    mean: torch.Tensor  # [D] the z-score (§2), fitted on the training tokens
+    std: torch.Tensor  # [D]
+    eval_ids: torch.Tensor  # [W_eval, T] the held-out windows' token ids: where a token stands
+    eval_keep: torch.Tensor  # [W_eval, T] and which of their positions count
+    splice_ids: torch.Tensor  # [W_splice, T] the windows spliced for KL / CE
+    splice_keep: torch.Tensor  # [W_splice, T]
+    splice_acts: torch.Tensor  # [W_splice, T, D] their clean block-L outputs, reused by each splice
+    layer: int  # the block studied
+    n_blocks: int  # of the LM's blocks
+    n_windows: int  # in all; each lost its position 0
+    max_norm: float  # the massive-norm threshold (WindowSplit)
+    n_massive: int  # tokens dropped by it
+    corpus_sha1: str  # the sha1 of all token windows in the text's order: which text the run read
+
+    @property
+    def n_eval_windows(self):
+        return len(self.eval_ids)
+
+
+def prepare(split, windows_NT, tokens, mean_D, std_D, splice_acts_NTD, layer, n_blocks,
+            curve_windows, corpus_sha1):
+    """The Activations of a split: tokens(windows_W) gives those windows' kept tokens, z-scored
+    with mean_D and std_D, in the windows' order."""
+    x_eval_ND = tokens(split.eval_W)
+    eval_window_N = split.keep_NT[split.eval_W].nonzero()[:, 0]
+    return Activations(
+        x_train=tokens(split.train_W), x_eval=x_eval_ND,
+        x_curve=curve_subset(x_eval_ND, eval_window_N, curve_windows), eval_window=eval_window_N,
+        mean=mean_D, std=std_D,
+        eval_ids=windows_NT[split.eval_W], eval_keep=split.keep_NT[split.eval_W],
+        splice_ids=windows_NT[split.splice_W], splice_keep=split.keep_NT[split.splice_W],
+        splice_acts=splice_acts_NTD, layer=layer, n_blocks=n_blocks, n_windows=len(windows_NT),
+        max_norm=split.max_norm, n_massive=split.n_massive, corpus_sha1=corpus_sha1)
 
 
 # ----------------------------------------------------------------------------- identity SAE
@@ -329,16 +384,18 @@ class NFM(nn.Module):
 
     def __init__(self, n_features, d_model, embed_dim, n_read=None, dropout=0.15, linear=True):
         super().__init__()
+        # what rebuilds it: a checkpoint keeps these beside the weights
         self.config = dict(n_features=n_features, d_model=d_model, embed_dim=embed_dim,
-                           n_read=n_read, dropout=dropout, linear=linear)  # saved as nfm_cfg.json
+                           n_read=n_read, dropout=dropout, linear=linear)
         self.n_read = n_read
         self.embed = nn.Parameter(0.05 * torch.randn(n_features, embed_dim))  # v_i, [F, M]
         self.W_lin = nn.Parameter(0.01 * torch.randn(n_features, d_model)) if linear else None
-        self.mlp = nn.Sequential(nn.Linear(embed_dim, embed_dim), nn.ReLU(), nn.Dropout(dropout),
-                                 nn.Linear(embed_dim, d_model, bias=False))
-        nn.init.normal_(self.mlp[0].weight, std=0.01)
-        nn.init.zeros_(self.mlp[0].bias)
-        nn.init.normal_(self.mlp[3].weight, std=0.01)
+        self.W_1 = nn.Linear(embed_dim, embed_dim)  # its bias is c_1
+        self.drop = nn.Dropout(dropout)
+        self.W_2 = nn.Linear(embed_dim, d_model, bias=False)
+        nn.init.normal_(self.W_1.weight, std=0.01)
+        nn.init.zeros_(self.W_1.bias)
+        nn.init.normal_(self.W_2.weight, std=0.01)
 
     def read(self, vals_BK, idx_BK):
         if self.n_read is None or self.n_read >= vals_BK.shape[-1]:
@@ -354,18 +411,22 @@ class NFM(nn.Module):
 
     def hidden(self, vals_BK, idx_BK):
         """h = W_1 pair(f) + c_1, the interaction MLP's hidden layer before its ReLU: [B, M]."""
-        return self.mlp[0](self.pair(vals_BK, idx_BK))
+        return self.W_1(self.pair(vals_BK, idx_BK))
+
+    def interaction(self, h_BM):
+        """interaction(f) = W_2 Dropout(ReLU(h)) from the hidden layer h = hidden(f): [B, D]."""
+        return self.W_2(self.drop(F.relu(h_BM)))
 
     def linear(self, vals_BK, idx_BK):
         if self.W_lin is None:
-            return vals_BK.new_zeros(len(vals_BK), self.mlp[3].out_features)
+            return vals_BK.new_zeros(len(vals_BK), self.W_2.out_features)
         return F.embedding_bag(idx_BK, self.W_lin, per_sample_weights=vals_BK, mode="sum")
 
     def forward(self, vals_BK, idx_BK):
         """(linear(f), interaction(f)), each [B, D]; linear is zeros when the model has none."""
         vals_BK, idx_BK = self.read(vals_BK, idx_BK)
         # interaction first: autograd then sums the codes' gradients in the trained models' order
-        interaction_BD = self.mlp[1:](self.hidden(vals_BK, idx_BK))
+        interaction_BD = self.interaction(self.hidden(vals_BK, idx_BK))
         return self.linear(vals_BK, idx_BK), interaction_BD
 
 
@@ -447,8 +508,11 @@ def train_step(model, optimiser, x_BD, precision="fp32", clip_norm=0.0):
     return loss.detach()
 
 
+EVAL_BATCH = 4096  # tokens an evaluation pass reads at once: it sets memory, not results
+
+
 @torch.no_grad()
-def sq_errors(model, x_ND, batch_size=4096):
+def sq_errors(model, x_ND, batch_size=EVAL_BATCH):
     """||x - x_hat||^2 per token, [N], in eval mode (no dropout), in fp32 whatever the model was
     trained in: held-out figures measure the weights, comparable across precisions."""
     was_training = model.training
@@ -458,7 +522,7 @@ def sq_errors(model, x_ND, batch_size=4096):
     return err_N
 
 
-def mean_token(x_ND, batch_size=4096):
+def mean_token(x_ND, batch_size=EVAL_BATCH):
     """The mean of the tokens x_ND, [D], summed in batches: x_ND may be read from disk."""
     return sum(x_BD.sum(0) for x_BD in x_ND.split(batch_size)) / len(x_ND)
 
@@ -467,7 +531,7 @@ def evaluate(model, x_ND):
     """z-scored MSE per element and FVU = sum ||x - x_hat||^2 / sum ||x - mean(x)||^2 (§6)."""
     sse = sq_errors(model, x_ND).sum()
     mean_D = mean_token(x_ND)
-    sst = sum((x_BD - mean_D).square().sum() for x_BD in x_ND.split(4096))
+    sst = sum((x_BD - mean_D).square().sum() for x_BD in x_ND.split(EVAL_BATCH))
     return {"mse": (sse / (len(x_ND) * x_ND.shape[1])).item(), "fvu": (sse / sst).item()}
 
 
@@ -591,13 +655,13 @@ def train_joint(model, x_train_ND, x_curve_ND, cfg, name="joint", **kw):
 def build(cfg, data, sae=None, nfm=None, n_features=None):
     """A fresh model from cfg.seed: a TopK SAE of n_features (default cfg.features), or the given
     one, and nfm None, "linear" (the NFM of §4) or "interaction" (no linear term, §9.3)."""
-    d_model = data["x_train"].shape[1]
+    d_model = data.x_train.shape[1]
     torch.manual_seed(cfg.seed)
     if sae is None:
         sae = TopKSAE(d_model, n_features or cfg.features, cfg.k, cfg.sae_init)
     network = None if nfm is None else NFM(cfg.features, d_model, cfg.embed_dim, cfg.nfm_k,
                                            cfg.dropout, linear=nfm == "linear")
-    return DualEncoder(sae, network, data["mean"], data["std"]).to(data["x_train"].device)
+    return DualEncoder(sae, network, data.mean, data.std).to(data.x_train.device)
 
 
 def recipes(cfg, data):
@@ -711,18 +775,29 @@ def n_params(model):
     return sum(p.numel() for p in model.parameters())
 
 
+def splices(variants, eps_generator, eps_for=None):
+    """splice_metrics' replacements for {name: (model, pathways or None for all)}: "zero" (the
+    zero-ablation), each variant's reconstruction, and, for the names in eps_for (default: all),
+    its epsilon-random twin name + "/eps". Their order is the order the twins draw their random
+    directions in."""
+    replacements = {"zero": torch.zeros_like}
+    for name, (model, paths) in variants.items():
+        replacements[name] = spliced(model, paths)
+        if eps_for is None or name in eps_for:
+            replacements[name + "/eps"] = spliced(model, paths, eps_generator=eps_generator)
+    return replacements
+
+
 def evaluate_models(lm, models, data, generator):
     """Every model alike (§6): MSE, FVU, spliced KL, CE, CE recovered against zero-ablation, KL_eps
-    (its epsilon-random twin), KL / KL_eps (pathology ratio). Returns (figures, clean, zero CE)."""
-    replacements = {"zero": torch.zeros_like}
-    for name, model in models.items():
-        replacements[name] = spliced(model)
-        replacements[name + "/eps"] = spliced(model, eps_generator=generator)
-    m = splice_metrics(lm, data["splice_ids"], data["layer"], replacements, data["splice_keep"],
-                       data["splice_acts"])
+    (its epsilon-random twin), KL / KL_eps (pathology ratio). Returns (the figures of each model,
+    the clean CE, the zero-ablation CE)."""
+    replacements = splices({name: (model, None) for name, model in models.items()}, generator)
+    m = splice_metrics(lm, data.splice_ids, data.layer, replacements, data.splice_keep,
+                       data.splice_acts)
     kl = {name: token_mean(v, m["kl_mask"]) for name, v in m["kl"].items()}
     ce = {name: token_mean(v, m["nll_mask"]) for name, v in m["nll"].items()}
-    results = {name: {"params": n_params(model), **evaluate(model, data["x_eval"]),
+    results = {name: {"params": n_params(model), **evaluate(model, data.x_eval),
                       "kl": kl[name], "ce": ce[name],
                       "ce_recovered": (ce["zero"] - ce[name]) / (ce["zero"] - ce["clean"]),
                       "kl_eps_random": kl[name + "/eps"],

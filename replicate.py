@@ -32,6 +32,7 @@ import math
 import resource
 import subprocess
 import sys
+from typing import NamedTuple
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -181,20 +182,16 @@ def evaluate_variants(lm, evaluated, data, generator):
     One splice_metrics call, so the clean pass (and the zero-ablation) serves all of them. The
     pathway ablations get no epsilon-random twin: their pathology ratio enters no claim, and each
     splice pass costs as much as the rest of a variant's evaluation."""
-    x_ND = data["x_eval"]
+    x_ND = data.x_eval
     mean_D = de.mean_token(x_ND)
-    replacements = {"zero": torch.zeros_like}
-    for name, (model, paths) in evaluated.items():
-        replacements[name] = de.spliced(model, paths)
-        if name not in ABLATIONS:
-            replacements[name + "/eps"] = de.spliced(model, paths, eps_generator=generator)
-    m = de.splice_metrics(lm, data["splice_ids"], data["layer"], replacements, data["splice_keep"],
-                          data["splice_acts"])
+    replacements = de.splices(evaluated, generator, eps_for=evaluated.keys() - ABLATIONS)
+    m = de.splice_metrics(lm, data.splice_ids, data.layer, replacements, data.splice_keep,
+                          data.splice_acts)
     kl, nll = ({k: v.double().sum(-1) for k, v in m["kl"].items()},
                {k: v.double().sum(-1) for k, v in m["nll"].items()})
     shared = {"tokens": window_sums(torch.ones(len(x_ND)), data),
               "sst": window_sums(torch.cat([(x_BD - mean_D).square().sum(-1)
-                                            for x_BD in x_ND.split(4096)]), data),
+                                            for x_BD in x_ND.split(de.EVAL_BATCH)]), data),
               "kl_tokens": m["kl_mask"].sum(-1).double(),
               "nll_tokens": m["nll_mask"].sum(-1).double(),
               "clean_nll": nll["clean"], "zero_nll": nll["zero"]}
@@ -227,7 +224,7 @@ def recipes(cfg, data):
     def matched(done):
         joint_params = de.n_params(de.build(cfg, data, nfm="linear"))
         return de.build(cfg, data,
-                        n_features=matched_features(data["x_train"].shape[1], joint_params))
+                        n_features=matched_features(data.x_train.shape[1], joint_params))
 
     every = {**de.recipes(cfg, data), "sae_matched": (matched, de.train_sae),
              "joint_no_linear": (lambda done: de.build(cfg, data, nfm="interaction"),
@@ -239,8 +236,8 @@ def recipes(cfg, data):
 
 def window_sums(values_N, data):
     """A per-token figure of the held-out tokens, summed per held-out window: [n_eval_windows]."""
-    sums = torch.zeros(data["n_eval_windows"], dtype=torch.float64, device=values_N.device)
-    return sums.index_add_(0, data["eval_window"].to(values_N.device), values_N.double()).cpu()
+    sums = torch.zeros(data.n_eval_windows, dtype=torch.float64, device=values_N.device)
+    return sums.index_add_(0, data.eval_window.to(values_N.device), values_N.double()).cpu()
 
 
 def model_stats(sums, shared, w_eval, w_splice, d_model):
@@ -266,7 +263,8 @@ def model_stats(sums, shared, w_eval, w_splice, d_model):
 def param_counts(model):
     """Parameters per component (§7): SAE encoder / decoder, NFM linear / embeddings / MLP."""
     groups = {"sae_encoder": ("sae.W_enc", "sae.b_enc"), "sae_decoder": ("sae.W_dec", "sae.b_dec"),
-              "nfm_linear": ("nfm.W_lin",), "nfm_embed": ("nfm.embed",), "nfm_mlp": ("nfm.mlp.",)}
+              "nfm_linear": ("nfm.W_lin",), "nfm_embed": ("nfm.embed",),
+              "nfm_mlp": ("nfm.W_1.", "nfm.W_2.")}
     named = dict(model.named_parameters())
     return {g: sum(p.numel() for n, p in named.items() if n.startswith(prefixes))
             for g, prefixes in groups.items()}
@@ -282,7 +280,7 @@ def params_used(model, paths):
 
 
 @torch.no_grad()
-def contributions(model, x_ND, batch_size=4096):
+def contributions(model, x_ND, batch_size=de.EVAL_BATCH):
     """Per token, sum over dimensions of |linear(f)| and of |interaction(f)|: ([N], [N]). Their
     totals give each pathway's share of the NFM's output magnitude (§7; paper: 94 % / 6 %)."""
     lin, inter = [], []
@@ -356,26 +354,36 @@ def reduction(base, new):
     return (base - new) / base
 
 
+class Reading(NamedTuple):
+    """How a claim is read on one seed's samples s: `figure` maps s to the figure's samples, or is
+    a pair (numerator, denominator) of such maps for a ratio (ratio_summary); `reads` names the
+    entries of s it needs, (part, key) for s[part][key]. A run that lacks one (with --sae: only
+    sae and sequential are trained) has no such reading."""
+    reads: tuple
+    figure: object
+
+
 def claim_table():
-    """The §8 / §7 claims, each as (claim, paper figure, threshold, above, readings). A reading maps
-    one seed's samples s (s["models"][variant][metric], s["norms"][stat], s["contrib"]) to its
-    figure, or is a pair (numerator, denominator) of such maps for a ratio (ratio_summary); the
-    rule is figure >= threshold (above) or <= threshold. For the paper's numbers the threshold is
-    half the paper's figure, in its direction. Readings: the paper's way (the joint model against
+    """The §8 / §7 claims, each as (claim, paper figure, threshold, above, {name: Reading}), a
+    seed's samples s being s["models"][variant][metric], s["norms"][stat] and s["contrib"][model];
+    the rule is figure >= threshold (above) or <= threshold. For the paper's numbers the threshold
+    is half the paper's figure, in its direction. Readings: the paper's way (the joint model against
     its own SAE path, as the paper's 41.3 % is measured), fair (against an SAE trained alone with
     the same F, k, data and steps, §9.1), and matched (against an SAE widened to the joint model's
     parameter count, §9.5)."""
     def red(base, new, metric):
-        return lambda s: reduction(s["models"][base][metric], s["models"][new][metric])
+        return Reading((("models", base), ("models", new)),
+                       lambda s: reduction(s["models"][base][metric], s["models"][new][metric]))
 
     # the share of the joint model's KL gain over base that part (nonlinear only) achieves
     def share(base, part):
         def gain(model):
             return lambda s: s["models"][base]["kl"] - s["models"][model]["kl"]
-        return gain(part), gain("joint")
+        return Reading((("models", base), ("models", part), ("models", "joint")),
+                       (gain(part), gain("joint")))
 
     def stat(key):
-        return lambda s: s["norms"][key]
+        return Reading((("norms", key),), lambda s: s["norms"][key])
 
     def paper_rule(paper):
         return paper / 2, paper > 0
@@ -401,7 +409,7 @@ def claim_table():
               "fair": red("sae", "joint_no_linear", "kl"),
               "matched": red("sae_matched", "joint_no_linear", "kl")}),
             ("interaction share of NFM output magnitude", 0.06,
-             {"paper_way": lambda s: s["contrib"]["joint"]}),
+             {"paper_way": Reading((("contrib", "joint"),), lambda s: s["contrib"]["joint"])}),
             ("r(decoder squared norm, NFM share)", -0.987,
              {"paper_way": stat("r_sq_norm_vs_nfm_share")})]
     table = [(claim, paper, *paper_rule(paper), readings) for claim, paper, readings in rows]
@@ -442,13 +450,14 @@ def claims(per_seed):
     for claim, paper, threshold, above, readings in claim_table():
         row = {"claim": claim, "paper": paper, "rule": f"{'>=' if above else '<='} {threshold:.4g}",
                "readings": {}}
-        for reading, figure in readings.items():
-            try:
-                s = (ratio_summary(per_seed, *figure) if isinstance(figure, tuple)
-                     else st.across(per_seed, figure))
-            except KeyError:  # a model this run did not train (with --sae: only sae and sequential)
+        for name, reading in readings.items():
+            if not all(key in per_seed[0].get(part, {}) for part, key in reading.reads):
                 continue
-            row["readings"][reading] = {**s, "verdict": st.verdict(s, threshold, above)}
+            if isinstance(reading.figure, tuple):
+                s = ratio_summary(per_seed, *reading.figure)
+            else:
+                s = st.across(per_seed, reading.figure)
+            row["readings"][name] = {**s, "verdict": st.verdict(s, threshold, above)}
         if row["readings"]:
             out.append(row)
     return out
@@ -467,12 +476,12 @@ def gather_evidence(lm, models, data, eps_generator):
     sums, shared = evaluate_variants(lm, evaluated, data, eps_generator)
     contrib = {}
     for name in (n for n in NFM_MODELS if n in models):
-        lin_N, inter_N = contributions(models[name], data["x_eval"])
+        lin_N, inter_N = contributions(models[name], data.x_eval)
         contrib[name] = {"linear": window_sums(lin_N, data),
                          "interaction": window_sums(inter_N, data)}
     return {"sums": sums, "shared": shared, "contrib": contrib,
-            "d_model": torch.tensor(data["x_eval"].shape[1]),
-            "norms": {n: decoder_sq_norms(models[n], data["x_eval"])
+            "d_model": torch.tensor(data.x_eval.shape[1]),
+            "norms": {n: decoder_sq_norms(models[n], data.x_eval)
                       for n in ("sae", "joint") if n in models},
             "params": {n: torch.tensor(params_used(m, paths))
                        for n, (m, paths) in evaluated.items()},
@@ -576,7 +585,7 @@ def saving_checkpoints(recipes, steps, folder_of, metadata, cfg, data):
                 if not (folder / "cfg.json").exists():
                     sae = runner.load_model(folder_of("sae") / f"step{step}").sae
                     early = de.build(cfg, data, sae=sae, nfm="linear")
-                    de.train_sequential(early, data["x_train"], data["x_curve"], cfg,
+                    de.train_sequential(early, data.x_train, data.x_curve, cfg,
                                         name=f"sequential to {step}", until=step,
                                         length=step if cfg.schedule == "wsd" else None)
                     runner.save_model(early, folder, metadata)
@@ -652,7 +661,7 @@ def along_training(lm, steps, folder_of, final, data, cfg):
     """The evidence (gather_evidence) of every model at each checkpoint step but the last: {step:
     evidence}, the first seed's models with its epsilon-random draws; an imported SAE (--sae) is
     the same at every step."""
-    device = data["x_eval"].device
+    device = data.x_eval.device
     evidence = {}
     for step in tqdm(steps[:-1], desc="checkpoints", leave=False):
         models = {name: (model if cfg.sae and name == "sae"
@@ -808,8 +817,19 @@ def finish_report(report, per_seed, cfg):
 EVIDENCE_PARTS = ("sums", "contrib", "norms", "params", "param_counts")
 
 
+class Point(NamedTuple):
+    """Where evidence was read: the models of one seed, trained to one step (a checkpoint, or the
+    end)."""
+    seed: int
+    step: int
+
+    def __str__(self):  # its key in evidence.safetensors
+        return f"seed{self.seed}/step{self.step}"
+
+
 def save_evidence(path, evidence):
-    """{"seed<S>/step<N>": evidence} as one safetensors file, its nested keys joined by "/"."""
+    """{Point: evidence} as one safetensors file, its nested keys joined by "/": the tensor
+    evidence[Point(0, 200)]["sums"]["joint"]["sse"] is "seed0/step200/sums/joint/sse"."""
     flat = {}
 
     def walk(tree, prefix):
@@ -823,7 +843,7 @@ def save_evidence(path, evidence):
 
 
 def load_evidence(path):
-    """save_evidence's file as the nested {"seed<S>/step<N>": evidence} it was written from."""
+    """save_evidence's file as the nested {Point: evidence} it was written from."""
     try:
         flat = load_file(path)
     except (OSError, SafetensorError) as e:
@@ -831,7 +851,8 @@ def load_evidence(path):
     evidence = {}
     for key, value in flat.items():
         seed, step, *parts = key.split("/")
-        node = evidence.setdefault(f"{seed}/{step}", {})
+        node = evidence.setdefault(Point(int(seed.removeprefix("seed")),
+                                         int(step.removeprefix("step"))), {})
         for part in parts[:-1]:
             node = node.setdefault(part, {})
         node[parts[-1]] = value
@@ -869,7 +890,7 @@ def evaluated_alike(shared_a, shared_b):
 
 
 def merge_evidence(pieces):
-    """The evidence of runs that each trained some models on the same data, as one run's: {key:
+    """The evidence of runs that each trained some models on the same data, as one run's: {Point:
     evidence}. Every run must hold the same seeds and steps and have been evaluated on the same
     tokens (the shared sums agree), and no model may be in two of them."""
     (first, _, evidence0), merged = pieces[0], {}
@@ -921,9 +942,8 @@ def combine_runs(cfg):
     out = runner.prepare_out(cfg.out)
     data = base["data"]
     weights = window_resamples(cfg, data["eval_windows"], data["splice_windows"])
-    seeds, steps = (sorted({int(k.split("/")[i][len(tag):]) for k in merged})
-                    for i, tag in ((0, "seed"), (1, "step")))
-    per_seed = [analyse(merged[f"seed{s}/step{steps[-1]}"], weights,
+    seeds, steps = sorted({p.seed for p in merged}), sorted({p.step for p in merged})
+    per_seed = [analyse(merged[Point(s, steps[-1])], weights,
                         torch.Generator().manual_seed(s)) for s in seeds]
     report = {"config": settings, "status": "incomplete", "data": data, "commit": source_commit(),
               "lr": {variant: r["config"]["lr"] for (_, r, _), s in zip(pieces, stages)
@@ -936,7 +956,7 @@ def combine_runs(cfg):
                             for k, v in r["timings_s"].items() if k != "total"}}
     finish_report(report, per_seed, cfg)
     if len(steps) > 1:
-        along = {n: merged[f"seed{cfg.seed}/step{n}"] for n in steps}
+        along = {n: merged[Point(cfg.seed, n)] for n in steps}
         report["along_training"] = training_points(along, cfg, weights, report["curves"])
     if with_stage34:
         report["stage34"] = with_stage34[0]["stage34"]
@@ -964,8 +984,8 @@ def compare_runs(cfg):
     if ev_a.keys() != ev_b.keys():
         raise de.DualencError(f"{folders[1]} holds other seeds or checkpoint steps than "
                               f"{folders[0]}")
-    last = max(int(k.split("/step")[1]) for k in ev_a)
-    keys = sorted(k for k in ev_a if k.endswith(f"/step{last}"))
+    last = max(p.step for p in ev_a)
+    keys = sorted(p for p in ev_a if p.step == last)
     for key in keys:
         if not evaluated_alike(ev_a[key]["shared"], ev_b[key]["shared"]):
             raise de.DualencError(f"{folders[1]} was evaluated on other tokens than {folders[0]}: "
@@ -1062,10 +1082,12 @@ def run(cfg):
     peaks = dict(previous.get("peak_rss_gib", {}))
     stage = measured(runner.stopwatch(timings), peaks)
     lm, tokenizer, data = load_data(cfg, layer, device)
+    if cfg.resume:
+        runner.check_corpus(cfg.resume, previous, data)
     stage("load_extract")
     models = {key: model.to(device) for key, model in models.items()}
     if saelens is not None:
-        models["sae"] = import_sae(saelens, data["mean"], data["std"]).to(device)
+        models["sae"] = import_sae(saelens, data.mean, data.std).to(device)
         runner.save_model(models["sae"], out / "sae", runner.sae_metadata(cfg, layer))
     if cfg.eval_only and (cfg.stage34 or cfg.browser):  # a finished run's evaluation stands
         report = {**previous, "peak_rss_gib": peaks}
@@ -1092,8 +1114,8 @@ def run(cfg):
     if not cfg.eval_only:
         runner.write_json(out / "results.json", report)
 
-    weights = window_resamples(cfg, data["n_eval_windows"], len(data["splice_ids"]))
-    per_seed, steps, evidence = [], checkpoint_steps(cfg, len(data["x_train"])), {}
+    weights = window_resamples(cfg, data.n_eval_windows, len(data.splice_ids))
+    per_seed, steps, evidence = [], checkpoint_steps(cfg, len(data.x_train)), {}
     for seed in range(cfg.seed, cfg.seed + cfg.seeds):
         seed_cfg, key = replace(cfg, seed=seed), functools.partial(run_key, cfg, seed)
         seed_recipes = recipes(seed_cfg, data)
@@ -1103,7 +1125,7 @@ def run(cfg):
         trained = runner.train_models(seed_cfg, data, seed_recipes, models,
                                       runner.RunFolder(out, report, stage), key=key)
         ev = gather_evidence(lm, trained, data, torch.Generator(device=device).manual_seed(seed))
-        evidence[f"seed{seed}/step{total_steps(cfg, len(data['x_train']))}"] = ev
+        evidence[Point(seed, total_steps(cfg, len(data.x_train)))] = ev
         per_seed.append(analyse(ev, weights, torch.Generator().manual_seed(seed)))
         stage(f"evaluate_seed{seed}")
 
@@ -1111,9 +1133,9 @@ def run(cfg):
         first_seed = {name: models[name] for name in cfg.model_names()}
         along = along_training(lm, steps, lambda name: out / run_key(cfg, cfg.seed, name),
                                first_seed, data, cfg)
-        evidence.update({f"seed{cfg.seed}/step{step}": ev for step, ev in along.items()})
+        evidence.update({Point(cfg.seed, step): ev for step, ev in along.items()})
         report["along_training"] = training_points(
-            {**along, steps[-1]: evidence[f"seed{cfg.seed}/step{steps[-1]}"]}, cfg, weights,
+            {**along, steps[-1]: evidence[Point(cfg.seed, steps[-1])]}, cfg, weights,
             report["curves"])
         stage("along_training")
     save_evidence(out / "evidence.safetensors", evidence)

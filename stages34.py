@@ -22,6 +22,7 @@ import json
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -41,7 +42,7 @@ SECONDARY_ACTIVE = 0.02
 
 
 @torch.no_grad()
-def firing_counts(sae, x_ND, batch_size=4096):
+def firing_counts(sae, x_ND, batch_size=de.EVAL_BATCH):
     """How many held-out tokens each feature is active on: [F]."""
     counts_F = torch.zeros(sae.W_dec.shape[0], dtype=torch.long, device=x_ND.device)
     for x_BD in x_ND.split(batch_size):
@@ -51,7 +52,7 @@ def firing_counts(sae, x_ND, batch_size=4096):
 
 
 @torch.no_grad()
-def interaction_hidden(joint, x_ND, batch_size=4096):
+def interaction_hidden(joint, x_ND, batch_size=de.EVAL_BATCH):
     """The joint NFM's interaction hidden layer W_1 pair(f) + c_1, before its ReLU (§13, the paper's
     choice): [N, M], the layer integration features are read from. Filled batch by batch, never
     held twice: at a million tokens it is 1.2 GiB."""
@@ -96,7 +97,7 @@ def pair_reading(joint, secondary, x_BD, feature):
     (i < j above the diagonal, zeros elsewhere): O(B R^2 M), fine for the tokens a feature page
     shows."""
     vals_BR, idx_BR = joint.nfm.read(*joint.sae.encode(x_BD))
-    first = joint.nfm.mlp[0]  # h = pair @ W_1^T + c_1
+    first = joint.nfm.W_1  # h = pair @ W_1^T + c_1
     w_M = secondary.sae.W_enc[:, feature] / secondary.std_D
     c_M = first.weight.T @ w_M
     const = w_M @ (first.bias - secondary.mean_D) + secondary.sae.b_enc[feature]
@@ -143,7 +144,7 @@ class IntegrationPipeline(de.DualEncoder):
         hidden_BM = self.nfm.hidden(*pair_code)
         linear_BD = self.nfm.linear(*read_code)
         return self.sae.decode(vals_BK, idx_BK) + linear_BD \
-            + self.nfm.mlp[1:](self.through_secondary(hidden_BM))
+            + self.nfm.interaction(self.through_secondary(hidden_BM))
 
     @torch.no_grad()
     def secondary_code(self, x_BD):
@@ -171,18 +172,18 @@ def stage3(lm, joint, data, cfg, folder, generator):
     """The secondary SAE (train_secondary), saved in `folder`, and what it costs: held-out FVU
     of the hidden layer, dead features, and the spliced KL with the hidden layer replaced by its
     reconstruction, against the joint model's own (paired bootstrap over windows)."""
-    layer = data["layer"]
-    secondary, curve, h_eval_NM = train_secondary(joint, data["x_train"], data["x_eval"], cfg,
-                                                  cfg.paper_density, data["eval_window"])
+    layer = data.layer
+    secondary, curve, h_eval_NM = train_secondary(joint, data.x_train, data.x_eval, cfg,
+                                                  cfg.paper_density, data.eval_window)
     hook = f"blocks.{layer}.hook_resid_post.nfm.hook_interaction_pre_relu"
     metadata = {**runner.sae_metadata(cfg, layer), "hook_name": hook}
     runner.save_model(secondary, folder, metadata)
     pipeline = IntegrationPipeline(joint, secondary).eval()
     firing_F2 = firing_counts(secondary.sae, h_eval_NM)
-    m = de.splice_metrics(lm, data["splice_ids"], layer,
+    m = de.splice_metrics(lm, data.splice_ids, layer,
                           {"joint": joint.reconstruct, "secondary": pipeline.reconstruct},
-                          data["splice_keep"], data["splice_acts"])
-    w_splice = st.bootstrap_weights(len(data["splice_ids"]), cfg.n_boot, generator)
+                          data.splice_keep, data.splice_acts)
+    w_splice = st.bootstrap_weights(len(data.splice_ids), cfg.n_boot, generator)
     n_kl = w_splice @ m["kl_mask"].sum(-1).double()
     kl = {name: (w_splice @ v.double().sum(-1)) / n_kl for name, v in m["kl"].items()}
     return pipeline, firing_F2, {
@@ -280,6 +281,14 @@ def word_logprobs(lm, layer, prompts, word_ids, pipeline, keep_fn):
 def list_interaction(logp_P4):
     """Per prompt, the 2 x 2 interaction of the four word lists' figures (in cell order): [P]."""
     return logp_P4 @ torch.tensor(st.CONTRASTS["interaction"], dtype=torch.float64)
+
+
+class Effects(NamedTuple):
+    """Scaling each of S feature sets in turn by one factor: per set, each test prompt's 2 x 2
+    interaction of the word lists' changes (the effect stage 4 tests), and the four word lists'
+    mean changes over prompts and sets."""
+    per_set_SP: torch.Tensor
+    word_list_changes: list
 
 
 def intervention_effect(lm, layer, prompts, word_ids, pipeline, keep_fn, scale, base_P4):
@@ -409,12 +418,13 @@ def intervention(lm, layer, pipeline, design, plan, active):
     base_P4 = word_logprobs(lm, layer, prompts, words, pipeline, keep_fn)
 
     def effects(code, feature_sets, what):
+        """{factor: Effects} of scaling each feature set in turn."""
         runs = [intervention_effect(lm, layer, prompts, words, pipeline, keep_fn,
                                     (code, torch.tensor(fs, device=device, dtype=torch.long)),
                                     base_P4)
                 for fs in tqdm(feature_sets, desc=f"stage 4: {what}", leave=False)]
-        return {f: (torch.stack([inter[f] for _, inter in runs]),
-                    torch.stack([ch[f].mean(0) for ch, _ in runs]).mean(0).tolist())
+        return {f: Effects(torch.stack([inter[f] for _, inter in runs]),
+                           torch.stack([ch[f].mean(0) for ch, _ in runs]).mean(0).tolist())
                 for f in SCALES}
 
     plan_i, ctrl = plan["intervention"], plan["controls"]
@@ -429,21 +439,21 @@ def intervention(lm, layer, pipeline, design, plan, active):
     out = {}
     for f in SCALES:
         direction = plan_i["directions"][f"{f:g}"]
-        effect_P = selected[f][0][0]
+        effect_P = selected[f].per_set_SP[0]
         effect, ci = st.mean_interval(effect_P)
         effect_verdict = st.rule([ci], direction, direction * plan_i["min_effect"])
-        controls = {name: {**st.against_random(effect, r[f][0].mean(-1),
+        controls = {name: {**st.against_random(effect, r[f].per_set_SP.mean(-1),
                                                active("secondary", ctrl[name])),
-                           "word_list_changes": r[f][1]}
+                           "word_list_changes": r[f].word_list_changes}
                     for name, r in random_runs.items()}
         controls["primary_read"] = {
-            **st.against_paired(effect_P, primary[f][0][0], direction,
+            **st.against_paired(effect_P, primary[f].per_set_SP[0], direction,
                                 bool(active("pair", ctrl["primary_read"]).any())),
-            "word_list_changes": primary[f][1]}
+            "word_list_changes": primary[f].word_list_changes}
         out[f"{f:g}"] = {"selected": {"effect": effect, "ci": ci, "direction": direction,
                                       "min_effect": plan_i["min_effect"],
                                       "verdict": effect_verdict,
-                                      "word_list_changes": selected[f][1]},
+                                      "word_list_changes": selected[f].word_list_changes},
                          "controls": controls,
                          "verdict": st.with_controls(effect_verdict, controls)}
     return out, x1_change
@@ -454,8 +464,8 @@ def stage4(lm, pipeline, models, data, cfg, design, firing_F2, plan_path, genera
     from the selection half, then the test half read once: every code's carried features
     (integration features, and as the baseline the identity features of the joint model's SAE and
     of the run's other SAEs, `models`), the paper's way, and the intervention with its controls."""
-    layer, cell_P = data["layer"], design["cell_P"]
-    keep_fn = kept_positions(data["max_norm"])
+    layer, cell_P = data.layer, design["cell_P"]
+    keep_fn = kept_positions(data.max_norm)
     half_P = st.split_halves(cell_P, generator)
     sel, test = half_P.nonzero()[:, 0], (~half_P).nonzero()[:, 0]
     states = stimulus_states(lm, layer, design, keep_fn)

@@ -208,7 +208,7 @@ def store_key(cfg, lm, layer, windows_NT):
     return {"model": cfg.model, "config": hashlib.sha1(config_json.encode()).hexdigest(),
             "weights": weights_fingerprint(lm), "layer": layer, "dtype": cfg.store_dtype,
             "lm_precision": cfg.extract_precision,
-            "windows": hashlib.sha1(windows_NT.numpy().tobytes()).hexdigest(),
+            "windows": runner.windows_sha1(windows_NT),
             "shape_NT": list(windows_NT.shape)}
 
 
@@ -226,9 +226,9 @@ def weights_fingerprint(lm):
 def load_data(cfg, layer, device):
     """runner.load_data with the activations in a store (ActivationStore): extracted once per key
     and reused, the training and held-out tokens read from disk batch by batch (Tokens), so that
-    memory does not grow with the number of tokens. The same split as runner's: windows shuffled by
-    cfg.seed, the first 90 % train; massive norms over cfg.outlier_factor x the training median and
-    position 0 dropped; z-scored with training statistics."""
+    memory does not grow with the number of tokens. The same split as runner's
+    (dualenc.split_windows of runner.window_order), z-scored with the training tokens' moments
+    streamed from disk."""
     text = runner.read_text(cfg.text)
     lm, tokenizer = runner.load_lm(cfg.model, device)
     windows_NT = runner.make_windows(tokenizer, text, cfg.tokens, cfg.ctx)
@@ -239,23 +239,13 @@ def load_data(cfg, layer, device):
         store.extract(lm, windows_NT, layer, cfg.extract_precision)
     else:
         print(f"activations from the store {store.folder}", file=sys.stderr)
-    perm_N = torch.randperm(N, generator=torch.Generator().manual_seed(cfg.seed))
-    n_train = int(0.9 * N)
-    train_W, eval_W = perm_N[:n_train], perm_N[n_train:]
-    norms_NT = store.norms()
-    max_norm = cfg.outlier_factor * norms_NT[train_W][:, 1:].median().item()
-    keep_NT = de.keep_mask(norms_NT, max_norm)
-    mean_D, std_D = (t.to(device) for t in streamed_moments(store, train_W, keep_NT))
-    n_splice = max(1, min(len(eval_W), cfg.splice_tokens // cfg.ctx))
-    data = {"x_train": Tokens(store, token_rows(train_W, keep_NT), mean_D, std_D),
-            "x_eval": Tokens(store, token_rows(eval_W, keep_NT), mean_D, std_D),
-            "mean": mean_D, "std": std_D, "keep": keep_NT, "max_norm": max_norm,
-            "eval_window": keep_NT[eval_W].nonzero()[:, 0], "n_eval_windows": len(eval_W),
-            "n_massive": int((norms_NT[:, 1:] > max_norm).sum()), "layer": layer,
-            "n_blocks": len(de.decoder_blocks(lm)), "n_windows": N,
-            "eval_ids": windows_NT[eval_W], "eval_keep": keep_NT[eval_W],
-            "splice_ids": windows_NT[eval_W[:n_splice]], "splice_keep": keep_NT[eval_W[:n_splice]],
-            "splice_acts": store.windows(eval_W[:n_splice].tolist()).to(device)}
-    data["x_curve"] = de.curve_subset(data["x_eval"], data["eval_window"], cfg.curve_windows)
+    split = de.split_windows(store.norms(), runner.window_order(N, cfg.seed), cfg.outlier_factor,
+                             cfg.splice_tokens // cfg.ctx)
+    mean_D, std_D = (t.to(device) for t in streamed_moments(store, split.train_W, split.keep_NT))
+    data = de.prepare(split, windows_NT,
+                      lambda w: Tokens(store, token_rows(w, split.keep_NT), mean_D, std_D),
+                      mean_D, std_D, store.windows(split.splice_W.tolist()).to(device), layer,
+                      len(de.decoder_blocks(lm)), cfg.curve_windows,
+                      runner.windows_sha1(windows_NT))
     runner.describe_data(data, cfg)
     return lm, tokenizer, data

@@ -249,7 +249,7 @@ def test_an_ablation_keeps_the_one_output_bias():
     nn.init.normal_(model.sae.b_dec)
     biases = [n for n, _ in model.named_parameters()
               if "bias" in n or n.startswith("b_") or ".b_" in n]
-    assert biases == ["sae.b_enc", "sae.b_dec", "nfm.mlp.0.bias"]  # no b_lin, no MLP output bias
+    assert biases == ["sae.b_enc", "sae.b_dec", "nfm.W_1.bias"]  # no b_lin, no MLP output bias
     x = torch.randn(5, D)
     with de.pathways(model):
         # b_dec stays when both pathways are off
@@ -562,6 +562,30 @@ def test_keep_mask_drops_position_zero_and_massive_tokens():
     assert not keep[:, 0].any() and not keep[1, 3]
     assert keep.sum() == 2 * 4 - 1
 
+
+
+def test_windows_are_split_whole_and_the_threshold_is_fitted_on_the_training_windows():
+    norms_NT = torch.ones(10, 4)
+    norms_NT[:, 0] = 100.0  # position 0 never counts, nor sets the threshold
+    norms_NT[3, 2] = 1000.0  # one massive token
+    order_W = torch.randperm(10, generator=torch.Generator().manual_seed(0))
+    split = de.split_windows(norms_NT, order_W, outlier_factor=10.0, n_splice=5)
+    assert torch.equal(split.train_W, order_W[:9]) and torch.equal(split.eval_W, order_W[9:])
+    assert torch.equal(split.splice_W, split.eval_W)  # at most the held-out windows
+    assert split.max_norm == 10.0 and split.n_massive == 1
+    assert not split.keep_NT[:, 0].any() and not split.keep_NT[3, 2] and split.keep_NT.sum() == 29
+
+
+def test_prepare_gives_each_held_out_token_its_window_and_the_curve_the_first_windows():
+    acts_NTD = torch.randn(20, 6, D)
+    split = de.split_windows(acts_NTD.norm(dim=-1), torch.arange(20).flip(0), 10.0, n_splice=1)
+    data = de.prepare(split, torch.arange(120).view(20, 6),
+                      lambda w: acts_NTD[w][:, 1:].flatten(0, 1), torch.zeros(D), torch.ones(D),
+                      acts_NTD[split.splice_W], layer=1, n_blocks=2, curve_windows=1,
+                      corpus_sha1="")
+    assert (data.n_eval_windows, len(data.x_train), len(data.x_eval)) == (2, 18 * 5, 2 * 5)
+    assert data.eval_window.tolist() == [0] * 5 + [1] * 5 and data.eval_ids[0, 0] == 6
+    assert torch.equal(data.x_curve, acts_NTD[1, 1:])  # held-out window 0 is window 1
 
 # ----------------------------------------------------------------------------- bad input
 

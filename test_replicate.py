@@ -114,7 +114,7 @@ def test_quick_run_on_smollm2_writes_complete_results(tmp_path):
     assert (list(res["peak_rss_gib"])[:2] == ["load_extract", "train_sae"]
             and peaks == sorted(peaks) and peaks[0] > 0.1)
     for name in rp.Config.STAGES:
-        assert {"cfg.json", "sae_weights.safetensors", "normalization.safetensors"} <= {
+        assert {"cfg.json", "sae_weights.safetensors", "zscore.safetensors"} <= {
             p.name for p in (tmp_path / name).iterdir()}
     for figure in ("curves.png", "decoder_norms.png", "models.png"):
         assert (tmp_path / figure).read_bytes()[:4] == b"\x89PNG"

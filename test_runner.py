@@ -151,8 +151,13 @@ def test_quick_run_of_the_method_on_smollm2_gives_the_committed_results(tmp_path
     # (one with AMX moved the massive-norm threshold by 3e-7 and the joint model's KL by 3.6e-4,
     # relative; on the CPU it was made on, 1e-5 held). Settings added since take their defaults.
     committed = json.loads((Path(__file__).parent / "results/quick/results.json").read_text())
-    data = {**res["data"], "massive_norm_threshold": pytest.approx(
-        committed["data"]["massive_norm_threshold"], rel=1e-5)}
+    assert res["data"]["corpus_sha1"] == committed["data"]["corpus_sha1"], (
+        f"the corpus differs from results/quick's (Python {committed['data']['python']} there, "
+        f"{res['data']['python']} here; the default corpus is Python's docstrings): its numbers "
+        f"cannot match")
+    data = {**res["data"], "python": committed["data"]["python"],
+            "massive_norm_threshold": pytest.approx(committed["data"]["massive_norm_threshold"],
+                                                    rel=1e-5)}
     assert {k: data[k] for k in committed["data"]} == committed["data"]
     assert (res["data"]["curve_windows"], res["data"]["curve_tokens"]) == (
         committed["data"]["eval_windows"], committed["data"]["eval_tokens"])  # all held out
@@ -227,7 +232,7 @@ def test_damaged_checkpoints_fail_with_one_line(tmp_path):
     (other_d / "cfg.json").write_text(json.dumps({**cfg, "d_in": D + 1}))
     missing = tmp_path / "missing"
     runner.save_model(model, missing, meta)
-    (missing / "normalization.safetensors").unlink()
+    (missing / "zscore.safetensors").unlink()
     for folder in (truncated, other_d, missing, tmp_path / "nowhere"):
         with pytest.raises(de.DualencError, match="cannot load") as err:
             runner.load_model(folder)
@@ -324,3 +329,15 @@ def test_an_interrupted_method_run_resumes_to_the_same_result(tiny_lm_folder, ti
     resumed = runner.run(runner.RunConfig(resume=str(tmp_path), device="cpu"))
     assert (resumed["models"] == uninterrupted["models"]
             and resumed["curves"] == uninterrupted["curves"])
+
+
+def test_resuming_on_another_text_fails_in_one_line(tiny_lm_folder, tmp_path, monkeypatch):
+    real_step = interrupt_training_at(monkeypatch, 1)
+    with pytest.raises(KeyboardInterrupt):
+        runner.run(tiny_run_cfg(tiny_lm_folder, tmp_path))
+    monkeypatch.setattr(de, "train_step", real_step)
+    other = runner.corpus(100_000).replace(" the ", " a ")
+    monkeypatch.setattr(runner, "read_text", lambda path: other)
+    with pytest.raises(de.DualencError, match=r"^the text differs from the one .* was started on "
+                                              r"\(its windows' sha1 \w{12}, now \w{12}; Python"):
+        runner.run(runner.RunConfig(resume=str(tmp_path), device="cpu"))

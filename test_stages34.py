@@ -95,7 +95,7 @@ def test_scaling_by_one_or_a_silent_feature_by_zero_changes_nothing():
         # pair(f) reads its codes from the scaled f
         pair_input = joint.nfm.read(torch.where(idx == feature, 0.0, vals), idx)
         expected = joint.sae.decode(vals, idx) + joint.nfm.linear(*joint.nfm.read(vals, idx)) + \
-            joint.nfm.mlp[1:](pipeline.through_secondary(joint.nfm.hidden(*pair_input)))
+            joint.nfm.interaction(pipeline.through_secondary(joint.nfm.hidden(*pair_input)))
         torch.testing.assert_close(scaled, expected)
     # and through the LM: x1 leaves the next-token log-probabilities where they were
     lm, ids = tiny_llama(), torch.randint(0, 97, (3, 10))

@@ -50,15 +50,17 @@ def test_the_store_gives_the_methods_training_tokens_and_is_read_not_extracted_a
     cfg = tiny_run_cfg(tiny_lm_folder, tmp_path / "run")
     _, _, in_ram = runner.load_data(cfg, 2, torch.device("cpu"))
     for name in ("mean", "std", "splice_acts"):
-        torch.testing.assert_close(stored[name], in_ram[name], rtol=1e-5, atol=1e-5)
-    for name in ("x_train", "x_eval"):  # read from disk, batch by batch
-        assert len(stored[name]) == len(in_ram[name]) and stored[name].shape == in_ram[name].shape
-        every = torch.arange(len(in_ram[name]))
-        torch.testing.assert_close(stored[name][every], in_ram[name], rtol=1e-5, atol=1e-5)
-        assert torch.equal(torch.cat(list(stored[name].split(1000))), stored[name][every])
+        torch.testing.assert_close(getattr(stored, name), getattr(in_ram, name),
+                                   rtol=1e-5, atol=1e-5)
+    for on_disk, in_memory in ((stored.x_train, in_ram.x_train), (stored.x_eval, in_ram.x_eval)):
+        assert len(on_disk) == len(in_memory) and on_disk.shape == in_memory.shape
+        every = torch.arange(len(in_memory))  # read from disk, batch by batch
+        torch.testing.assert_close(on_disk[every], in_memory, rtol=1e-5, atol=1e-5)
+        assert torch.equal(torch.cat(list(on_disk.split(1000))), on_disk[every])
+    assert stored.corpus_sha1 == in_ram.corpus_sha1
     monkeypatch.setattr(de, "extract_activations", lambda *a, **k: pytest.fail("extracted again"))
     again = store_data(tiny_lm_folder, tmp_path / "store")
-    assert torch.equal(again["x_eval"][every], stored["x_eval"][every])
+    assert torch.equal(again.x_eval[every], stored.x_eval[every])
 
 
 def test_an_interrupted_extraction_resumes_to_the_same_bytes(tiny_lm_folder, tmp_path, monkeypatch):
@@ -121,9 +123,9 @@ def test_a_model_folder_overwritten_by_other_weights_gets_a_store_of_its_own(tin
         lm.model.layers[0].mlp.down_proj.weight.mul_(2)  # the same architecture, another checkpoint
     lm.save_pretrained(folder)
     second = store_data(str(folder), tmp_path / "store")
-    every = torch.arange(len(first["x_eval"]))
+    every = torch.arange(len(first.x_eval))
     assert (len(list((tmp_path / "store").iterdir())) == 2
-            and not torch.equal(first["x_eval"][every], second["x_eval"][every]))
+            and not torch.equal(first.x_eval[every], second.x_eval[every]))
 
 
 def test_two_extractions_of_one_key_started_together_write_the_store_once(tiny_lm_folder, tmp_path,
@@ -167,7 +169,7 @@ def test_a_float16_store_holds_the_activations_to_float16_rounding(tiny_lm_folde
                   for dtype in ("float32", "float16"))
     assert (2 * len(store_bytes(tmp_path / "float16")["acts.bin"])
             == len(store_bytes(tmp_path / "float32")["acts.bin"]))
-    torch.testing.assert_close(half["splice_acts"], full["splice_acts"], rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(half.splice_acts, full.splice_acts, rtol=1e-3, atol=1e-3)
     with pytest.raises(de.DualencError, match="store-dtype"):
         rp.Config(store_dtype="int8")
 
@@ -178,16 +180,16 @@ def test_a_bf16_extraction_gets_a_store_of_its_own_close_to_fp32s(tiny_lm_folder
     metas = (tmp_path / "store").glob("*/meta.json")
     keys = [json.loads(meta.read_text())["key"] for meta in metas]
     assert sorted(k["lm_precision"] for k in keys) == ["bf16", "fp32"]
-    assert not torch.equal(bf16["splice_acts"], fp32["splice_acts"])
-    assert (bf16["splice_acts"] - fp32["splice_acts"]).norm() <= 0.02 * fp32["splice_acts"].norm()
+    assert not torch.equal(bf16.splice_acts, fp32.splice_acts)
+    assert (bf16.splice_acts - fp32.splice_acts).norm() <= 0.02 * fp32.splice_acts.norm()
 
 
 def test_the_curve_reads_the_first_held_out_windows_and_the_end_reads_all(tiny_lm_folder,
                                                                          tmp_path):
     data = store_data(tiny_lm_folder, tmp_path / "store", curve_windows=3)
-    first = torch.nonzero(data["eval_window"] < 3)[:, 0]
-    assert 0 < len(data["x_curve"]) == len(first) < len(data["x_eval"])
-    assert torch.equal(data["x_curve"], data["x_eval"][first])
+    first = torch.nonzero(data.eval_window < 3)[:, 0]
+    assert 0 < len(data.x_curve) == len(first) < len(data.x_eval)
+    assert torch.equal(data.x_curve, data.x_eval[first])
     everything = store_data(tiny_lm_folder, tmp_path / "store", curve_windows=10_000)
-    assert torch.equal(everything["x_curve"], data["x_eval"][torch.arange(len(data["x_eval"]))])
+    assert torch.equal(everything.x_curve, data.x_eval[torch.arange(len(data.x_eval))])
 
