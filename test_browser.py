@@ -14,8 +14,7 @@ import browser
 import dualenc as de
 import replicate as rp
 import runner
-from test_replicate import tiny_run, tiny_run_cfg  # noqa: F401 (tiny_run: a fixture)
-from test_runner import tiny_lm_folder  # noqa: F401 (a fixture, which tiny_run needs)
+from conftest import tiny_run_cfg
 
 
 def embedded(html):
@@ -145,6 +144,7 @@ def requests_made(driver):
     return urls
 
 
+@pytest.mark.slow  # Chromium
 def test_the_page_works_offline_in_chromium(page, chromium):
     from matplotlib.image import imread
     from selenium.webdriver.common.by import By
@@ -187,6 +187,7 @@ def test_the_page_works_offline_in_chromium(page, chromium):
     assert {u.split("#")[0] for u in requests_made(chromium)} <= {url}
 
 
+@pytest.mark.slow  # Chromium
 def test_corpus_text_cannot_break_the_page(page, chromium, tmp_path):
     from selenium.webdriver.common.by import By
 
@@ -206,6 +207,7 @@ def test_corpus_text_cannot_break_the_page(page, chromium, tmp_path):
     assert [e for e in chromium.get_log("browser") if e["level"] == "SEVERE"] == []
 
 
+@pytest.mark.slow  # Chromium
 def test_a_page_past_its_budget_reads_its_features_from_files_beside_it(page, chromium, tmp_path):
     from selenium.webdriver.common.by import By
 

@@ -1,6 +1,6 @@
 """Tests of dualenc.py, the method, written as examples of its API, without any file: synthetic
-activations, and tiny random transformers models built from a config for the hook and the splice.
-test_runner.py and test_replicate.py reuse the helpers here."""
+activations, and tiny random transformers models built from a config for the hook and the splice
+(the sizes, the data and the tiny Llama are conftest.py's, shared with the other test modules)."""
 
 import ast
 import itertools
@@ -13,18 +13,10 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from transformers import GPT2Config, GPT2LMHeadModel
 
 import dualenc as de
-
-D, FEATS, K, M = 16, 64, 8, 12
-
-
-def tiny_llama():
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    return LlamaForCausalLM(cfg).eval()
+from conftest import D, FEATS, K, M, small_cfg, synthetic_acts, tiny_llama
 
 
 def tiny_gpt2():
@@ -34,20 +26,6 @@ def tiny_gpt2():
 
 
 TINY_LMS = {"llama": tiny_llama, "gpt2": tiny_gpt2}
-
-
-def small_cfg(**kw):
-    return de.Config(**{"features": FEATS, "k": K, "embed_dim": M, "epochs": 4, "batch_size": 64,
-                        "eval_every": 10, "lr": 3e-3, **kw})
-
-
-def synthetic_acts(n=1024, d=D, seed=0):
-    """Sparse-ish data with pairwise structure, so every model has something to learn."""
-    g = torch.Generator().manual_seed(seed)
-    atoms = torch.randn(32, d, generator=g)
-    w = F.relu(torch.randn(n, 32, generator=g) - 1.0)
-    x = w @ atoms + 0.5 * (w[:, :1] * w[:, 1:2]) * atoms[2]
-    return (x - x.mean(0)) / x.std(0)
 
 
 # ----------------------------------------------------------------------------- SAE and NFM

@@ -1,7 +1,7 @@
 """Tests for replicate.py, the referee, written as examples of its API: baselines, claims and their
 verdicts, whole runs, the activation store, the training length and bring-your-own-SAE, and the
-report's tables (report.py). It reuses test_dualenc's tiny models and fixtures. The statistics are
-tested in test_stats.py, stages 3-4 in test_stages34.py (on this file's tiny run)."""
+report's tables (report.py). Its tiny models, runs and fixtures are conftest.py's. The statistics
+are tested in test_stats.py, stages 3-4 in test_stages34.py (on the same tiny run)."""
 
 import json
 import shutil
@@ -14,16 +14,7 @@ import dualenc as de
 import replicate as rp
 import report as rep
 import runner
-import test_runner
-from test_dualenc import D, FEATS, K, M
-from test_runner import interrupt_training_at, run_cli
-from test_runner import tiny_lm_folder, tiny_method_run  # noqa: F401 (fixtures)
-
-
-def tiny_run_cfg(model, out, **kw):
-    """A tiny replicate run; its activation store beside `out` (a run given the same `out` reuses
-    it)."""
-    return test_runner.tiny_run_cfg(model, out, cls=rp.Config, **{"store": f"{out}_store", **kw})
+from conftest import D, FEATS, K, M, interrupt_training_at, run_cli, tiny_run_cfg
 
 
 def test_param_counts_match_a_hand_count():
@@ -80,6 +71,7 @@ def test_claims_give_a_verdict_per_reading_from_their_intervals():
     assert fair["per_seed"] == pytest.approx([0.5, 0.2]) and fair["verdict"] == "unclear"
 
 
+@pytest.mark.slow  # the real SmolLM2
 def test_quick_run_on_smollm2_writes_complete_results(tmp_path):
     r = run_cli("replicate.py", "--quick", "--out", str(tmp_path / "run"),
                 "--store", str(tmp_path / "store"))
@@ -118,12 +110,6 @@ def test_quick_run_on_smollm2_writes_complete_results(tmp_path):
             p.name for p in (tmp_path / name).iterdir()}
     for figure in ("curves.png", "decoder_norms.png", "models.png"):
         assert (tmp_path / figure).read_bytes()[:4] == b"\x89PNG"
-
-
-@pytest.fixture(scope="session")
-def tiny_run(tiny_lm_folder, tmp_path_factory):
-    out = tmp_path_factory.mktemp("tiny_run")
-    return out, rp.run(tiny_run_cfg(tiny_lm_folder, out))
 
 
 def test_same_seed_gives_identical_results(tiny_lm_folder, tiny_run, tmp_path):

@@ -1,21 +1,18 @@
 """Tests of runner.py: text and corpus, loading the LM, checkpoints, run folders, resume and
-eval-only, and the command line. The tiny LM folder and the tiny method run are shared with
-test_replicate.py."""
+eval-only, and the command line. The tiny LM folder and the tiny method run are conftest.py's,
+shared with test_replicate.py."""
 
 import dataclasses
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import LlamaConfig, LlamaForCausalLM
 
 import dualenc as de
 import runner
-from test_dualenc import D, FEATS, K, M
+from conftest import D, FEATS, K, M, run_cli, tiny_method_cfg
 
 
 # ----------------------------------------------------------------------- text, model, output errors
@@ -69,11 +66,6 @@ def test_missing_model_raises():
         runner.load_lm("missing.gguf", "cpu")
 
 
-def run_cli(script, *args):
-    return subprocess.run([sys.executable, script, *args], capture_output=True, text=True,
-                          cwd=Path(__file__).parent, timeout=600)
-
-
 @pytest.mark.parametrize("script", ["dualenc.py", "replicate.py"])
 @pytest.mark.parametrize("args, msg", [
     (["--k", "5000", "--features", "100"], "exceeds"),
@@ -118,6 +110,7 @@ def test_paper_density_sets_the_papers_ratios_at_the_models_width(tiny_lm_folder
 
 # ----------------------------------------------------------------------------- end to end, real LM
 
+@pytest.mark.slow  # the real SmolLM2
 def test_the_default_corpus_gives_five_million_smollm2_tokens():
     _, tokenizer = runner.load_lm(runner.SMOLLM2, "cpu")
     assert runner.make_windows(tokenizer, runner.corpus, 5_000_000, 1000).shape == (5000, 1000)
@@ -126,6 +119,7 @@ def test_the_default_corpus_gives_five_million_smollm2_tokens():
             == tokenizer(text, split_special_tokens=True)["input_ids"])
 
 
+@pytest.mark.slow  # the real SmolLM2
 def test_quick_run_of_the_method_on_smollm2_gives_the_committed_results(tmp_path):
     r = run_cli("dualenc.py", "--quick", "--out", str(tmp_path))
     assert r.returncode == 0, r.stderr[-2000:]
@@ -240,27 +234,6 @@ def test_damaged_checkpoints_fail_with_one_line(tmp_path):
     runner.load_model(tmp_path / "ok")
 
 
-@pytest.fixture(scope="session")
-def tiny_lm_folder(tmp_path_factory):
-    """A tiny random Llama with SmolLM2's tokenizer, saved as a local model folder: the whole
-    pipeline runs on it in seconds."""
-    folder = tmp_path_factory.mktemp("tiny_lm")
-    _, tokenizer = runner.load_lm(runner.SMOLLM2, "cpu")
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
-                         num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=64)
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return str(folder)
-
-
-def tiny_run_cfg(model, out, cls=runner.RunConfig, **kw):
-    return cls(**{"model": model, "tokens": 4096, "ctx": 32, "features": 64, "k": 8, "embed_dim": 8,
-                  "epochs": 2, "batch_size": 128, "eval_every": 5, "splice_tokens": 256,
-                  "out": str(out), "device": "cpu", **kw})
-
-
 def test_layer_outside_the_model_fails_before_the_corpus_is_read(tiny_lm_folder, tmp_path,
                                                                  monkeypatch, capsys):
     monkeypatch.setattr(runner, "read_text", lambda path: pytest.fail("the corpus was read"))
@@ -269,12 +242,6 @@ def test_layer_outside_the_model_fails_before_the_corpus_is_read(tiny_lm_folder,
     err = capsys.readouterr().err
     assert (exit_.value.code == 2
             and err.strip() == "dualenc: error: --layer 999 is outside the model's blocks 0..3")
-
-
-@pytest.fixture(scope="session")
-def tiny_method_run(tiny_lm_folder, tmp_path_factory):
-    out = tmp_path_factory.mktemp("tiny_method_run")
-    return out, runner.run(tiny_run_cfg(tiny_lm_folder, out))
 
 
 def test_the_method_run_trains_and_evaluates_its_three_models(tiny_method_run):
@@ -292,25 +259,10 @@ def test_the_method_run_trains_and_evaluates_its_three_models(tiny_method_run):
 def test_the_method_run_is_deterministic_and_its_eval_only_reproduces_it(tiny_lm_folder,
                                                                          tiny_method_run, tmp_path):
     out, first = tiny_method_run
-    second = runner.run(tiny_run_cfg(tiny_lm_folder, tmp_path))
+    second = runner.run(tiny_method_cfg(tiny_lm_folder, tmp_path))
     assert second["models"] == first["models"] and second["curves"] == first["curves"]
     again = runner.run(runner.RunConfig(eval_only=str(out), device="cpu"))
     assert again["models"] == first["models"] and (out / "results_eval_only.json").exists()
-
-
-def interrupt_training_at(monkeypatch, n):
-    """Make a run's n-th optimiser step raise KeyboardInterrupt, as Ctrl-C would; returns the
-    real step."""
-    calls, real_step = [0], de.train_step
-
-    def flaky_step(*args):
-        calls[0] += 1
-        if calls[0] == n:
-            raise KeyboardInterrupt
-        return real_step(*args)
-
-    monkeypatch.setattr(de, "train_step", flaky_step)
-    return real_step
 
 
 def test_an_interrupted_method_run_resumes_to_the_same_result(tiny_lm_folder, tiny_method_run,
@@ -320,7 +272,7 @@ def test_an_interrupted_method_run_resumes_to_the_same_result(tiny_lm_folder, ti
     # the joint model's 7th step: checkpoint at 5
     real_step = interrupt_training_at(monkeypatch, 2 * steps + 7)
     with pytest.raises(KeyboardInterrupt):
-        runner.run(tiny_run_cfg(tiny_lm_folder, tmp_path))
+        runner.run(tiny_method_cfg(tiny_lm_folder, tmp_path))
     partial = json.loads((tmp_path / "results.json").read_text())
     assert partial["status"] == "incomplete" and partial["stages_done"] == ["sae", "sequential"]
     with pytest.raises(de.DualencError, match="unfinished"):

@@ -1,6 +1,6 @@
 """Tests for stages34.py, the paper's stages 3-4, written as examples of its API: the secondary SAE
 on the joint NFM's hidden layer, the integration pipeline and its scaling, the stimulus design, and
-stages 3-4 on a tiny run. It reuses test_dualenc's tiny models and test_replicate's tiny run."""
+stages 3-4 on a tiny run. Its tiny models and the referee's tiny run are conftest.py's."""
 
 import json
 
@@ -12,9 +12,7 @@ import runner
 import replicate as rp
 import stages34 as s34
 import stats as st
-from test_dualenc import D, FEATS, K, M, small_cfg, synthetic_acts, tiny_llama
-from test_runner import tiny_lm_folder  # noqa: F401 (a fixture, which tiny_run needs)
-from test_replicate import tiny_run  # noqa: F401 (a fixture)
+from conftest import D, FEATS, K, M, small_cfg, synthetic_acts, tiny_llama
 
 
 # ----------------------------------------------------------------------------- secondary SAE
@@ -139,6 +137,7 @@ def test_a_malformed_stimulus_file_fails_with_one_line(content, msg, tmp_path):
     assert "\n" not in str(err.value)
 
 
+@pytest.mark.slow  # the real SmolLM2
 def test_the_shipped_stimuli_are_a_full_design_of_single_token_words():
     spec = s34.read_stimuli(None)
     _, tokenizer = runner.load_lm(runner.SMOLLM2, "cpu")

@@ -13,9 +13,7 @@ import dualenc as de
 import replicate as rp
 import runner
 import store
-from test_dualenc import tiny_llama
-from test_replicate import tiny_run_cfg
-from test_runner import tiny_lm_folder  # noqa: F401 (a fixture)
+from conftest import tiny_llama, tiny_run_cfg
 
 
 # ----------------------------------------------------------------------------- the activation store

@@ -1,0 +1,107 @@
+"""What the test modules share, so that none imports another: the method's sizes and helpers on
+synthetic activations and a tiny random Llama; the command line; interrupting a run; and the tiny
+LM folder and the tiny runs of the method and of the referee, each made once a session.
+
+Fixtures need no import; the helpers are imported as `from conftest import ...`. Tests marked
+`slow` (the real SmolLM2, Chromium; see pytest.ini) are left out of the fast tier:
+`python -m pytest -q -m "not slow"`."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import dualenc as de
+import replicate as rp
+import runner
+
+# ----------------------------------------------------------------------------- the method's tests
+
+D, FEATS, K, M = 16, 64, 8, 12
+
+
+def tiny_llama():
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def small_cfg(**kw):
+    return de.Config(**{"features": FEATS, "k": K, "embed_dim": M, "epochs": 4, "batch_size": 64,
+                        "eval_every": 10, "lr": 3e-3, **kw})
+
+
+def synthetic_acts(n=1024, d=D, seed=0):
+    """Sparse-ish data with pairwise structure, so every model has something to learn."""
+    g = torch.Generator().manual_seed(seed)
+    atoms = torch.randn(32, d, generator=g)
+    w = F.relu(torch.randn(n, 32, generator=g) - 1.0)
+    x = w @ atoms + 0.5 * (w[:, :1] * w[:, 1:2]) * atoms[2]
+    return (x - x.mean(0)) / x.std(0)
+
+
+# ----------------------------------------------------------------------------- runs
+
+def run_cli(script, *args):
+    return subprocess.run([sys.executable, script, *args], capture_output=True, text=True,
+                          cwd=Path(__file__).parent, timeout=600)
+
+
+def interrupt_training_at(monkeypatch, n):
+    """Make a run's n-th optimiser step raise KeyboardInterrupt, as Ctrl-C would; returns the
+    real step."""
+    calls, real_step = [0], de.train_step
+
+    def flaky_step(*args):
+        calls[0] += 1
+        if calls[0] == n:
+            raise KeyboardInterrupt
+        return real_step(*args)
+
+    monkeypatch.setattr(de, "train_step", flaky_step)
+    return real_step
+
+
+@pytest.fixture(scope="session")
+def tiny_lm_folder(tmp_path_factory):
+    """A tiny random Llama with SmolLM2's tokenizer, saved as a local model folder: the whole
+    pipeline runs on it in seconds."""
+    folder = tmp_path_factory.mktemp("tiny_lm")
+    _, tokenizer = runner.load_lm(runner.SMOLLM2, "cpu")
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=64)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+def tiny_method_cfg(model, out, cls=runner.RunConfig, **kw):
+    """A tiny run of the method (runner.py) on the tiny LM."""
+    return cls(**{"model": model, "tokens": 4096, "ctx": 32, "features": 64, "k": 8, "embed_dim": 8,
+                  "epochs": 2, "batch_size": 128, "eval_every": 5, "splice_tokens": 256,
+                  "out": str(out), "device": "cpu", **kw})
+
+
+def tiny_run_cfg(model, out, **kw):
+    """A tiny replicate run; its activation store beside `out` (a run given the same `out` reuses
+    it)."""
+    return tiny_method_cfg(model, out, cls=rp.Config, **{"store": f"{out}_store", **kw})
+
+
+@pytest.fixture(scope="session")
+def tiny_method_run(tiny_lm_folder, tmp_path_factory):
+    out = tmp_path_factory.mktemp("tiny_method_run")
+    return out, runner.run(tiny_method_cfg(tiny_lm_folder, out))
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tiny_lm_folder, tmp_path_factory):
+    out = tmp_path_factory.mktemp("tiny_run")
+    return out, rp.run(tiny_run_cfg(tiny_lm_folder, out))
