@@ -10,9 +10,11 @@ read it. The front page has the joint model's decoder-norm histogram: a bar list
 Sections, in the order data flows:
   codes      the held-out tokens' sparse codes, grouped by feature
   features   what a page shows of an identity or an integration feature
-  page       the HTML: the data embedded as escaped JSON, no network (a Content-Security-Policy),
-             drawn by a small script, one feature at a time
-  a run's page  add_to_report: a finished run's joint model, its secondary SAE and the stimuli
+  page       the HTML: browser_page/'s page.html, page.css and page.js made one file, the data
+             embedded as escaped JSON, no network (a Content-Security-Policy), drawn by the
+             script one feature at a time
+  a run's page  write_page: the page of models and codes in memory (replicate.add_browser loads
+             or trains them, and codes the stimuli)
 Dimension letters as in dualenc.py; E code entries, G integration features, P prompts.
 """
 
@@ -26,7 +28,6 @@ import torch
 from tqdm.auto import tqdm
 
 import dualenc as de
-import runner
 import stages34 as s34
 import stats as st
 
@@ -237,6 +238,18 @@ def content(tokenizer, joint, secondary, data, stimulus=None, cells=(), summary=
 
 # ----------------------------------------------------------------------------- page
 
+PAGE_FILES = Path(__file__).parent / "browser_page"  # wherever the process runs from
+
+
+def page_template():
+    """browser_page/page.html with page.css and page.js in place of its /*CSS*/ and /*JS*/ lines:
+    one file, which opens offline; /*SCRIPT_SRC*/ and /*DATA*/ are left for page_html."""
+    def read(name):
+        return (PAGE_FILES / name).read_text(encoding="utf-8")
+    return read("page.html").replace("/*CSS*/\n", read("page.css"), 1).replace(
+        "/*JS*/\n", read("page.js"), 1)
+
+
 def embedded_json(obj):
     """JSON safe inside a <script> element: <, > and & escaped (corpus text can hold </script>),
     and every non-ASCII character as \\uXXXX, U+2028 and U+2029 among them."""
@@ -256,15 +269,16 @@ def search_tokens(content):
 
 
 def page_html(content, chunked=None):
-    """The whole page: PAGE with the content embedded; with chunked (a folder name beside the
-    page), the feature pages are left out, read from that folder's files when shown."""
+    """The whole page: page_template() with the content embedded; with chunked (a folder name
+    beside the page), the feature pages are left out, read from that folder's files when shown."""
     page = {**content, **search_tokens(content)}
     script_src = "'unsafe-inline'"
     if chunked is not None:
         page.update(identity=None, integration=None, chunked=chunked, chunk=CHUNK,
                     n={"id": len(content["identity"]), "int": len(content["integration"])})
         script_src += " 'self' file:"  # the data files beside the page; still no network
-    return PAGE.replace("/*SCRIPT_SRC*/", script_src, 1).replace("/*DATA*/", embedded_json(page), 1)
+    return page_template().replace("/*SCRIPT_SRC*/", script_src, 1).replace(
+        "/*DATA*/", embedded_json(page), 1)
 
 
 def write_browser(path, content, budget=BUDGET):
@@ -296,213 +310,13 @@ def write_browser(path, content, budget=BUDGET):
     return files
 
 
-PAGE = """<!doctype html>
-<html lang="en"><head><meta charset="utf-8">
-<meta http-equiv="Content-Security-Policy"
-      content="default-src 'none'; script-src /*SCRIPT_SRC*/; style-src 'unsafe-inline'">
-<title>dualenc features</title>
-<style>
-body{font:14px/1.45 system-ui,sans-serif;margin:0;color:#222}
-header{position:sticky;top:0;background:#f4f4f4;padding:8px 16px;border-bottom:1px solid #ddd}
-header a{font-weight:600;color:#222;text-decoration:none;margin-right:16px}
-input{width:28em;padding:4px}
-main{padding:8px 16px;max-width:1100px}
-a{color:#1358a8}
-.ctx{font-family:ui-monospace,monospace;white-space:pre-wrap;margin:2px 0}
-.tok{border-radius:2px}
-.bar{fill:#7a9cc6;cursor:pointer}.bar:hover{fill:#1358a8}
-table{border-collapse:collapse}td,th{padding:2px 8px;text-align:right}
-.dead{color:#a33}.small{color:#666;font-size:12px}
-</style></head>
-<body><header><a href="#">dualenc features</a>
-<input id="q" placeholder="feature number, or a token in its contexts" aria-label="search"></header>
-<main id="main"></main>
-<script id="data" type="application/json">/*DATA*/</script>
-<script>
-"use strict";
-const D = JSON.parse(document.getElementById("data").textContent);
-const main = document.getElementById("main"), q = document.getElementById("q");
-function el(tag, attrs, ...kids) {
-  const e = document.createElement(tag);
-  for (const [k, v] of Object.entries(attrs || {})) e.setAttribute(k, v);
-  for (const k of kids) e.append(k instanceof Node ? k : String(k));
-  return e;
-}
-function show(s) { return s.replace(/\\n/g, "\\u21b5"); }
-function context(c, largest) {
-  const [w, p, level] = c, row = D.texts[w], div = el("div", {class: "ctx"});
-  for (let i = Math.max(0, p - D.width); i <= Math.min(row.length - 1, p + D.width); i++) {
-    const span = el("span", {class: "tok"}, show(D.vocab[row[i]]));
-    if (i === p) {
-      span.style.background = "rgba(220,80,40," + (0.15 + 0.85 * level / D.levels) + ")";
-      span.title = (largest * level / D.levels).toPrecision(3);
-    }
-    div.append(span);
-  }
-  return div;
-}
-function link(kind, f) { return el("a", {href: "#" + kind + "-" + f}, kind + " " + f); }
-function histogram(counts, width, height, onbar) {
-  // parsed as HTML, the svg element gets its namespace without the page naming any URL
-  const box = el("div", {}), top = Math.max(1, ...counts), w = width / Math.max(1, counts.length);
-  box.innerHTML = '<svg width="' + width + '" height="' + height + '"></svg>';
-  const svg = box.firstChild;
-  counts.forEach((n, b) => {
-    const h = n ? Math.max(1, (height - 2) * n / top) : 0;
-    svg.insertAdjacentHTML("beforeend", '<rect class="bar" x="' + b * w + '" y="' + (height - h) +
-      '" width="' + Math.max(1, w - 1) + '" height="' + h + '" data-bin="' + b +
-      '" data-count="' + n + '"></rect>');
-    if (onbar) svg.lastChild.addEventListener("click", () => onbar(b));
-  });
-  return svg;
-}
-function matches(kind, f, text) {  // a number is a feature's; other text, a token of its contexts
-  if (/^\\d+$/.test(text)) return String(f) === text;
-  return D.find[kind][f].some(i => D.vocab[i].toLowerCase().includes(text));
-}
-if (D.chunked) {  // the feature pages live in data files beside the page, read when shown
-  D.identity = new Array(D.n.id);
-  D.integration = new Array(D.n.int);
-}
-window.dualencChunk = (kind, start, pages) => {
-  const into = kind === "int" ? D.integration : D.identity;
-  pages.forEach((page, i) => { into[start + i] = page; });
-};
-function need(kind, f, draw) {
-  const pages = kind === "int" ? D.integration : D.identity;
-  if (!D.chunked || pages[f] !== undefined || !(f >= 0 && f < pages.length)) { draw(); return; }
-  const s = document.createElement("script"), start = Math.floor(f / D.chunk) * D.chunk;
-  s.src = D.chunked + "/" + kind + "-" + start + ".js";
-  s.onload = draw;
-  s.onerror = () => main.replaceChildren(el("p", {class: "dead"}, "cannot read " + s.src));
-  document.body.append(s);
-}
-function front() {
-  const h = D.norms, binList = el("div", {id: "bin"}), list = el("div", {id: "list"});
-  main.replaceChildren(el("p", {class: "small"}, D.summary),
-    el("h2", {}, "Identity features: the joint model's decoder norms"),
-    el("p", {class: "small"}, "features per bin of decoder norm, from " + h.edges[0].toFixed(3) +
-      " to " + h.edges[h.edges.length - 1].toFixed(3) + "; a bar lists its features"),
-    histogram(h.counts, 800, 120, b => {
-      const feats = h.members[b];
-      binList.replaceChildren(el("p", {}, feats.length + " features with norm in [" +
-        h.edges[b].toFixed(3) + ", " + h.edges[b + 1].toFixed(3) + ")"));
-      const ul = el("div", {id: "members"});
-      for (const f of feats) ul.append(el("span", {class: "member"}, link("id", f), " "));
-      binList.append(ul);
-    }), binList, el("h2", {}, "Integration features, most active first"), list);
-  const text = q.value.trim().toLowerCase();
-  const order = D.rates.map((r, g) => [r === null ? -1 : r, g]).sort((a, b) => b[0] - a[0]);
-  let shown = 0;
-  for (const [rate, g] of order) {
-    if (rate < 0) continue;
-    if (text && !matches("int", g, text)) continue;
-    if (++shown > 200) { list.append(el("p", {}, "... more: search to narrow")); break; }
-    list.append(el("div", {class: "entry"}, link("int", g),
-      "  fires on " + (100 * rate).toFixed(3) + " %"));
-  }
-  if (!shown) list.append(el("p", {}, "no integration feature matches"));
-  if (text) {
-    const found = D.find.id.map((_, f) => f).filter(f => matches("id", f, text)).slice(0, 200);
-    list.append(el("h2", {}, "Identity features matching"), found.length ?
-      el("div", {id: "identity-found"}, ...found.flatMap(f => [link("id", f), " "])) :
-      el("p", {}, "no identity feature matches"));
-  }
-  const dead = D.rates.filter(r => r === null).length;
-  if (dead) list.append(el("p", {class: "dead"}, dead + " integration features never fire " +
-    "on the held-out tokens (dead)"));
-}
-function cells(c) {
-  const t = el("table", {}, el("tr", {}, el("th", {}, "half"),
-    ...D.cells.map(n => el("th", {}, n))));
-  for (const half of ["selection", "test"]) {
-    t.append(el("tr", {}, el("td", {}, half), ...c[half].map(([m, lo, hi]) =>
-      el("td", {}, m.toPrecision(3) + " [" + lo.toPrecision(3) + ", " + hi.toPrecision(3) + "]"))));
-  }
-  return t;
-}
-function integration(g) {
-  const p = D.integration[g];
-  main.replaceChildren(el("h2", {}, "Integration feature " + g));
-  if (p === undefined) { main.append(el("p", {}, "no such feature")); return; }
-  if (!p) {
-    main.append(el("p", {class: "dead"}, "dead: never fires on the held-out tokens"));
-    return;
-  }
-  main.append(el("p", {}, "fires on " + (100 * p.rate).toFixed(3) + " % of held-out tokens; " +
-    "largest activation " + p.max), histogram(p.hist, 480, 80),
-    el("p", {class: "small"}, "activations from 0 to " + p.max + " in " + p.hist.length + " bins"),
-    el("h3", {}, "Identity pairs it reads (mean term over its top contexts)"));
-  const t = el("table", {id: "pairs"},
-    el("tr", {}, el("th", {}, "pair"), el("th", {}, "mean term")));
-  for (const [i, j, m] of p.pairs) t.append(el("tr", {}, el("td", {}, link("id", i), " x ",
-    link("id", j)), el("td", {}, m.toPrecision(3))));
-  main.append(t, el("p", {class: "small"}, "constant " + p.const + "; pre-activation, mean over " +
-    "those contexts " + p.pre));
-  if (p.cells) {
-    main.append(el("h3", {}, "2 x 2 cell means on the stimulus prompts"), cells(p.cells));
-  }
-  main.append(el("h3", {}, "Top contexts"), ...p.top.map(c => context(c, p.max)));
-  if (p.weaker.length) main.append(el("h3", {}, "Weaker contexts"),
-    ...p.weaker.map(c => context(c, p.max)));
-}
-function identity(f) {
-  const p = D.identity[f];
-  main.replaceChildren(el("h2", {}, "Identity feature " + f));
-  if (p === undefined) { main.append(el("p", {}, "no such feature")); return; }
-  main.append(el("p", {}, "decoder norm " + p.norm + "; fires on " + (100 * p.rate).toFixed(3) +
-    " % of held-out tokens"));
-  if (!p.top.length) {
-    main.append(el("p", {class: "dead"}, "dead: never fires on the held-out tokens"));
-  }
-  else main.append(el("h3", {}, "Top contexts"), ...p.top.map(c => context(c, p.max)));
-  main.append(el("h3", {}, "Integration features that read it"),
-    p.used_by.length ? el("div", {}, ...p.used_by.flatMap(g => [link("int", g), " "])) :
-    el("p", {}, "none"));
-}
-function route() {
-  const m = location.hash.match(/^#(int|id)-(\\d+)$/);
-  if (!m) front();
-  else if (m[1] === "int") need("int", +m[2], () => integration(+m[2]));
-  else need("id", +m[2], () => identity(+m[2]));
-}
-q.addEventListener("input", () => { if (location.hash) location.hash = ""; else front(); });
-window.addEventListener("hashchange", route);
-route();
-</script></body></html>
-"""
-
-
 # ----------------------------------------------------------------------------- a run's page
 
-def add_to_report(report, lm, tokenizer, joint, data, cfg, out):
-    """A run's browser.html (replicate.py --eval-only RUN_DIR --browser), its size into
-    report["browser"]: the run's joint model and its secondary SAE (stage 3's, trained first if the
-    run has none), with each integration feature's cell means on the stimulus prompts, split into
-    the halves stage 4 chose on (or, for a run without stage 4, halves drawn from cfg.seed)."""
-    if (out / "secondary" / "cfg.json").exists():
-        secondary = runner.load_model(out / "secondary").to(data.x_eval.device)
-        pipeline = s34.IntegrationPipeline(joint, secondary).eval()
-    else:
-        generator = torch.Generator().manual_seed(cfg.seed)
-        pipeline, _, _ = s34.stage3(lm, joint, data, cfg, out / "secondary", generator)
-    design = s34.load_stimuli(s34.read_stimuli(cfg.stimuli), tokenizer)
-    cell_P = design["cell_P"]
-    A_PG = s34.stimulus_codes(lm, data.layer, pipeline, design,
-                              s34.kept_positions(data.max_norm))
-    first_seed = report.get("stage34", {}).get("per_seed", [{}])[0]  # the seed of secondary/
-    chosen = first_seed.get("design", {}).get("selection_prompts")
-    if chosen is None:
-        half_P = st.split_halves(cell_P, torch.Generator().manual_seed(cfg.seed))
-    else:
-        half_P = torch.zeros(len(cell_P), dtype=torch.bool)
-        half_P[chosen] = True
-    summary = (f"{cfg.model}, block {data.layer}: the joint model's {joint.sae.k}-sparse code "
-               f"of {joint.sae.W_dec.shape[0]:,} identity features and stage 3's "
-               f"{pipeline.secondary.sae.W_dec.shape[0]:,} integration features, on "
-               f"{len(data.x_eval):,} held-out tokens")
-    page = content(tokenizer, joint, pipeline.secondary, data, (A_PG, cell_P, half_P),
-                   design["cells"], summary)
-    files = write_browser(out / "browser.html", page)
-    report["browser"] = {"bytes": sum(f.stat().st_size for f in files), "files": len(files),
-                         "selection_prompts": half_P.nonzero()[:, 0].tolist()}
+def write_page(folder, tokenizer, joint, secondary, data, stimulus=None, cells=(), summary=""):
+    """folder/browser.html (with its data files past BUDGET) from models and data in memory: the
+    joint model, its secondary SAE, the held-out tokens (data.x_eval, data.eval_keep,
+    data.eval_ids), and the stimulus prompts' codes (A_PG, cell_P, half_P) with the cells' names
+    when given. Returns what was written: {"bytes", "files"}."""
+    files = write_browser(Path(folder) / "browser.html",
+                          content(tokenizer, joint, secondary, data, stimulus, cells, summary))
+    return {"bytes": sum(f.stat().st_size for f in files), "files": len(files)}

@@ -7,8 +7,8 @@ intervals over windows and seeds, the paper's claims each read three ways with a
 decoder-norm analysis, figures, and the paper's stages 3-4. `python replicate.py` runs all of it;
 it takes every flag of dualenc.py and the referee's own. Beside it, stats.py holds the pure
 statistics (paired bootstrap, seed intervals, the holds / no / unclear rule, mixtures, permutation
-tests), stages34.py the paper's stages 3-4 and report.py the figures and tables; this file imports
-all three. Sections, in the order data flows:
+tests), stages34.py the paper's stages 3-4, report.py the figures and tables and browser.py the
+feature browser's page; this file imports all four. Sections, in the order data flows:
   config           Config: dualenc's and runner's settings and the referee's (--seeds, --n-boot,
                    --stage34, --stimuli, --sae, --store, --models, --checkpoints, --combine,
                    --compare)
@@ -21,7 +21,8 @@ all three. Sections, in the order data flows:
   training length  checkpoints along the training length: each model and claim at log-spaced steps
   your own SAE     read_saelens, import_sae: study a SAELens TopK SAE instead of training one
   run              run (the whole replication; stages 3-4 from stages34.py, figures and tables from
-                   report.py), --combine, --compare, main
+                   report.py, the feature browser's page from browser.py, its secondary SAE loaded
+                   or trained here), --combine, --compare, main
 
 Dimension letters as in dualenc.py, and R bootstrap resamples.
 """
@@ -790,6 +791,51 @@ def add_stage34(report, lm, tokenizer, models, data, cfg, out):
                         lambda p: p.write_text(s34.format_stage34(report["stage34"]) + "\n"))
 
 
+def add_browser(report, lm, tokenizer, joint, data, cfg, out):
+    """A run's browser.html (--eval-only RUN_DIR --browser), its size into report["browser"]: the
+    run's joint model and its secondary SAE (run_secondary), with each integration feature's cell
+    means on the stimulus prompts, split into stimulus_halves."""
+    pipeline = run_secondary(lm, joint, data, cfg, out)
+    design = s34.load_stimuli(s34.read_stimuli(cfg.stimuli), tokenizer)
+    A_PG = s34.stimulus_codes(lm, data.layer, pipeline, design,
+                              s34.kept_positions(data.max_norm))
+    half_P = stimulus_halves(report, design["cell_P"], cfg.seed)
+    written = browser.write_page(out, tokenizer, joint, pipeline.secondary, data,
+                                 (A_PG, design["cell_P"], half_P), design["cells"],
+                                 browser_summary(cfg, data, joint, pipeline.secondary))
+    report["browser"] = {**written, "selection_prompts": half_P.nonzero()[:, 0].tolist()}
+
+
+def run_secondary(lm, joint, data, cfg, out):
+    """The joint model with the run's secondary SAE in place (stages34.IntegrationPipeline): the
+    one in out/secondary/, or, for a run without one, stage 3's, trained now and saved there."""
+    if (out / "secondary" / "cfg.json").exists():
+        secondary = runner.load_model(out / "secondary").to(data.x_eval.device)
+        return s34.IntegrationPipeline(joint, secondary).eval()
+    generator = torch.Generator().manual_seed(cfg.seed)
+    return s34.stage3(lm, joint, data, cfg, out / "secondary", generator)[0]
+
+
+def stimulus_halves(report, cell_P, seed):
+    """The stimulus prompts' selection half (True) that stage 4 chose on for the seed of
+    secondary/, or, for a run without stage 4, halves drawn from `seed`."""
+    first_seed = report.get("stage34", {}).get("per_seed", [{}])[0]  # the seed of secondary/
+    chosen = first_seed.get("design", {}).get("selection_prompts")
+    if chosen is None:
+        return st.split_halves(cell_P, torch.Generator().manual_seed(seed))
+    half_P = torch.zeros(len(cell_P), dtype=torch.bool)
+    half_P[chosen] = True
+    return half_P
+
+
+def browser_summary(cfg, data, joint, secondary):
+    """The page's first line: what its features are of."""
+    return (f"{cfg.model}, block {data['layer']}: the joint model's {joint.sae.k}-sparse code "
+            f"of {joint.sae.W_dec.shape[0]:,} identity features and stage 3's "
+            f"{secondary.sae.W_dec.shape[0]:,} integration features, on "
+            f"{len(data['x_eval']):,} held-out tokens")
+
+
 def window_resamples(cfg, n_eval_windows, n_splice_windows):
     """One resample of the windows for every seed and model, so that the bootstrap is paired
     (§9.6)."""
@@ -1100,7 +1146,7 @@ def run(cfg):
             print(f"added stages 3-4 to {out / 'results.json'}; wrote stage34.txt, stage34.png, "
                   f"each seed's stage34_plan*.json and secondary*/", file=sys.stderr)
         if cfg.browser:
-            browser.add_to_report(report, lm, tokenizer, models["joint"], data, cfg, out)
+            add_browser(report, lm, tokenizer, models["joint"], data, cfg, out)
             stage("browser")
             print(f"wrote {out / 'browser.html'} ({report['browser']['files']} files, "
                   f"{report['browser']['bytes'] / 1e6:.1f} MB): open it in a browser, offline",

@@ -6,6 +6,7 @@ import io
 import json
 import re
 import shutil
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -39,6 +40,33 @@ def test_codes_are_grouped_by_feature_largest_first():
     assert codes.n_tokens == 4  # token 3 has no active feature, and still counts in the rates
     assert codes.token[codes.of(2)].tolist() == [2, 1, 0]
     assert codes.value[codes.of(2)].tolist() == [5.0, 2.0, 1.0]
+
+
+def test_a_page_is_built_from_models_and_codes_in_memory(tmp_path, monkeypatch):
+    """write_page needs no run folder: the models, the held-out tokens and the stimulus codes are
+    its whole input, and browser.html is all it writes, from any working directory."""
+    monkeypatch.chdir(tmp_path)  # the page's HTML, CSS and JavaScript are found beside browser.py
+    g = torch.Generator().manual_seed(0)
+    D, F, K, M, P = 8, 32, 4, 6, 16
+    torch.manual_seed(0)
+    joint = de.DualEncoder(de.TopKSAE(D, F, K), de.NFM(F, D, M)).eval()
+    secondary = de.DualEncoder(de.TopKSAE(M, 4 * M, 3), None, torch.zeros(M), torch.ones(M)).eval()
+    data = SimpleNamespace(x_eval=torch.randn(30, D, generator=g),
+                           eval_keep=torch.ones(3, 10, dtype=bool),
+                           eval_ids=torch.randint(50, (3, 10), generator=g))
+    tokenizer = SimpleNamespace(decode=lambda ids: f"t{ids[0]}")
+    stimulus = (torch.rand(P, 4 * M, generator=g), torch.arange(P) % 4, torch.arange(P) < P // 2)
+    written = browser.write_page(tmp_path, tokenizer, joint, secondary, data, stimulus,
+                                 ["a", "b", "c", "d"], "in memory")
+    assert [f.name for f in tmp_path.iterdir()] == ["browser.html"]
+    html = (tmp_path / "browser.html").read_text(encoding="utf-8")
+    assert written == {"bytes": len(html.encode()), "files": 1}
+    shown = embedded(html)
+    assert shown["summary"] == "in memory" and shown["cells"] == ["a", "b", "c", "d"]
+    assert len(shown["identity"]) == F and len(shown["integration"]) == 4 * M
+    alive = [p for p in shown["integration"] if p is not None]
+    assert alive and all(len(p["cells"]["test"]) == 4 for p in alive)
+    assert all(shown["vocab"][i].startswith("t") for row in shown["texts"].values() for i in row)
 
 
 @pytest.fixture(scope="module")

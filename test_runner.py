@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 import dualenc as de
 import runner
-from conftest import D, FEATS, K, M, run_cli, tiny_method_cfg
+from conftest import D, FEATS, K, M, interrupt_training_at, run_cli, tiny_method_cfg
 
 
 # ----------------------------------------------------------------------- text, model, output errors
@@ -286,7 +286,7 @@ def test_an_interrupted_method_run_resumes_to_the_same_result(tiny_lm_folder, ti
 def test_resuming_on_another_text_fails_in_one_line(tiny_lm_folder, tmp_path, monkeypatch):
     real_step = interrupt_training_at(monkeypatch, 1)
     with pytest.raises(KeyboardInterrupt):
-        runner.run(tiny_run_cfg(tiny_lm_folder, tmp_path))
+        runner.run(tiny_method_cfg(tiny_lm_folder, tmp_path))
     monkeypatch.setattr(de, "train_step", real_step)
     other = runner.corpus(100_000).replace(" the ", " a ")
     monkeypatch.setattr(runner, "read_text", lambda path: other)
