@@ -30,11 +30,13 @@ import types
 import torch
 import torch.nn.functional as F
 
+import corpus
 import dualenc as de
+import language_model
 import replicate as rp
 import runner
 
-# dualenc's (n_read = k/2) and the paper's (METHOD.md §4, §8)
+# dualenc's (n_read = k/2) and the paper's (docs/method.md §4, §8)
 CONFIGS = {"default": dict(d=576, f=4608, k=64, m=64, n_read=32, batch=512),
            "paper": dict(d=3200, f=50_000, k=1024, m=300, n_read=512, batch=64)}
 DEFAULT = CONFIGS["default"]
@@ -342,9 +344,9 @@ def bench_training(device, repeats):
 
 def bench_lm(device, repeats):
     print("\n## SmolLM2 at the middle block: extraction and splicing, 16 windows of 128 tokens")
-    lm, tokenizer = runner.load_lm(runner.SMOLLM2, device)
+    lm, tokenizer = language_model.load_lm(language_model.SMOLLM2, device)
     layer = len(de.decoder_blocks(lm)) // 2
-    ids = runner.make_windows(tokenizer, runner.corpus, 16 * 128, 128)
+    ids = corpus.make_windows(tokenizer, corpus.default_text, 16 * 128, 128)
     n = ids.numel()
 
     def early():

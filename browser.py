@@ -3,7 +3,7 @@
 `python replicate.py --eval-only RUN_DIR --browser` writes it beside the run's results; it opens
 with a double click and asks nothing of the network. Each integration feature (a feature of stage
 3's secondary SAE, stages34.py) shows the pairs of identity features it reads through the NFM's
-pair term (stages34.pair_reading, METHOD.md §16), its top contexts and a few weaker ones, its
+pair term (stages34.pair_reading, docs/method.md §16), its top contexts and a few weaker ones, its
 activation histogram and its 2 x 2 cell means on the stimulus prompts; each identity feature (the
 joint model's SAE) its top contexts, decoder norm, firing rate and the integration features that
 read it. The front page has the joint model's decoder-norm histogram: a bar lists its features.

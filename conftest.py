@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import dualenc as de
+import language_model
 import replicate as rp
 import runner
 
@@ -72,7 +73,7 @@ def tiny_lm_folder(tmp_path_factory):
     """A tiny random Llama with SmolLM2's tokenizer, saved as a local model folder: the whole
     pipeline runs on it in seconds."""
     folder = tmp_path_factory.mktemp("tiny_lm")
-    _, tokenizer = runner.load_lm(runner.SMOLLM2, "cpu")
+    _, tokenizer = language_model.load_lm(language_model.SMOLLM2, "cpu")
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
                          num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
                          max_position_embeddings=64)

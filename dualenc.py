@@ -1,7 +1,7 @@
 """dualenc: identity SAE + integration network (NFM), trained sequentially and jointly.
 
 The method of O. Claflin, "Feature Integration Spaces: Joint Training Reveals Dual Encoding in
-Neural Network Representations" (arXiv 2507.00269; METHOD.md, cited as §N): an SAE explains an
+Neural Network Representations" (arXiv 2507.00269; docs/method.md, cited as §N): an SAE explains an
 activation as a sparse sum of feature directions ("identity"); a Neural Factorization Machine reads
 the same code and adds what depends on which features fire together ("integration"). The method
 only (runner.py: text, LM, runs, flags; replicate.py: referee). Sections, in the order data flows:

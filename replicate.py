@@ -1,8 +1,9 @@
 """replicate: the referee beside dualenc.py. Does the paper hold, and against which baseline?
 
 dualenc.py is the method (SAE, NFM, the sequential and joint loops, their evaluation), runner.py
-runs it (text, LM, run folders, the command line), store.py keeps activations on disk. This file
-adds what a careful reviewer asks for (METHOD.md §9, §13): baselines with the method's care,
+runs it (run folders, the command line; the text from corpus.py, the LM from language_model.py,
+models on disk in checkpoint.py), store.py keeps activations on disk. This file
+adds what a careful reviewer asks for (docs/method.md §9, §13): baselines with the method's care,
 intervals over windows and seeds, the paper's claims each read three ways with a verdict, the
 decoder-norm analysis, figures, and the paper's stages 3-4. `python replicate.py` runs all of it;
 it takes every flag of dualenc.py and the referee's own. Beside it, stats.py holds the pure
@@ -43,6 +44,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 import browser
+import checkpoint
 import dualenc as de
 import report as rep
 import runner
@@ -572,7 +574,7 @@ def saving_checkpoints(recipes, steps, folder_of, metadata, cfg, data):
     def saving(train, folder):
         def save(step, model):
             if step in steps[:-1]:
-                runner.save_model(model, folder / f"step{step}", metadata)
+                checkpoint.save_model(model, folder / f"step{step}", metadata)
         if cfg.schedule == "paper":
             return functools.partial(train, on_eval=save)
         todo = [s for s in steps[:-1] if not (folder / f"step{s}" / "cfg.json").exists()]
@@ -584,12 +586,12 @@ def saving_checkpoints(recipes, steps, folder_of, metadata, cfg, data):
             for step in steps[:-1]:
                 folder = folder_of("sequential") / f"step{step}"
                 if not (folder / "cfg.json").exists():
-                    sae = runner.load_model(folder_of("sae") / f"step{step}").sae
+                    sae = checkpoint.load_model(folder_of("sae") / f"step{step}").sae
                     early = de.build(cfg, data, sae=sae, nfm="linear")
                     de.train_sequential(early, data.x_train, data.x_curve, cfg,
                                         name=f"sequential to {step}", until=step,
                                         length=step if cfg.schedule == "wsd" else None)
-                    runner.save_model(early, folder, metadata)
+                    checkpoint.save_model(early, folder, metadata)
             return history
         return train_all
     return {name: (make, sequential(train) if name == "sequential"
@@ -666,7 +668,7 @@ def along_training(lm, steps, folder_of, final, data, cfg):
     evidence = {}
     for step in tqdm(steps[:-1], desc="checkpoints", leave=False):
         models = {name: (model if cfg.sae and name == "sae"
-                         else runner.load_model(folder_of(name) / f"step{step}").to(device))
+                         else checkpoint.load_model(folder_of(name) / f"step{step}").to(device))
                   for name, model in final.items()}
         evidence[step] = gather_evidence(lm, models, data,
                                          torch.Generator(device=device).manual_seed(cfg.seed))
@@ -690,7 +692,7 @@ SAELENS_TENSORS = ("W_enc", "b_enc", "W_dec", "b_dec")
 
 
 def read_saelens(folder):
-    """An SAE someone else trained, in SAELens' on-disk format (METHOD.md §10): cfg.json (v6, or
+    """An SAE someone else trained, in SAELens' on-disk format (§10): cfg.json (v6, or
     v5's flat layout) and sae_weights.safetensors. Checked here, before any slow work; what dualenc
     cannot run exactly is a one-line DualencError:
         architecture      "topk" only: the NFM reads the k active codes, which other architectures
@@ -703,7 +705,8 @@ def read_saelens(folder):
         cfg = json.loads((folder / "cfg.json").read_text())
         tensors = load_file(folder / "sae_weights.safetensors")
     except (OSError, ValueError, SafetensorError) as e:
-        raise de.DualencError(f"cannot read the SAE in {folder}: {runner.one_line(e)}") from None
+        raise de.DualencError(f"cannot read the SAE in {folder}: "
+                              f"{checkpoint.one_line(e)}") from None
     if not isinstance(cfg, dict):
         raise de.DualencError(f"{folder / 'cfg.json'} is not a JSON object")
     meta = {**cfg, **cfg.get("metadata", {})}  # v6 keeps the hook in metadata, v5 at the top level
@@ -725,7 +728,7 @@ def read_saelens(folder):
         d_in, d_sae, k = int(cfg["d_in"]), int(cfg["d_sae"]), int(cfg["k"])
     except (KeyError, TypeError, ValueError) as e:
         raise de.DualencError(f"{folder / 'cfg.json'} lacks a valid d_in, d_sae or k: "
-                              f"{runner.one_line(e)}") from None
+                              f"{checkpoint.one_line(e)}") from None
     shapes = {"W_enc": (d_in, d_sae), "b_enc": (d_sae,), "W_dec": (d_sae, d_in), "b_dec": (d_in,)}
     for name, shape in shapes.items():
         if name not in tensors or tuple(tensors[name].shape) != shape:
@@ -787,8 +790,8 @@ def add_stage34(report, lm, tokenizer, models, data, cfg, out):
     joints = {seed: models[run_key(cfg, seed, "joint")] for seed in seeds}
     report["stage34"] = {**s34.stage34(lm, tokenizer, joints, baselines, data, cfg, out),
                          "commit": source_commit()}
-    runner.atomic_write(out / "stage34.txt",
-                        lambda p: p.write_text(s34.format_stage34(report["stage34"]) + "\n"))
+    checkpoint.atomic_write(out / "stage34.txt",
+                            lambda p: p.write_text(s34.format_stage34(report["stage34"]) + "\n"))
 
 
 def add_browser(report, lm, tokenizer, joint, data, cfg, out):
@@ -810,7 +813,7 @@ def run_secondary(lm, joint, data, cfg, out):
     """The joint model with the run's secondary SAE in place (stages34.IntegrationPipeline): the
     one in out/secondary/, or, for a run without one, stage 3's, trained now and saved there."""
     if (out / "secondary" / "cfg.json").exists():
-        secondary = runner.load_model(out / "secondary").to(data.x_eval.device)
+        secondary = checkpoint.load_model(out / "secondary").to(data.x_eval.device)
         return s34.IntegrationPipeline(joint, secondary).eval()
     generator = torch.Generator().manual_seed(cfg.seed)
     return s34.stage3(lm, joint, data, cfg, out / "secondary", generator)[0]
@@ -830,10 +833,10 @@ def stimulus_halves(report, cell_P, seed):
 
 def browser_summary(cfg, data, joint, secondary):
     """The page's first line: what its features are of."""
-    return (f"{cfg.model}, block {data['layer']}: the joint model's {joint.sae.k}-sparse code "
+    return (f"{cfg.model}, block {data.layer}: the joint model's {joint.sae.k}-sparse code "
             f"of {joint.sae.W_dec.shape[0]:,} identity features and stage 3's "
             f"{secondary.sae.W_dec.shape[0]:,} integration features, on "
-            f"{len(data['x_eval']):,} held-out tokens")
+            f"{len(data.x_eval):,} held-out tokens")
 
 
 def window_resamples(cfg, n_eval_windows, n_splice_windows):
@@ -885,7 +888,7 @@ def save_evidence(path, evidence):
             else:
                 flat[prefix + k] = v.detach().cpu().contiguous()
     walk(evidence, "")
-    runner.atomic_write(path, lambda p: save_file(flat, p))
+    checkpoint.atomic_write(path, lambda p: save_file(flat, p))
 
 
 def load_evidence(path):
@@ -893,7 +896,7 @@ def load_evidence(path):
     try:
         flat = load_file(path)
     except (OSError, SafetensorError) as e:
-        raise de.DualencError(f"cannot read {path}: {runner.one_line(e)}") from None
+        raise de.DualencError(f"cannot read {path}: {checkpoint.one_line(e)}") from None
     evidence = {}
     for key, value in flat.items():
         seed, step, *parts = key.split("/")
@@ -920,7 +923,7 @@ def read_piece(folder):
         complete = report["status"] == "complete"
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise de.DualencError(f"{folder} is not a replicate run folder: "
-                              f"{runner.one_line(e)}") from None
+                              f"{checkpoint.one_line(e)}") from None
     if not complete:
         raise de.DualencError(f"the run in {folder} is unfinished; "
                               f"finish it with --resume {folder}")
@@ -1062,9 +1065,9 @@ def compare_runs(cfg):
               "claims": claims_ab,
               "verdicts_changed": sum(c["a"] != c["b"] for c in claims_ab)}
     out = runner.prepare_out(cfg.out)
-    runner.write_json(out / "compare.json", result)
+    checkpoint.write_json(out / "compare.json", result)
     text = rep.format_compare(result)
-    runner.atomic_write(out / "compare.txt", lambda p: p.write_text(text + "\n"))
+    checkpoint.atomic_write(out / "compare.txt", lambda p: p.write_text(text + "\n"))
     print(text)
     print(f"wrote {out / 'compare.json'} and {out / 'compare.txt'}", file=sys.stderr)
     return result
@@ -1093,22 +1096,13 @@ def source_commit():
         return None
 
 
-def run(cfg):
-    """python replicate.py: check the inputs; extract; for each seed, train dualenc's models and the
-    baselines and evaluate every variant; summarise with intervals; judge the claims; report. With
-    cfg.resume, finished models are loaded and an interrupted one continues from its last
-    evaluation; with cfg.eval_only, nothing is trained (with cfg.stage34 too, stages 3-4 are added
-    to the finished run); with cfg.sae, an existing SAE is studied instead of training one."""
-    if cfg.combine:
-        return combine_runs(cfg)
-    if cfg.compare:
-        return compare_runs(cfg)
-    device = runner.resolve_device(cfg.device)
+def checked_inputs(cfg):
+    """Every input error a run can have, before its output folder is made and the slow corpus and
+    model loads: (cfg as the run folder and --sae fix it, the finished models, the previous
+    report, the layer, the SAELens SAE to import or None)."""
     cfg, models, previous = runner.settings(cfg)
     # a run resumed or re-evaluated without --store reads the store it was trained from
     cfg = replace(cfg, store=cfg.store or previous.get("config", {}).get("store") or STORE)
-    # every input error surfaces here, before the output folder is made and the slow corpus and
-    # model loads
     layer, n_blocks, d_model = runner.check_inputs(cfg, models)
     saelens = read_saelens(cfg.sae) if cfg.sae and "sae" not in models else None
     if saelens is not None:  # the SAE fixes the layer, F and k; the NFM reads the top k/2 as usual
@@ -1123,6 +1117,78 @@ def run(cfg):
                               f"{cfg.eval_only} has no joint model")
     if cfg.stage34:
         s34.read_stimuli(cfg.stimuli)
+    return cfg, models, previous, layer, saelens
+
+
+def add_to_finished_run(previous, timings, peaks, stage, lm, tokenizer, models, data, cfg, out):
+    """--eval-only RUN_DIR with --stage34 or --browser: the finished run's evaluation and times
+    stand; stages 3-4, the page or both are added to its report (and their times, from the
+    timings `stage` keeps)."""
+    report = {**previous, "peak_rss_gib": peaks}
+    if cfg.stage34:
+        report["config"] = {**previous["config"], "stage34": True, "stimuli": cfg.stimuli}
+        add_stage34(report, lm, tokenizer, models, data, cfg, out)
+        s34.plot_stage34(report["stage34"], out)
+        stage("stage34")
+        print(s34.format_stage34(report["stage34"]))
+        print(f"added stages 3-4 to {out / 'results.json'}; wrote stage34.txt, stage34.png, "
+              f"each seed's stage34_plan*.json and secondary*/", file=sys.stderr)
+    if cfg.browser:
+        add_browser(report, lm, tokenizer, models["joint"], data, cfg, out)
+        stage("browser")
+        print(f"wrote {out / 'browser.html'} ({report['browser']['files']} files, "
+              f"{report['browser']['bytes'] / 1e6:.1f} MB): open it in a browser, offline",
+              file=sys.stderr)
+    added = {k: timings[k] for k in ("stage34", "browser") if k in timings}
+    report["timings_s"] = {**previous["timings_s"], **added}  # the run's own times stand
+    checkpoint.write_json(out / "results.json", report)
+    return report
+
+
+def train_and_evaluate(lm, models, data, cfg, out, report, stage):
+    """For each seed, train dualenc's models and the baselines (or load the finished ones) and
+    gather every variant's evidence; with --checkpoints, the first seed's models also along the
+    training length, into report["along_training"]. Returns (each seed's analysis, evidence)."""
+    weights = window_resamples(cfg, data.n_eval_windows, len(data.splice_ids))
+    per_seed, steps, evidence = [], checkpoint_steps(cfg, len(data.x_train)), {}
+    metadata = runner.sae_metadata(cfg, data.layer)
+    for seed in range(cfg.seed, cfg.seed + cfg.seeds):
+        seed_cfg, key = replace(cfg, seed=seed), functools.partial(run_key, cfg, seed)
+        seed_recipes = recipes(seed_cfg, data)
+        if steps and seed == cfg.seed:  # along the training length: the first seed's models
+            seed_recipes = saving_checkpoints(seed_recipes, steps, lambda name: out / key(name),
+                                              metadata, seed_cfg, data)
+        trained = runner.train_models(seed_cfg, data, seed_recipes, models,
+                                      runner.RunFolder(out, report, stage), key=key)
+        generator = torch.Generator(device=data.x_train.device).manual_seed(seed)
+        ev = gather_evidence(lm, trained, data, generator)
+        evidence[Point(seed, total_steps(cfg, len(data.x_train)))] = ev
+        per_seed.append(analyse(ev, weights, torch.Generator().manual_seed(seed)))
+        stage(f"evaluate_seed{seed}")
+    if steps:
+        first_seed = {name: models[name] for name in cfg.model_names()}
+        along = along_training(lm, steps, lambda name: out / run_key(cfg, cfg.seed, name),
+                               first_seed, data, cfg)
+        evidence.update({Point(cfg.seed, step): ev for step, ev in along.items()})
+        report["along_training"] = training_points(
+            {**along, steps[-1]: evidence[Point(cfg.seed, steps[-1])]}, cfg, weights,
+            report["curves"])
+        stage("along_training")
+    return per_seed, evidence
+
+
+def run(cfg):
+    """python replicate.py: check the inputs; extract; for each seed, train dualenc's models and the
+    baselines and evaluate every variant; summarise with intervals; judge the claims; report. With
+    cfg.resume, finished models are loaded and an interrupted one continues from its last
+    evaluation; with cfg.eval_only, nothing is trained (with cfg.stage34 or cfg.browser, those are
+    added to the finished run); with cfg.sae, an existing SAE is studied instead of training one."""
+    if cfg.combine:
+        return combine_runs(cfg)
+    if cfg.compare:
+        return compare_runs(cfg)
+    device = runner.resolve_device(cfg.device)
+    cfg, models, previous, layer, saelens = checked_inputs(cfg)
     out = runner.prepare_out(cfg.out)
     timings = {k: v for k, v in previous.get("timings_s", {}).items() if k != "total"}
     peaks = dict(previous.get("peak_rss_gib", {}))
@@ -1134,56 +1200,15 @@ def run(cfg):
     models = {key: model.to(device) for key, model in models.items()}
     if saelens is not None:
         models["sae"] = import_sae(saelens, data.mean, data.std).to(device)
-        runner.save_model(models["sae"], out / "sae", runner.sae_metadata(cfg, layer))
-    if cfg.eval_only and (cfg.stage34 or cfg.browser):  # a finished run's evaluation stands
-        report = {**previous, "peak_rss_gib": peaks}
-        if cfg.stage34:  # stages 3-4 are added to it
-            report["config"] = {**previous["config"], "stage34": True, "stimuli": cfg.stimuli}
-            add_stage34(report, lm, tokenizer, models, data, cfg, out)
-            s34.plot_stage34(report["stage34"], out)
-            stage("stage34")
-            print(s34.format_stage34(report["stage34"]))
-            print(f"added stages 3-4 to {out / 'results.json'}; wrote stage34.txt, stage34.png, "
-                  f"each seed's stage34_plan*.json and secondary*/", file=sys.stderr)
-        if cfg.browser:
-            add_browser(report, lm, tokenizer, models["joint"], data, cfg, out)
-            stage("browser")
-            print(f"wrote {out / 'browser.html'} ({report['browser']['files']} files, "
-                  f"{report['browser']['bytes'] / 1e6:.1f} MB): open it in a browser, offline",
-                  file=sys.stderr)
-        added = {k: timings[k] for k in ("stage34", "browser") if k in timings}
-        report["timings_s"] = {**previous["timings_s"], **added}  # the run's own times stand
-        runner.write_json(out / "results.json", report)
-        return report
+        checkpoint.save_model(models["sae"], out / "sae", runner.sae_metadata(cfg, layer))
+    if cfg.eval_only and (cfg.stage34 or cfg.browser):
+        return add_to_finished_run(previous, timings, peaks, stage, lm, tokenizer, models, data,
+                                   cfg, out)
     report = {**runner.new_report(cfg, data, models, previous, timings), "commit": source_commit(),
               "peak_rss_gib": peaks}
     if not cfg.eval_only:
-        runner.write_json(out / "results.json", report)
-
-    weights = window_resamples(cfg, data.n_eval_windows, len(data.splice_ids))
-    per_seed, steps, evidence = [], checkpoint_steps(cfg, len(data.x_train)), {}
-    for seed in range(cfg.seed, cfg.seed + cfg.seeds):
-        seed_cfg, key = replace(cfg, seed=seed), functools.partial(run_key, cfg, seed)
-        seed_recipes = recipes(seed_cfg, data)
-        if steps and seed == cfg.seed:  # along the training length: the first seed's models
-            seed_recipes = saving_checkpoints(seed_recipes, steps, lambda name: out / key(name),
-                                              runner.sae_metadata(cfg, layer), seed_cfg, data)
-        trained = runner.train_models(seed_cfg, data, seed_recipes, models,
-                                      runner.RunFolder(out, report, stage), key=key)
-        ev = gather_evidence(lm, trained, data, torch.Generator(device=device).manual_seed(seed))
-        evidence[Point(seed, total_steps(cfg, len(data.x_train)))] = ev
-        per_seed.append(analyse(ev, weights, torch.Generator().manual_seed(seed)))
-        stage(f"evaluate_seed{seed}")
-
-    if steps:
-        first_seed = {name: models[name] for name in cfg.model_names()}
-        along = along_training(lm, steps, lambda name: out / run_key(cfg, cfg.seed, name),
-                               first_seed, data, cfg)
-        evidence.update({Point(cfg.seed, step): ev for step, ev in along.items()})
-        report["along_training"] = training_points(
-            {**along, steps[-1]: evidence[Point(cfg.seed, steps[-1])]}, cfg, weights,
-            report["curves"])
-        stage("along_training")
+        checkpoint.write_json(out / "results.json", report)
+    per_seed, evidence = train_and_evaluate(lm, models, data, cfg, out, report, stage)
     save_evidence(out / "evidence.safetensors", evidence)
     finish_report(report, per_seed, cfg)
     report["data"]["steps_per_model"] = report["curves"][cfg.stages()[0]][-1]["step"]

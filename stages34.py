@@ -1,7 +1,8 @@
-"""stages34: the paper's stages 3-4 (METHOD.md §13) on a trained joint model, with a referee's
+"""stages34: the paper's stages 3-4 (docs/method.md §13) on a trained joint model, with a referee's
 controls. `python replicate.py --stage34` runs them after the run's evaluation (or, with --eval-only
-RUN_DIR, on a finished run). It imports dualenc and stats; replicate.py imports it, never the
-other way. Sections, in the order data flows:
+RUN_DIR, on a finished run). It imports dualenc, stats, checkpoint (the secondary SAE's folder)
+and runner (its metadata); replicate.py imports it, never the other way. Sections, in the order
+data flows:
   secondary SAE     stage 3: a TopK SAE on the joint NFM's interaction hidden layer (integration
                     features), pair_reading (what one reads), IntegrationPipeline (the joint model
                     with the secondary SAE in place, a feature scaled), stage3 (what it costs);
@@ -28,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+import checkpoint
 import dualenc as de
 import runner
 import stats as st
@@ -87,7 +89,7 @@ def train_secondary(joint, x_train_ND, x_eval_ND, cfg, paper_density=False, eval
 
 @torch.no_grad()
 def pair_reading(joint, secondary, x_BD, feature):
-    """What integration feature g reads (METHOD.md §16). The secondary SAE reads the z-scored hidden
+    """What integration feature g reads (§16). The secondary SAE reads the z-scored hidden
     layer z = (h - mu) / sigma, h = W_1 pair(f) + c_1, so g's pre-activation splits exactly into
     pairs of the identity features the NFM reads (its n_read largest codes, R of them):
         a_g = w_g . z + b_g = const_g + sum_{i<j} f_i f_j v_i^T diag(c_g) v_j,
@@ -177,7 +179,7 @@ def stage3(lm, joint, data, cfg, folder, generator):
                                                   cfg.paper_density, data.eval_window)
     hook = f"blocks.{layer}.hook_resid_post.nfm.hook_interaction_pre_relu"
     metadata = {**runner.sae_metadata(cfg, layer), "hook_name": hook}
-    runner.save_model(secondary, folder, metadata)
+    checkpoint.save_model(secondary, folder, metadata)
     pipeline = IntegrationPipeline(joint, secondary).eval()
     firing_F2 = firing_counts(secondary.sae, h_eval_NM)
     m = de.splice_metrics(lm, data.splice_ids, layer,
@@ -212,7 +214,7 @@ def read_stimuli(path):
         words = {c: [str(w) for w in spec["words"][c]] for c in cells}
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise de.DualencError(f"stimuli {path}: not a 2 x 2 design like {DEFAULT_STIMULI} "
-                              f"({type(e).__name__}: {runner.one_line(e, 120)})") from None
+                              f"({type(e).__name__}: {checkpoint.one_line(e, 120)})") from None
     for c in cells:
         if len(prompts[c]) < 4 or not words[c]:
             raise de.DualencError(f"stimuli {path}: cell {c!r} needs at least 4 prompts and one "
@@ -477,7 +479,7 @@ def stage4(lm, pipeline, models, data, cfg, design, firing_F2, plan_path, genera
     plan = stage4_plan(lm, layer, pipeline, design, [states[i] for i in sel],
                        {kind: A_PF[sel] for kind, A_PF in A.items()}, cell_P[sel], firing_F2,
                        generator)
-    runner.write_json(plan_path, plan)  # sealed before the test half is read
+    checkpoint.write_json(plan_path, plan)  # sealed before the test half is read
 
     # the test half
     selectivity = {kind: st.judge_plan(A_PF, cell_P, half_P, plan["carried"][kind], N_PERM,

@@ -1,8 +1,9 @@
-"""store: block-L activations on disk, for runs larger than memory (METHOD.md §15).
+"""store: block-L activations on disk, for runs larger than memory (docs/method.md §15).
 
 runner.load_data holds a run's activations in memory; load_data here reads the same split of the
-same tokens from an ActivationStore, extracted once per key and reused by every later run. Sections,
-in the order data flows:
+same tokens from an ActivationStore, extracted once per key and reused by every later run. It
+imports dualenc and runner, and corpus, language_model and checkpoint for the text, the LM and
+meta.json. Sections, in the order data flows:
   activation store  ActivationStore: one folder per key, locked and resumable extraction
   tokens            Tokens (a store's tokens, z-scored on read), token_rows, streamed_moments
   data              store_key, weights_fingerprint, load_data
@@ -19,7 +20,10 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+import checkpoint
+import corpus
 import dualenc as de
+import language_model
 import runner
 from dualenc import DualencError
 
@@ -57,7 +61,7 @@ class ActivationStore:
             actual = {name: (self.folder / name).stat().st_size for name in self.sizes(0)}
         except (OSError, ValueError, KeyError) as e:
             raise DualencError(f"activation store {self.folder} is unreadable "
-                               f"({runner.one_line(e)}); delete it") from None
+                               f"({checkpoint.one_line(e)}); delete it") from None
         if not ok:
             raise DualencError(f"activation store {self.folder} holds another key than this run's; "
                                "delete it")
@@ -110,7 +114,7 @@ class ActivationStore:
                 for fd in files.values():
                     os.fsync(fd)
                 self.done = min(i + batch_size, len(windows_NT))
-                runner.write_json(self.folder / "meta.json", {
+                checkpoint.write_json(self.folder / "meta.json", {
                     "key": self.key, "shape": list(self.shape), "windows_done": self.done})
         except OSError as e:
             raise DualencError(f"writing the activation store {self.folder} failed at window "
@@ -208,7 +212,7 @@ def store_key(cfg, lm, layer, windows_NT):
     return {"model": cfg.model, "config": hashlib.sha1(config_json.encode()).hexdigest(),
             "weights": weights_fingerprint(lm), "layer": layer, "dtype": cfg.store_dtype,
             "lm_precision": cfg.extract_precision,
-            "windows": runner.windows_sha1(windows_NT),
+            "windows": corpus.windows_sha1(windows_NT),
             "shape_NT": list(windows_NT.shape)}
 
 
@@ -229,9 +233,9 @@ def load_data(cfg, layer, device):
     memory does not grow with the number of tokens. The same split as runner's
     (dualenc.split_windows of runner.window_order), z-scored with the training tokens' moments
     streamed from disk."""
-    text = runner.read_text(cfg.text)
-    lm, tokenizer = runner.load_lm(cfg.model, device)
-    windows_NT = runner.make_windows(tokenizer, text, cfg.tokens, cfg.ctx)
+    text = corpus.read_text(cfg.text)
+    lm, tokenizer = language_model.load_lm(cfg.model, device)
+    windows_NT = corpus.make_windows(tokenizer, text, cfg.tokens, cfg.ctx)
     N, T = windows_NT.shape
     store = ActivationStore(cfg.store, store_key(cfg, lm, layer, windows_NT),
                             (N, T, lm.config.hidden_size))
@@ -246,6 +250,6 @@ def load_data(cfg, layer, device):
                       lambda w: Tokens(store, token_rows(w, split.keep_NT), mean_D, std_D),
                       mean_D, std_D, store.windows(split.splice_W.tolist()).to(device), layer,
                       len(de.decoder_blocks(lm)), cfg.curve_windows,
-                      runner.windows_sha1(windows_NT))
+                      corpus.windows_sha1(windows_NT))
     runner.describe_data(data, cfg)
     return lm, tokenizer, data

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import browser
+import checkpoint
 import dualenc as de
 import replicate as rp
 import runner
@@ -104,7 +105,8 @@ def test_a_finished_run_gets_a_page_of_its_features(page):
 def test_a_pages_pairs_and_constant_give_back_the_pre_activation(page):
     folder, _, _, data = page
     models, _ = runner.load_run(folder, rp.Config)
-    joint, secondary = models["joint"].double(), runner.load_model(folder / "secondary").double()
+    joint = models["joint"].double()
+    secondary = checkpoint.load_model(folder / "secondary").double()
     g = next(g for g, p in enumerate(data["integration"]) if p is not None)
     x_BD = 2 * torch.randn(6, joint.sae.W_dec.shape[1], dtype=torch.float64)
     with torch.no_grad():

@@ -597,7 +597,8 @@ def test_the_method_file_imports_nothing_of_the_project_and_no_file_formats():
            for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom)) for a in n.names}
     assert ({name.split(".")[0] for name in top}
             == {"copy", "math", "contextlib", "dataclasses", "torch", "tqdm"})
-    code = ("import sys, dualenc; project = {'runner', 'replicate', 'stats', 'stages34', 'store'}; "
+    code = ("import sys, dualenc; project = {'corpus', 'language_model', 'checkpoint', 'runner', "
+            "'store', 'stats', 'stages34', 'report', 'browser', 'replicate'}; "
             "print(sorted(project & set(sys.modules)))")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                        cwd=Path(__file__).parent)

@@ -10,6 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import checkpoint
+import corpus
 import dualenc as de
 import replicate as rp
 import report as rep
@@ -280,7 +282,7 @@ def test_a_bad_sae_folder_fails_with_one_line_before_any_slow_work(case, msg, ti
     folder = write_saelens(tmp_path / "sae", d_in=16 if case == "wrong d_in" else 32)
     if case not in ("wrong d_in", "other layer"):
         break_sae(folder, case)
-    monkeypatch.setattr(runner, "read_text", lambda path: pytest.fail("the corpus was read"))
+    monkeypatch.setattr(corpus, "read_text", lambda path: pytest.fail("the corpus was read"))
     args = ["--model", tiny_lm_folder, "--sae", str(folder), "--out", str(tmp_path / "run")]
     with pytest.raises(SystemExit) as exit_:
         rp.main(args + (["--layer", "1"] if case == "other layer" else []))
@@ -369,11 +371,12 @@ def test_a_sequential_checkpoint_is_an_nfm_of_that_length_on_the_sae_of_that_ste
                                                                                    tmp_path):
     report = rp.run(tiny_run_cfg(tiny_lm_folder, tmp_path, checkpoints=3, models="sequential"))
     first = report["along_training"][0]["step"]
-    early, sae = (runner.load_model(tmp_path / name / f"step{first}")
+    early, sae = (checkpoint.load_model(tmp_path / name / f"step{first}")
                   for name in ("sequential", "sae"))
     assert torch.equal(early.sae.W_dec, sae.sae.W_dec)
-    assert not torch.equal(early.sae.W_dec, runner.load_model(tmp_path / "sae").sae.W_dec)
-    assert not torch.equal(early.nfm.W_lin, runner.load_model(tmp_path / "sequential").nfm.W_lin)
+    finished = {name: checkpoint.load_model(tmp_path / name) for name in ("sae", "sequential")}
+    assert not torch.equal(early.sae.W_dec, finished["sae"].sae.W_dec)
+    assert not torch.equal(early.nfm.W_lin, finished["sequential"].nfm.W_lin)
     point = report["along_training"][0]["models"]
     # an NFM on that SAE's residual, not another SAE's
     assert point["sequential"]["fvu"] < point["sae"]["fvu"]
@@ -385,8 +388,9 @@ def test_wsd_checkpoints_are_branches_that_leave_the_run_as_it_was(tiny_lm_folde
     plain = rp.run(tiny_run_cfg(tiny_lm_folder, tmp_path / "plain", **kw))
     assert branched["curves"] == plain["curves"] and branched["models"] == plain["models"]
     first = branched["along_training"][0]["step"]
-    early = runner.load_model(tmp_path / "branched" / "sae" / f"step{first}")
-    assert not torch.equal(early.sae.W_dec, runner.load_model(tmp_path / "plain" / "sae").sae.W_dec)
+    early = checkpoint.load_model(tmp_path / "branched" / "sae" / f"step{first}")
+    finished = checkpoint.load_model(tmp_path / "plain" / "sae")
+    assert not torch.equal(early.sae.W_dec, finished.sae.W_dec)
     point = branched["along_training"][0]["models"]
     assert point["sequential"]["fvu"] < point["sae"]["fvu"]  # an NFM on that SAE's residual
     noise = branched["path_noise_fvu"]  # the curve's moves in the stable phase's last half

