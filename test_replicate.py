@@ -173,6 +173,7 @@ def test_sae_matched_has_the_joint_models_parameter_budget(tiny_run):
     assert abs(sum(p.numel() for p in wide.parameters()) / n_joint - 1) < 0.001
 
 
+@pytest.mark.slow  # takes long on its own
 def test_two_seeds_report_both_runs_and_a_seed_interval(tiny_lm_folder, tiny_run, tmp_path):
     _, one_seed = tiny_run
     report = rp.run(tiny_run_cfg(tiny_lm_folder, tmp_path, seeds=2))
@@ -341,6 +342,7 @@ def test_a_run_of_the_sae_alone_reports_it_without_claims_on_models_it_lacks(tin
             and "design figure" not in rep.format_report(report))
 
 
+@pytest.mark.slow  # takes long on its own
 def test_a_run_with_checkpoints_judges_every_claim_along_the_training_length(tiny_lm_folder,
                                                                               tmp_path):
     report = rp.run(tiny_run_cfg(tiny_lm_folder, tmp_path, checkpoints=3,
@@ -382,6 +384,7 @@ def test_a_sequential_checkpoint_is_an_nfm_of_that_length_on_the_sae_of_that_ste
     assert point["sequential"]["fvu"] < point["sae"]["fvu"]
 
 
+@pytest.mark.slow  # takes long on its own
 def test_wsd_checkpoints_are_branches_that_leave_the_run_as_it_was(tiny_lm_folder, tmp_path):
     kw = dict(models="sequential", schedule="wsd", store=f"{tmp_path}/store")
     branched = rp.run(tiny_run_cfg(tiny_lm_folder, tmp_path / "branched", checkpoints=3, **kw))
@@ -426,6 +429,7 @@ def test_gap_readings_carry_each_models_path_noise_to_kl_and_take_the_pairs_larg
     assert rp.gap_readings({**point, "path_noise_fvu": {}}) == {}  # the paper's schedule
 
 
+@pytest.mark.slow  # takes long on its own
 def test_runs_of_one_model_each_combine_into_the_run_that_trains_them_all(tiny_lm_folder, tmp_path):
     whole = rp.run(tiny_run_cfg(tiny_lm_folder, tmp_path / "whole", checkpoints=3,
                                 models="sae,joint"))
@@ -471,6 +475,7 @@ def test_runs_that_differ_in_more_than_their_models_do_not_combine(tiny_lm_folde
         rp.parse_args(["--combine", f"{tmp_path}/a,{tmp_path}/c", "--lr", "0.1"])
 
 
+@pytest.mark.slow  # takes long on its own
 def test_compare_puts_two_runs_side_by_side_paired_over_windows(tiny_lm_folder, tmp_path):
     runs = {name: tmp_path / name for name in ("fp32", "bf16", "bf16_lm")}
     for (name, run), kw in zip(runs.items(), ({}, {"precision": "bf16"},
@@ -513,6 +518,7 @@ def test_a_share_whose_denominator_may_be_zero_is_undefined_and_unclear():
             == pytest.approx(0.2))
 
 
+@pytest.mark.slow  # takes long on its own
 def test_each_program_reads_the_others_run_folders(tiny_method_run, tiny_run, tmp_path):
     method_out, method = tiny_method_run
     shutil.copytree(method_out, tmp_path / "run")

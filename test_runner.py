@@ -43,6 +43,7 @@ def test_the_default_corpus_is_deterministic_and_read_only_as_far_as_needed():
             and corpus.default_text(100_000) == text[:len(corpus.default_text(100_000))])
 
 
+@pytest.mark.slow  # takes long on its own
 def test_windows_of_the_corpus_are_the_first_tokens_of_its_whole_text():
     tok = lambda text, **kw: {"input_ids": [len(w) for w in text.split()]}  # noqa: E731
     windows = corpus.make_windows(tok, corpus.default_text, n_tokens=50_000, ctx=100)
@@ -73,7 +74,8 @@ def test_missing_model_raises():
 @pytest.mark.parametrize("args, msg", [
     (["--k", "5000", "--features", "100"], "exceeds"),
     (["--model", "./nowhere/model"], "no such model folder"),
-    (["--text", "/nonexistent.txt", "--out", "OUT"], "no text"),
+    pytest.param(["--text", "/nonexistent.txt", "--out", "OUT"], "no text",
+                 marks=pytest.mark.slow),  # transformers imported, the LM's config read first
     (["--k", "many"], "invalid int value"),
     (["--no-such-flag"], "unrecognized arguments"),
 ])

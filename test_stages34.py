@@ -151,6 +151,7 @@ def test_the_shipped_stimuli_are_a_full_design_of_single_token_words():
 
 # ----------------------------------------------------------------------------- on a run
 
+@pytest.mark.slow  # takes long on its own
 def test_stage34_on_a_tiny_run_seals_its_plan_before_the_test_half(tiny_run, capsys, monkeypatch):
     out, first = tiny_run
     sealed, test_half = [], st.judge_plan

@@ -346,6 +346,7 @@ def test_a_plan_carries_each_contrasts_strongest_features_with_their_directions(
     assert top["min_effect"] == pytest.approx(st.MIN_SELECTIVITY * within_sd, rel=0.05)
 
 
+@pytest.mark.slow  # takes long on its own
 def test_select_then_test_on_meaningless_labels_keeps_its_rates(one_thread):
     """400 random dealings of labels to sparse heavy-tailed codes (64 prompts, 200 features): the
     carried top features' one-sided p is at most 0.05 in 5 % of tests, and "holds" anywhere among
