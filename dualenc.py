@@ -330,9 +330,11 @@ class TopKSAE(nn.Module):
         x_s = W_dec f + b_dec
     The paper's: free decoder norms (§7 needs them), no sparsity penalty, init "paper" (decoder as
     nn.Linear(F, D)'s default uniform(+-1/sqrt(F)), row norm ~sqrt(D / 3F), encoder its transpose;
-    "unit", unit-norm rows, trains 15-20 % worse in short runs). Not Gao et al.'s: b_dec subtracted
-    before encoding, unit-norm decoder columns, AuxK. W_dec is [F, D] (SAELens'): decoding is an
-    embedding_bag (~5x a dense matmul's speed on CPU); encoding is dense: all compete in TopK."""
+    "unit", unit-norm rows, trains 15-20 % worse in short runs). Gao et al.'s TopK SAE differs in
+    three ways this one does not follow, since the paper does not: it subtracts b_dec from x before
+    encoding, keeps the decoder's feature directions at unit norm, and adds the AuxK loss for dead
+    features. W_dec is [F, D] (SAELens'): decoding is an embedding_bag (~5x a dense matmul's speed
+    on CPU); encoding is dense, since every feature competes in TopK."""
 
     INITS = ("paper", "unit")
 
@@ -448,10 +450,15 @@ class DualEncoder(nn.Module):
         self.pathways = PATHWAYS
 
     def forward(self, x_BD):
-        x_hat_BD, code = self.sae(x_BD)
-        if self.nfm is not None and self.pathways:  # x_s + linear + interaction, that order
-            terms = zip(PATHWAYS, self.nfm(*code))
-            x_hat_BD = sum((t_BD for name, t_BD in terms if name in self.pathways), x_hat_BD)
+        x_hat_BD, (vals_BK, idx_BK) = self.sae(x_BD)
+        if self.nfm is None or not self.pathways:
+            return x_hat_BD
+        linear_BD, interaction_BD = self.nfm(vals_BK, idx_BK)
+        # added in this order, x_s + linear + interaction, so results repeat to the last bit
+        if "linear" in self.pathways:
+            x_hat_BD = x_hat_BD + linear_BD
+        if "interaction" in self.pathways:
+            x_hat_BD = x_hat_BD + interaction_BD
         return x_hat_BD
 
     def normalize(self, h):
@@ -590,11 +597,11 @@ def fit(model, params, x_train_ND, x_curve_ND, cfg, name, state=None, on_eval=No
         length=None, branches=(), on_branch=None):
     """Adam on MSE(x_hat, x) over `params`, the same batches and steps for every model of a seed,
     the forward in cfg.precision; evaluates on the held-out tokens x_curve_ND (curve_subset) every
-    eval_every steps and at the last, then on_eval(step, model). `state` (runner's TrainState)
-    resumes and is saved at each; `until` stops after that step; `length` (default: cfg.epochs
-    epochs) is the run's length, where its schedule ends. With cfg.schedule "wsd", each step of
-    `branches` gets a finished model of its own (decay_branch), given to on_branch(step, model).
-    Returns the history."""
+    eval_every steps and at the last, then on_eval(step, model). `state` (checkpoint.TrainState,
+    or None): training resumes from what it holds, and it is saved anew at each evaluation;
+    `until` stops after that step; `length` (default: cfg.epochs epochs) is the run's length,
+    where its schedule ends. With cfg.schedule "wsd", each step of `branches` gets a finished
+    model of its own (decay_branch), given to on_branch(step, model). Returns the history."""
     params = [p for p in params if p.requires_grad]
     # fused: one kernel for all parameters, ~7x faster than the default Adam step on CPU (measured)
     optimiser = torch.optim.Adam(params, lr=cfg.lr, betas=(0.9, 0.999), fused=True)
@@ -618,7 +625,8 @@ def fit(model, params, x_train_ND, x_curve_ND, cfg, name, state=None, on_eval=No
                                                     branch_at[step]))
         set_lr(optimiser, lr_at(step, steps, cfg))
         loss = train_step(model, optimiser, batch_BD, cfg.precision, cfg.clip_norm)
-        loss_sum, n_sum = loss_sum + loss, n_sum + 1
+        loss_sum = loss_sum + loss  # a tensor: summed on the device, read once per cadence
+        n_sum += 1
         if (step + 1) % cfg.eval_every == 0 or step + 1 == last:
             train_loss = (loss_sum / n_sum).item()  # one host sync per cadence, not per step
             if not math.isfinite(train_loss):
