@@ -152,7 +152,8 @@ def identity_features(codes, norms_F, used_by):
 def integration_features(codes, joint, secondary, x_eval, stimulus=None):
     """What each integration feature's page shows (None for one that never fires): rate, largest
     activation, histogram, top and weaker contexts, its pair table, and, given the stimulus
-    prompts' codes (A_PG, cell_P, half_P), its 2 x 2 cell means on each half."""
+    prompts' codes (A_PG, cell_P, selection_P), its 2 x 2 cell means on the selection prompts and
+    on the test items."""
     pages = []
     for g in tqdm(range(len(codes.start) - 1), desc="integration features", leave=False):
         if codes.count(g) == 0:
@@ -169,9 +170,9 @@ def integration_features(codes, joint, secondary, x_eval, stimulus=None):
                 "pairs": [[i, j, round(m, 5)] for i, j, m in pairs], "const": round(const, 5),
                 "pre": round(pre, 5)}
         if stimulus is not None:
-            A_PG, cell_P, half_P = stimulus
-            page["cells"] = {"selection": cell_summary(A_PG[half_P, g], cell_P[half_P]),
-                             "test": cell_summary(A_PG[~half_P, g], cell_P[~half_P])}
+            A_PG, cell_P, sel_P = stimulus
+            page["cells"] = {"selection": cell_summary(A_PG[sel_P, g], cell_P[sel_P]),
+                             "test": cell_summary(A_PG[~sel_P, g], cell_P[~sel_P])}
         pages.append(page)
     return pages
 
@@ -221,7 +222,7 @@ def norm_bins(norms_F, bins=N_BINS):
 def content(tokenizer, joint, secondary, data, stimulus=None, cells=(), summary=""):
     """Everything the page shows, as lists and numbers: the joint model's identity features and
     the secondary SAE's integration features on the held-out tokens (data.x_eval), with the
-    stimulus prompts' codes (A_PG, cell_P, half_P) and the cells' names when given."""
+    stimulus prompts' codes (A_PG, cell_P, selection_P) and the cells' names when given."""
     pipeline = s34.IntegrationPipeline(joint, secondary).eval()
     n_identity, n_integration = joint.sae.W_dec.shape[0], secondary.sae.W_dec.shape[0]
     identity_codes = sparse_codes(joint.sae.encode, data.x_eval, n_identity)
@@ -315,8 +316,8 @@ def write_browser(path, content, budget=BUDGET):
 def write_page(folder, tokenizer, joint, secondary, data, stimulus=None, cells=(), summary=""):
     """folder/browser.html (with its data files past BUDGET) from models and data in memory: the
     joint model, its secondary SAE, the held-out tokens (data.x_eval, data.eval_keep,
-    data.eval_ids), and the stimulus prompts' codes (A_PG, cell_P, half_P) with the cells' names
-    when given. Returns what was written: {"bytes", "files"}."""
+    data.eval_ids), and the stimulus prompts' codes (A_PG, cell_P, selection_P) with the cells'
+    names when given. Returns what was written: {"bytes", "files"}."""
     files = write_browser(Path(folder) / "browser.html",
                           content(tokenizer, joint, secondary, data, stimulus, cells, summary))
     return {"bytes": sum(f.stat().st_size for f in files), "files": len(files)}

@@ -797,16 +797,15 @@ def add_stage34(report, lm, tokenizer, models, data, cfg, out):
 def add_browser(report, lm, tokenizer, joint, data, cfg, out):
     """A run's browser.html (--eval-only RUN_DIR --browser), its size into report["browser"]: the
     run's joint model and its secondary SAE (run_secondary), with each integration feature's cell
-    means on the stimulus prompts, split into stimulus_halves."""
+    means on the selection prompts and on the test items."""
     pipeline = run_secondary(lm, joint, data, cfg, out)
     design = s34.load_stimuli(s34.read_stimuli(cfg.stimuli), tokenizer)
     A_PG = s34.stimulus_codes(lm, data.layer, pipeline, design,
                               s34.kept_positions(data.max_norm))
-    half_P = stimulus_halves(report, design["cell_P"], cfg.seed)
     written = browser.write_page(out, tokenizer, joint, pipeline.secondary, data,
-                                 (A_PG, design["cell_P"], half_P), design["cells"],
+                                 (A_PG, design["cell_P"], design["selection_P"]), design["cells"],
                                  browser_summary(cfg, data, joint, pipeline.secondary))
-    report["browser"] = {**written, "selection_prompts": half_P.nonzero()[:, 0].tolist()}
+    report["browser"] = written
 
 
 def run_secondary(lm, joint, data, cfg, out):
@@ -817,18 +816,6 @@ def run_secondary(lm, joint, data, cfg, out):
         return s34.IntegrationPipeline(joint, secondary).eval()
     generator = torch.Generator().manual_seed(cfg.seed)
     return s34.stage3(lm, joint, data, cfg, out / "secondary", generator)[0]
-
-
-def stimulus_halves(report, cell_P, seed):
-    """The stimulus prompts' selection half (True) that stage 4 chose on for the seed of
-    secondary/, or, for a run without stage 4, halves drawn from `seed`."""
-    first_seed = report.get("stage34", {}).get("per_seed", [{}])[0]  # the seed of secondary/
-    chosen = first_seed.get("design", {}).get("selection_prompts")
-    if chosen is None:
-        return st.split_halves(cell_P, torch.Generator().manual_seed(seed))
-    half_P = torch.zeros(len(cell_P), dtype=torch.bool)
-    half_P[chosen] = True
-    return half_P
 
 
 def browser_summary(cfg, data, joint, secondary):

@@ -9,17 +9,20 @@ data flows:
                     firing_counts, which replicate.py's decoder-norm analysis uses too
   stimuli           the 2 x 2 stimulus design (stimuli.json), read and checked before slow work
   intervention      stage 4: per-prompt codes (integration and identity features), the plan fixed
-                    on the selection half and sealed in a file (stage4_plan: carried features,
-                    directions, minimum effects, controls), the test half read once (the carried
-                    features, stats.judge_plan; the intervention on the word lists'
-                    log-probabilities beside its controls), stage4 per seed, stage34 over seeds
+                    on the selection prompts and sealed in a file (stage4_plan: carried features,
+                    directions, minimum effects, routes, their own nulls and minimal detectable
+                    effects, each integration feature's intervention and controls), the matched
+                    test items read once (the carried features on the items' own contrasts,
+                    stats.judge_items; the interventions on the word lists' log-probabilities
+                    beside their controls), stage4 per seed, stage34 over seeds
   figure and table  plot_stage34 (stage34.png), format_seed / format_stage34 (stage34.txt)
 
 Dimension letters as in dualenc.py, and M the NFM's hidden width, F2 the secondary SAE's features,
-P prompts, C controls, R bootstrap resamples.
+P prompts, I items, C controls, R bootstrap resamples.
 """
 
 import json
+import math
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
@@ -200,11 +203,15 @@ def stage3(lm, joint, data, cfg, folder, generator):
 DEFAULT_STIMULI = "stimuli.json"  # beside dualenc.py: dualenc's own 2 x 2 design
 
 
+MIN_ITEMS = 8  # matched items a design needs: the items' t has at least 7 degrees of freedom
+
+
 def read_stimuli(path):
     """A 2 x 2 design as JSON (stimuli.json is dualenc's): {"factors": {A: [a1, a2], B: [b1, b2]},
-    "prompts": {"a b": [...]} and "words": {"a b": [...]} for the four cells "a1 b1", "a1 b2",
-    "a2 b1", "a2 b2"}, at least 4 prompts (2 to select, 2 to test) and one word per cell. Read and
-    checked before any slow work; anything else is one line."""
+    "prompts": {"a b": [...]} (the selection prompts) and "words": {"a b": [...]} for the four
+    cells "a1 b1", "a1 b2", "a2 b1", "a2 b2", and "items": [{"id": ..., "a1 b1": prompt, ...}]
+    (the test: one situation in all four cells); at least 4 selection prompts and one word per
+    cell, and MIN_ITEMS items. Read and checked before any slow work; anything else is one line."""
     path = Path(path or Path(__file__).with_name(DEFAULT_STIMULI))
     try:
         spec = json.loads(path.read_text())
@@ -212,6 +219,8 @@ def read_stimuli(path):
         cells = [f"{a} {b}" for a in (a1, a2) for b in (b1, b2)]
         prompts = {c: [str(p) for p in spec["prompts"][c]] for c in cells}
         words = {c: [str(w) for w in spec["words"][c]] for c in cells}
+        items = [{"id": str(item["id"]), **{c: str(item[c]) for c in cells}}
+                 for item in spec["items"]]
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise de.DualencError(f"stimuli {path}: not a 2 x 2 design like {DEFAULT_STIMULI} "
                               f"({type(e).__name__}: {checkpoint.one_line(e, 120)})") from None
@@ -219,13 +228,18 @@ def read_stimuli(path):
         if len(prompts[c]) < 4 or not words[c]:
             raise de.DualencError(f"stimuli {path}: cell {c!r} needs at least 4 prompts and one "
                                   f"word")
+    if len(items) < MIN_ITEMS or len({item["id"] for item in items}) < len(items):
+        raise de.DualencError(f"stimuli {path}: needs at least {MIN_ITEMS} items with distinct "
+                              f"ids, has {len(items)}")
     return {"path": str(path), "factors": {fa: [a1, a2], fb: [b1, b2]}, "cells": cells,
-            "prompts": prompts, "words": words}
+            "prompts": prompts, "items": items, "words": words}
 
 
 def load_stimuli(spec, tokenizer):
-    """The design's prompts as (token ids, cell index), their cells (cell_P), and each cell's words
-    as token ids; a word that is not a single token after a space is a one-line error."""
+    """The design's prompts as (token ids, cell index): the selection prompts, then the items'
+    (item by item, each in cell order); their cells (cell_P), which are selection prompts
+    (selection_P), and each cell's words as token ids. A word that is not a single token after a
+    space is a one-line error."""
     word_ids = {}
     for c in spec["cells"]:
         ids = [tokenizer(" " + w, add_special_tokens=False)["input_ids"] for w in spec["words"][c]]
@@ -234,10 +248,13 @@ def load_stimuli(spec, tokenizer):
             raise de.DualencError(f"stimuli {spec['path']}: words {bad} of cell {c!r} are not "
                                   f"single tokens after a space")
         word_ids[c] = torch.tensor([i[0] for i in ids])
-    prompts = [(torch.tensor(tokenizer(p)["input_ids"]), i)
-               for i, c in enumerate(spec["cells"]) for p in spec["prompts"][c]]
+    texts = [(p, i) for i, c in enumerate(spec["cells"]) for p in spec["prompts"][c]]
+    n_selection = len(texts)
+    texts += [(item[c], i) for item in spec["items"] for i, c in enumerate(spec["cells"])]
+    prompts = [(torch.tensor(tokenizer(p)["input_ids"]), i) for p, i in texts]
     return {**spec, "prompt_ids": prompts, "word_ids": word_ids,
-            "cell_P": torch.tensor([c for _, c in prompts])}
+            "cell_P": torch.tensor([c for _, c in prompts]),
+            "selection_P": torch.arange(len(prompts)) < n_selection}
 
 
 # ----------------------------------------------------------------------------- intervention
@@ -250,60 +267,94 @@ N_PRIMARY_READ = 2  # primary features in control (b)
 MIN_EFFECT_FRACTION = 0.1
 # factors applied to a feature; x1 is the unscaled pipeline every change is against
 SCALES = (0.0, 2.0, 4.0)
+# each carried feature's own null: plasmode sets at each assumed correlation of an item's prompts
+# (the larger p of the two is used: the selection prompts cannot tell which holds), and the sets
+# that check its calibration
+ITEM_CORRELATIONS = (0.0, st.ITEM_CORRELATION)
+N_NULL = 5_000
+N_CALIBRATION = 5_000
+N_POWER = 400  # plasmode sets at each size the minimal detectable effect's bisection tries
 COMBINATION = "majority: holds (no) where more than half of the seeds hold (say no), else unclear"
 
 
+class PromptBatch(NamedTuple):
+    """Prompts padded at the end into one batch [P, T], their lengths [P], which positions are real
+    [P, T], and their clean block-L outputs [P, T, D], computed once: every scaled pass then runs
+    only the blocks after L (dualenc.cached_prefix)."""
+    ids_PT: torch.Tensor
+    lengths_P: torch.Tensor
+    real_PT: torch.Tensor
+    h_PTD: torch.Tensor
+
+
+PROMPT_CHUNK = 32  # prompts a pass
+
+
 @torch.no_grad()
-def word_logprobs(lm, layer, prompts, word_ids, pipeline, keep_fn):
-    """Per prompt, the mean next-token log-probability of each word list at the prompt's last
-    position, with block `layer`'s output replaced by pipeline.reconstruct at the positions
-    keep_fn(h) keeps: [P, 4]. The prompts run as one batch, padded at the end: a causal LM's
-    positions never see what follows them, so each prompt's last position is exact.
-    Log-probabilities, not raw logits: a logit vector has a free additive constant, which would move
-    every list alike (the 2 x 2 interaction of the changes is the same either way)."""
-    device = next(lm.parameters()).device
-    lengths = torch.tensor([len(ids) for ids, _ in prompts])
-    ids_PT = torch.zeros(len(prompts), int(lengths.max()), dtype=torch.long)
+def prompt_batch(lm, layer, prompts):
+    """A PromptBatch of prompts [(token ids, cell)]."""
+    lengths_P = torch.tensor([len(ids) for ids, _ in prompts])
+    ids_PT = torch.zeros(len(prompts), int(lengths_P.max()), dtype=torch.long)
     for i, (ids, _) in enumerate(prompts):
         ids_PT[i, :len(ids)] = ids
-    real_PT = torch.arange(ids_PT.shape[1]) < lengths[:, None]
-
-    def splice(h):
-        keep = keep_fn(h) & real_PT.to(h.device)
-        return torch.where(keep[..., None], pipeline.reconstruct(h), h)
-
-    with de.block_hook(lm, layer, splice):
-        logits_PV = lm(ids_PT.to(device), use_cache=False).logits[
-            torch.arange(len(prompts)), lengths - 1]
-    logp_PV = F.log_softmax(logits_PV.float(), dim=-1)
-    return torch.stack([logp_PV[:, ids.to(device)].mean(-1) for ids in word_ids.values()],
-                       dim=-1).double().cpu()
+    return PromptBatch(ids_PT, lengths_P, torch.arange(ids_PT.shape[1]) < lengths_P[:, None],
+                       de.extract_activations(lm, ids_PT, layer))
 
 
-def list_interaction(logp_P4):
-    """Per prompt, the 2 x 2 interaction of the four word lists' figures (in cell order): [P]."""
-    return logp_P4 @ torch.tensor(st.CONTRASTS["interaction"], dtype=torch.float64)
+@torch.no_grad()
+def word_logprobs(lm, layer, batch, word_ids, pipeline, keep_fn):
+    """Per prompt of a PromptBatch, the mean next-token log-probability of each word list at the
+    prompt's last position, with block `layer`'s output replaced by pipeline.reconstruct at the
+    positions keep_fn(h) keeps: [P, 4]. Padded at the end: a causal LM's positions never see what
+    follows them, so each prompt's last position is exact; the head reads the last positions only.
+    Log-probabilities, not raw logits: a logit vector has a free additive constant, which would move
+    every list alike (the 2 x 2 contrasts of the changes are the same either way)."""
+    device = next(lm.parameters()).device
+    head, rows = lm.get_output_embeddings(), []
+    for i in range(0, len(batch.ids_PT), PROMPT_CHUNK):
+        part = slice(i, i + PROMPT_CHUNK)
+        real_PT = batch.real_PT[part].to(device)
+
+        def splice(h):
+            keep = keep_fn(h) & real_PT
+            return torch.where(keep[..., None], pipeline.reconstruct(h), h)
+
+        with de.cached_prefix(lm, layer, batch.h_PTD[part].to(device)), \
+                de.block_hook(lm, layer, splice):
+            hidden_PTD = lm.base_model(batch.ids_PT[part].to(device),
+                                       use_cache=False).last_hidden_state
+        last_PD = hidden_PTD[torch.arange(len(real_PT)), batch.lengths_P[part] - 1]
+        logp_PV = F.log_softmax(head(last_PD).float(), dim=-1)
+        rows.append(torch.stack([logp_PV[:, ids.to(device)].mean(-1)
+                                 for ids in word_ids.values()], dim=-1))
+    return torch.cat(rows).double().cpu()
+
+
+def list_contrast(logp_P4, contrast="interaction"):
+    """Per prompt, a 2 x 2 contrast of the four word lists' figures (in cell order): [P]."""
+    return logp_P4 @ torch.tensor(st.CONTRASTS[contrast], dtype=torch.float64)
 
 
 class Effects(NamedTuple):
-    """Scaling each of S feature sets in turn by one factor: per set, each test prompt's 2 x 2
-    interaction of the word lists' changes (the effect stage 4 tests), and the four word lists'
-    mean changes over prompts and sets."""
+    """Scaling each of S feature sets in turn by one factor: per set, each prompt's 2 x 2 contrast
+    of the word lists' changes (the effect stage 4 tests), and the four word lists' mean changes
+    over prompts and sets."""
     per_set_SP: torch.Tensor
     word_list_changes: list
 
 
-def intervention_effect(lm, layer, prompts, word_ids, pipeline, keep_fn, scale, base_P4):
+def intervention_effect(lm, layer, prompts, word_ids, pipeline, keep_fn, scale, base_P4,
+                        contrast="interaction"):
     """The changes in each word list's log-probability when `scale` is applied, for every factor in
     SCALES, against the unscaled pipeline base_P4: {factor: [P, 4]}; and per prompt the 2 x 2
-    interaction of those changes, {factor: [P]}."""
-    changes, inter = {}, {}
+    contrast of those changes, {factor: [P]}."""
+    changes, effect = {}, {}
     for factor in SCALES:
         with scaling(pipeline, (*scale, factor)):
             changes[factor] = (word_logprobs(lm, layer, prompts, word_ids, pipeline, keep_fn)
                                - base_P4)
-        inter[factor] = list_interaction(changes[factor])
-    return changes, inter
+        effect[factor] = list_contrast(changes[factor], contrast)
+    return changes, effect
 
 
 def kept_positions(max_norm):
@@ -372,84 +423,145 @@ def matched_random(A_sel_PF, firing_F2, feature, generator, n=N_CONTROLS):
     return near[torch.randperm(len(near), generator=generator)[:n]].tolist()
 
 
-def shuffled_selections(A_sel_PF, cell_sel, feature, generator, n=N_CONTROLS):
+def shuffled_selections(A_sel_PF, cell_sel, feature, generator, contrast, n=N_CONTROLS):
     """Control (c): the feature each of n shufflings of the selection prompts' cells would have
-    chosen (the largest |t| of the interaction, none chosen twice and not the selected one)."""
+    chosen (the largest |t| of the contrast, none chosen twice and not the selected one)."""
     chosen = []
     for _ in range(n):
         shuffled = cell_sel[torch.randperm(len(cell_sel), generator=generator)]
-        chosen.append(st.top_features(A_sel_PF, shuffled, exclude=[feature, *chosen])[0][0])
+        chosen.append(st.top_features(A_sel_PF, shuffled, contrast,
+                                      exclude=[feature, *chosen])[0][0])
     return chosen
 
 
+def sealed_nulls(carried, cell_sel, n_items, generator):
+    """Each carried feature's own null (stats.plasmode_null, at every ITEM_CORRELATIONS), the
+    route's calibration at the level it is used (the share of an independent plasmode null
+    rejected, at the assumed correlation) and its minimal detectable effect in its own sd, written
+    into its plan row: {kind: {contrast: [len(ITEM_CORRELATIONS), F, S]}}."""
+    nulls = {}
+    level = st.ALPHA / sum(len(rows) for rows in next(iter(carried.values())).values())
+    for kind, plan in carried.items():
+        nulls[kind] = {}
+        for name, rows in tqdm(plan.items(), desc=f"stage 4: {kind}'s nulls", leave=False):
+            per_rho = torch.stack([torch.stack([
+                st.plasmode_null(r, cell_sel, name, n_items, N_NULL, generator, rho)
+                for r in rows]) for rho in ITEM_CORRELATIONS])
+            nulls[kind][name] = per_rho
+            for r, null_RS in zip(rows, per_rho.transpose(0, 1)):
+                r["level"] = level
+                r["null_rejection_rate"] = st.plasmode_rates(
+                    r, null_RS, cell_sel, name, n_items, level, N_CALIBRATION, generator)[0]
+                r["mde_sd"] = st.minimal_detectable(r, null_RS, cell_sel, name, n_items, level,
+                                                    generator, N_POWER)
+    return nulls
+
+
 def stage4_plan(lm, layer, pipeline, design, sel_states, A_sel, cell_sel, firing_F2, generator):
-    """Everything stage 4 decides before a test prompt is read, from the selection half alone: the
-    features each code carries to the test half with their directions and minimum effects
-    (stats.preregister), the intervention's feature, its expected direction at each scale (the
-    selection sign times the sign of scale - 1), its minimum effect (MIN_EFFECT_FRACTION of the
-    clean word-list interaction on the selection prompts), and the controls' features."""
+    """Everything stage 4 decides before a test item is read, from the selection prompts alone:
+    the features each code carries to the test items with their directions, minimum effects,
+    routes, own nulls and minimal detectable effects (stats.preregister, sealed_nulls), and for
+    every carried integration feature the intervention it would get: its word-list contrast (its
+    own contrast's), the expected direction at each scale (the selection sign times the sign of
+    scale - 1), its minimum effect (MIN_EFFECT_FRACTION of that clean word-list contrast on the
+    selection prompts), its minimal detectable effect (from its effects on the selection
+    prompts), and its controls' features. Returns (plan, nulls)."""
     carried = {kind: st.preregister(A_PF, cell_sel) for kind, A_PF in A_sel.items()}
+    n_items = len(design["items"])
+    nulls = sealed_nulls(carried, cell_sel, n_items, generator)
+    clean_P4 = word_logprobs(lm, layer, design["selection"], design["word_ids"], pipeline,
+                             design["keep_fn"])
+    interventions = {}
+    for name, rows in carried["integration"].items():
+        size = list_contrast(clean_P4, name).abs().mean().item()
+        for r in rows:
+            interventions[f"{r['feature']} {name}"] = {
+                "feature": r["feature"], "contrast": name, "selection_sign": r["direction"],
+                "directions": {f"{f:g}": r["direction"] * (1 if f > 1 else -1) for f in SCALES},
+                "clean_size": size, "min_effect_fraction": MIN_EFFECT_FRACTION,
+                "min_effect": MIN_EFFECT_FRACTION * size,
+                "mde": intervention_mde(lm, layer, pipeline, design, clean_P4, r["feature"], name,
+                                        MIN_EFFECT_FRACTION * size, n_items, size),
+                "controls": {
+                    "random_matched": matched_random(A_sel["integration"], firing_F2,
+                                                     r["feature"], generator),
+                    "primary_read": pair_inputs(pipeline, pipeline.secondary, sel_states,
+                                                r["feature"]),
+                    "shuffled_selection": shuffled_selections(A_sel["integration"], cell_sel,
+                                                              r["feature"], generator, name)}}
     top = carried["integration"]["interaction"][0]
-    clean = list_interaction(word_logprobs(lm, layer, design["selection"], design["word_ids"],
-                                           pipeline, design["keep_fn"]))
-    size = clean.abs().mean().item()
-    feature = top["feature"]
-    return {"alpha": st.ALPHA, "min_selectivity_sd": st.MIN_SELECTIVITY, "carried": carried,
-            "intervention": {
-                "feature": feature, "selection_sign": top["direction"],
-                "directions": {f"{f:g}": top["direction"] * (1 if f > 1 else -1) for f in SCALES},
-                "clean_interaction_size": size, "min_effect_fraction": MIN_EFFECT_FRACTION,
-                "min_effect": MIN_EFFECT_FRACTION * size},
-            "controls": {
-                "random_matched": matched_random(A_sel["integration"], firing_F2, feature,
-                                                 generator),
-                "primary_read": pair_inputs(pipeline, pipeline.secondary, sel_states, feature),
-                "shuffled_selection": shuffled_selections(A_sel["integration"], cell_sel,
-                                                          feature, generator)},
+    plan = {"alpha": st.ALPHA, "min_selectivity_sd": st.MIN_SELECTIVITY,
+            "silent_share": st.SILENT_SHARE, "item_correlations": list(ITEM_CORRELATIONS),
+            "null_samples": N_NULL, "power": st.POWER, "carried": carried,
+            "selected": f"{top['feature']} interaction", "interventions": interventions,
             "min_controls": st.MIN_CONTROLS, "combination_over_seeds": COMBINATION}
+    return plan, nulls
 
 
-def intervention(lm, layer, pipeline, design, plan, active):
-    """The plan's intervention on the test prompts: at each scale, the selected feature's per-prompt
-    effect on the word lists' 2 x 2 interaction, its t interval and rule's verdict against the
-    plan's direction and minimum effect, beside its three controls (stats.against_random,
-    against_paired); stats.with_controls gives the verdict. active(code, features) [len(features)]
-    tells which control features fire on the test prompts."""
+@torch.no_grad()
+def intervention_mde(lm, layer, pipeline, design, clean_P4, feature, contrast, min_effect,
+                     n_items, size):
+    """The smallest intervention effect on the word lists' contrast that the test items would find
+    ("holds") with probability stats.POWER, per scale: min_effect + (t_0.975 + t_POWER) se, se from
+    the per-prompt effects' sd on the selection prompts over the test's n_items items (each the
+    mean of its four prompts, taken as independent: optimistic where an item's prompts are
+    alike); in nats and as a fraction of the clean word-list contrast `size`."""
+    device = next(pipeline.parameters()).device
+    _, effect = intervention_effect(lm, layer, design["selection"], design["word_ids"], pipeline,
+                                    design["keep_fn"], ("secondary", torch.tensor(
+                                        [feature], device=device)), clean_P4, contrast)
+    factor = st.t_quantile(0.975, n_items - 1) + st.t_quantile(st.POWER, n_items - 1)
+    out = {}
+    for f, effect_P in effect.items():
+        nats = min_effect + factor * effect_P.std().item() / math.sqrt(4 * n_items)
+        out[f"{f:g}"] = {"nats": nats, "fraction_of_clean": nats / size if size > 0 else None}
+    return out
+
+
+def intervention(lm, layer, pipeline, design, plan_i, active):
+    """One planned intervention (plan_i, a row of the plan's "interventions") on the test items: at
+    each scale, the feature's effect on the word lists' contrast, per item the mean over its four
+    prompts, its t interval over items and rule's verdict against the plan's direction and minimum
+    effect, beside its three controls (stats.against_random, against_paired);
+    stats.with_controls gives the verdict. active(code, features) [len(features)] tells which
+    control features fire on the test prompts. Returns (rows, the largest change at x1)."""
     prompts, words, keep_fn = design["test"], design["word_ids"], design["keep_fn"]
     device = next(pipeline.parameters()).device
     base_P4 = word_logprobs(lm, layer, prompts, words, pipeline, keep_fn)
+    contrast, ctrl, j = plan_i["contrast"], plan_i["controls"], plan_i["feature"]
+
+    def per_item(x_SP):  # an item's prompts are consecutive, in cell order
+        return x_SP.reshape(*x_SP.shape[:-1], -1, 4).mean(-1)
 
     def effects(code, feature_sets, what):
-        """{factor: Effects} of scaling each feature set in turn."""
+        """{factor: Effects} of scaling each feature set in turn, per item."""
         runs = [intervention_effect(lm, layer, prompts, words, pipeline, keep_fn,
                                     (code, torch.tensor(fs, device=device, dtype=torch.long)),
-                                    base_P4)
+                                    base_P4, contrast)
                 for fs in tqdm(feature_sets, desc=f"stage 4: {what}", leave=False)]
-        return {f: Effects(torch.stack([inter[f] for _, inter in runs]),
+        return {f: Effects(per_item(torch.stack([e[f] for _, e in runs])),
                            torch.stack([ch[f].mean(0) for ch, _ in runs]).mean(0).tolist())
                 for f in SCALES}
 
-    plan_i, ctrl = plan["intervention"], plan["controls"]
-    j = plan_i["feature"]
     with scaling(pipeline, ("secondary", torch.tensor([j], device=device), 1.0)):
         x1_change = (word_logprobs(lm, layer, prompts, words, pipeline, keep_fn)
                      - base_P4).abs().max().item()
-    selected = effects("secondary", [[j]], "selected feature")
+    selected = effects("secondary", [[j]], f"feature {j}")
     random_runs = {name: effects("secondary", [[f] for f in ctrl[name]], name.replace("_", " "))
                    for name in ("random_matched", "shuffled_selection")}
     primary = effects("pair", [ctrl["primary_read"]], "primary read")  # none read: scales nothing
     out = {}
     for f in SCALES:
         direction = plan_i["directions"][f"{f:g}"]
-        effect_P = selected[f].per_set_SP[0]
-        effect, ci = st.mean_interval(effect_P)
+        effect_I = selected[f].per_set_SP[0]
+        effect, ci = st.mean_interval(effect_I)
         effect_verdict = st.rule([ci], direction, direction * plan_i["min_effect"])
         controls = {name: {**st.against_random(effect, r[f].per_set_SP.mean(-1),
                                                active("secondary", ctrl[name])),
                            "word_list_changes": r[f].word_list_changes}
                     for name, r in random_runs.items()}
         controls["primary_read"] = {
-            **st.against_paired(effect_P, primary[f].per_set_SP[0], direction,
+            **st.against_paired(effect_I, primary[f].per_set_SP[0], direction,
                                 bool(active("pair", ctrl["primary_read"]).any())),
             "word_list_changes": primary[f].word_list_changes}
         out[f"{f:g}"] = {"selected": {"effect": effect, "ci": ci, "direction": direction,
@@ -462,45 +574,56 @@ def intervention(lm, layer, pipeline, design, plan, active):
 
 
 def stage4(lm, pipeline, models, data, cfg, design, firing_F2, plan_path, generator):
-    """Stage 4 (§13) on one seed: the prompts split into halves, stage4_plan written to plan_path
-    from the selection half, then the test half read once: every code's carried features
-    (integration features, and as the baseline the identity features of the joint model's SAE and
-    of the run's other SAEs, `models`), the paper's way, and the intervention with its controls."""
-    layer, cell_P = data.layer, design["cell_P"]
+    """Stage 4 (§13) on one seed: stage4_plan from the selection prompts, written to plan_path,
+    then the test items read once: every code's carried features (integration features, and as the
+    baseline the identity features of the joint model's SAE and of the run's other SAEs,
+    `models`), each on the items' own contrasts (stats.judge_items); the paper's way on the
+    selection prompts; the intervention on the selected integration feature (the interaction's
+    top) and on every other carried integration feature that holds, each beside its controls."""
+    layer, cell_P, sel_P = data.layer, design["cell_P"], design["selection_P"]
     keep_fn = kept_positions(data.max_norm)
-    half_P = st.split_halves(cell_P, generator)
-    sel, test = half_P.nonzero()[:, 0], (~half_P).nonzero()[:, 0]
+    sel, test = sel_P.nonzero()[:, 0], (~sel_P).nonzero()[:, 0]
     states = stimulus_states(lm, layer, design, keep_fn)
     codes = {"integration": integration_code(pipeline), "identity_joint": identity_code(pipeline),
              **{f"identity_{name}": identity_code(m) for name, m in models.items()}}
     A = {kind: prompt_codes(states, code) for kind, code in codes.items()}
-    design = {**design, "keep_fn": keep_fn, "selection": [design["prompt_ids"][i] for i in sel],
-              "test": [design["prompt_ids"][i] for i in test]}
-    plan = stage4_plan(lm, layer, pipeline, design, [states[i] for i in sel],
-                       {kind: A_PF[sel] for kind, A_PF in A.items()}, cell_P[sel], firing_F2,
-                       generator)
-    checkpoint.write_json(plan_path, plan)  # sealed before the test half is read
+    design = {**design, "keep_fn": keep_fn,
+              "selection": prompt_batch(lm, layer, [design["prompt_ids"][i] for i in sel]),
+              "test": prompt_batch(lm, layer, [design["prompt_ids"][i] for i in test])}
+    plan, nulls = stage4_plan(lm, layer, pipeline, design, [states[i] for i in sel],
+                              {kind: A_PF[sel] for kind, A_PF in A.items()}, cell_P[sel],
+                              firing_F2, generator)
+    checkpoint.write_json(plan_path, plan)  # sealed before the test items are read
 
-    # the test half
-    selectivity = {kind: st.judge_plan(A_PF, cell_P, half_P, plan["carried"][kind], N_PERM,
-                                       generator) for kind, A_PF in A.items()}
+    # the test items
+    n_items = len(design["items"])
+    selectivity = {kind: st.judge_items(A_PF[test].reshape(n_items, 4, -1), plan["carried"][kind],
+                                        nulls[kind]) for kind, A_PF in A.items()}
 
     def active(code, features):  # which features fire on the test prompts' kept positions
         A_PF = A["integration"] if code == "secondary" else A["identity_joint"]
         return (A_PF[test][:, features] > 0).any(0)
 
-    rows, x1_change = intervention(lm, layer, pipeline, design, plan, active)
-    verdicts = {f"intervention_x{f}": row["verdict"] for f, row in rows.items()}
+    held = [f"{r['feature']} {name}" for name, c in selectivity["integration"].items()
+            for r in c["features"] if r["verdict"] == "holds"]
+    interventions, x1_change = {}, 0.0
+    for key in dict.fromkeys([plan["selected"], *held]):
+        interventions[key], x1 = intervention(lm, layer, pipeline, design,
+                                              plan["interventions"][key], active)
+        x1_change = max(x1_change, x1)
+    verdicts = {f"intervention_x{f}": row["verdict"]
+                for f, row in interventions[plan["selected"]].items()}
     top = selectivity["integration"]["interaction"]["features"][0]["verdict"]
     overall = "holds" if top == "holds" and set(verdicts.values()) == {"holds"} else \
         "no" if top == "no" or set(verdicts.values()) == {"no"} else "unclear"
     return {"design": {"factors": design["factors"], "cells": design["cells"],
-                       "prompts_per_half": [int((cell_P[sel] == c).sum()) for c in range(4)],
-                       "selection_prompts": sel.tolist()},
+                       "selection_prompts_per_cell": [int((cell_P[sel] == c).sum())
+                                                      for c in range(4)],
+                       "test_items": n_items},
             "plan": plan, "selectivity": selectivity,
-            "paper_way": st.paper_way(A["integration"], cell_P, N_PERM, generator),
-            "x1_max_change": x1_change, "intervention": rows,
-            "verdicts": {"selectivity_on_held_out_prompts": top, **verdicts, "overall": overall}}
+            "paper_way": st.paper_way(A["integration"][sel], cell_P[sel], N_PERM, generator),
+            "x1_max_change": x1_change, "interventions": interventions,
+            "verdicts": {"selectivity_on_test_items": top, **verdicts, "overall": overall}}
 
 
 def stage34(lm, tokenizer, joints, baselines, data, cfg, out):
@@ -531,12 +654,12 @@ def plot_stage34(result, out):
     from matplotlib.figure import Figure
 
     first = result["per_seed"][0]
+    rows = first["interventions"][first["plan"]["selected"]]
     (fa, (a1, a2)), (fb, (b1, b2)) = first["design"]["factors"].items()
     styles = {"selected": ("tab:blue", 2.5), "random_matched": ("0.6", 1.2),
               "primary_read": ("tab:orange", 1.2), "shuffled_selection": ("tab:green", 1.2)}
-    fig = Figure(figsize=(4.2 * len(first["intervention"]), 4), layout="constrained")
-    for ax, (f, row) in zip(fig.subplots(1, len(first["intervention"]), sharey=True),
-                            first["intervention"].items()):
+    fig = Figure(figsize=(4.2 * len(rows), 4), layout="constrained")
+    for ax, (f, row) in zip(fig.subplots(1, len(rows), sharey=True), rows.items()):
         for name, (color, width) in styles.items():
             ch = (row["selected"] if name == "selected"
                   else row["controls"][name])["word_list_changes"]
@@ -549,57 +672,64 @@ def plot_stage34(result, out):
     fig.axes[0].set_ylabel("change in mean log P(word list) at the next token")
     fig.axes[-1].legend(fontsize=6)
     fig.suptitle(f"Seed {first['seed']}: scaling the selected integration feature, and the "
-                 f"controls: word-list changes on the test prompts")
+                 f"controls: word-list changes on the test items")
     fig.savefig(out / "stage34.png", dpi=110)
 
 
 def format_seed(r):
-    """One seed's stages 3-4: the secondary SAE, the carried features of every code, the
+    """One seed's stages 3-4: the secondary SAE, the carried features of every code, each
     intervention beside its controls, and the verdicts."""
-    sec, plan_i = r["secondary"], r["plan"]["intervention"]
+    sec, design = r["secondary"], r["design"]
+    level = next(iter(next(iter(r["plan"]["carried"].values())).values()))[0]["level"]
     rows = [f"seed {r['seed']}, stage 3: secondary SAE on the joint NFM's interaction hidden "
             f"layer: {sec['features']} features, k {sec['k']}; held-out fvu {sec['fvu']:.4f}, "
             f"dead {sec['dead_features']}; spliced KL {sec['kl_with_secondary']['value']:.4f} "
             f"against the joint model's {sec['kl_joint']['value']:.4f} "
             f"(increase {sec['kl_increase']['value']:.4f} {st.fmt_ci(sec['kl_increase']['ci'])})",
-            f"stage 4: {r['design']['prompts_per_half']} selection prompts per cell, the rest "
-            f"tested; {st.N_CARRIED} features carried per contrast and code, each one-sided in "
-            f"its selection direction, Bonferroni over all carried, holds at >= "
-            f"{st.MIN_SELECTIVITY:g} selection-half sd",
-            "{:<21}{:<13}{:>8}{:>9}{:>11}{:>20}{:>9}{:>9}  {:<9}{:>7}  {}".format(
-                "code", "contrast", "top", "sel. t", "test half", "test 95% (Welch)", "min",
-                "p x n", "verdict", "holds", "share 95%")]
+            f"stage 4: {design['selection_prompts_per_cell']} selection prompts per cell choose, "
+            f"{design['test_items']} matched items test (the item the unit); {st.N_CARRIED} "
+            f"features carried per contrast and code, each one-sided in its selection direction "
+            f"against its own plasmode null, Bonferroni over the code's carried (level "
+            f"{level:.4f}), holds at >= {st.MIN_SELECTIVITY:g} selection sd",
+            "{:<21}{:<13}{:>6}{:>7}{:>8}{:>10}{:>20}{:>8}{:>8}{:>8}{:>7}  {:<8}{:>6}".format(
+                "code", "contrast", "top", "route", "sel. t", "test", "test 95% (items)", "min",
+                "mde sd", "p x n", "null", "verdict", "holds")]
     for kind, contrasts in r["selectivity"].items():
         for name, c in contrasts.items():
             t = c["features"][0]
-            rows.append(f"{kind:<21}{name:<13}{t['feature']:>8}{t['selection_t']:>9.2f}"
-                        f"{t['test_half']:>11.4f}{st.fmt_ci(t['test_half_ci']):>20}"
-                        f"{t['min_effect']:>9.4f}{t['p_bonferroni']:>9.4f}  {t['verdict']:<9}"
-                        f"{c['holds']:>3}/{c['carried']:<3}  {st.fmt_ci(c['holds_share_ci'])}")
+            mde = "-" if t["mde_sd"] is None else f"{t['mde_sd']:.2f}"
+            rows.append(f"{kind:<21}{name:<13}{t['feature']:>6}{t['route']:>7}"
+                        f"{t['selection_t']:>8.2f}{t['test']:>10.4f}{st.fmt_ci(t['test_ci']):>20}"
+                        f"{t['min_effect']:>8.4f}{mde:>8}{t['p_bonferroni']:>8.4f}"
+                        f"{t['null_rejection_rate']:>7.4f}  {t['verdict']:<8}"
+                        f"{c['holds']:>3}/{c['carried']}")
     pw = r["paper_way"]["interaction"]
     rows.append(f"the paper's way (integration, interaction): feature {pw['feature']}, contrast "
                 f"{pw['contrast']:.4f}, p {pw['p_same_prompts_uncorrected']:.4f} on the same "
-                f"prompts, two-sided, uncorrected")
-    rows.append(f"intervention on feature {plan_i['feature']} (selection sign "
-                f"{plan_i['selection_sign']:+d}): per test prompt the 2 x 2 interaction of the "
-                f"word lists' log-prob changes; minimum effect {plan_i['min_effect']:.2e} = "
-                f"{plan_i['min_effect_fraction']:g} x the clean interaction's "
-                f"{plan_i['clean_interaction_size']:.3f} (x1 changes nothing: max "
-                f"{r['x1_max_change']:.1e})")
-    for f, row in r["intervention"].items():
-        s = row["selected"]
-        rows.append(f"  x{f}: expected {s['direction']:+d}; effect {s['effect']:.2e} "
-                    f"{st.fmt_ci(s['ci'])} -> {s['verdict']}; beside the controls: "
-                    f"{row['verdict']}")
-        for name, c in row["controls"].items():
-            if "active" in c:  # a random control
-                detail = f"{c['active']} features active on the test prompts" + (
-                    f", rank p {c['p']:.3f}" if c["p"] is not None else "")
-            elif c["ci"] is not None:
-                detail = f"paired difference {c['difference']:.2e} {st.fmt_ci(c['ci'])}"
-            else:
-                detail = "silent on the test prompts"
-            rows.append(f"    {name:<20} {c['status']:<11} {detail}")
+                f"selection prompts, two-sided, uncorrected")
+    for key, interv in r["interventions"].items():
+        plan_i = r["plan"]["interventions"][key]
+        mde = ", ".join(f"x{f} {m['nats']:.2e}" for f, m in plan_i["mde"].items())
+        rows.append(f"intervention on feature {plan_i['feature']} ({plan_i['contrast']}, "
+                    f"selection sign {plan_i['selection_sign']:+d}): per test item the word lists' "
+                    f"{plan_i['contrast']} of log-prob changes; minimum effect "
+                    f"{plan_i['min_effect']:.2e} = {plan_i['min_effect_fraction']:g} x the clean "
+                    f"{plan_i['clean_size']:.3f}; detectable at 80 % power: {mde} nats")
+        for f, row in interv.items():
+            s = row["selected"]
+            rows.append(f"  x{f}: expected {s['direction']:+d}; effect {s['effect']:.2e} "
+                        f"{st.fmt_ci(s['ci'])} -> {s['verdict']}; beside the controls: "
+                        f"{row['verdict']}")
+            for name, c in row["controls"].items():
+                if "active" in c:  # a random control
+                    detail = f"{c['active']} features active on the test prompts" + (
+                        f", rank p {c['p']:.3f}" if c["p"] is not None else "")
+                elif c["ci"] is not None:
+                    detail = f"paired difference {c['difference']:.2e} {st.fmt_ci(c['ci'])}"
+                else:
+                    detail = "silent on the test prompts"
+                rows.append(f"    {name:<20} {c['status']:<11} {detail}")
+    rows.append(f"(x1 changes nothing: max {r['x1_max_change']:.1e})")
     rows.append("verdicts: " + ", ".join(f"{k} {v}" for k, v in r["verdicts"].items()))
     return rows
 

@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import dualenc as de
 import language_model
@@ -106,6 +107,15 @@ def test_scaling_by_one_or_a_silent_feature_by_zero_changes_nothing():
     def keep_fn(h):
         return torch.ones(h.shape[:-1], dtype=torch.bool)
 
+    # batched, padded and run from block 2's cached output: each prompt as the LM reads it alone
+    uneven = [(ids[0], 0), (ids[1, :6], 1), (ids[2, :8], 2)]
+    as_is = type("Identity", (), {"reconstruct": staticmethod(lambda h: h)})()
+    alone = torch.stack([F.log_softmax(lm(i[None]).logits[0, -1], -1) for i, _ in uneven])
+    torch.testing.assert_close(
+        s34.word_logprobs(lm, 2, s34.prompt_batch(lm, 2, uneven), words, as_is, keep_fn),
+        torch.stack([alone[:, w].mean(-1) for w in words.values()], -1).double(),
+        rtol=0, atol=1e-5)
+    prompts = s34.prompt_batch(lm, 2, prompts)
     base = s34.word_logprobs(lm, 2, prompts, words, pipe, keep_fn)
     changes, inter = s34.intervention_effect(lm, 2, prompts, words, pipe, keep_fn,
                                              ("secondary", torch.tensor([0])), base)
@@ -126,9 +136,14 @@ def test_scaling_by_one_or_a_silent_feature_by_zero_changes_nothing():
     ('{"factors": {"a": ["x", "y"], "b": ["u", "v"]}, "prompts": {}, "words": {}}',
      "not a 2 x 2 design"),
     (json.dumps({"factors": {"a": ["x", "y"], "b": ["u", "v"]},
-                 "prompts": {c: ["p"] * 3 for c in ("x u", "x v", "y u", "y v")},
+                 "prompts": {c: ["p"] * 3 for c in ("x u", "x v", "y u", "y v")}, "items": [],
                  "words": {c: ["w"] for c in ("x u", "x v", "y u", "y v")}}),
-     "at least 4 prompts")])
+     "at least 4 prompts"),
+    (json.dumps({"factors": {"a": ["x", "y"], "b": ["u", "v"]},
+                 "prompts": {c: ["p"] * 4 for c in ("x u", "x v", "y u", "y v")},
+                 "items": [{"id": "i", **{c: "q" for c in ("x u", "x v", "y u", "y v")}}] * 8,
+                 "words": {c: ["w"] for c in ("x u", "x v", "y u", "y v")}}),
+     "at least 8 items with distinct ids")])
 def test_a_malformed_stimulus_file_fails_with_one_line(content, msg, tmp_path):
     path = tmp_path / "s.json"
     path.write_text(content)
@@ -142,7 +157,14 @@ def test_the_shipped_stimuli_are_a_full_design_of_single_token_words():
     spec = s34.read_stimuli(None)
     _, tokenizer = language_model.load_lm(language_model.SMOLLM2, "cpu")
     design = s34.load_stimuli(spec, tokenizer)
-    assert [sum(1 for _, c in design["prompt_ids"] if c == i) for i in range(4)] == [16, 16, 16, 16]
+    sel_P, cell_P = design["selection_P"], design["cell_P"]
+    assert [int((cell_P[sel_P] == i).sum()) for i in range(4)] == [16, 16, 16, 16]
+    # 64 matched items, each one situation in all four cells, in cell order
+    assert len(spec["items"]) == 64 and len({item["id"] for item in spec["items"]}) == 64
+    assert cell_P[~sel_P].tolist() == [0, 1, 2, 3] * 64
+    texts = [p for c in spec["cells"] for p in spec["prompts"][c]]
+    texts += [item[c] for item in spec["items"] for c in spec["cells"]]
+    assert len(set(texts)) == len(texts) == 64 + 4 * 64  # no prompt twice
     assert all(len(w) == 8 for w in design["word_ids"].values())
     bad = {**spec, "words": {**spec["words"], spec["cells"][0]: ["extraordinarily-long-word"]}}
     with pytest.raises(de.DualencError, match="single tokens"):
@@ -152,15 +174,18 @@ def test_the_shipped_stimuli_are_a_full_design_of_single_token_words():
 # ----------------------------------------------------------------------------- on a run
 
 @pytest.mark.slow  # takes long on its own
-def test_stage34_on_a_tiny_run_seals_its_plan_before_the_test_half(tiny_run, capsys, monkeypatch):
+def test_stage34_on_a_tiny_run_seals_its_plan_before_the_test_items(tiny_run, capsys,
+                                                                    monkeypatch):
     out, first = tiny_run
-    sealed, test_half = [], st.judge_plan
+    sealed, judge = [], st.judge_items
 
     def after_the_plan(*args, **kw):
         sealed.append((out / "stage34_plan.json").exists())
-        return test_half(*args, **kw)
+        return judge(*args, **kw)
 
-    monkeypatch.setattr(st, "judge_plan", after_the_plan)
+    monkeypatch.setattr(st, "judge_items", after_the_plan)
+    for name in ("N_NULL", "N_CALIBRATION", "N_POWER"):  # the plan's simulations, smaller
+        monkeypatch.setattr(s34, name, 200)
     report = rp.run(rp.Config(eval_only=str(out), device="cpu", stage34=True))
     assert sealed and all(sealed)
     saved = json.loads((out / "results.json").read_text())
@@ -171,27 +196,41 @@ def test_stage34_on_a_tiny_run_seals_its_plan_before_the_test_half(tiny_run, cap
     (seed,) = result["per_seed"]
     plan = seed["plan"]
     assert json.loads((out / "stage34_plan.json").read_text()) == json.loads(json.dumps(plan))
+    assert seed["design"]["selection_prompts_per_cell"] == [16, 16, 16, 16]
+    assert seed["design"]["test_items"] == 64
     # the baseline: the same selection and test on every SAE's identity features
     assert set(seed["selectivity"]) == {"integration", "identity_joint", "identity_sae",
                                         "identity_sae_matched"}
     assert all(set(kind) == set(st.CONTRASTS) for kind in seed["selectivity"].values())
+    # each carried feature's route, level, own null's calibration and detectable effect, sealed
+    for rows in plan["carried"]["integration"].values():
+        assert len(rows) == st.N_CARRIED
+        for r in rows:
+            assert r["route"] in ("mean", "hurdle") and r["level"] == pytest.approx(0.05 / 15)
+            assert 0 <= r["null_rejection_rate"] <= 1 and len(r["selection_values"]) == 64
+            assert r["mde_sd"] is None or r["mde_sd"] > 0
     # directions and the minimum effect come from the plan, beside each verdict
-    sign, intervention = plan["intervention"]["selection_sign"], plan["intervention"]
-    assert intervention["directions"] == {"0": -sign, "2": sign, "4": sign}
-    assert intervention["min_effect"] == pytest.approx(
-        s34.MIN_EFFECT_FRACTION * intervention["clean_interaction_size"])
-    assert seed["x1_max_change"] < 1e-5 and list(seed["intervention"]) == ["0", "2", "4"]
-    for f, row in seed["intervention"].items():
-        assert row["selected"]["direction"] == intervention["directions"][f]
-        assert row["selected"]["min_effect"] == intervention["min_effect"]
+    selected = plan["interventions"][plan["selected"]]
+    assert plan["selected"].endswith(" interaction") and selected["contrast"] == "interaction"
+    sign = selected["selection_sign"]
+    assert selected["directions"] == {"0": -sign, "2": sign, "4": sign}
+    assert selected["min_effect"] == pytest.approx(
+        s34.MIN_EFFECT_FRACTION * selected["clean_size"])
+    assert set(selected["mde"]) == {"0", "2", "4"}
+    assert seed["x1_max_change"] < 1e-5 and list(seed["interventions"])[0] == plan["selected"]
+    held = {f"{r['feature']} {name}" for name, c in seed["selectivity"]["integration"].items()
+            for r in c["features"] if r["verdict"] == "holds"}
+    assert set(seed["interventions"]) == held | {plan["selected"]}
+    for f, row in seed["interventions"][plan["selected"]].items():
+        assert row["selected"]["direction"] == selected["directions"][f]
+        assert row["selected"]["min_effect"] == selected["min_effect"]
         assert set(row["controls"]) == {"random_matched", "primary_read", "shuffled_selection"}
         assert all(c["status"] in ("beyond", "not beyond", "empty")
                    for c in row["controls"].values())
         assert row["verdict"] in ("holds", "no", "unclear")
-    controls = plan["controls"]
+    controls = selected["controls"]
     assert len(controls["random_matched"]) <= s34.N_CONTROLS
-    chosen = controls["shuffled_selection"] + controls["random_matched"]
-    assert intervention["feature"] not in chosen
+    assert selected["feature"] not in controls["shuffled_selection"] + controls["random_matched"]
     assert result["combined"] == seed["verdicts"]  # one seed: its own verdicts
     assert (out / "stage34.png").read_bytes()[:4] == b"\x89PNG" and (out / "stage34.txt").exists()
     cfg = json.loads((out / "secondary" / "cfg.json").read_text())

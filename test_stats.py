@@ -1,9 +1,12 @@
 """Tests for stats.py, the referee's pure statistics, written as examples of its API: bootstrap and
 seed intervals, the holds / no / unclear rule, the decoder-norm statistics, and stage 4's
-permutation tests, held-out selection and controls, all on constructed data:
-no model, no language model."""
+permutation tests, selection on prompts and tests on matched items, the plasmode's calibration, and
+controls, all on constructed data (and real features' selection values from a committed plan): no
+model, no language model."""
 
+import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -323,78 +326,170 @@ def test_the_nulls_keep_what_they_must(one_thread):
                            y[keep].sort(0).values.expand(5, -1, -1))
 
 
-# ----------------------------------------------------------------------------- held-out selection
+# ----------------------------------------------------------------------------- selection and test
 
-def select_then_test(A_PF, cell_P, g, half_P=None, n_perm=999):
-    """Stage 4's selectivity: the plan from the selection half, then the test half read once."""
-    half_P = st.split_halves(cell_P, g) if half_P is None else half_P
-    plan = st.preregister(A_PF[half_P], cell_P[half_P])
-    return st.judge_plan(A_PF, cell_P, half_P, plan, n_perm, g), plan
+N_ITEMS = 64
+
+
+def planted_items(g, interaction=0.0, main_a=0.0, n_features=1, item_sd=1.0):
+    """[I, 4, F] matched items: a shared item effect (sd item_sd) plus normal noise plus cell means
+    whose contrasts are exactly `interaction` and `main_a`."""
+    means_C = main_a * CONTRAST_K["main_a"] + interaction * CONTRAST_K["interaction"] / 4
+    item_I11 = item_sd * torch.randn(N_ITEMS, 1, 1, generator=g, dtype=torch.float64)
+    return means_C[None, :, None] + item_I11 + torch.randn(N_ITEMS, 4, n_features, generator=g,
+                                                           dtype=torch.float64)
+
+
+def plan_and_nulls(A_sel_PF, cell_sel_P, g, n_items=N_ITEMS, n_null=2000):
+    """The plan from the selection prompts and each carried feature's own null, at both assumed
+    item correlations, as stage 4 seals them."""
+    plan = st.preregister(A_sel_PF, cell_sel_P)
+    nulls = {name: torch.stack([torch.stack([st.plasmode_null(r, cell_sel_P, name, n_items,
+                                                              n_null, g, rho) for r in rows])
+                                for rho in (0.0, st.ITEM_CORRELATION)])
+             for name, rows in plan.items()}
+    return plan, nulls
 
 
 def any_holds(out):
     return any(f["verdict"] == "holds" for c in out.values() for f in c["features"])
 
 
-def test_a_plan_carries_each_contrasts_strongest_features_with_their_directions():
+def test_a_plan_carries_each_contrasts_strongest_features_with_their_directions_and_routes():
     A, cell = planted_design(effect=-1.0)
+    A[:, 7] = torch.where(torch.arange(64) % 4 == 0, 5.0, 0.0)  # silent on 3 of 4 prompts a cell
     plan = st.preregister(A, cell)
     assert all(len(rows) == st.N_CARRIED for rows in plan.values())
     top = plan["interaction"][0]
-    assert (top["feature"], top["direction"]) == (3, -1) and top["selection_t"] < 0
+    assert (top["feature"], top["direction"], top["route"]) == (3, -1, "mean")
     within_sd = (A[:, 3] - A[:, 3].new_tensor([-0.25, 0.25, 0.25, -0.25])[cell]).std().item()
     assert top["min_effect"] == pytest.approx(st.MIN_SELECTIVITY * within_sd, rel=0.05)
+    assert st.route(A[:, 7], cell) == "hurdle" and top["selection_values"] == A[:, 3].tolist()
 
 
-@pytest.mark.slow  # takes long on its own
-def test_select_then_test_on_meaningless_labels_keeps_its_rates(one_thread):
-    """400 random dealings of labels to sparse heavy-tailed codes (64 prompts, 200 features): the
-    carried top features' one-sided p is at most 0.05 in 5 % of tests, and "holds" anywhere among
-    the 30 carried features stays within the family-wise 5 % (bounds + 2.3 binomial sd)."""
-    g = torch.Generator().manual_seed(3)
-    p, family = [], []
-    for _ in range(400):
-        out, _ = select_then_test(sae_like(g), dealt(g), g)
-        p += [c["features"][0]["p"] for c in out.values()]
-        family.append(any_holds(out))
-    rate = sum(x <= 0.05 for x in p) / len(p)
-    assert abs(rate - 0.05) <= 2.3 * math.sqrt(0.05 * 0.95 / len(p)), rate
-    assert sum(family) / len(family) <= 0.05 + 2.3 * math.sqrt(0.05 * 0.95 / len(family))
+def test_an_items_contrasts_average_to_the_contrast_of_cell_means():
+    g = torch.Generator().manual_seed(1)
+    A_ICF = planted_items(g, interaction=2.0, main_a=-1.0, n_features=3)
+    cell_P = torch.arange(4).repeat(N_ITEMS)
+    for name in st.CONTRASTS:
+        torch.testing.assert_close(st.item_contrasts(A_ICF, name).mean(0),
+                                   st.contrasts(A_ICF.reshape(-1, 3), cell_P)[name][0])
 
 
-@pytest.mark.parametrize("seed", range(6))
-def test_cells_dealt_at_random_never_hold(seed, one_thread):
-    """Cells dealt at random, to sparse codes and to codes that follow a hidden property of the
-    prompts: no carried feature of any contrast holds."""
-    g = torch.Generator().manual_seed(100 + seed)
-    hidden_P = torch.randn(64, 1, generator=g, dtype=torch.float64)
-    follows = sae_like(g) * (1 + (hidden_P * torch.randn(1, 200, generator=g,
-                                                         dtype=torch.float64)).exp())
-    for A in (sae_like(g), follows):
-        assert not any_holds(select_then_test(A, dealt(g), g, n_perm=1999)[0])
+def test_the_exact_sign_test_and_the_t_tail():
+    assert st.binomial_tail([0, 3, 5, 0], [0, 5, 5, 3]).tolist() == pytest.approx(
+        [1.0, 0.5, 1 / 32, 1.0])
+    assert st.t_tail([2.228], 10).item() == pytest.approx(0.025, abs=2e-4)
+    assert st.t_tail([-2.228], 10).item() == pytest.approx(0.975, abs=2e-4)
+    d = torch.tensor([[1.0], [2.0], [3.0], [4.0]], dtype=torch.float64)
+    mean, se, p = st.mean_test(d, torch.tensor([1.0]))
+    assert (mean.item(), se.item()) == pytest.approx((2.5, (5 / 3) ** 0.5 / 2))
+    assert st.mean_test(torch.ones(8, 1), torch.tensor([1.0]))[2].item() == 1.0  # no spread
 
 
-def test_a_planted_interaction_is_selected_on_one_half_and_holds_on_the_other(one_thread):
+def test_the_plasmode_keeps_each_cells_shape_and_moves_only_the_contrast():
+    g = torch.Generator().manual_seed(2)
+    values = torch.cat([torch.randn(16, generator=g, dtype=torch.float64).exp() + c
+                        for c in (0.0, 2.0, 1.0, 0.5)])
+    margins = st.marginals(values, CELL, "mean")
+    for name in st.CONTRASTS:
+        for effect in (0.0, 1.5):
+            means_C = torch.stack([v.mean() for _, v in st.moved(margins, name, "mean", effect)])
+            m = {k: (CONTRAST_K[k] @ means_C).item() for k in st.CONTRASTS}
+            orig = {k: (CONTRAST_K[k] @ torch.stack([v.mean() for _, v in margins])).item()
+                    for k in st.CONTRASTS}
+            assert m[name] == pytest.approx(effect)
+            assert all(m[k] == pytest.approx(orig[k]) for k in st.CONTRASTS if k != name)
+    A_ICS = st.plasmode_items(margins, N_ITEMS, 200, g)
+    for c, (_, v) in enumerate(margins):  # every draw is one of the cell's own values
+        assert torch.isin(A_ICS[:, c], v).all()
+    sparse = torch.where(torch.rand(64, generator=g) < 0.3, 2.0, 0.0).double()
+    hurdle = st.moved(st.marginals(sparse, CELL, "hurdle"), "interaction", "hurdle", 0.0)
+    q_C = torch.tensor([q for q, _ in hurdle], dtype=torch.float64)
+    assert (CONTRAST_K["interaction"] @ q_C).item() == pytest.approx(0.0, abs=1e-12)
+
+
+def test_a_planted_interaction_on_matched_items_holds_and_a_reversed_one_does_not(one_thread):
     g = torch.Generator().manual_seed(4)
-    A = torch.cat([planted(g, interaction=-3.0), planted(g, n_features=50)], 1)
-    out, plan = select_then_test(A, CELL, g, n_perm=1999)
-    top = out["interaction"]["features"][0]
-    assert (top["feature"], top["direction"], top["verdict"]) == (0, -1, "holds")
-    assert top["test_half_ci"][1] <= -top["min_effect"] and out["interaction"]["holds"] == 1
-    assert top["p_bonferroni"] == pytest.approx(min(1.0, 30 * top["p"]))
+    A_sel = torch.cat([planted(g, interaction=-3.0), planted(g, n_features=50)], 1)
+    plan, nulls = plan_and_nulls(A_sel, CELL, g)
+    for size, expected in ((-3.0, "holds"), (3.0, "no"), (0.0, "no")):
+        A_ICF = torch.cat([planted_items(g, interaction=size),
+                           planted_items(g, n_features=50)], 2)
+        top = st.judge_items(A_ICF, plan, nulls)["interaction"]["features"][0]
+        assert (top["feature"], top["direction"], top["verdict"]) == (0, -1, expected)
+    assert top["p_bonferroni"] == pytest.approx(min(1.0, 15 * top["p"]))
 
 
-def test_a_sign_flip_never_holds_and_a_faded_effect_is_unclear(one_thread):
-    g = torch.Generator().manual_seed(5)
-    half_P = st.split_halves(CELL, g)
-    flip_P = torch.where(half_P, 1.0, -1.0).double()[:, None]
-    flipped = torch.cat([planted(g, interaction=4.0) * flip_P, planted(g, n_features=30)], 1)
-    top = select_then_test(flipped, CELL, g, half_P)[0]["interaction"]["features"][0]
-    assert (top["feature"], top["direction"], top["verdict"]) == (0, 1, "no") and top["p"] > 0.9
-    faded = torch.where(half_P[:, None], planted(g, interaction=4.0), planted(g, interaction=0.3))
-    top = select_then_test(torch.cat([faded, planted(g, n_features=30)], 1), CELL, g,
-                           half_P)[0]["interaction"]["features"][0]
-    assert top["feature"] == 0 and top["verdict"] == "unclear"
+@pytest.mark.parametrize("seed", range(4))
+def test_cells_dealt_at_random_within_items_never_hold(seed, one_thread):
+    """Items whose four prompts have their cell labels permuted within the item: whatever the
+    features track (here strong main effects and an interaction, and SAE-like sparse codes), no
+    carried feature of any contrast holds."""
+    g = torch.Generator().manual_seed(100 + seed)
+    A_sel = torch.cat([planted(g, main_a=2.0, interaction=3.0, n_features=5),
+                       sae_like(g, n_features=40)], 1)
+    plan, nulls = plan_and_nulls(A_sel, CELL, g, n_null=1000)
+    sparse_I4F = sae_like(g, n_prompts=4 * N_ITEMS, n_features=40).reshape(N_ITEMS, 4, 40)
+    A_ICF = torch.cat([planted_items(g, main_a=2.0, interaction=3.0, n_features=5), sparse_I4F],
+                      2)
+    dealt_I4 = torch.rand(N_ITEMS, 4, generator=g).argsort(1)
+    dealt_ICF = A_ICF.gather(1, dealt_I4[..., None].expand(-1, -1, A_ICF.shape[2]))
+    assert not any_holds(st.judge_items(dealt_ICF, plan, nulls))
+    assert any_holds(st.judge_items(A_ICF, plan, nulls))  # the labels as written do hold
+
+
+COMMITTED_PLAN = Path(__file__).parent / "results" / "prose3" / "stage34_plan.json"
+
+
+def real_features(route, n=4):
+    """Carried features of a committed stage-4 plan (the prose run's first seed, every code) that
+    take `route`: (contrast, plan row), the n of the largest |selection t|."""
+    plan = json.loads(COMMITTED_PLAN.read_text())
+    rows = [(name, r) for kinds in plan["carried"].values() for name, rows in kinds.items()
+            for r in rows if r["route"] == route]
+    return sorted(rows, key=lambda x: -abs(x[1]["selection_t"]))[:n]
+
+
+def welch_rejects(row, contrast, level, n_sims, g):
+    """The test with the pairing dropped: the items' prompts read as four unpaired cells, Welch's
+    t one-sided in the row's direction, on plasmode items."""
+    margins = st.moved(st.marginals(row["selection_values"], CELL, row["route"]), contrast,
+                       row["route"], 0.0)
+    A_ICS = st.plasmode_items(margins, N_ITEMS, n_sims, g)
+    value, se, df = st.welch(A_ICS.reshape(-1, n_sims), torch.arange(4).repeat(N_ITEMS), contrast)
+    t = row["direction"] * value / se.clamp_min(1e-300)
+    return sum(int(st.t_tail(t[df.floor() == d], int(d)).le(level).sum())
+               for d in df.floor().unique().tolist())
+
+
+@pytest.mark.slow  # 40,000 simulated test sets of 64 items per feature
+@pytest.mark.parametrize("route", ["mean", "hurdle"])
+def test_each_route_keeps_its_level_on_real_features_and_fails_with_the_pairing_dropped(
+        route, one_thread):
+    """Plasmode nulls from real features' selection values (a committed plan's): each route's p,
+    against the feature's own sealed null, rejects at alpha / 30 within 2.3 binomial sd over the
+    features, with the items' prompts as alike as assumed and with them independent; the same
+    check fails for the unpaired test (Welch's t on the items' prompts as four cells)."""
+    g = torch.Generator().manual_seed(7)
+    level, n_null, n_sims = st.ALPHA / 30, 5000, 5000
+    band = 2.3 * math.sqrt(level * (1 - level) / (4 * n_sims))
+    rejected, rejected_independent, rejected_unpaired = 0, 0, 0
+    features = real_features(route)
+    assert len(features) == 4
+    for name, row in features:
+        null_RS = torch.stack([st.plasmode_null(row, CELL, name, N_ITEMS, n_null, g, rho)
+                               for rho in (0.0, st.ITEM_CORRELATION)])
+        rate = st.plasmode_rates(row, null_RS, CELL, name, N_ITEMS, level, n_sims, g)[0]
+        rate_0 = st.plasmode_rates(row, null_RS, CELL, name, N_ITEMS, level, n_sims, g,
+                                   rho=0.0)[0]
+        rejected += rate * n_sims
+        rejected_independent += rate_0 * n_sims
+        rejected_unpaired += welch_rejects(row, name, level, n_sims, g)
+    n = len(features) * n_sims
+    assert abs(rejected / n - level) <= band, rejected / n
+    assert abs(rejected_independent / n - level) <= band, rejected_independent / n
+    assert abs(rejected_unpaired / n - level) > band, rejected_unpaired / n
 
 
 def test_top_features_can_leave_features_out():

@@ -92,10 +92,10 @@ function front() {
     "on the held-out tokens (dead)"));
 }
 function cells(c) {
-  const t = el("table", {}, el("tr", {}, el("th", {}, "half"),
+  const t = el("table", {}, el("tr", {}, el("th", {}, "prompts"),
     ...D.cells.map(n => el("th", {}, n))));
-  for (const half of ["selection", "test"]) {
-    t.append(el("tr", {}, el("td", {}, half), ...c[half].map(([m, lo, hi]) =>
+  for (const set of ["selection", "test"]) {
+    t.append(el("tr", {}, el("td", {}, set), ...c[set].map(([m, lo, hi]) =>
       el("td", {}, m.toPrecision(3) + " [" + lo.toPrecision(3) + ", " + hi.toPrecision(3) + "]"))));
   }
   return t;
