@@ -745,8 +745,8 @@ def against_paired(effect_P, control_P, direction, active):
 
 def with_controls(effect_verdict, controls):
     """An effect's verdict beside its controls: "holds" stands only when every control is
-    "beyond"; otherwise it becomes "unclear" (an empty control cannot fail, so it cannot pass).
-    "no" and "unclear" stand."""
+    "beyond"; otherwise it becomes "unclear" (an empty control cannot fail, so it cannot pass, and
+    one not run cannot pass either). "no" and "unclear" stand."""
     if effect_verdict == "holds" and any(c["status"] != "beyond" for c in controls.values()):
         return "unclear"
     return effect_verdict

@@ -186,6 +186,8 @@ def test_stage34_on_a_tiny_run_seals_its_plan_before_the_test_items(tiny_run, ca
     monkeypatch.setattr(st, "judge_items", after_the_plan)
     for name in ("N_NULL", "N_CALIBRATION", "N_POWER"):  # the plan's simulations, smaller
         monkeypatch.setattr(s34, name, 200)
+    # the random controls run whatever the effect says (in a run, only where it holds)
+    monkeypatch.setattr(s34, "RANDOM_CONTROLS_FOR", ("holds", "no", "unclear"))
     report = rp.run(rp.Config(eval_only=str(out), device="cpu", stage34=True))
     assert sealed and all(sealed)
     saved = json.loads((out / "results.json").read_text())

@@ -531,6 +531,7 @@ def test_an_effect_holds_only_beyond_every_control_and_an_empty_one_keeps_it_unc
     assert st.with_controls("holds", {"a": beyond, "b": empty}) == "unclear"
     assert st.with_controls("holds", {"a": {"status": "not beyond"}}) == "unclear"
     assert st.with_controls("no", {"a": empty}) == "no"
+    assert st.with_controls("holds", {"a": beyond, "b": {"status": "not run"}}) == "unclear"
 
 
 def test_a_gap_counts_only_beyond_its_interval_and_its_path_noise():
