@@ -617,8 +617,8 @@ def moved(margins, contrast, route_name, effect):
     shifts every value of cell c by (effect - k.m) k_c / |k|^2 (k the contrast's coefficients, m
     the cell means): the other contrasts keep their values. The hurdle route makes the firing
     shares and the firing values' means each additive the same way (q, and v scaled): its null is
-    that neither part has the contrast; an effect then moves the firing values' means so that the
-    cell means' contrast is `effect`."""
+    that neither part has the contrast; an effect then moves the firing shares so that the cell
+    means' contrast is `effect` (short of it where a share would leave [0, 1])."""
     k_C = torch.tensor(CONTRASTS[contrast], dtype=torch.float64)
     kk = k_C.square().sum()
     if route_name == "mean":
@@ -628,10 +628,10 @@ def moved(margins, contrast, route_name, effect):
     q_C = torch.tensor([q for q, _ in margins], dtype=torch.float64)
     q_C = (q_C - (k_C @ q_C) * k_C / kk).clamp(1e-3, 1.0)
     m_C = torch.stack([v.mean() for _, v in margins])
-    target_C = m_C - (k_C @ m_C) * k_C / kk
-    if effect:
-        target_C = target_C + (effect - k_C @ (q_C * target_C)) * k_C / (kk * q_C)
-    target_C = torch.maximum(target_C, 1e-3 * m_C.abs().max())
+    target_C = torch.maximum(m_C - (k_C @ m_C) * k_C / kk, 1e-3 * m_C.abs().max())
+    if effect:  # through the firing shares, as a sparse feature's cell means mostly move
+        step = (effect - k_C @ (q_C * target_C)) / (k_C.square() @ target_C / kk)
+        q_C = (q_C + step * k_C / kk).clamp(1e-3, 1.0)
     return [(q, v * (t / v.mean())) for q, (_, v), t in zip(q_C.tolist(), margins,
                                                              target_C.tolist())]
 
