@@ -469,8 +469,10 @@ def test_each_route_keeps_its_level_on_real_features_and_fails_with_the_pairing_
         route, one_thread):
     """Plasmode nulls from real features' selection values (a committed plan's): each route's p,
     against the feature's own sealed null, rejects at alpha / 30 within 2.3 binomial sd over the
-    features, with the items' prompts as alike as assumed and with them independent; the same
-    check fails for the unpaired test (Welch's t on the items' prompts as four cells)."""
+    features with the items' prompts as alike as assumed (0.5), and never above that band with them
+    independent (the larger p of the two nulls: the hurdle route is conservative there, measured
+    0.0005); the same check fails for the unpaired test (Welch's t on the items' prompts read as
+    four cells)."""
     g = torch.Generator().manual_seed(7)
     level, n_null, n_sims = st.ALPHA / 30, 5000, 5000
     band = 2.3 * math.sqrt(level * (1 - level) / (4 * n_sims))
@@ -488,7 +490,7 @@ def test_each_route_keeps_its_level_on_real_features_and_fails_with_the_pairing_
         rejected_unpaired += welch_rejects(row, name, level, n_sims, g)
     n = len(features) * n_sims
     assert abs(rejected / n - level) <= band, rejected / n
-    assert abs(rejected_independent / n - level) <= band, rejected_independent / n
+    assert rejected_independent / n <= level + band, rejected_independent / n
     assert abs(rejected_unpaired / n - level) > band, rejected_unpaired / n
 
 
