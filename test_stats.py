@@ -382,9 +382,10 @@ def test_the_exact_sign_test_and_the_t_tail():
     assert st.t_tail([2.228], 10).item() == pytest.approx(0.025, abs=2e-4)
     assert st.t_tail([-2.228], 10).item() == pytest.approx(0.975, abs=2e-4)
     d = torch.tensor([[1.0], [2.0], [3.0], [4.0]], dtype=torch.float64)
-    mean, se, p = st.mean_test(d, torch.tensor([1.0]))
-    assert (mean.item(), se.item()) == pytest.approx((2.5, (5 / 3) ** 0.5 / 2))
-    assert st.mean_test(torch.ones(8, 1), torch.tensor([1.0]))[2].item() == 1.0  # no spread
+    mean, se, t = st.mean_test(d, torch.tensor([-1.0]))
+    assert (mean.item(), se.item(), t.item()) == pytest.approx((2.5, (5 / 3) ** 0.5 / 2,
+                                                                -2.5 / ((5 / 3) ** 0.5 / 2)))
+    assert st.mean_test(torch.ones(8, 1), torch.tensor([1.0]))[2].item() == 0.0  # no spread
 
 
 def test_the_plasmode_keeps_each_cells_shape_and_moves_only_the_contrast():
