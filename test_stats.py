@@ -411,14 +411,16 @@ def test_the_plasmode_keeps_each_cells_shape_and_moves_only_the_contrast():
 
 
 def test_a_planted_interaction_on_matched_items_holds_and_a_reversed_one_does_not(one_thread):
+    """Planted at the selection's size it holds; reversed, "no"; absent, never "holds" (whether
+    "no" or "unclear" depends on where the interval falls around the minimum effect)."""
     g = torch.Generator().manual_seed(4)
     A_sel = torch.cat([planted(g, interaction=-3.0), planted(g, n_features=50)], 1)
     plan, nulls = plan_and_nulls(A_sel, CELL, g)
-    for size, expected in ((-3.0, "holds"), (3.0, "no"), (0.0, "no")):
+    for size, expected in ((-3.0, ("holds",)), (3.0, ("no",)), (0.0, ("no", "unclear"))):
         A_ICF = torch.cat([planted_items(g, interaction=size),
                            planted_items(g, n_features=50)], 2)
         top = st.judge_items(A_ICF, plan, nulls)["interaction"]["features"][0]
-        assert (top["feature"], top["direction"], top["verdict"]) == (0, -1, expected)
+        assert (top["feature"], top["direction"]) == (0, -1) and top["verdict"] in expected
     assert top["p_bonferroni"] == pytest.approx(min(1.0, 15 * top["p"]))
 
 
@@ -468,16 +470,20 @@ def welch_rejects(row, contrast, level, n_sims, g):
 @pytest.mark.parametrize("route", ["mean", "hurdle"])
 def test_each_route_keeps_its_level_on_real_features_and_fails_with_the_pairing_dropped(
         route, one_thread):
-    """Plasmode nulls from real features' selection values (a committed plan's): each route's p,
-    against the feature's own sealed null, rejects at alpha / 30 within 2.3 binomial sd over the
-    features with the items' prompts as alike as assumed (0.5), and never above that band with them
-    independent (the larger p of the two nulls: the hurdle route is conservative there, measured
-    0.0005); the same check fails for the unpaired test (Welch's t on the items' prompts read as
-    four cells)."""
+    """Plasmode nulls from real features' selection values (a committed plan's). Each route's p,
+    against the feature's own sealed null (the larger of its p's at item correlations 0 and 0.5),
+    keeps alpha / 30 with the items' prompts as alike as assumed (0.5): at most 2.3 binomial sd
+    above it and at least half of it (measured with 80,000 sets: 0.00125 on the mean route,
+    0.00175 on the hurdle route), and is never above that with them independent (the larger p is
+    conservative there: 0.0014 and 0.0003). The same check fails for the unpaired test on the mean
+    route (Welch's t on the items' prompts read as four cells: 0.00005), and for Student's table in
+    place of the feature's own null on the hurdle route's sparse features (0.0083). On the hurdle
+    route the pairing matters less (Welch: about 0.0007)."""
     g = torch.Generator().manual_seed(7)
-    level, n_null, n_sims = st.ALPHA / 30, 5000, 5000
+    # a null of 20,000 sets: the run's 5,000 make p coarser, and slightly conservative
+    level, n_null, n_sims = st.ALPHA / 30, 20_000, 10_000
     band = 2.3 * math.sqrt(level * (1 - level) / (4 * n_sims))
-    rejected, rejected_independent, rejected_unpaired = 0, 0, 0
+    rejected, rejected_independent, rejected_unpaired, rejected_student = 0, 0, 0, 0
     features = real_features(route)
     assert len(features) == 4
     for name, row in features:
@@ -489,10 +495,19 @@ def test_each_route_keeps_its_level_on_real_features_and_fails_with_the_pairing_
         rejected += rate * n_sims
         rejected_independent += rate_0 * n_sims
         rejected_unpaired += welch_rejects(row, name, level, n_sims, g)
+        value, se, _ = st.plasmode_statistics(row, CELL, name, N_ITEMS, n_sims, g)
+        t = row["direction"] * value / se.clamp_min(1e-300)
+        rejected_student += int((st.t_tail(t, N_ITEMS - 1) <= level).sum())
     n = len(features) * n_sims
-    assert abs(rejected / n - level) <= band, rejected / n
+
+    def keeps_its_level(rate):  # never above it beyond the noise, and not a test that is silent
+        return level / 2 <= rate <= level + band
+    assert keeps_its_level(rejected / n), rejected / n
     assert rejected_independent / n <= level + band, rejected_independent / n
-    assert abs(rejected_unpaired / n - level) > band, rejected_unpaired / n
+    if route == "mean":  # where the pairing carries the test: without it, too few
+        assert not keeps_its_level(rejected_unpaired / n), rejected_unpaired / n
+    else:  # where sparse cells skew the contrasts: Student's table, too many
+        assert not keeps_its_level(rejected_student / n), rejected_student / n
 
 
 def test_top_features_can_leave_features_out():
