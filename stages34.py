@@ -552,11 +552,10 @@ def intervention(lm, layer, pipeline, design, plan_i, active):
                      - base_P4).abs().max().item()
     selected = effects("secondary", [[j]], f"feature {j}")
     primary = effects("pair", [ctrl["primary_read"]], "primary read")  # none read: scales nothing
-    verdicts = {}
-    for f in SCALES:
-        direction = plan_i["directions"][f"{f:g}"]
-        verdicts[f] = st.rule([st.mean_interval(selected[f].per_set_SP[0])[1]], direction,
-                              direction * plan_i["min_effect"])
+    directions = {f: plan_i["directions"][f"{f:g}"] for f in SCALES}
+    summaries = {f: st.mean_interval(selected[f].per_set_SP[0]) for f in SCALES}  # (effect, ci)
+    verdicts = {f: st.rule([ci], directions[f], directions[f] * plan_i["min_effect"])
+                for f, (_, ci) in summaries.items()}
     random_runs = {}
     if set(verdicts.values()) & set(RANDOM_CONTROLS_FOR):
         random_runs = {name: effects("secondary", [[f] for f in ctrl[name]],
@@ -564,9 +563,7 @@ def intervention(lm, layer, pipeline, design, plan_i, active):
                        for name in ("random_matched", "shuffled_selection")}
     out = {}
     for f in SCALES:
-        direction = plan_i["directions"][f"{f:g}"]
-        effect_I = selected[f].per_set_SP[0]
-        effect, ci = st.mean_interval(effect_I)
+        direction, (effect, ci) = directions[f], summaries[f]
         controls = {name: {"status": "not run", "active": None, "p": None, "effect": None}
                     for name in ("random_matched", "shuffled_selection")}
         controls.update({name: {**st.against_random(effect, r[f].per_set_SP.mean(-1),
@@ -574,7 +571,7 @@ def intervention(lm, layer, pipeline, design, plan_i, active):
                                 "word_list_changes": r[f].word_list_changes}
                          for name, r in random_runs.items()})
         controls["primary_read"] = {
-            **st.against_paired(effect_I, primary[f].per_set_SP[0], direction,
+            **st.against_paired(selected[f].per_set_SP[0], primary[f].per_set_SP[0], direction,
                                 bool(active("pair", ctrl["primary_read"]).any())),
             "word_list_changes": primary[f].word_list_changes}
         out[f"{f:g}"] = {"selected": {"effect": effect, "ci": ci, "direction": direction,
