@@ -380,6 +380,9 @@ class NFM(nn.Module):
                        = sum_{i<j} f_i f_j (v_i * v_j)
         interaction(f) = W_2 Dropout(ReLU(W_1 pair(f) + c_1))               M -> M -> D
     over the n_read largest active codes; pair's sums are embedding_bags, O(B K M), no [B, F, M].
+    share = (rank, ranks): which equal share of a data-parallel step's global batch this forward
+    sees ((0, 1) in one process); dropout draws the global batch's mask and keeps the share's rows,
+    so the ranks together drop what one process would (every rank holds the same random state).
     Init (paper): v ~ N(0, 0.05^2), weights ~ N(0, 0.01^2). No b_lin, c_2 (paper's output biases):
     copies of the SAE's b_dec (trained, identical) that zeroing a pathway would partly take away;
     the frozen b_dec already centres sequential's residual. linear=False: no linear term (§9.3)."""
@@ -389,11 +392,10 @@ class NFM(nn.Module):
         # what rebuilds it: a checkpoint keeps these beside the weights
         self.config = dict(n_features=n_features, d_model=d_model, embed_dim=embed_dim,
                            n_read=n_read, dropout=dropout, linear=linear)
-        self.n_read = n_read
+        self.n_read, self.dropout_p, self.share = n_read, dropout, (0, 1)
         self.embed = nn.Parameter(0.05 * torch.randn(n_features, embed_dim))  # v_i, [F, M]
         self.W_lin = nn.Parameter(0.01 * torch.randn(n_features, d_model)) if linear else None
         self.W_1 = nn.Linear(embed_dim, embed_dim)  # its bias is c_1
-        self.drop = nn.Dropout(dropout)
         self.W_2 = nn.Linear(embed_dim, d_model, bias=False)
         nn.init.normal_(self.W_1.weight, std=0.01)
         nn.init.zeros_(self.W_1.bias)
@@ -417,7 +419,17 @@ class NFM(nn.Module):
 
     def interaction(self, h_BM):
         """interaction(f) = W_2 Dropout(ReLU(h)) from the hidden layer h = hidden(f): [B, D]."""
-        return self.W_2(self.drop(F.relu(h_BM)))
+        return self.W_2(self.dropout(F.relu(h_BM)))
+
+    def dropout(self, a_BM):
+        """nn.Dropout's draws to the bit in one process; under data parallelism the global batch's
+        mask, cut to this rank's rows (self.share)."""
+        if not self.training or self.dropout_p == 0:
+            return a_BM
+        (rank, ranks), B = self.share, len(a_BM)
+        scale_BM = a_BM.new_empty((B * ranks, a_BM.shape[1])).bernoulli_(1 - self.dropout_p)
+        scale_BM.div_(1 - self.dropout_p)
+        return a_BM * scale_BM[rank * B:(rank + 1) * B]
 
     def linear(self, vals_BK, idx_BK):
         if self.W_lin is None:
@@ -550,17 +562,36 @@ def per_epoch_steps(x_train_ND, cfg):
     return per_epoch
 
 
-def batches(x_train_ND, cfg, start, stop):
+class OneProcess:
+    """How fit trains across processes: here, in one. distributed.DataParallel is the same four
+    members over torch.distributed's ranks, each training on its share of every global batch."""
+    main = True  # this process evaluates, logs and saves
+
+    def wrap(self, model):
+        """The module the steps run through (DistributedDataParallel: it averages gradients)."""
+        return model
+
+    def share(self, rows_B):
+        """This process's rows of a global batch."""
+        return rows_B
+
+    def gather(self, value):
+        """A scalar of every process, [ranks]."""
+        return value.reshape(1)
+
+
+def batches(x_train_ND, cfg, start, stop, parallel=OneProcess()):
     """(step, batch [B, D]) for steps start..stop-1: each epoch in its own order, drawn from a seed
     of its own, so that any step's batch is known without replaying the steps before it (resuming,
-    branching), and every model of a seed sees the same batches."""
+    branching), and every model of a seed sees the same batches; under data parallelism, this
+    rank's share of each (its rows only are read)."""
     per_epoch = per_epoch_steps(x_train_ND, cfg)
     for step in range(start, stop):
         j = step % per_epoch
         if j == 0 or step == start:
             gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step // per_epoch)
             order = torch.randperm(len(x_train_ND), generator=gen).to(x_train_ND.device)
-        yield step, x_train_ND[order[j * cfg.batch_size:(j + 1) * cfg.batch_size]]
+        yield step, x_train_ND[parallel.share(order[j * cfg.batch_size:(j + 1) * cfg.batch_size])]
 
 
 def set_lr(optimiser, lr):
@@ -573,11 +604,11 @@ def branch_start(stop, cfg):
     return math.floor((1 - cfg.wsd_decay) * stop)
 
 
-def decay_branch(model, optimiser, x_train_ND, cfg, stop):
+def decay_branch(model, optimiser, x_train_ND, cfg, stop, parallel=OneProcess()):
     """A finished model of `stop` steps (wsd), branched off a longer run at branch_start(stop):
     a copy of the run's model and Adam state trained on the run's own batches up to `stop` with
-    its own decay, lr_at(step, stop). The run's model, optimiser and random state are untouched,
-    so its own steps go on bit for bit as without the branch."""
+    its own decay, lr_at(step, stop), data-parallel as the run. The run's model, optimiser and
+    random state are untouched, so its own steps go on bit for bit as without the branch."""
     branch = copy.deepcopy(model)
     position = {id(p): i for i, p in enumerate(model.parameters())}
     copies = list(branch.parameters())
@@ -586,22 +617,25 @@ def decay_branch(model, optimiser, x_train_ND, cfg, stop):
     # a deep copy: load_state_dict may keep the run's own moment tensors, which the branch updates
     branch_optimiser.load_state_dict(copy.deepcopy(optimiser.state_dict()))
     devices = [x_train_ND.device] if x_train_ND.device.type == "cuda" else []
+    trainer = parallel.wrap(branch)
     with torch.random.fork_rng(devices):  # dropout's draws in the branch leave the run's alone
-        for step, batch_BD in batches(x_train_ND, cfg, branch_start(stop, cfg), stop):
+        for step, batch_BD in batches(x_train_ND, cfg, branch_start(stop, cfg), stop, parallel):
             set_lr(branch_optimiser, lr_at(step, stop, cfg))
-            train_step(branch, branch_optimiser, batch_BD, cfg.precision, cfg.clip_norm)
+            train_step(trainer, branch_optimiser, batch_BD, cfg.precision, cfg.clip_norm)
     return branch.eval()
 
 
 def fit(model, params, x_train_ND, x_curve_ND, cfg, name, state=None, on_eval=None, until=None,
-        length=None, branches=(), on_branch=None):
+        length=None, branches=(), on_branch=None, parallel=OneProcess()):
     """Adam on MSE(x_hat, x) over `params`, the same batches and steps for every model of a seed,
     the forward in cfg.precision; evaluates on the held-out tokens x_curve_ND (curve_subset) every
     eval_every steps and at the last, then on_eval(step, model). `state` (checkpoint.TrainState,
     or None): training resumes from what it holds, and it is saved anew at each evaluation;
     `until` stops after that step; `length` (default: cfg.epochs epochs) is the run's length,
     where its schedule ends. With cfg.schedule "wsd", each step of `branches` gets a finished
-    model of its own (decay_branch), given to on_branch(step, model). Returns the history."""
+    model of its own (decay_branch), given to on_branch(step, model). `parallel` (OneProcess, or
+    distributed.DataParallel): each rank steps on its share of the batch; the main one alone
+    evaluates, calls back and saves (and returns the history). Returns the history."""
     params = [p for p in params if p.requires_grad]
     # fused: one kernel for all parameters, ~7x faster than the default Adam step on CPU (measured)
     optimiser = torch.optim.Adam(params, lr=cfg.lr, betas=(0.9, 0.999), fused=True)
@@ -615,27 +649,36 @@ def fit(model, params, x_train_ND, x_curve_ND, cfg, name, state=None, on_eval=No
         raise DualencError(f"checkpoints {sorted(branches)} would branch off at the same step; "
                            "lower --wsd-decay")
     start, history = (0, []) if state is None else state.load(model, optimiser)
+    trainer = parallel.wrap(model)
     loss_sum, n_sum = 0.0, 0
     model.train()
-    bar = tqdm(batches(x_train_ND, cfg, start, last), desc=name, leave=False, initial=start,
-               total=last)
+    bar = tqdm(batches(x_train_ND, cfg, start, last, parallel), desc=name, leave=False,
+               initial=start, total=last, disable=not parallel.main)
     for step, batch_BD in bar:
         if step in branch_at:  # before this step: the branch starts from the same state
-            on_branch(branch_at[step], decay_branch(model, optimiser, x_train_ND, cfg,
-                                                    branch_at[step]))
+            branch = decay_branch(model, optimiser, x_train_ND, cfg, branch_at[step], parallel)
+            if parallel.main:
+                on_branch(branch_at[step], branch)
         set_lr(optimiser, lr_at(step, steps, cfg))
-        loss = train_step(model, optimiser, batch_BD, cfg.precision, cfg.clip_norm)
+        loss = train_step(trainer, optimiser, batch_BD, cfg.precision, cfg.clip_norm)
         loss_sum = loss_sum + loss  # a tensor: summed on the device, read once per cadence
         n_sum += 1
         if (step + 1) % cfg.eval_every == 0 or step + 1 == last:
-            train_loss = (loss_sum / n_sum).item()  # one host sync per cadence, not per step
-            if not math.isfinite(train_loss):
-                raise DualencError(f"{name}: training loss became {train_loss} at step {step + 1}")
+            # one host sync per cadence, not per step; every rank stops if any rank's loss is bad
+            losses = parallel.gather(loss_sum / n_sum).tolist()
+            bad = [rank for rank, value in enumerate(losses) if not math.isfinite(value)]
+            if bad:
+                where = f" on rank {bad[0]}" if len(losses) > 1 else ""
+                raise DualencError(f"{name}: training loss became {losses[bad[0]]}{where} at "
+                                   f"step {step + 1}")
+            loss_sum, n_sum = 0.0, 0
+            if not parallel.main:
+                continue
+            train_loss = sum(losses) / len(losses)
             ev = evaluate(model, x_curve_ND)
             history.append({"step": step + 1, "train_mse": train_loss, **ev})
             bar.write(f"{name:>16s} step {step + 1:5d}/{steps}  train mse {train_loss:.4f}  "
                       f"held-out mse {ev['mse']:.4f}  fvu {ev['fvu']:.4f}")
-            loss_sum, n_sum = 0.0, 0
             if on_eval is not None:
                 on_eval(step + 1, model)
             if state is not None:

@@ -45,6 +45,7 @@ from tqdm.auto import tqdm
 
 import browser
 import checkpoint
+import distributed
 import dualenc as de
 import report as rep
 import runner
@@ -590,8 +591,10 @@ def saving_checkpoints(recipes, steps, folder_of, metadata, cfg, data):
                     early = de.build(cfg, data, sae=sae, nfm="linear")
                     de.train_sequential(early, data.x_train, data.x_curve, cfg,
                                         name=f"sequential to {step}", until=step,
-                                        length=step if cfg.schedule == "wsd" else None)
-                    checkpoint.save_model(early, folder, metadata)
+                                        length=step if cfg.schedule == "wsd" else None,
+                                        parallel=kw["parallel"])
+                    if kw["parallel"].main:
+                        checkpoint.save_model(early, folder, metadata)
             return history
         return train_all
     return {name: (make, sequential(train) if name == "sequential"
@@ -1132,10 +1135,12 @@ def add_to_finished_run(previous, timings, peaks, stage, lm, tokenizer, models, 
     return report
 
 
-def train_and_evaluate(lm, models, data, cfg, out, report, stage):
+def train_and_evaluate(lm, models, data, cfg, out, report, stage, parallel):
     """For each seed, train dualenc's models and the baselines (or load the finished ones) and
     gather every variant's evidence; with --checkpoints, the first seed's models also along the
-    training length, into report["along_training"]. Returns (each seed's analysis, evidence)."""
+    training length, into report["along_training"]. Returns (each seed's analysis, evidence); under
+    torchrun (distributed.DataParallel) the ranks train together and the main one alone evaluates:
+    the others return (None, None)."""
     weights = window_resamples(cfg, data.n_eval_windows, len(data.splice_ids))
     per_seed, steps, evidence = [], checkpoint_steps(cfg, len(data.x_train)), {}
     metadata = runner.sae_metadata(cfg, data.layer)
@@ -1146,12 +1151,16 @@ def train_and_evaluate(lm, models, data, cfg, out, report, stage):
             seed_recipes = saving_checkpoints(seed_recipes, steps, lambda name: out / key(name),
                                               metadata, seed_cfg, data)
         trained = runner.train_models(seed_cfg, data, seed_recipes, models,
-                                      runner.RunFolder(out, report, stage), key=key)
+                                      runner.RunFolder(out, report, stage), parallel, key=key)
+        if not parallel.main:
+            continue
         generator = torch.Generator(device=data.x_train.device).manual_seed(seed)
         ev = gather_evidence(lm, trained, data, generator)
         evidence[Point(seed, total_steps(cfg, len(data.x_train)))] = ev
         per_seed.append(analyse(ev, weights, torch.Generator().manual_seed(seed)))
         stage(f"evaluate_seed{seed}")
+    if not parallel.main:
+        return None, None
     if steps:
         first_seed = {name: models[name] for name in cfg.model_names()}
         along = along_training(lm, steps, lambda name: out / run_key(cfg, cfg.seed, name),
@@ -1164,38 +1173,46 @@ def train_and_evaluate(lm, models, data, cfg, out, report, stage):
     return per_seed, evidence
 
 
-def run(cfg):
+def run(cfg, parallel=None):
     """python replicate.py: check the inputs; extract; for each seed, train dualenc's models and the
     baselines and evaluate every variant; summarise with intervals; judge the claims; report. With
     cfg.resume, finished models are loaded and an interrupted one continues from its last
     evaluation; with cfg.eval_only, nothing is trained (with cfg.stage34 or cfg.browser, those are
-    added to the finished run); with cfg.sae, an existing SAE is studied instead of training one."""
+    added to the finished run); with cfg.sae, an existing SAE is studied instead of training one.
+    `parallel` (distributed.start's, under torchrun): its ranks extract the store and train
+    together, and the main one alone evaluates and writes (the others return None once trained)."""
+    parallel = parallel or distributed.DataParallel(device=runner.resolve_device(cfg.device))
+    if (cfg.combine or cfg.compare or cfg.eval_only) and not parallel.main:
+        return None  # nothing to train: the main rank does it all
     if cfg.combine:
         return combine_runs(cfg)
     if cfg.compare:
         return compare_runs(cfg)
-    device = runner.resolve_device(cfg.device)
+    device = parallel.device
     cfg, models, previous, layer, saelens = checked_inputs(cfg)
-    out = runner.prepare_out(cfg.out)
+    out = parallel.broadcast(runner.prepare_out(cfg.out) if parallel.main else None)
     timings = {k: v for k, v in previous.get("timings_s", {}).items() if k != "total"}
     peaks = dict(previous.get("peak_rss_gib", {}))
     stage = measured(runner.stopwatch(timings), peaks)
-    lm, tokenizer, data = load_data(cfg, layer, device)
+    lm, tokenizer, data = load_data(cfg, layer, device, parallel)
     if cfg.resume:
         runner.check_corpus(cfg.resume, previous, data)
     stage("load_extract")
     models = {key: model.to(device) for key, model in models.items()}
     if saelens is not None:
         models["sae"] = import_sae(saelens, data.mean, data.std).to(device)
-        checkpoint.save_model(models["sae"], out / "sae", runner.sae_metadata(cfg, layer))
+        if parallel.main:
+            checkpoint.save_model(models["sae"], out / "sae", runner.sae_metadata(cfg, layer))
     if cfg.eval_only and (cfg.stage34 or cfg.browser):
         return add_to_finished_run(previous, timings, peaks, stage, lm, tokenizer, models, data,
                                    cfg, out)
     report = {**runner.new_report(cfg, data, models, previous, timings), "commit": source_commit(),
               "peak_rss_gib": peaks}
-    if not cfg.eval_only:
+    if not cfg.eval_only and parallel.main:
         checkpoint.write_json(out / "results.json", report)
-    per_seed, evidence = train_and_evaluate(lm, models, data, cfg, out, report, stage)
+    per_seed, evidence = train_and_evaluate(lm, models, data, cfg, out, report, stage, parallel)
+    if not parallel.main:
+        return None
     save_evidence(out / "evidence.safetensors", evidence)
     finish_report(report, per_seed, cfg)
     report["data"]["steps_per_model"] = report["curves"][cfg.stages()[0]][-1]["step"]

@@ -27,6 +27,7 @@ import torch
 
 import checkpoint
 import corpus
+import distributed
 import dualenc as de
 import language_model
 from dualenc import DualencError, setting
@@ -188,15 +189,18 @@ def sae_metadata(cfg, layer):
             "context_size": cfg.ctx}
 
 
-def train_into(folder, model, train, cfg, data, name):
-    """Train `model` with `train` (a dualenc regime) into `folder`: resumable from the folder's
-    train_state.pt while it trains, saved there in SAELens format once finished. Returns its
-    curve."""
-    folder.mkdir(parents=True, exist_ok=True)
+def train_into(folder, model, train, cfg, data, name, parallel):
+    """Train `model` with `train` (a dualenc regime; data-parallel over `parallel`'s ranks) into
+    `folder`: resumable from the folder's train_state.pt while it trains, saved there in SAELens
+    format once finished (by the main rank). Returns its curve."""
+    if parallel.main:
+        folder.mkdir(parents=True, exist_ok=True)
     state = checkpoint.TrainState(folder / "train_state.pt")
-    curve = train(model, data.x_train, data.x_curve, cfg, name=name, state=state)
-    checkpoint.save_model(model, folder, sae_metadata(cfg, data.layer))
-    state.path.unlink()
+    curve = train(model, data.x_train, data.x_curve, cfg, name=name, state=state,
+                  parallel=parallel)
+    if parallel.main:
+        checkpoint.save_model(model, folder, sae_metadata(cfg, data.layer))
+        state.path.unlink()
     return curve
 
 
@@ -214,22 +218,23 @@ class RunFolder:
         checkpoint.write_json(self.path / "results.json", self.report)
 
 
-def train_models(cfg, data, recipes, models, run, key=lambda name: name):
+def train_models(cfg, data, recipes, models, run, parallel, key=lambda name: name):
     """The models of `recipes` (dualenc.recipes or the referee's) in order, each trained into
-    run.path / key(name), unless `models` has it already (under key(name)). Returns {name:
-    model}."""
+    run.path / key(name) (distributed.DataParallel: over its ranks, the main one writing), unless
+    `models` has it already (under key(name)). Returns {name: model}."""
     done = {}
     for name, (make, train) in recipes.items():
         if key(name) not in models:
             try:
                 model = make(done)
-                curve = train_into(run.path / key(name), model, train, cfg, data, name)
+                curve = train_into(run.path / key(name), model, train, cfg, data, name, parallel)
             except KeyboardInterrupt:
                 print(f"interrupted: continue with  python {cfg.PROG} --resume {run.path}",
                       file=sys.stderr)
                 raise
             models[key(name)] = model
-            run.model_done(key(name), curve)
+            if parallel.main:
+                run.model_done(key(name), curve)
         done[name] = models[key(name)]
     return done
 
@@ -374,14 +379,20 @@ def format_models(report):
 
 # ----------------------------------------------------------------------------- command line
 
-def run(cfg):
+def run(cfg, parallel=None):
     """python dualenc.py: check the inputs; extract; train sae, sequential and joint on the same
     data, batches and steps; evaluate them; write results.json, curves.png and their checkpoints;
-    print the table. cfg.resume continues an interrupted run, cfg.eval_only trains nothing."""
-    device = resolve_device(cfg.device)
+    print the table. cfg.resume continues an interrupted run, cfg.eval_only trains nothing.
+    `parallel` (distributed.start's, under torchrun): its ranks train together, each extracting
+    the activations itself, and the main one alone evaluates and writes (the others return None
+    once trained)."""
+    parallel = parallel or distributed.DataParallel(device=resolve_device(cfg.device))
+    device = parallel.device
     cfg, models, previous = settings(cfg)
     layer, _, _ = check_inputs(cfg, models)
-    out = prepare_out(cfg.out)
+    if cfg.eval_only and not parallel.main:
+        return None
+    out = parallel.broadcast(prepare_out(cfg.out) if parallel.main else None)
     timings = {k: v for k, v in previous.get("timings_s", {}).items() if k != "total"}
     stage = stopwatch(timings)
     lm, _, data = load_data(cfg, layer, device)
@@ -390,9 +401,12 @@ def run(cfg):
     stage("load_extract")
     models = {key: model.to(device) for key, model in models.items()}
     report = new_report(cfg, data, models, previous, timings)
-    if not cfg.eval_only:
+    if not cfg.eval_only and parallel.main:
         checkpoint.write_json(out / "results.json", report)
-    trained = train_models(cfg, data, de.recipes(cfg, data), models, RunFolder(out, report, stage))
+    trained = train_models(cfg, data, de.recipes(cfg, data), models, RunFolder(out, report, stage),
+                           parallel)
+    if not parallel.main:
+        return None
     eps_generator = torch.Generator(device=device).manual_seed(cfg.seed)
     results, clean_ce, zero_ce = de.evaluate_models(lm, trained, data, eps_generator)
     report.update(status="complete", models=results, clean_ce=clean_ce, zero_ce=zero_ce)
@@ -434,15 +448,27 @@ def parse_args(argv=None, cls=RunConfig):
 
 
 def main(argv=None, cls=RunConfig, run=run):
-    name = cls.PROG.removesuffix(".py")
+    """The command line; under torchrun (distributed.start), one of the job's ranks. Errors end
+    the job with one line (the first rank to fail says it)."""
+    name, parallel = cls.PROG.removesuffix(".py"), None
     try:
-        run(parse_args(argv, cls))
+        cfg = parse_args(argv, cls)
+        parallel = distributed.start(resolve_device(cfg.device))
+        run(cfg, parallel)
     except DualencError as e:
-        print(f"{name}: error: {e}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(distributed.report(parallel, name, e))
     except KeyboardInterrupt:
         print(f"{name}: interrupted", file=sys.stderr)
         sys.exit(130)
+    except Exception as e:
+        if parallel is None or parallel.ranks == 1:
+            raise
+        if distributed.caused_elsewhere(parallel, e):  # a rank's end, seen from here
+            sys.exit(distributed.report(parallel, name, e))
+        distributed.crashed(parallel)  # a bug: its traceback, the other ranks quiet
+        raise
+    finally:
+        distributed.stop(parallel)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@ runner.load_data holds a run's activations in memory; load_data here reads the s
 same tokens from an ActivationStore, extracted once per key and reused by every later run. It
 imports dualenc and runner, and corpus, language_model and checkpoint for the text, the LM and
 meta.json. Sections, in the order data flows:
-  activation store  ActivationStore: one folder per key, locked and resumable extraction
+  activation store  ActivationStore: one folder per key, locked, resumable extraction, sharded over
+                    torchrun's ranks
   tokens            Tokens (a store's tokens, z-scored on read), token_rows, streamed_moments
   data              store_key, weights_fingerprint, load_data
 Dimension letters as in dualenc.py; W windows.
@@ -22,6 +23,7 @@ from tqdm.auto import tqdm
 
 import checkpoint
 import corpus
+import distributed
 import dualenc as de
 import language_model
 import runner
@@ -36,9 +38,14 @@ class ActivationStore:
     text, token count and ctx):
         acts.bin   [N, T, D] in `dtype` (float32, or float16 at half the disk), window after window
         norms.bin  [N, T] float32 norms of the float32 outputs (the outlier threshold, §2)
-        meta.json  the key, the shape, and how many windows are written (written after their bytes)
-    Extraction resumes at the last recorded window and gives the same bytes as an uninterrupted one.
-    A folder whose meta or file sizes do not match is refused in one line, never read."""
+        done.bin   a byte per batch of BATCH windows: 1 once its bytes are written and flushed
+        meta.json  the key, the shape and the batch
+    Extraction runs batch by batch, each written at its own offset (under torchrun, each rank
+    takes every ranks-th batch), and fills in the batches not yet done: an interrupted or partly
+    sharded store is completed by the next extraction, with the same bytes as an uninterrupted
+    one. A folder whose meta or file sizes do not match is refused in one line, never read."""
+
+    BATCH = 16  # windows an extraction step runs through the LM; a batch's bytes depend on it
 
     def __init__(self, root, key, shape_NTD):
         self.key, self.shape = key, tuple(shape_NTD)
@@ -46,29 +53,39 @@ class ActivationStore:
         self.folder = Path(root) / digest[:16]
         self.dtype = getattr(torch, key["dtype"])
         self.row_bytes = shape_NTD[2] * self.dtype.itemsize
+        self.n_batches = -(-self.shape[0] // self.BATCH)
         self.done = self.recorded()
 
     def recorded(self):
-        """The windows meta.json records as written, once the meta and the files' sizes are checked:
-        a finished store must have exactly its size, an unfinished one at least what it records."""
+        """Which batches are written, [n_batches] bool, once the meta and the files' sizes are
+        checked: a finished store must have exactly its size, an unfinished one room for what it
+        records. (A store of an earlier version counted a prefix of windows: read as such.)"""
         meta = self.folder / "meta.json"
         if not meta.exists():
-            return 0
+            return torch.zeros(self.n_batches, dtype=torch.bool)
         try:
             saved = json.loads(meta.read_text())
             ok = saved["key"] == self.key and saved["shape"] == list(self.shape)
-            done = saved["windows_done"]
+            if "windows_done" in saved:
+                ends = (torch.arange(self.n_batches) + 1) * self.BATCH
+                done = (ends <= saved["windows_done"]) | (saved["windows_done"] == self.shape[0])
+            else:
+                marks = (self.folder / "done.bin").read_bytes()
+                done = torch.tensor(list(marks.ljust(self.n_batches, b"\0")), dtype=torch.bool)
             actual = {name: (self.folder / name).stat().st_size for name in self.sizes(0)}
         except (OSError, ValueError, KeyError) as e:
             raise DualencError(f"activation store {self.folder} is unreadable "
                                f"({checkpoint.one_line(e)}); delete it") from None
-        if not ok:
+        if not ok or len(done) != self.n_batches:
             raise DualencError(f"activation store {self.folder} holds another key than this run's; "
                                "delete it")
-        for name, size in self.sizes(done).items():
-            if actual[name] < size or (done == self.shape[0] and actual[name] != size):
+        written = int(done.nonzero().max()) + 1 if done.any() else 0
+        for name, size in self.sizes(min(written * self.BATCH, self.shape[0])).items():
+            full = self.sizes(self.shape[0])[name]
+            if actual[name] < size or (done.all() and actual[name] != full):
                 raise DualencError(f"activation store {self.folder} has {actual[name]:,} bytes in "
-                                   f"{name} where {size:,} are recorded; delete it to rebuild")
+                                   f"{name} where {full if done.all() else size:,} are recorded; "
+                                   "delete it to rebuild")
         return done
 
     def sizes(self, n_windows):
@@ -77,48 +94,71 @@ class ActivationStore:
 
     @property
     def complete(self):
-        return self.done == self.shape[0]
+        return bool(self.done.all())
 
-    def extract(self, lm, windows_NT, layer, precision="fp32"):
-        """Fill the store, holding its lock: a second process extracting the same key waits, then
-        finds it done (or resumes where the first stopped)."""
+    def extract(self, lm, windows_NT, layer, precision="fp32", parallel=None):
+        """Fill the store: the main rank holds its lock (a second job extracting the same key waits,
+        then finds it done or completes it) and lays the files out; every rank then writes its
+        share of the batches not yet done (distributed.DataParallel.batches)."""
+        parallel = parallel or distributed.DataParallel()
         self.folder.mkdir(parents=True, exist_ok=True)
         with open(self.folder / "lock", "w") as lock:
-            try:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                print(f"another process is extracting {self.folder}; waiting for it",
-                      file=sys.stderr)
-                fcntl.flock(lock, fcntl.LOCK_EX)
+            if parallel.main:
+                try:
+                    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    print(f"another process is extracting {self.folder}; waiting for it",
+                          file=sys.stderr)
+                    fcntl.flock(lock, fcntl.LOCK_EX)
+                self.done = self.recorded()
+                if not self.complete:
+                    self.lay_out()
+            parallel.barrier()  # the files are laid out: every rank writes its batches
             self.done = self.recorded()
-            self.write_windows(lm, windows_NT, layer, precision)
+            todo = [b for b in parallel.batches(self.n_batches) if not self.done[b]]
+            self.write_batches(lm, windows_NT, layer, precision, todo)
+            parallel.barrier()  # every rank's batches are written
+            self.done = self.recorded()
+
+    def lay_out(self):
+        """The data files at exactly their full size (bytes written past it by an interrupted
+        process are dropped; batches not done are rewritten), done.bin as recorded, meta.json."""
+        try:
+            for name, size in self.sizes(self.shape[0]).items():
+                with open(self.folder / name, "ab") as f:
+                    f.truncate(size)
+            (self.folder / "done.bin").write_bytes(bytes(self.done.tolist()))
+            checkpoint.write_json(self.folder / "meta.json", {
+                "key": self.key, "shape": list(self.shape), "batch": self.BATCH})
+        except OSError as e:
+            raise DualencError(f"cannot lay out the activation store {self.folder}: "
+                               f"{e.strerror or e}") from None
 
     @torch.no_grad()
-    def write_windows(self, lm, windows_NT, layer, precision, batch_size=16):
-        """Windows self.done on, batch_size at a time (the batches of an uninterrupted extraction,
-        so the same bytes), each written at its own offset and flushed before meta.json counts it. A
-        full disk stops with one line; the store then reads as unfinished."""
-        T, files = self.shape[1], {}
+    def write_batches(self, lm, windows_NT, layer, precision, todo):
+        """The batches `todo` (indices of BATCH windows), each written at its own offset and
+        flushed before done.bin counts it. A full disk stops with one line; the store then reads
+        as unfinished."""
+        T, files, batch = self.shape[1], {}, self.BATCH
+        i = todo[0] * batch if todo else 0
         try:
-            for name, size in self.sizes(self.done).items():
-                files[name] = os.open(self.folder / name, os.O_RDWR | os.O_CREAT)
-                os.truncate(files[name], size)  # bytes written after the last record are dropped
-            batches = range(self.done, len(windows_NT), batch_size)
-            for i in tqdm(batches, desc="extract to store", leave=False):
-                acts_BTD = de.extract_activations(lm, windows_NT[i:i + batch_size], layer,
-                                                  batch_size, precision)
+            for name in ("acts.bin", "norms.bin", "done.bin"):
+                files[name] = os.open(self.folder / name, os.O_RDWR)
+            for b in tqdm(todo, desc="extract to store", leave=False):
+                i = b * batch
+                acts_BTD = de.extract_activations(lm, windows_NT[i:i + batch], layer, batch,
+                                                  precision)
                 acts_bytes = acts_BTD.to(self.dtype).cpu().numpy().tobytes()
                 os.pwrite(files["acts.bin"], acts_bytes, i * T * self.row_bytes)
                 norms_bytes = acts_BTD.norm(dim=-1).cpu().numpy().tobytes()
                 os.pwrite(files["norms.bin"], norms_bytes, i * T * 4)
-                for fd in files.values():
+                for fd in (files["acts.bin"], files["norms.bin"]):
                     os.fsync(fd)
-                self.done = min(i + batch_size, len(windows_NT))
-                checkpoint.write_json(self.folder / "meta.json", {
-                    "key": self.key, "shape": list(self.shape), "windows_done": self.done})
+                os.pwrite(files["done.bin"], b"\1", b)
+                os.fsync(files["done.bin"])
         except OSError as e:
             raise DualencError(f"writing the activation store {self.folder} failed at window "
-                               f"{self.done}: {e.strerror or e} (free space and run again: it "
+                               f"{i}: {e.strerror or e} (free space and run again: it "
                                "resumes there)") from None
         finally:
             for fd in files.values():
@@ -227,7 +267,7 @@ def weights_fingerprint(lm):
     return h.hexdigest()
 
 
-def load_data(cfg, layer, device):
+def load_data(cfg, layer, device, parallel=None):
     """runner.load_data with the activations in a store (ActivationStore): extracted once per key
     and reused, the training and held-out tokens read from disk batch by batch (Tokens), so that
     memory does not grow with the number of tokens. The same split as runner's
@@ -240,7 +280,7 @@ def load_data(cfg, layer, device):
     store = ActivationStore(cfg.store, store_key(cfg, lm, layer, windows_NT),
                             (N, T, lm.config.hidden_size))
     if not store.complete:
-        store.extract(lm, windows_NT, layer, cfg.extract_precision)
+        store.extract(lm, windows_NT, layer, cfg.extract_precision, parallel)
     else:
         print(f"activations from the store {store.folder}", file=sys.stderr)
     split = de.split_windows(store.norms(), runner.window_order(N, cfg.seed), cfg.outlier_factor,

@@ -1,0 +1,215 @@
+"""distributed: data-parallel training and sharded extraction under torchrun (torch.distributed).
+
+    torchrun --standalone --nproc-per-node N dualenc.py ...      (or replicate.py; docs/distributed.md)
+
+Each of the N processes (ranks) holds the whole model; every global batch (--batch-size, as in one
+process: the same batches, the same steps) is cut into N equal shares, each rank steps on its
+own, and DistributedDataParallel averages the gradients before the one optimiser step that every
+rank takes alike. Rank 0 evaluates and writes the run folder; the others wait for it at the next
+collective. dualenc.fit knows ranks only through DataParallel's four members (dualenc.OneProcess),
+the NFM's dropout through its `share`. Sections, in the order a run meets them:
+  process group  start (from torchrun's environment: gloo on CPU, NCCL on CUDA), DataParallel
+  faults         what a rank does when the job fails: one line for the whole job, naming the rank
+"""
+
+import os
+import signal
+import socket
+import sys
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+import checkpoint
+import dualenc as de
+
+# How long a rank waits at a collective: for a rank that is stuck rather than gone (a rank that
+# dies closes its sockets, and its peers fail at once), and for rank 0's evaluations between
+# models, which the others wait out at their next collective.
+TIMEOUT = timedelta(minutes=60)
+FAILED = "dualenc/failed"  # the job's count of ranks that have failed: the first one reports
+
+
+# ----------------------------------------------------------------------------- process group
+
+class DataParallel(de.OneProcess):
+    """fit's `parallel` over the ranks of a process group (one rank, alone: no group, and every
+    member is dualenc.OneProcess's). Also what the runner needs of ranks: barrier, broadcast, and
+    extraction's share of the store's batches."""
+
+    def __init__(self, rank=0, ranks=1, store=None, device=None):
+        self.rank, self.ranks, self.store, self.device = rank, ranks, store, device
+        self.main = rank == 0
+        self.dropped = 0  # tokens of each global batch no rank trains on (the batch over ranks)
+
+    def wrap(self, model):
+        if self.ranks == 1:
+            return model
+        for module in model.modules():
+            if isinstance(module, de.NFM):
+                module.share = (self.rank, self.ranks)
+        # buffers (the z-score statistics) are constant: synced once, not at every forward
+        ids = [self.device] if self.device.type == "cuda" else None
+        return DistributedDataParallel(model, device_ids=ids, forward_sync_buffers=False)
+
+    def share(self, rows_B):
+        """Equal shares, rank after rank; the last len % ranks rows of a batch are dropped."""
+        b = len(rows_B) // self.ranks
+        if b == 0:
+            raise de.DualencError(f"a batch of {len(rows_B)} tokens cannot be shared by "
+                                  f"{self.ranks} ranks; raise --batch-size")
+        if len(rows_B) % self.ranks and self.main and self.dropped != len(rows_B) % self.ranks:
+            self.dropped = len(rows_B) % self.ranks
+            print(f"--batch-size {len(rows_B)} over {self.ranks} ranks: each trains on {b} tokens "
+                  f"a step and the batch's last {self.dropped} are dropped (a batch a multiple of "
+                  f"{self.ranks} drops none)", file=sys.stderr)
+        return rows_B[self.rank * b:(self.rank + 1) * b]
+
+    def gather(self, value):
+        if self.ranks == 1:
+            return value.reshape(1)
+        values = [torch.empty(1, device=self.device) for _ in range(self.ranks)]
+        dist.all_gather(values, value.reshape(1).float().to(self.device))
+        return torch.cat(values).cpu()
+
+    def barrier(self):
+        if self.ranks > 1:
+            dist.barrier()
+
+    def broadcast(self, obj):
+        """Rank 0's `obj` on every rank (a path or a decision all ranks must share)."""
+        if self.ranks == 1:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def batches(self, n_batches):
+        """This rank's batches of an extraction: every ranks-th, from its own rank on."""
+        return range(self.rank, n_batches, self.ranks)
+
+
+def start(device):
+    """DataParallel for this process: under torchrun (WORLD_SIZE > 1), joined to the others' process
+    group over torchrun's store (gloo on CPU, NCCL on CUDA, each rank its LOCAL_RANK's GPU), its
+    printing silenced but for rank 0's (which speaks for the job) and for its own failure;
+    otherwise alone, on `device`."""
+    ranks = int(os.environ.get("WORLD_SIZE", "1"))
+    if ranks == 1:
+        return DataParallel(device=device)
+    try:
+        rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+        if device.type == "cuda":
+            device = torch.device("cuda", local_rank)
+            torch.cuda.set_device(device)
+        # torchrun's agent hosts the store (TORCHELASTIC_USE_AGENT_STORE); launched by hand, rank 0
+        agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+        store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                              world_size=ranks, is_master=rank == 0 and not agent,
+                              timeout=TIMEOUT, wait_for_workers=False)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=store,
+                                rank=rank, world_size=ranks, timeout=TIMEOUT)
+        store.set(f"dualenc/pid/{rank}", f"{socket.gethostname()} {os.getpid()}")
+    except (KeyError, ValueError, RuntimeError) as e:
+        raise de.DualencError(f"cannot join the torchrun job: {checkpoint.one_line(e)}") from None
+    signal.signal(signal.SIGTERM, stopped)  # torchrun ending the job: a rank elsewhere failed
+    if rank > 0:
+        sys.stdout = sys.stderr = open(os.devnull, "w")
+    return DataParallel(rank, ranks, store, device)
+
+
+def stop(parallel):
+    if parallel is not None and parallel.ranks > 1 and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------- faults
+
+class Stopped(Exception):
+    """torchrun stopped this rank (SIGTERM): another rank failed."""
+
+
+def stopped(signum, frame):
+    raise Stopped
+
+
+def ended(pid):
+    """Whether the process pid has ended: gone, or a zombie its launcher has not reaped yet."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+    except OSError:  # no /proc: ask the process itself
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        return False
+
+
+def gone(parallel):
+    """The ranks on this host whose process has ended (a rank killed says nothing itself)."""
+    host, lost = socket.gethostname(), []
+    for rank in range(parallel.ranks):
+        try:
+            where, pid = parallel.store.get(f"dualenc/pid/{rank}").decode().split()
+        except (RuntimeError, ValueError):
+            continue
+        if where == host and ended(int(pid)):
+            lost.append(rank)
+    return lost
+
+
+def first_to_fail(parallel):
+    """Counts this rank's failure in the job's store: True for the first rank to fail."""
+    try:
+        return parallel.store.add(FAILED, 1) == 1
+    except RuntimeError:  # the store went with the agent that hosted it: speak anyway
+        return True
+
+
+def caused_elsewhere(parallel, error):
+    """Whether `error` came from the job's end elsewhere: torchrun's stop, a failed collective, or
+    a rank that has failed or is gone."""
+    if isinstance(error, (Stopped, dist.DistError)):
+        return True
+    try:
+        failed = int(parallel.store.add(FAILED, 0)) > 0
+    except RuntimeError:
+        failed = True
+    return failed or bool(gone(parallel))
+
+
+def crashed(parallel):
+    """A bug on this rank: counted as the job's failure (the others leave quietly), and its
+    traceback shown even on a rank whose printing is silenced."""
+    first_to_fail(parallel)
+    sys.stderr = sys.__stderr__
+
+
+def report(parallel, prog, error):
+    """The job's one line, from the first rank to fail (the others leave quietly), on the stderr
+    torchrun shows. `error`: this rank's DualencError, or the collective error or Stopped that a
+    rank's end elsewhere caused here. Returns the exit status: 2 for the user's error, 1 for a job
+    ended from elsewhere."""
+    if parallel is None or parallel.ranks == 1:
+        print(f"{prog}: error: {error}", file=sys.stderr)
+        return 2
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # torchrun's stop must not cut the line short
+    status = 2 if isinstance(error, de.DualencError) else 1
+    if not first_to_fail(parallel):
+        return status
+    if isinstance(error, de.DualencError):
+        line = f"rank {parallel.rank}: {error}"
+    else:
+        lost = gone(parallel)
+        who = (f"rank {', '.join(map(str, lost))} ended without a word (killed?)" if lost
+               else "another rank failed or stopped answering")
+        why = checkpoint.one_line(error) if str(error) else "stopped by torchrun"
+        line = (f"{who}, so every rank stops (rank {parallel.rank}: {why}); finish the run with "
+                "--resume RUN_DIR")
+    print(f"{prog}: error: {line}", file=sys.__stderr__, flush=True)
+    return status
