@@ -16,7 +16,9 @@ import os
 import signal
 import socket
 import sys
+import time
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -43,6 +45,7 @@ class DataParallel(de.OneProcess):
         self.rank, self.ranks, self.store, self.device = rank, ranks, store, device
         self.main = rank == 0
         self.dropped = 0  # tokens of each global batch no rank trains on (the batch over ranks)
+        self.run_dir = None  # the run folder, once known: a failure's line says how to resume
 
     def wrap(self, model):
         if self.ranks == 1:
@@ -85,6 +88,25 @@ class DataParallel(de.OneProcess):
         box = [obj]
         dist.broadcast_object_list(box, src=0)
         return box[0]
+
+    def shared(self, folder, what):
+        """Refuses in one line a folder that some rank cannot see: every rank reads the run folder
+        (resuming, checkpoints) and writes the store, so on several nodes they must be on a
+        filesystem that every node mounts."""
+        if self.ranks == 1:
+            return
+        mark = Path(folder) / self.broadcast(f".rank0-{os.getpid()}-{time.time_ns()}")
+        if self.main:
+            mark.touch()
+        self.barrier()
+        seen = self.gather(torch.tensor(float(mark.exists())))  # a collective: all have looked
+        if self.main:
+            mark.unlink()
+        blind = [rank for rank, saw in enumerate(seen.tolist()) if not saw]
+        if blind:
+            raise de.DualencError(f"rank {', '.join(map(str, blind))} cannot see the {what} "
+                                  f"{folder} that rank 0 writes: on several nodes it must be on a "
+                                  "filesystem that every node mounts")
 
     def batches(self, n_batches):
         """This rank's batches of an extraction: every ranks-th, from its own rank on."""
@@ -206,10 +228,13 @@ def report(parallel, prog, error):
         line = f"rank {parallel.rank}: {error}"
     else:
         lost = gone(parallel)
-        who = (f"rank {', '.join(map(str, lost))} ended without a word (killed?)" if lost
-               else "another rank failed or stopped answering")
-        why = checkpoint.one_line(error) if str(error) else "stopped by torchrun"
-        line = (f"{who}, so every rank stops (rank {parallel.rank}: {why}); finish the run with "
-                "--resume RUN_DIR")
+        if lost:
+            who = f"rank {', '.join(map(str, lost))} ended without a word (killed?)"
+        else:
+            why = checkpoint.one_line(error, limit=120) if str(error) else "stopped by torchrun"
+            who = f"rank {parallel.rank} lost the others ({why})"
+        line = f"{who}; every rank stops"
+        if parallel.run_dir is not None:
+            line += f"; finish the run with --resume {parallel.run_dir}"
     print(f"{prog}: error: {line}", file=sys.__stderr__, flush=True)
     return status

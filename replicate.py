@@ -1191,6 +1191,8 @@ def run(cfg, parallel=None):
     device = parallel.device
     cfg, models, previous, layer, saelens = checked_inputs(cfg)
     out = parallel.broadcast(runner.prepare_out(cfg.out) if parallel.main else None)
+    parallel.run_dir = None if cfg.eval_only else out
+    parallel.shared(out, "run folder")
     timings = {k: v for k, v in previous.get("timings_s", {}).items() if k != "total"}
     peaks = dict(previous.get("peak_rss_gib", {}))
     stage = measured(runner.stopwatch(timings), peaks)

@@ -393,6 +393,8 @@ def run(cfg, parallel=None):
     if cfg.eval_only and not parallel.main:
         return None
     out = parallel.broadcast(prepare_out(cfg.out) if parallel.main else None)
+    parallel.run_dir = None if cfg.eval_only else out
+    parallel.shared(out, "run folder")
     timings = {k: v for k, v in previous.get("timings_s", {}).items() if k != "total"}
     stage = stopwatch(timings)
     lm, _, data = load_data(cfg, layer, device)

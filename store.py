@@ -101,7 +101,9 @@ class ActivationStore:
         then finds it done or completes it) and lays the files out; every rank then writes its
         share of the batches not yet done (distributed.DataParallel.batches)."""
         parallel = parallel or distributed.DataParallel()
-        self.folder.mkdir(parents=True, exist_ok=True)
+        if parallel.main:
+            self.folder.mkdir(parents=True, exist_ok=True)
+        parallel.barrier()
         with open(self.folder / "lock", "w") as lock:
             if parallel.main:
                 try:
@@ -272,14 +274,18 @@ def load_data(cfg, layer, device, parallel=None):
     and reused, the training and held-out tokens read from disk batch by batch (Tokens), so that
     memory does not grow with the number of tokens. The same split as runner's
     (dualenc.split_windows of runner.window_order), z-scored with the training tokens' moments
-    streamed from disk."""
+    streamed from disk. Under torchrun (`parallel`), the ranks extract the store together."""
     text = corpus.read_text(cfg.text, cfg.corpus)
     lm, tokenizer = language_model.load_lm(cfg.model, device)
     windows_NT = corpus.make_windows(tokenizer, text, cfg.tokens, cfg.ctx)
     N, T = windows_NT.shape
+    parallel = parallel or distributed.DataParallel()
+    if parallel.main:
+        Path(cfg.store).mkdir(parents=True, exist_ok=True)
+    parallel.shared(cfg.store, "activation store")
     store = ActivationStore(cfg.store, store_key(cfg, lm, layer, windows_NT),
                             (N, T, lm.config.hidden_size))
-    if not store.complete:
+    if not parallel.broadcast(store.complete):  # one decision: a job elsewhere may be writing
         store.extract(lm, windows_NT, layer, cfg.extract_precision, parallel)
     else:
         print(f"activations from the store {store.folder}", file=sys.stderr)
