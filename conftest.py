@@ -4,10 +4,16 @@ LM folder and the tiny runs of the method and of the referee, each made once a s
 
 Fixtures need no import; the helpers are imported as `from conftest import ...`. Tests marked
 `slow` (the real SmolLM2, Chromium; see pytest.ini) are left out of the fast tier:
-`python -m pytest -q -m "not slow"`."""
+`python -m pytest -q -m "not slow"`. Run as a script, this file is what torchrun launches in a
+test of faults: it plants the fault in one rank, then runs the program under test."""
 
+import json
+import os
+import runpy
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -51,6 +57,44 @@ def synthetic_acts(n=1024, d=D, seed=0):
 def run_cli(script, *args):
     return subprocess.run([sys.executable, script, *args], capture_output=True, text=True,
                           cwd=Path(__file__).parent, timeout=600)
+
+
+def torchrun(script, *args, ranks=2, fault=None):
+    """`torchrun --standalone --nproc-per-node ranks script args` (standalone: a free port each
+    time), with fault=(rank, kind, n) planted in that rank (plant_fault). Returns (the completed
+    process, its seconds)."""
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+              f"--nproc-per-node={ranks}"]
+    env = dict(os.environ, DUALENC_FAULT=json.dumps(fault))
+    scripts = [script] if fault is None else [__file__, script]
+    t0 = time.perf_counter()
+    done = subprocess.run([*launch, *scripts, *args], capture_output=True, text=True, env=env,
+                          cwd=Path(__file__).parent, timeout=600)
+    return done, time.perf_counter() - t0
+
+
+def our_lines(stderr, prog="replicate"):
+    """The lines a run's ranks print as the program, not torchrun's own report."""
+    return [line.split("\r")[-1].strip() for line in stderr.splitlines() if f"{prog}: " in line]
+
+
+def plant_fault(rank, kind, n):
+    """In rank `rank` only: at its n-th optimiser step, "kill" (SIGKILL, as the OOM killer or a
+    lost node would) or "nan" (that step's batch is NaN); at its n-th extraction batch,
+    "kill-extract"."""
+    if int(os.environ["RANK"]) != rank:
+        return
+    target = "extract_activations" if kind == "kill-extract" else "train_step"
+    real, calls = getattr(de, target), [0]
+
+    def faulty(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == n and kind == "nan":
+            args = (*args[:2], args[2] * float("nan"), *args[3:])
+        elif calls[0] == n:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(*args, **kwargs)
+    setattr(de, target, faulty)
 
 
 def interrupt_training_at(monkeypatch, n):
@@ -106,3 +150,9 @@ def tiny_method_run(tiny_lm_folder, tmp_path_factory):
 def tiny_run(tiny_lm_folder, tmp_path_factory):
     out = tmp_path_factory.mktemp("tiny_run")
     return out, rp.run(tiny_run_cfg(tiny_lm_folder, out))
+
+
+if __name__ == "__main__":  # launched by torchrun(..., fault=...): conftest.py SCRIPT ARGS
+    plant_fault(*json.loads(os.environ["DUALENC_FAULT"]))
+    sys.argv = sys.argv[1:]
+    runpy.run_path(sys.argv[0], run_name="__main__")

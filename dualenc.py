@@ -667,8 +667,8 @@ def fit(model, params, x_train_ND, x_curve_ND, cfg, name, state=None, on_eval=No
             # one host sync per cadence, not per step; every rank stops if any rank's loss is bad
             losses = parallel.gather(loss_sum / n_sum).tolist()
             bad = [rank for rank, value in enumerate(losses) if not math.isfinite(value)]
-            if bad:
-                where = f" on rank {bad[0]}" if len(losses) > 1 else ""
+            if bad:  # averaged gradients carry one rank's NaN to every rank in a step
+                where = f" on rank {', '.join(map(str, bad))}" if len(losses) > 1 else ""
                 raise DualencError(f"{name}: training loss became {losses[bad[0]]}{where} at "
                                    f"step {step + 1}")
             loss_sum, n_sum = 0.0, 0

@@ -1,0 +1,140 @@
+"""Tests of distributed.py: under torchrun, two ranks on gloo train the models one process trains
+(the same weights, to the tolerance below), extract the store one process extracts (the same
+bytes), and a rank that fails ends the job in one line, after which the run resumes."""
+
+import dataclasses
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import distributed
+import dualenc as de
+import replicate as rp
+from conftest import our_lines, tiny_run_cfg, torchrun
+
+# Two ranks sum a batch's gradient in two halves, one process in one: the same arithmetic in
+# another order, a few ulps a step, grown over the run's steps. Measured: every weight within
+# 2e-6 of its tensor's largest entry, FVU within 1e-8 (tiny run) and 1.5e-5 relative (--quick).
+# A rank training on the wrong rows, or dropping its own dropout mask, moves them by ~1e-3.
+WEIGHT_TOL = 1e-4  # of each tensor's largest |entry|
+FVU_TOL = 1e-4  # relative
+
+
+def flags(cfg):
+    """The command line that gives `cfg` (its settings that differ from the defaults)."""
+    defaults = rp.Config()
+    return [arg for f in dataclasses.fields(cfg) if getattr(cfg, f.name) != getattr(defaults, f.name)
+            for arg in (f"--{f.name.replace('_', '-')}", str(getattr(cfg, f.name)))]
+
+
+def weights(run, name):
+    return {f"{path.name}/{key}": tensor for path in sorted((run / name).glob("*.safetensors"))
+            for key, tensor in load_file(path).items()}
+
+
+def store_files(root):
+    (folder,) = Path(root).iterdir()
+    return {f.name: f.read_bytes() for f in sorted(folder.iterdir()) if f.name != "lock"}
+
+
+def assert_same_models(run, reference):
+    ours = json.loads((run / "results.json").read_text())["models"]
+    theirs = json.loads((reference / "results.json").read_text())["models"]
+    assert ours.keys() == theirs.keys()
+    for name in ours:
+        assert ours[name]["fvu"] == pytest.approx(theirs[name]["fvu"], rel=FVU_TOL), name
+    for name in rp.Config.STAGES:
+        a, b = weights(run, name), weights(reference, name)
+        assert a.keys() == b.keys()
+        for key in a:
+            assert (a[key] - b[key]).abs().max() <= WEIGHT_TOL * b[key].abs().max(), (name, key)
+
+
+# ----------------------------------------------------------------------------- in one process
+
+def test_two_shares_of_a_batch_drop_what_the_whole_batch_drops():
+    nfm = de.NFM(64, 16, 12, dropout=0.5).train()
+    a_BM = torch.rand(10, 12)
+    torch.manual_seed(1)
+    whole = nfm.dropout(a_BM)
+    shares = []
+    for rank in range(2):
+        nfm.share = (rank, 2)
+        torch.manual_seed(1)  # every rank holds the same random state
+        shares.append(nfm.dropout(a_BM[rank * 5:(rank + 1) * 5]))
+    assert torch.equal(torch.cat(shares), whole) and (whole == 0).any()
+
+
+def test_one_process_is_a_job_of_one_rank():
+    alone, rows = distributed.DataParallel(), torch.arange(10)
+    model = torch.nn.Linear(2, 2)
+    assert alone.main and alone.wrap(model) is model and torch.equal(alone.share(rows), rows)
+    assert alone.gather(torch.tensor(3.0)).tolist() == [3.0] and alone.broadcast("x") == "x"
+    assert list(alone.batches(3)) == [0, 1, 2]
+
+
+def test_a_batch_that_does_not_split_evenly_drops_its_last_tokens_and_says_so(capsys):
+    rows = torch.arange(10)
+    assert distributed.DataParallel(2, 3).share(rows).tolist() == [6, 7, 8]
+    assert distributed.DataParallel(0, 3).share(rows).tolist() == [0, 1, 2]
+    assert "each trains on 3 tokens a step and the batch's last 1 are dropped" in (
+        capsys.readouterr().err)
+    with pytest.raises(de.DualencError, match="cannot be shared by 3 ranks"):
+        distributed.DataParallel(0, 3).share(rows[:2])
+    assert list(distributed.DataParallel(1, 3).batches(8)) == [1, 4, 7]
+
+
+# ----------------------------------------------------------------------------- under torchrun
+
+def test_two_ranks_train_the_weights_one_process_trains_and_extract_its_store(tiny_lm_folder,
+                                                                             tiny_run, tmp_path):
+    reference, _ = tiny_run
+    cfg = tiny_run_cfg(tiny_lm_folder, tmp_path / "run")
+    done, _ = torchrun("replicate.py", *flags(cfg))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert_same_models(tmp_path / "run", reference)
+    assert store_files(cfg.store) == store_files(f"{reference}_store")
+
+
+def test_a_killed_rank_ends_the_job_in_one_line_and_the_run_resumes(tiny_lm_folder, tiny_run,
+                                                                    tmp_path):
+    reference, _ = tiny_run
+    cfg = tiny_run_cfg(tiny_lm_folder, tmp_path / "run")
+    # rank 1 killed at its second batch of the extraction: the store is left part-written
+    killed, seconds = torchrun("replicate.py", *flags(cfg), fault=(1, "kill-extract", 2))
+    (line,) = our_lines(killed.stderr)
+    assert killed.returncode != 0 and seconds < 90
+    assert line.startswith("replicate: error: rank 1 ended without a word (killed?)"), line
+    done_marks = next(Path(cfg.store).iterdir()) / "done.bin"
+    assert 0 < sum(done_marks.read_bytes()) < len(done_marks.read_bytes())
+    # the same command completes the store, and rank 1 is killed at its 30th optimiser step,
+    # after the sae's evaluation at step 25 saved its state
+    killed, seconds = torchrun("replicate.py", *flags(cfg), fault=(1, "kill", 30))
+    (line,) = our_lines(killed.stderr)
+    assert killed.returncode != 0 and seconds < 90
+    assert line == (f"replicate: error: rank 1 ended without a word (killed?); every rank stops; "
+                    f"finish the run with --resume {cfg.out}")
+    resumed, _ = torchrun("replicate.py", "--resume", cfg.out)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming sae at step 25" in resumed.stderr
+    assert_same_models(Path(cfg.out), reference)
+    assert store_files(cfg.store) == store_files(f"{reference}_store")
+
+
+def test_a_non_finite_loss_on_one_rank_stops_every_rank(tiny_lm_folder, tmp_path):
+    cfg = tiny_run_cfg(tiny_lm_folder, tmp_path / "run")
+    # at the last step before an evaluation (step 5) only rank 1's loss is NaN: every rank stops
+    # (every rank sees it: the line is the first to report's)
+    failed, seconds = torchrun("replicate.py", *flags(cfg), fault=(1, "nan", 5))
+    (line,) = our_lines(failed.stderr)
+    assert failed.returncode != 0 and seconds < 90
+    assert re.fullmatch(r"replicate: error: rank [01]: sae: training loss became nan on rank 1 "
+                        r"at step 5", line), line
+    # earlier, the averaged gradients have carried it to rank 0 by then
+    failed, _ = torchrun("replicate.py", *flags(cfg), fault=(1, "nan", 3))
+    (line,) = our_lines(failed.stderr)
+    assert line.endswith("sae: training loss became nan on rank 0, 1 at step 5"), line
