@@ -9,12 +9,15 @@ min / median of several repeats. Not a test: nothing here asserts a time.
 
     python bench_dualenc.py --precision                    # only fp32 against bf16
 
+    python bench_dualenc.py --ranks                        # only 2 ranks against 1 process
+
 Sections: NFM (sparse vs the dense [B, F, M] reference, with peak memory), SAE decode
 (embedding_bag vs dense matmul), the SAE step (sparse vs dense encoder backward, and where its
 time goes), precision (the paper-density steps and extraction in bf16 against fp32, and the share
 of a long run that its curve's evaluations take), extraction (early exit vs full forward),
 splicing (cached prefix vs full forward), training throughput, on CPU the SAE step beside a
-low-priority neighbour (threads and OpenMP wait policy), and the end-to-end stage split.
+low-priority neighbour (threads and OpenMP wait policy) and by 2 data-parallel ranks against 1
+process, and the end-to-end stage split.
 """
 
 import argparse
@@ -31,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 import corpus
+import distributed
 import dualenc as de
 import language_model
 import replicate as rp
@@ -328,6 +332,44 @@ def bench_neighbour(repeats):
               f"keeps {quiet / loaded:5.0%} of its speed")
 
 
+def ranks_step_child(repeats):
+    """Under torchrun: the paper-density SAE step data-parallel (distributed.DataParallel), each
+    rank on its share of the global batch; rank 0 prints the median step and the median
+    all-reduce of the gradients alone (2 F d + F + d floats), in seconds."""
+    parallel = distributed.start(torch.device("cpu"))
+    cfg, d = de.Config(**runner.paper_density(DEFAULT["d"])), DEFAULT["d"]
+    torch.manual_seed(0)
+    model = de.DualEncoder(de.TopKSAE(d, cfg.features, cfg.k))
+    trainer = parallel.wrap(model)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=True)
+    x = torch.randn(cfg.batch_size, d)[parallel.share(torch.arange(cfg.batch_size))]
+    parallel.barrier()
+    step = timed(lambda: de.train_step(trainer, opt, x), torch.device("cpu"), repeats)[1]
+    grads = torch.zeros(de.n_params(model))
+    reduce = timed(lambda: torch.distributed.all_reduce(grads), torch.device("cpu"), repeats)[1]
+    if parallel.main:
+        print(step, reduce)
+    distributed.stop(parallel)
+
+
+def bench_ranks(repeats):
+    """Data parallelism on this machine's cores: the paper-density SAE step (one global batch of
+    1,024 tokens) by 2 ranks of 1 thread (torchrun, gloo) against 1 process of 2 threads."""
+    print("\n## SAE step at paper density: 2 ranks x 1 thread (torchrun, gloo) against 1 process x "
+          "2 threads, CPU")
+    one = float(subprocess.run([sys.executable, __file__, "--sae-step", "2", "--repeats",
+                                str(repeats * 2)], capture_output=True, text=True,
+                               check=True).stdout)
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
+    out = subprocess.run([*launch, __file__, "--ranks-step", "--repeats", str(repeats * 2)],
+                         capture_output=True, text=True, check=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"}).stdout
+    two, reduce = map(float, out.split())
+    print(f"  1 process x 2 threads {one * 1e3:7.1f} ms a step   2 ranks x 1 thread "
+          f"{two * 1e3:7.1f} ms a step (of which the gradients' all-reduce alone "
+          f"{reduce * 1e3:.1f} ms)   one / two ranks {one / two:5.2f}")
+
+
 def bench_training(device, repeats):
     print("\n## Training throughput, default config, synthetic activations "
           "(tokens/s, min / median step)")
@@ -397,14 +439,21 @@ def main():
                    help="only fp32 against bf16 (the paper-density steps, evaluation, extraction)")
     # internal, the child processes: one CPU peak-memory measurement (--peak), one timed step with
     # N threads (--sae-step), the neighbour (--busy)
+    p.add_argument("--ranks", action="store_true",
+                   help="only 2 ranks of 1 thread against 1 process of 2 threads (CPU, torchrun)")
     p.add_argument("--peak", nargs=2, help=argparse.SUPPRESS)
     p.add_argument("--sae-step", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--ranks-step", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--busy", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.peak:
         return peak_child(*args.peak)
     if args.sae_step:
         return sae_step_child(args.sae_step, args.repeats)
+    if args.ranks_step:
+        return ranks_step_child(args.repeats)
+    if args.ranks:
+        return bench_ranks(args.repeats)
     if args.busy:
         return busy_child()
     if args.neighbour:
@@ -424,6 +473,7 @@ def main():
     bench_lm(device, max(2, args.repeats // 2))
     if device.type == "cpu":
         bench_neighbour(args.repeats)
+        bench_ranks(args.repeats)
     if args.results:
         stage_split(args.results)
 

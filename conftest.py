@@ -141,6 +141,16 @@ def tiny_run_cfg(model, out, **kw):
 
 
 @pytest.fixture(scope="session")
+def quick_run(tmp_path_factory):
+    """`python replicate.py --quick` on the real SmolLM2 (its store beside it, as `run_store`):
+    the run folder."""
+    out = tmp_path_factory.mktemp("quick") / "run"
+    done = run_cli("replicate.py", "--quick", "--out", str(out), "--store", f"{out}_store")
+    assert done.returncode == 0, done.stderr[-2000:]
+    return out
+
+
+@pytest.fixture(scope="session")
 def tiny_method_run(tiny_lm_folder, tmp_path_factory):
     out = tmp_path_factory.mktemp("tiny_method_run")
     return out, runner.run(tiny_method_cfg(tiny_lm_folder, out))

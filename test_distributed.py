@@ -17,10 +17,14 @@ import replicate as rp
 from conftest import our_lines, tiny_run_cfg, torchrun
 
 # Two ranks sum a batch's gradient in two halves, one process in one: the same arithmetic in
-# another order, a few ulps a step, grown over the run's steps. Measured: every weight within
-# 2e-6 of its tensor's largest entry, FVU within 1e-8 (tiny run) and 1.5e-5 relative (--quick).
-# A rank training on the wrong rows, or dropping its own dropout mask, moves them by ~1e-3.
-WEIGHT_TOL = 1e-4  # of each tensor's largest |entry|
+# another order, a few ulps a step. On the tiny run every weight stays within 2e-6 of its
+# tensor's largest entry and every FVU within 1e-8 (measured). At --quick a few tokens' top-k
+# then picks another feature: the SAE's weights stay within 7e-6 but the NFMs trained on its codes
+# drift by up to 0.6 %, and FVU within 1.5e-5 relative (measured; a 2-rank step replayed in one
+# process from the 2-rank SAE gives the 2-rank NFM to the bit). Controls that must fail: each
+# rank drawing its own dropout mask moves NFM weights by their full size, every rank training on
+# the first share moves the SAE's FVU by 2 %.
+WEIGHT_TOL = 1e-4  # of each tensor's largest |entry|, on the tiny run
 FVU_TOL = 1e-4  # relative
 
 
@@ -41,13 +45,13 @@ def store_files(root):
     return {f.name: f.read_bytes() for f in sorted(folder.iterdir()) if f.name != "lock"}
 
 
-def assert_same_models(run, reference):
+def assert_same_models(run, reference, compare_weights=True):
     ours = json.loads((run / "results.json").read_text())["models"]
     theirs = json.loads((reference / "results.json").read_text())["models"]
     assert ours.keys() == theirs.keys()
     for name in ours:
         assert ours[name]["fvu"] == pytest.approx(theirs[name]["fvu"], rel=FVU_TOL), name
-    for name in rp.Config.STAGES:
+    for name in rp.Config.STAGES if compare_weights else ():
         a, b = weights(run, name), weights(reference, name)
         assert a.keys() == b.keys()
         for key in a:
@@ -138,3 +142,12 @@ def test_a_non_finite_loss_on_one_rank_stops_every_rank(tiny_lm_folder, tmp_path
     failed, _ = torchrun("replicate.py", *flags(cfg), fault=(1, "nan", 3))
     (line,) = our_lines(failed.stderr)
     assert line.endswith("sae: training loss became nan on rank 0, 1 at step 5"), line
+
+
+@pytest.mark.slow  # the real SmolLM2
+def test_two_ranks_of_the_quick_run_give_its_models_and_its_store(quick_run, tmp_path):
+    done, _ = torchrun("replicate.py", "--quick", "--out", str(tmp_path / "run"), "--store",
+                       str(tmp_path / "store"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert_same_models(tmp_path / "run", quick_run, compare_weights=False)
+    assert store_files(tmp_path / "store") == store_files(f"{quick_run}_store")

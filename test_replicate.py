@@ -74,11 +74,8 @@ def test_claims_give_a_verdict_per_reading_from_their_intervals():
 
 
 @pytest.mark.slow  # the real SmolLM2
-def test_quick_run_on_smollm2_writes_complete_results(tmp_path):
-    r = run_cli("replicate.py", "--quick", "--out", str(tmp_path / "run"),
-                "--store", str(tmp_path / "store"))
-    tmp_path = tmp_path / "run"
-    assert r.returncode == 0, r.stderr[-2000:]
+def test_quick_run_on_smollm2_writes_complete_results(quick_run):
+    tmp_path = quick_run
     res = json.loads((tmp_path / "results.json").read_text())
     assert {"config", "data", "models", "clean_ce", "zero_ce", "timings_s"} <= res.keys()
     assert res["data"]["d_model"] == 576 and res["data"]["layer"] == 15
