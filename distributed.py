@@ -1,6 +1,6 @@
 """distributed: data-parallel training and sharded extraction under torchrun (torch.distributed).
 
-    torchrun --standalone --nproc-per-node N dualenc.py ...      (or replicate.py; docs/distributed.md)
+    torchrun --standalone --nproc-per-node N replicate.py ...   (or dualenc.py; docs/distributed.md)
 
 Each of the N processes (ranks) holds the whole model; every global batch (--batch-size, as in one
 process: the same batches, the same steps) is cut into N equal shares, each rank steps on its

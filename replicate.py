@@ -74,8 +74,8 @@ class Config(runner.RunConfig):
     n_boot: int = de.setting(1000, "bootstrap resamples behind every 95%% interval")
     stage34: bool = de.setting(False, "also run the paper's stages 3-4 on the joint model: "
                                "integration features (secondary SAE) and the 2 x 2 intervention "
-                               "with controls (§13); with --eval-only RUN_DIR, added to a finished "
-                               "run, its evaluation as it stands")
+                               "with controls (§13); with --eval-only RUN_DIR, added to a "
+                               "finished run, its evaluation as it stands")
     stimuli: str | None = de.setting(None, "2 x 2 stimulus design for --stage34, JSON like "
                                      "stimuli.json (the default)", "PATH")
     browser: bool = de.setting(False, "with --eval-only RUN_DIR: write RUN_DIR/browser.html, the "

@@ -58,9 +58,9 @@ def firing_counts(sae, x_ND, batch_size=de.EVAL_BATCH):
 
 @torch.no_grad()
 def interaction_hidden(joint, x_ND, batch_size=de.EVAL_BATCH):
-    """The joint NFM's interaction hidden layer W_1 pair(f) + c_1, before its ReLU (§13, the paper's
-    choice): [N, M], the layer integration features are read from. Filled batch by batch, never
-    held twice: at a million tokens it is 1.2 GiB."""
+    """The joint NFM's interaction hidden layer W_1 pair(f) + c_1, before its ReLU (§13, the
+    paper's choice): [N, M], the layer integration features are read from. Filled batch by batch,
+    never held twice: at a million tokens it is 1.2 GiB."""
     h_NM = torch.empty(len(x_ND), joint.nfm.embed.shape[1], device=x_ND.device)
     for i, x_BD in enumerate(x_ND.split(batch_size)):
         vals_BK, idx_BK = joint.nfm.read(*joint.sae.encode(x_BD))

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 import distributed
 import dualenc as de
 import replicate as rp
-from conftest import our_lines, tiny_run_cfg, torchrun
+from conftest import our_lines, tiny_method_cfg, tiny_run_cfg, torchrun
 
 # Two ranks sum a batch's gradient in two halves, one process in one: the same arithmetic in
 # another order, a few ulps a step. On the tiny run every weight stays within 2e-6 of its
@@ -30,9 +30,11 @@ FVU_TOL = 1e-4  # relative
 
 def flags(cfg):
     """The command line that gives `cfg` (its settings that differ from the defaults)."""
-    defaults = rp.Config()
-    return [arg for f in dataclasses.fields(cfg) if getattr(cfg, f.name) != getattr(defaults, f.name)
-            for arg in (f"--{f.name.replace('_', '-')}", str(getattr(cfg, f.name)))]
+    defaults = type(cfg)()
+    changed = [f.name for f in dataclasses.fields(cfg)
+               if getattr(cfg, f.name) != getattr(defaults, f.name)]
+    return [arg for name in changed
+            for arg in (f"--{name.replace('_', '-')}", str(getattr(cfg, name)))]
 
 
 def weights(run, name):
@@ -102,6 +104,16 @@ def test_two_ranks_train_the_weights_one_process_trains_and_extract_its_store(ti
     assert done.returncode == 0, done.stderr[-3000:]
     assert_same_models(tmp_path / "run", reference)
     assert store_files(cfg.store) == store_files(f"{reference}_store")
+
+
+def test_the_method_runs_on_two_ranks_as_in_one_process(tiny_lm_folder, tiny_method_run,
+                                                       tmp_path):
+    reference, _ = tiny_method_run
+    done, _ = torchrun("dualenc.py", *flags(tiny_method_cfg(tiny_lm_folder, tmp_path / "run")))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert_same_models(tmp_path / "run", reference)
+    assert "joint" in done.stdout and "steps per model" in done.stdout  # rank 0's table, once
+    assert done.stdout.count("clean ce") == 1
 
 
 def test_a_killed_rank_ends_the_job_in_one_line_and_the_run_resumes(tiny_lm_folder, tiny_run,

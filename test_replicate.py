@@ -16,7 +16,7 @@ import dualenc as de
 import replicate as rp
 import report as rep
 import runner
-from conftest import D, FEATS, K, M, interrupt_training_at, run_cli, tiny_run_cfg
+from conftest import D, FEATS, K, M, interrupt_training_at, tiny_run_cfg
 
 
 def test_param_counts_match_a_hand_count():
