@@ -218,7 +218,8 @@ def report(parallel, prog, error):
     rank's end elsewhere caused here. Returns the exit status: 2 for the user's error, 1 for a job
     ended from elsewhere."""
     if parallel is None or parallel.ranks == 1:
-        print(f"{prog}: error: {error}", file=sys.stderr)
+        if int(os.environ.get("RANK", "0")) == 0:  # before the group: every rank read the flags
+            print(f"{prog}: error: {error}", file=sys.stderr)
         return 2
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # torchrun's stop must not cut the line short
     status = 2 if isinstance(error, de.DualencError) else 1

@@ -116,6 +116,21 @@ def test_the_method_runs_on_two_ranks_as_in_one_process(tiny_lm_folder, tiny_met
     assert done.stdout.count("clean ce") == 1
 
 
+def test_a_batch_that_two_ranks_cannot_share_evenly_runs_and_says_what_it_drops(tiny_lm_folder,
+                                                                               tmp_path):
+    cfg = tiny_method_cfg(tiny_lm_folder, tmp_path / "run", batch_size=127, epochs=1)
+    done, _ = torchrun("dualenc.py", *flags(cfg))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stderr.count("--batch-size 127 over 2 ranks: each trains on 63 tokens a step and "
+                             "the batch's last 1 are dropped") == 1
+
+
+def test_bad_input_under_torchrun_is_one_line(tiny_lm_folder, tmp_path):
+    for bad in (["--k", "0"], ["--layer", "9"]):  # refused before, and after, the ranks meet
+        done, _ = torchrun("dualenc.py", *flags(tiny_method_cfg(tiny_lm_folder, tmp_path)), *bad)
+        assert done.returncode != 0 and len(our_lines(done.stderr, "dualenc")) == 1, done.stderr
+
+
 def test_a_killed_rank_ends_the_job_in_one_line_and_the_run_resumes(tiny_lm_folder, tiny_run,
                                                                     tmp_path):
     reference, _ = tiny_run
