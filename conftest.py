@@ -74,8 +74,9 @@ def torchrun(script, *args, ranks=2, fault=None):
 
 
 def our_lines(stderr, prog="replicate"):
-    """The lines a run's ranks print as the program, not torchrun's own report."""
-    return [line.split("\r")[-1].strip() for line in stderr.splitlines() if f"{prog}: " in line]
+    """The lines a run's ranks print as the program, not torchrun's own report (another rank's
+    progress bar may stand before one on the terminal's line)."""
+    return [line[line.index(f"{prog}: "):] for line in stderr.splitlines() if f"{prog}: " in line]
 
 
 def plant_fault(rank, kind, n):

@@ -143,8 +143,19 @@ def start(device):
 
 
 def stop(parallel):
+    """The end of a job that went well: the process group taken down."""
     if parallel is not None and parallel.ranks > 1 and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def leave(parallel, status):
+    """The end of a rank whose job failed, with `status`: at once under torchrun (taking the group
+    down would wait on ranks that may be gone, and torchrun's stop is ignored by now)."""
+    if parallel is None or parallel.ranks == 1:
+        sys.exit(status)
+    sys.stdout.flush()
+    sys.__stderr__.flush()
+    os._exit(status)
 
 
 # ----------------------------------------------------------------------------- faults
@@ -155,6 +166,13 @@ class Stopped(Exception):
 
 def stopped(signum, frame):
     raise Stopped
+
+
+def failing(parallel):
+    """This rank is failing: torchrun's SIGTERM, from now on, is ignored (its report is said in a
+    moment, and torchrun kills what is left after its grace period)."""
+    if parallel is not None and parallel.ranks > 1:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def ended(pid):
@@ -196,6 +214,8 @@ def first_to_fail(parallel):
 def caused_elsewhere(parallel, error):
     """Whether `error` came from the job's end elsewhere: torchrun's stop, a failed collective, or
     a rank that has failed or is gone."""
+    if parallel is None or parallel.ranks == 1:
+        return False
     if isinstance(error, (Stopped, dist.DistError)):
         return True
     try:
@@ -208,8 +228,9 @@ def caused_elsewhere(parallel, error):
 def crashed(parallel):
     """A bug on this rank: counted as the job's failure (the others leave quietly), and its
     traceback shown even on a rank whose printing is silenced."""
-    first_to_fail(parallel)
-    sys.stderr = sys.__stderr__
+    if parallel is not None and parallel.ranks > 1:
+        first_to_fail(parallel)
+        sys.stderr = sys.__stderr__
 
 
 def report(parallel, prog, error):
@@ -221,7 +242,6 @@ def report(parallel, prog, error):
         if int(os.environ.get("RANK", "0")) == 0:  # before the group: every rank read the flags
             print(f"{prog}: error: {error}", file=sys.stderr)
         return 2
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # torchrun's stop must not cut the line short
     status = 2 if isinstance(error, de.DualencError) else 1
     if not first_to_fail(parallel):
         return status

@@ -11,7 +11,8 @@ only (runner.py: text, LM, runs, flags; replicate.py: referee). Sections, in the
   identity SAE  TopKEncode (the sparse backward, §15), TopKSAE (§3)
   integration   NFM (§4)
   dual encoder  DualEncoder: z-score + SAE + NFM, with switchable pathways (§5)
-  training      train_step, fit, and the three regimes side by side: sae, sequential, joint
+  training      train_step, OneProcess (what fit knows of data-parallel ranks), fit, and the three
+                regimes side by side: sae, sequential, joint
   evaluation    evaluate (MSE, FVU), splice_metrics (per-token KL / CE), eps_random, splices (what
                 a splice pass runs), evaluate_models
 Dimension letters in names and shape comments: N windows (or tokens), T tokens per window, B batch,

@@ -9,7 +9,8 @@ it. Sections, in the order data flows:
   run folders      load_data (activations in memory), train_models, load_run, resume (which
                    checks the run reads the text it was started on) and eval-only, results.json
   report           curves.png, the models table
-  command line     run, parse_args (derived from the settings dataclass), main
+  command line     run, parse_args (derived from the settings dataclass), main (under torchrun,
+                   one rank of the job: distributed.py)
 Dimension letters as in dualenc.py.
 """
 
@@ -457,20 +458,17 @@ def main(argv=None, cls=RunConfig, run=run):
         cfg = parse_args(argv, cls)
         parallel = distributed.start(resolve_device(cfg.device))
         run(cfg, parallel)
-    except DualencError as e:
-        sys.exit(distributed.report(parallel, name, e))
     except KeyboardInterrupt:
         print(f"{name}: interrupted", file=sys.stderr)
         sys.exit(130)
     except Exception as e:
-        if parallel is None or parallel.ranks == 1:
-            raise
-        if distributed.caused_elsewhere(parallel, e):  # a rank's end, seen from here
-            sys.exit(distributed.report(parallel, name, e))
+        distributed.failing(parallel)  # from here on, torchrun's stop cannot cut this short
+        # the user's error, or a rank's end seen from here: one line for the job
+        if isinstance(e, DualencError) or distributed.caused_elsewhere(parallel, e):
+            distributed.leave(parallel, distributed.report(parallel, name, e))
         distributed.crashed(parallel)  # a bug: its traceback, the other ranks quiet
         raise
-    finally:
-        distributed.stop(parallel)
+    distributed.stop(parallel)
 
 
 if __name__ == "__main__":
