@@ -123,7 +123,8 @@ class TrainState:
         if not self.path.exists():
             return 0, []
         try:
-            state = torch.load(self.path, weights_only=True)
+            # on the CPU first: every rank of a torchrun job loads it onto its own device
+            state = torch.load(self.path, weights_only=True, map_location="cpu")
             model.load_state_dict(state["model"])
             optimiser.load_state_dict(state["opt"])
             torch.set_rng_state(state["rng"])

@@ -79,23 +79,28 @@ def our_lines(stderr, prog="replicate"):
     return [line[line.index(f"{prog}: "):] for line in stderr.splitlines() if f"{prog}: " in line]
 
 
+FAULTS = {"kill": "train_step", "nan": "train_step", "bug": "train_step",
+          "kill-extract": "extract_activations", "bug-splice": "splice_metrics"}
+
+
 def plant_fault(rank, kind, n):
-    """In rank `rank` only: at its n-th optimiser step, "kill" (SIGKILL, as the OOM killer or a
-    lost node would) or "nan" (that step's batch is NaN); at its n-th extraction batch,
-    "kill-extract"."""
-    if int(os.environ["RANK"]) != rank:
+    """In rank `rank` only (None: every rank), at the n-th call of what FAULTS names: "kill"
+    (SIGKILL, as the OOM killer or a lost node would), "nan" (that step's batch is NaN), or "bug"
+    (a RuntimeError, as a bug in the code would raise)."""
+    if rank is not None and int(os.environ["RANK"]) != rank:
         return
-    target = "extract_activations" if kind == "kill-extract" else "train_step"
-    real, calls = getattr(de, target), [0]
+    real, calls = getattr(de, FAULTS[kind]), [0]
 
     def faulty(*args, **kwargs):
         calls[0] += 1
         if calls[0] == n and kind == "nan":
             args = (*args[:2], args[2] * float("nan"), *args[3:])
+        elif calls[0] == n and kind.startswith("bug"):
+            raise RuntimeError("a planted bug")
         elif calls[0] == n:
             os.kill(os.getpid(), signal.SIGKILL)
         return real(*args, **kwargs)
-    setattr(de, target, faulty)
+    setattr(de, FAULTS[kind], faulty)
 
 
 def interrupt_training_at(monkeypatch, n):

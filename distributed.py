@@ -8,7 +8,8 @@ own, and DistributedDataParallel averages the gradients before the one optimiser
 rank takes alike. Rank 0 evaluates and writes the run folder; the others wait for it at the next
 collective. dualenc.fit knows ranks only through DataParallel's four members (dualenc.OneProcess),
 the NFM's dropout through its `share`. Sections, in the order a run meets them:
-  process group  start (from torchrun's environment: gloo on CPU, NCCL on CUDA), DataParallel
+  process group  DataParallel, silence_others, start (from torchrun's environment: gloo on CPU,
+                 NCCL on CUDA), stop, leave
   faults         what a rank does when the job fails: one line for the whole job, naming the rank
 """
 
@@ -27,11 +28,7 @@ from torch.nn.parallel import DistributedDataParallel
 import checkpoint
 import dualenc as de
 
-# How long a rank waits at a collective: for a rank that is stuck rather than gone (a rank that
-# dies closes its sockets, and its peers fail at once), and for rank 0's evaluations between
-# models, which the others wait out at their next collective.
-TIMEOUT = timedelta(minutes=60)
-FAILED = "dualenc/failed"  # the job's count of ranks that have failed: the first one reports
+FAILED = "failed"  # the job's count of ranks that have failed: the first one speaks for it
 
 
 # ----------------------------------------------------------------------------- process group
@@ -108,19 +105,31 @@ class DataParallel(de.OneProcess):
                                   f"{folder} that rank 0 writes: on several nodes it must be on a "
                                   "filesystem that every node mounts")
 
-    def batches(self, n_batches):
-        """This rank's batches of an extraction: every ranks-th, from its own rank on."""
-        return range(self.rank, n_batches, self.ranks)
+    def batches(self, pending):
+        """This rank's share of an extraction's pending batches: every ranks-th, from its own rank
+        on (the shares differ by one batch at most)."""
+        return pending[self.rank::self.ranks]
 
 
-def start(device):
+def silence_others():
+    """Under torchrun, ranks above 0 print nothing from here on: rank 0 speaks for the job (its
+    flags' errors and --help included). A rank's own failure still reaches torchrun's stderr."""
+    if int(os.environ.get("RANK", "0")) > 0:
+        sys.stdout = sys.stderr = open(os.devnull, "w")
+
+
+class JoinError(de.DualencError):
+    """This rank could not join the job: said by the rank itself, since the others may be fine."""
+
+
+def start(device, timeout_minutes=60):
     """DataParallel for this process: under torchrun (WORLD_SIZE > 1), joined to the others' process
-    group over torchrun's store (gloo on CPU, NCCL on CUDA, each rank its LOCAL_RANK's GPU), its
-    printing silenced but for rank 0's (which speaks for the job) and for its own failure;
-    otherwise alone, on `device`."""
+    group over torchrun's store (gloo on CPU, NCCL on CUDA, each rank its LOCAL_RANK's GPU), every
+    collective given up after `timeout_minutes`; otherwise alone, on `device`."""
     ranks = int(os.environ.get("WORLD_SIZE", "1"))
     if ranks == 1:
         return DataParallel(device=device)
+    timeout = timedelta(minutes=timeout_minutes)
     try:
         rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
         if device.type == "cuda":
@@ -128,23 +137,27 @@ def start(device):
             torch.cuda.set_device(device)
         # torchrun's agent hosts the store (TORCHELASTIC_USE_AGENT_STORE); launched by hand, rank 0
         agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
-        store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
-                              world_size=ranks, is_master=rank == 0 and not agent,
-                              timeout=TIMEOUT, wait_for_workers=False)
+        tcp = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                            world_size=ranks, is_master=rank == 0 and not agent, timeout=timeout,
+                            wait_for_workers=False)
+        # keys of this attempt only: a job torchrun restarts must not read the last one's
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        store = dist.PrefixStore(f"dualenc/attempt_{attempt}", tcp)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=store,
-                                rank=rank, world_size=ranks, timeout=TIMEOUT)
-        store.set(f"dualenc/pid/{rank}", f"{socket.gethostname()} {os.getpid()}")
+                                rank=rank, world_size=ranks, timeout=timeout)
+        store.set(f"pid/{rank}", f"{socket.gethostname()} {os.getpid()}")
     except (KeyError, ValueError, RuntimeError) as e:
-        raise de.DualencError(f"cannot join the torchrun job: {checkpoint.one_line(e)}") from None
+        raise JoinError(f"rank {os.environ.get('RANK', '?')} cannot join the torchrun job: "
+                        f"{checkpoint.one_line(e)}") from None
     signal.signal(signal.SIGTERM, stopped)  # torchrun ending the job: a rank elsewhere failed
-    if rank > 0:
-        sys.stdout = sys.stderr = open(os.devnull, "w")
     return DataParallel(rank, ranks, store, device)
 
 
 def stop(parallel):
-    """The end of a job that went well: the process group taken down."""
+    """The end of a rank whose work went well: marked finished (a rank that has ended is not
+    then taken for one that was killed), and its process group taken down."""
     if parallel is not None and parallel.ranks > 1 and dist.is_initialized():
+        parallel.store.set(f"finished/{parallel.rank}", "1")
         dist.destroy_process_group()
 
 
@@ -165,14 +178,21 @@ class Stopped(Exception):
 
 
 def stopped(signum, frame):
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # once: the rank is now failing
     raise Stopped
 
 
 def failing(parallel):
-    """This rank is failing: torchrun's SIGTERM, from now on, is ignored (its report is said in a
-    moment, and torchrun kills what is left after its grace period)."""
-    if parallel is not None and parallel.ranks > 1:
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    """This rank is failing: torchrun's SIGTERM is ignored from now on (the report is said in a
+    moment, and torchrun kills what is left after its grace period), and the failure is counted in
+    the job's store. True for the first rank to fail, the one that speaks for the job."""
+    if parallel is None or parallel.ranks == 1:
+        return True
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        return parallel.store.add(FAILED, 1) == 1
+    except RuntimeError:  # the store went with the agent that hosted it: speak anyway
+        return True
 
 
 def ended(pid):
@@ -191,11 +211,15 @@ def ended(pid):
 
 
 def gone(parallel):
-    """The ranks on this host whose process has ended (a rank killed says nothing itself)."""
+    """The ranks on this host whose process has ended without finishing its work (a rank killed
+    says nothing itself)."""
     host, lost = socket.gethostname(), []
     for rank in range(parallel.ranks):
         try:
-            where, pid = parallel.store.get(f"dualenc/pid/{rank}").decode().split()
+            if (not parallel.store.check([f"pid/{rank}"])
+                    or parallel.store.check([f"finished/{rank}"])):
+                continue
+            where, pid = parallel.store.get(f"pid/{rank}").decode().split()
         except (RuntimeError, ValueError):
             continue
         if where == host and ended(int(pid)):
@@ -203,47 +227,41 @@ def gone(parallel):
     return lost
 
 
-def first_to_fail(parallel):
-    """Counts this rank's failure in the job's store: True for the first rank to fail."""
-    try:
-        return parallel.store.add(FAILED, 1) == 1
-    except RuntimeError:  # the store went with the agent that hosted it: speak anyway
-        return True
+def collective_error(error):
+    """An error of the collectives' backends (a peer gone, a timeout): gloo and NCCL raise plain
+    RuntimeErrors that name themselves."""
+    return isinstance(error, dist.DistError) or any(
+        name in str(error) for name in ("gloo", "NCCL", "c10d"))
 
 
-def caused_elsewhere(parallel, error):
-    """Whether `error` came from the job's end elsewhere: torchrun's stop, a failed collective, or
-    a rank that has failed or is gone."""
+def caused_elsewhere(parallel, error, first):
+    """Whether `error` came from the job's end elsewhere: another rank failed first, torchrun
+    stopped this one, or a collective failed (a peer gone). A rank that fails first of its own
+    (a bug) is not excused by peers that have ended since: they left because it failed."""
     if parallel is None or parallel.ranks == 1:
         return False
-    if isinstance(error, (Stopped, dist.DistError)):
-        return True
-    try:
-        failed = int(parallel.store.add(FAILED, 0)) > 0
-    except RuntimeError:
-        failed = True
-    return failed or bool(gone(parallel))
+    return not first or isinstance(error, Stopped) or collective_error(error)
 
 
 def crashed(parallel):
-    """A bug on this rank: counted as the job's failure (the others leave quietly), and its
-    traceback shown even on a rank whose printing is silenced."""
+    """A bug on the first rank to fail: its traceback shown, even on a silenced rank."""
     if parallel is not None and parallel.ranks > 1:
-        first_to_fail(parallel)
         sys.stderr = sys.__stderr__
 
 
-def report(parallel, prog, error):
-    """The job's one line, from the first rank to fail (the others leave quietly), on the stderr
-    torchrun shows. `error`: this rank's DualencError, or the collective error or Stopped that a
-    rank's end elsewhere caused here. Returns the exit status: 2 for the user's error, 1 for a job
-    ended from elsewhere."""
+def report(parallel, prog, error, first):
+    """The job's one line, said by the first rank to fail (`first`; the others leave quietly) on
+    the stderr torchrun shows. `error`: this rank's DualencError, or the collective error or
+    Stopped that a rank's end elsewhere caused here. Returns the exit status: 2 for the user's
+    error, 1 for a job ended from elsewhere."""
+    if isinstance(error, JoinError):  # before the group: this rank's own
+        print(f"{prog}: error: {error}", file=sys.__stderr__, flush=True)
+        return 2
     if parallel is None or parallel.ranks == 1:
-        if int(os.environ.get("RANK", "0")) == 0:  # before the group: every rank read the flags
-            print(f"{prog}: error: {error}", file=sys.stderr)
+        print(f"{prog}: error: {error}", file=sys.stderr)
         return 2
     status = 2 if isinstance(error, de.DualencError) else 1
-    if not first_to_fail(parallel):
+    if not first:
         return status
     if isinstance(error, de.DualencError):
         line = f"rank {parallel.rank}: {error}"

@@ -423,8 +423,8 @@ class NFM(nn.Module):
         return self.W_2(self.dropout(F.relu(h_BM)))
 
     def dropout(self, a_BM):
-        """nn.Dropout's draws to the bit in one process; under data parallelism the global batch's
-        mask, cut to this rank's rows (self.share)."""
+        """Dropout: in one process on the CPU, nn.Dropout's draws to the bit; under data parallelism
+        the global batch's mask, cut to this rank's rows (self.share)."""
         if not self.training or self.dropout_p == 0:
             return a_BM
         (rank, ranks), B = self.share, len(a_BM)

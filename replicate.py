@@ -1182,8 +1182,10 @@ def run(cfg, parallel=None):
     `parallel` (distributed.start's, under torchrun): its ranks extract the store and train
     together, and the main one alone evaluates and writes (the others return None once trained)."""
     parallel = parallel or distributed.DataParallel(device=runner.resolve_device(cfg.device))
-    if (cfg.combine or cfg.compare or cfg.eval_only) and not parallel.main:
-        return None  # nothing to train: the main rank does it all
+    if cfg.combine or cfg.compare or cfg.eval_only:  # nothing to train: the main rank, alone
+        if not parallel.main:
+            return None
+        parallel = distributed.DataParallel(device=parallel.device)
     if cfg.combine:
         return combine_runs(cfg)
     if cfg.compare:
@@ -1191,7 +1193,6 @@ def run(cfg, parallel=None):
     device = parallel.device
     cfg, models, previous, layer, saelens = checked_inputs(cfg)
     out = parallel.broadcast(runner.prepare_out(cfg.out) if parallel.main else None)
-    parallel.run_dir = None if cfg.eval_only else out
     parallel.shared(out, "run folder")
     timings = {k: v for k, v in previous.get("timings_s", {}).items() if k != "total"}
     peaks = dict(previous.get("peak_rss_gib", {}))
@@ -1212,6 +1213,7 @@ def run(cfg, parallel=None):
               "peak_rss_gib": peaks}
     if not cfg.eval_only and parallel.main:
         checkpoint.write_json(out / "results.json", report)
+    parallel.run_dir = out  # resumable from here: a failure's line says how
     per_seed, evidence = train_and_evaluate(lm, models, data, cfg, out, report, stage, parallel)
     if not parallel.main:
         return None

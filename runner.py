@@ -42,8 +42,9 @@ class RunConfig(de.Config):
     them with the referee's."""
 
     STAGES = ("sae", "sequential", "joint")  # the models a run trains, in order
-    RUN_FLAGS = ("device", "resume", "eval_only")  # all --resume / --eval-only may be given with
-    POSITIVE = (*de.Config.POSITIVE, "tokens", "ctx", "splice_tokens")
+    # all that --resume / --eval-only may be given with
+    RUN_FLAGS = ("device", "rank_timeout", "resume", "eval_only")
+    POSITIVE = (*de.Config.POSITIVE, "tokens", "ctx", "splice_tokens", "rank_timeout")
     PROG = "dualenc.py"
     DESCRIPTION = de.__doc__.split("\n\n")[0]  # what --help says first
 
@@ -61,6 +62,9 @@ class RunConfig(de.Config):
     splice_tokens: int = setting(4096, "held-out tokens run through the LM for KL / CE (whole "
                                  "windows)")
     device: str = setting("auto", "auto (CUDA when available), cpu or cuda")
+    rank_timeout: int = setting(60, "under torchrun: minutes a rank waits for the others at a "
+                                "collective (rank 0 evaluating between models, another job "
+                                "extracting the store) before the job fails")
     out: str | None = setting(None, "output folder (default: runs/<timestamp>)", "DIR")
     quick: bool = setting(False, "small preset for smoke runs (fewer tokens, smaller dictionary)")
     paper_density: bool = setting(False, "the paper's code density at the model's d_model (§14): "
@@ -388,13 +392,14 @@ def run(cfg, parallel=None):
     the activations itself, and the main one alone evaluates and writes (the others return None
     once trained)."""
     parallel = parallel or distributed.DataParallel(device=resolve_device(cfg.device))
+    if cfg.eval_only:  # nothing to train: the main rank does it all, alone
+        if not parallel.main:
+            return None
+        parallel = distributed.DataParallel(device=parallel.device)
     device = parallel.device
     cfg, models, previous = settings(cfg)
     layer, _, _ = check_inputs(cfg, models)
-    if cfg.eval_only and not parallel.main:
-        return None
     out = parallel.broadcast(prepare_out(cfg.out) if parallel.main else None)
-    parallel.run_dir = None if cfg.eval_only else out
     parallel.shared(out, "run folder")
     timings = {k: v for k, v in previous.get("timings_s", {}).items() if k != "total"}
     stage = stopwatch(timings)
@@ -406,6 +411,7 @@ def run(cfg, parallel=None):
     report = new_report(cfg, data, models, previous, timings)
     if not cfg.eval_only and parallel.main:
         checkpoint.write_json(out / "results.json", report)
+    parallel.run_dir = out  # resumable from here: a failure's line says how
     trained = train_models(cfg, data, de.recipes(cfg, data), models, RunFolder(out, report, stage),
                            parallel)
     if not parallel.main:
@@ -454,19 +460,21 @@ def main(argv=None, cls=RunConfig, run=run):
     """The command line; under torchrun (distributed.start), one of the job's ranks. Errors end
     the job with one line (the first rank to fail says it)."""
     name, parallel = cls.PROG.removesuffix(".py"), None
+    distributed.silence_others()
     try:
         cfg = parse_args(argv, cls)
-        parallel = distributed.start(resolve_device(cfg.device))
+        parallel = distributed.start(resolve_device(cfg.device), cfg.rank_timeout)
         run(cfg, parallel)
     except KeyboardInterrupt:
+        distributed.failing(parallel)  # the others, stopped by it, leave quietly
         print(f"{name}: interrupted", file=sys.stderr)
-        sys.exit(130)
+        distributed.leave(parallel, 130)
     except Exception as e:
-        distributed.failing(parallel)  # from here on, torchrun's stop cannot cut this short
+        first = distributed.failing(parallel)  # torchrun's stop cannot cut this short now
         # the user's error, or a rank's end seen from here: one line for the job
-        if isinstance(e, DualencError) or distributed.caused_elsewhere(parallel, e):
-            distributed.leave(parallel, distributed.report(parallel, name, e))
-        distributed.crashed(parallel)  # a bug: its traceback, the other ranks quiet
+        if isinstance(e, DualencError) or distributed.caused_elsewhere(parallel, e, first):
+            distributed.leave(parallel, distributed.report(parallel, name, e, first))
+        distributed.crashed(parallel)  # a bug on the first rank to fail: its traceback
         raise
     distributed.stop(parallel)
 

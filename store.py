@@ -65,18 +65,23 @@ class ActivationStore:
             return torch.zeros(self.n_batches, dtype=torch.bool)
         try:
             saved = json.loads(meta.read_text())
-            ok = saved["key"] == self.key and saved["shape"] == list(self.shape)
+            ok = (saved["key"] == self.key and saved["shape"] == list(self.shape)
+                  and saved.get("batch", self.BATCH) == self.BATCH)
             if "windows_done" in saved:
                 ends = (torch.arange(self.n_batches) + 1) * self.BATCH
                 done = (ends <= saved["windows_done"]) | (saved["windows_done"] == self.shape[0])
             else:
                 marks = (self.folder / "done.bin").read_bytes()
+                if len(marks) > self.n_batches:
+                    raise DualencError(f"activation store {self.folder} has {len(marks):,} bytes "
+                                       f"in done.bin for {self.n_batches:,} batches; delete it to "
+                                       "rebuild")
                 done = torch.tensor(list(marks.ljust(self.n_batches, b"\0")), dtype=torch.bool)
             actual = {name: (self.folder / name).stat().st_size for name in self.sizes(0)}
         except (OSError, ValueError, KeyError) as e:
             raise DualencError(f"activation store {self.folder} is unreadable "
                                f"({checkpoint.one_line(e)}); delete it") from None
-        if not ok or len(done) != self.n_batches:
+        if not ok:
             raise DualencError(f"activation store {self.folder} holds another key than this run's; "
                                "delete it")
         written = int(done.nonzero().max()) + 1 if done.any() else 0
@@ -117,7 +122,7 @@ class ActivationStore:
                     self.lay_out()
             parallel.barrier()  # the files are laid out: every rank writes its batches
             self.done = self.recorded()
-            todo = [b for b in parallel.batches(self.n_batches) if not self.done[b]]
+            todo = parallel.batches((~self.done).nonzero().flatten().tolist())
             self.write_batches(lm, windows_NT, layer, precision, todo)
             parallel.barrier()  # every rank's batches are written
             self.done = self.recorded()

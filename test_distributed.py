@@ -5,6 +5,7 @@ bytes), and a rank that fails ends the job in one line, after which the run resu
 import dataclasses
 import json
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -80,7 +81,7 @@ def test_one_process_is_a_job_of_one_rank():
     model = torch.nn.Linear(2, 2)
     assert alone.main and alone.wrap(model) is model and torch.equal(alone.share(rows), rows)
     assert alone.gather(torch.tensor(3.0)).tolist() == [3.0] and alone.broadcast("x") == "x"
-    assert list(alone.batches(3)) == [0, 1, 2]
+    assert alone.batches([0, 1, 2]) == [0, 1, 2]
 
 
 def test_a_batch_that_does_not_split_evenly_drops_its_last_tokens_and_says_so(capsys):
@@ -91,7 +92,9 @@ def test_a_batch_that_does_not_split_evenly_drops_its_last_tokens_and_says_so(ca
         capsys.readouterr().err)
     with pytest.raises(de.DualencError, match="cannot be shared by 3 ranks"):
         distributed.DataParallel(0, 3).share(rows[:2])
-    assert list(distributed.DataParallel(1, 3).batches(8)) == [1, 4, 7]
+    # an extraction's pending batches, dealt in turn: after a partial one, still even shares
+    assert distributed.DataParallel(1, 3).batches(list(range(8))) == [1, 4, 7]
+    assert distributed.DataParallel(0, 2).batches([1, 3, 5, 7]) == [1, 5]
 
 
 # ----------------------------------------------------------------------------- under torchrun
@@ -175,3 +178,22 @@ def test_two_ranks_of_the_quick_run_give_its_models_and_its_store(quick_run, tmp
     assert done.returncode == 0, done.stderr[-3000:]
     assert_same_models(tmp_path / "run", quick_run, compare_weights=False)
     assert store_files(tmp_path / "store") == store_files(f"{quick_run}_store")
+
+
+def test_a_bug_ends_the_job_with_one_traceback_and_blames_no_rank(tiny_lm_folder, tmp_path):
+    cfg = tiny_method_cfg(tiny_lm_folder, tmp_path / "run")
+    # on every rank at once, and on rank 0 alone after the others have finished their work
+    for fault in ((None, "bug", 7), (0, "bug-splice", 1)):
+        failed, _ = torchrun("dualenc.py", *flags(cfg), fault=fault)
+        assert failed.returncode != 0 and our_lines(failed.stderr, "dualenc") == []
+        assert failed.stderr.count("RuntimeError: a planted bug") == 1, failed.stderr[-3000:]
+
+
+def test_eval_only_under_torchrun_is_rank_0_alone(tiny_run, tmp_path):
+    reference, _ = tiny_run
+    shutil.copytree(reference, tmp_path / "run")
+    done, _ = torchrun("replicate.py", "--eval-only", str(tmp_path / "run"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    again = json.loads((tmp_path / "run" / "results_eval_only.json").read_text())["models"]
+    first = json.loads((reference / "results.json").read_text())["models"]
+    assert again == first
