@@ -86,12 +86,14 @@ class DataParallel(de.OneProcess):
         dist.broadcast_object_list(box, src=0)
         return box[0]
 
-    def shared(self, folder, what):
-        """Refuses in one line a folder that some rank cannot see: every rank reads the run folder
-        (resuming, checkpoints) and writes the store, so on several nodes they must be on a
-        filesystem that every node mounts."""
+    def shared(self, make, what):
+        """The folder make() gives on rank 0 (which makes it), on every rank; refused in one line
+        where some rank cannot see it: every rank reads the run folder (resuming, checkpoints)
+        and writes the store, so on several nodes they must be on a filesystem that every node
+        mounts."""
+        folder = self.broadcast(make() if self.main else None)
         if self.ranks == 1:
-            return
+            return folder
         mark = Path(folder) / self.broadcast(f".rank0-{os.getpid()}-{time.time_ns()}")
         if self.main:
             mark.touch()
@@ -104,6 +106,12 @@ class DataParallel(de.OneProcess):
             raise de.DualencError(f"rank {', '.join(map(str, blind))} cannot see the {what} "
                                   f"{folder} that rank 0 writes: on several nodes it must be on a "
                                   "filesystem that every node mounts")
+        return folder
+
+    def alone(self):
+        """For a run with nothing to train (--eval-only, --combine, --compare): rank 0 works as a
+        job of one rank, the others get None and return at once."""
+        return DataParallel(device=self.device) if self.main else None
 
     def batches(self, pending):
         """This rank's share of an extraction's pending batches: every ranks-th, from its own rank

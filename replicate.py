@@ -1182,18 +1182,17 @@ def run(cfg, parallel=None):
     `parallel` (distributed.start's, under torchrun): its ranks extract the store and train
     together, and the main one alone evaluates and writes (the others return None once trained)."""
     parallel = parallel or distributed.DataParallel(device=runner.resolve_device(cfg.device))
-    if cfg.combine or cfg.compare or cfg.eval_only:  # nothing to train: the main rank, alone
-        if not parallel.main:
+    if cfg.combine or cfg.compare or cfg.eval_only:
+        parallel = parallel.alone()
+        if parallel is None:
             return None
-        parallel = distributed.DataParallel(device=parallel.device)
     if cfg.combine:
         return combine_runs(cfg)
     if cfg.compare:
         return compare_runs(cfg)
     device = parallel.device
     cfg, models, previous, layer, saelens = checked_inputs(cfg)
-    out = parallel.broadcast(runner.prepare_out(cfg.out) if parallel.main else None)
-    parallel.shared(out, "run folder")
+    out = parallel.shared(lambda: runner.prepare_out(cfg.out), "run folder")
     timings = {k: v for k, v in previous.get("timings_s", {}).items() if k != "total"}
     peaks = dict(previous.get("peak_rss_gib", {}))
     stage = measured(runner.stopwatch(timings), peaks)

@@ -392,15 +392,14 @@ def run(cfg, parallel=None):
     the activations itself, and the main one alone evaluates and writes (the others return None
     once trained)."""
     parallel = parallel or distributed.DataParallel(device=resolve_device(cfg.device))
-    if cfg.eval_only:  # nothing to train: the main rank does it all, alone
-        if not parallel.main:
+    if cfg.eval_only:
+        parallel = parallel.alone()
+        if parallel is None:
             return None
-        parallel = distributed.DataParallel(device=parallel.device)
     device = parallel.device
     cfg, models, previous = settings(cfg)
     layer, _, _ = check_inputs(cfg, models)
-    out = parallel.broadcast(prepare_out(cfg.out) if parallel.main else None)
-    parallel.shared(out, "run folder")
+    out = parallel.shared(lambda: prepare_out(cfg.out), "run folder")
     timings = {k: v for k, v in previous.get("timings_s", {}).items() if k != "total"}
     stage = stopwatch(timings)
     lm, _, data = load_data(cfg, layer, device)

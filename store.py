@@ -7,7 +7,7 @@ meta.json. Sections, in the order data flows:
   activation store  ActivationStore: one folder per key, locked, resumable extraction, sharded over
                     torchrun's ranks
   tokens            Tokens (a store's tokens, z-scored on read), token_rows, streamed_moments
-  data              store_key, weights_fingerprint, load_data
+  data              store_key, weights_fingerprint, made, load_data
 Dimension letters as in dualenc.py; W windows.
 """
 
@@ -274,6 +274,12 @@ def weights_fingerprint(lm):
     return h.hexdigest()
 
 
+def made(folder):
+    """`folder`, made if it is not there yet."""
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
 def load_data(cfg, layer, device, parallel=None):
     """runner.load_data with the activations in a store (ActivationStore): extracted once per key
     and reused, the training and held-out tokens read from disk batch by batch (Tokens), so that
@@ -285,9 +291,7 @@ def load_data(cfg, layer, device, parallel=None):
     windows_NT = corpus.make_windows(tokenizer, text, cfg.tokens, cfg.ctx)
     N, T = windows_NT.shape
     parallel = parallel or distributed.DataParallel()
-    if parallel.main:
-        Path(cfg.store).mkdir(parents=True, exist_ok=True)
-    parallel.shared(cfg.store, "activation store")
+    parallel.shared(lambda: made(Path(cfg.store)), "activation store")
     store = ActivationStore(cfg.store, store_key(cfg, lm, layer, windows_NT),
                             (N, T, lm.config.hidden_size))
     if not parallel.broadcast(store.complete):  # one decision: a job elsewhere may be writing

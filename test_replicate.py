@@ -311,7 +311,8 @@ def test_the_referees_flags_extend_the_methods():
     assert ((cfg.seeds, cfg.k, cfg.stage34, cfg.n_boot) == (3, 8, True, 1000)
             and isinstance(cfg, runner.RunConfig))
     assert rp.parse_args(["--eval-only", "runs/x", "--stage34"]).stage34
-    with pytest.raises(de.DualencError, match="only --device, --rank-timeout, --stage34, --stimuli"):
+    with pytest.raises(de.DualencError,
+                       match="only --device, --rank-timeout, --stage34, --stimuli"):
         rp.parse_args(["--eval-only", "runs/x", "--seeds", "2"])
     with pytest.raises(de.DualencError, match="only --device, --rank-timeout may be given"):
         runner.parse_args(["--eval-only", "runs/x", "--k", "8"])
