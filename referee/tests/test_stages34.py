@@ -9,10 +9,10 @@ import torch
 import torch.nn.functional as F
 
 import dualenc as de
-import language_model
-import replicate as rp
-import stages34 as s34
-import stats as st
+from referee import language_model
+from referee import replicate as rp
+from referee import stages34 as s34
+from referee import stats as st
 from conftest import D, FEATS, K, M, small_cfg, synthetic_acts, tiny_llama
 
 
@@ -155,7 +155,7 @@ def test_a_malformed_stimulus_file_fails_with_one_line(content, msg, tmp_path):
 @pytest.mark.slow  # the real SmolLM2
 def test_the_shipped_stimuli_are_a_full_design_of_single_token_words():
     spec = s34.read_stimuli(None)
-    _, tokenizer = language_model.load_lm(language_model.SMOLLM2, "cpu")
+    _, tokenizer = language_model.load_lm(de.SMOLLM2, "cpu")
     design = s34.load_stimuli(spec, tokenizer)
     sel_P, cell_P = design["selection_P"], design["cell_P"]
     assert [int((cell_P[sel_P] == i).sum()) for i in range(4)] == [16, 16, 16, 16]

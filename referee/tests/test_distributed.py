@@ -12,9 +12,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import distributed
 import dualenc as de
-import replicate as rp
+from referee import distributed, training
+from referee import replicate as rp
 from conftest import our_lines, tiny_method_cfg, tiny_run_cfg, torchrun
 
 # Two ranks sum a batch's gradient in two halves, one process in one: the same arithmetic in
@@ -63,17 +63,12 @@ def assert_same_models(run, reference, compare_weights=True):
 
 # ----------------------------------------------------------------------------- in one process
 
-def test_two_shares_of_a_batch_drop_what_the_whole_batch_drops():
-    nfm = de.NFM(64, 16, 12, dropout=0.5).train()
-    a_BM = torch.rand(10, 12)
-    torch.manual_seed(1)
-    whole = nfm.dropout(a_BM)
-    shares = []
-    for rank in range(2):
-        nfm.share = (rank, 2)
-        torch.manual_seed(1)  # every rank holds the same random state
-        shares.append(nfm.dropout(a_BM[rank * 5:(rank + 1) * 5]))
-    assert torch.equal(torch.cat(shares), whole) and (whole == 0).any()
+def test_a_rank_drops_with_the_shared_dropout_of_its_share():
+    # the ranks together drop what one process would: test_training's SharedDropout test
+    model = de.DualEncoder(de.TopKSAE(16, 64, 8), de.NFM(64, 16, 12))
+    assert distributed.DataParallel().wrap(model) is model
+    assert isinstance(model.nfm.dropout, training.SharedDropout)
+    assert model.nfm.dropout.share == (0, 1)
 
 
 def test_one_process_is_a_job_of_one_rank():
@@ -103,7 +98,7 @@ def test_two_ranks_train_the_weights_one_process_trains_and_extract_its_store(ti
                                                                              tiny_run, tmp_path):
     reference, _ = tiny_run
     cfg = tiny_run_cfg(tiny_lm_folder, tmp_path / "run")
-    done, _ = torchrun("replicate.py", *flags(cfg))
+    done, _ = torchrun("referee", *flags(cfg))
     assert done.returncode == 0, done.stderr[-3000:]
     assert_same_models(tmp_path / "run", reference)
     assert store_files(cfg.store) == store_files(f"{reference}_store")
@@ -112,7 +107,7 @@ def test_two_ranks_train_the_weights_one_process_trains_and_extract_its_store(ti
 def test_the_method_runs_on_two_ranks_as_in_one_process(tiny_lm_folder, tiny_method_run,
                                                        tmp_path):
     reference, _ = tiny_method_run
-    done, _ = torchrun("dualenc.py", *flags(tiny_method_cfg(tiny_lm_folder, tmp_path / "run")))
+    done, _ = torchrun("referee.runner", *flags(tiny_method_cfg(tiny_lm_folder, tmp_path / "run")))
     assert done.returncode == 0, done.stderr[-3000:]
     assert_same_models(tmp_path / "run", reference)
     assert "joint" in done.stdout and "steps per model" in done.stdout  # rank 0's table, once
@@ -122,7 +117,7 @@ def test_the_method_runs_on_two_ranks_as_in_one_process(tiny_lm_folder, tiny_met
 def test_a_batch_that_two_ranks_cannot_share_evenly_runs_and_says_what_it_drops(tiny_lm_folder,
                                                                                tmp_path):
     cfg = tiny_method_cfg(tiny_lm_folder, tmp_path / "run", batch_size=127, epochs=1)
-    done, _ = torchrun("dualenc.py", *flags(cfg))
+    done, _ = torchrun("referee.runner", *flags(cfg))
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stderr.count("--batch-size 127 over 2 ranks: each trains on 63 tokens a step and "
                              "the batch's last 1 are dropped") == 1
@@ -130,8 +125,8 @@ def test_a_batch_that_two_ranks_cannot_share_evenly_runs_and_says_what_it_drops(
 
 def test_bad_input_under_torchrun_is_one_line(tiny_lm_folder, tmp_path):
     for bad in (["--k", "0"], ["--layer", "9"]):  # refused before, and after, the ranks meet
-        done, _ = torchrun("dualenc.py", *flags(tiny_method_cfg(tiny_lm_folder, tmp_path)), *bad)
-        assert done.returncode != 0 and len(our_lines(done.stderr, "dualenc")) == 1, done.stderr
+        done, _ = torchrun("referee.runner", *flags(tiny_method_cfg(tiny_lm_folder, tmp_path)), *bad)
+        assert done.returncode != 0 and len(our_lines(done.stderr, "referee.runner")) == 1, done.stderr
 
 
 @pytest.mark.slow  # takes long on its own: three jobs
@@ -140,20 +135,20 @@ def test_a_killed_rank_ends_the_job_in_one_line_and_the_run_resumes(tiny_lm_fold
     reference, _ = tiny_run
     cfg = tiny_run_cfg(tiny_lm_folder, tmp_path / "run")
     # rank 1 killed at its second batch of the extraction: the store is left part-written
-    killed, seconds = torchrun("replicate.py", *flags(cfg), fault=(1, "kill-extract", 2))
+    killed, seconds = torchrun("referee", *flags(cfg), fault=(1, "kill-extract", 2))
     (line,) = our_lines(killed.stderr)
     assert killed.returncode != 0 and seconds < 90
-    assert line.startswith("replicate: error: rank 1 ended without a word (killed?)"), line
+    assert line.startswith("referee: error: rank 1 ended without a word (killed?)"), line
     done_marks = next(Path(cfg.store).iterdir()) / "done.bin"
     assert 0 < sum(done_marks.read_bytes()) < len(done_marks.read_bytes())
     # the same command completes the store, and rank 1 is killed at its 30th optimiser step,
     # after the sae's evaluation at step 25 saved its state
-    killed, seconds = torchrun("replicate.py", *flags(cfg), fault=(1, "kill", 30))
+    killed, seconds = torchrun("referee", *flags(cfg), fault=(1, "kill", 30))
     (line,) = our_lines(killed.stderr)
     assert killed.returncode != 0 and seconds < 90
-    assert line == (f"replicate: error: rank 1 ended without a word (killed?); every rank stops; "
+    assert line == (f"referee: error: rank 1 ended without a word (killed?); every rank stops; "
                     f"finish the run with --resume {cfg.out}")
-    resumed, _ = torchrun("replicate.py", "--resume", cfg.out)
+    resumed, _ = torchrun("referee", "--resume", cfg.out)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming sae at step 25" in resumed.stderr
     assert_same_models(Path(cfg.out), reference)
@@ -164,16 +159,16 @@ def test_a_non_finite_loss_on_one_rank_stops_every_rank(tiny_lm_folder, tmp_path
     cfg = tiny_run_cfg(tiny_lm_folder, tmp_path / "run")
     # at the last step before an evaluation (step 5) only rank 1's loss is NaN: every rank stops
     # (every rank sees it: the line is the first to report's)
-    failed, seconds = torchrun("replicate.py", *flags(cfg), fault=(1, "nan", 5))
+    failed, seconds = torchrun("referee", *flags(cfg), fault=(1, "nan", 5))
     (line,) = our_lines(failed.stderr)
     assert failed.returncode != 0 and seconds < 90
-    assert re.fullmatch(r"replicate: error: rank [01]: sae: training loss became nan on rank 1 "
+    assert re.fullmatch(r"referee: error: rank [01]: sae: training loss became nan on rank 1 "
                         r"at step 5", line), line
 
 
 @pytest.mark.slow  # the real SmolLM2
 def test_two_ranks_of_the_quick_run_give_its_models_and_its_store(quick_run, tmp_path):
-    done, _ = torchrun("replicate.py", "--quick", "--out", str(tmp_path / "run"), "--store",
+    done, _ = torchrun("referee", "--quick", "--out", str(tmp_path / "run"), "--store",
                        str(tmp_path / "store"))
     assert done.returncode == 0, done.stderr[-3000:]
     assert_same_models(tmp_path / "run", quick_run, compare_weights=False)
@@ -184,15 +179,15 @@ def test_a_bug_ends_the_job_with_one_traceback_and_blames_no_rank(tiny_lm_folder
     cfg = tiny_method_cfg(tiny_lm_folder, tmp_path / "run")
     # on every rank at once, and on rank 0 alone after the others have finished their work
     for fault in ((None, "bug", 7), (0, "bug-splice", 1)):
-        failed, _ = torchrun("dualenc.py", *flags(cfg), fault=fault)
-        assert failed.returncode != 0 and our_lines(failed.stderr, "dualenc") == []
+        failed, _ = torchrun("referee.runner", *flags(cfg), fault=fault)
+        assert failed.returncode != 0 and our_lines(failed.stderr, "referee.runner") == []
         assert failed.stderr.count("RuntimeError: a planted bug") == 1, failed.stderr[-3000:]
 
 
 def test_eval_only_under_torchrun_is_rank_0_alone(tiny_run, tmp_path):
     reference, _ = tiny_run
     shutil.copytree(reference, tmp_path / "run")
-    done, _ = torchrun("replicate.py", "--eval-only", str(tmp_path / "run"))
+    done, _ = torchrun("referee", "--eval-only", str(tmp_path / "run"))
     assert done.returncode == 0, done.stderr[-3000:]
     again = json.loads((tmp_path / "run" / "results_eval_only.json").read_text())["models"]
     first = json.loads((reference / "results.json").read_text())["models"]

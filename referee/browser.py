@@ -1,6 +1,6 @@
 """browser: a run's features on one page that works offline, browser.html.
 
-`python replicate.py --eval-only RUN_DIR --browser` writes it beside the run's results; it opens
+`python -m referee --eval-only RUN_DIR --browser` writes it beside the run's results; it opens
 with a double click and asks nothing of the network. Each integration feature (a feature of stage
 3's secondary SAE, stages34.py) shows the pairs of identity features it reads through the NFM's
 pair term (stages34.pair_reading, docs/method.md §16), its top contexts and a few weaker ones, its
@@ -28,8 +28,8 @@ import torch
 from tqdm.auto import tqdm
 
 import dualenc as de
-import stages34 as s34
-import stats as st
+from referee import stages34 as s34
+from referee import stats as st
 
 N_TOP, N_WEAKER, N_PAIRS, N_BINS = 8, 4, 8, 24  # contexts, weaker contexts, pairs, histogram bins
 BUDGET = 5_000_000  # bytes of one page at most: a run with more has its feature pages in files

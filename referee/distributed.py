@@ -1,13 +1,13 @@
 """distributed: data-parallel training and sharded extraction under torchrun (torch.distributed).
 
-    torchrun --standalone --nproc-per-node N replicate.py ...   (or dualenc.py; docs/distributed.md)
+    torchrun --standalone --nproc-per-node N -m referee ...   (or -m referee.runner; docs/distributed.md)
 
 Each of the N processes (ranks) holds the whole model; every global batch (--batch-size, as in one
 process: the same batches, the same steps) is cut into N equal shares, each rank steps on its
 own, and DistributedDataParallel averages the gradients before the one optimiser step that every
 rank takes alike. Rank 0 evaluates and writes the run folder; the others wait for it at the next
-collective. dualenc.fit knows ranks only through DataParallel's four members (dualenc.OneProcess),
-the NFM's dropout through its `share`. Sections, in the order a run meets them:
+collective. training.fit knows ranks only through DataParallel's four members
+(training.OneProcess), the NFM's dropout through training.SharedDropout. Sections, in the order a run meets them:
   process group  DataParallel, silence_others, start (from torchrun's environment: gloo on CPU,
                  NCCL on CUDA), stop, leave
   faults         what a rank does when the job fails: one line for the whole job, naming the rank
@@ -25,17 +25,17 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-import checkpoint
 import dualenc as de
+from referee import checkpoint, training
 
 FAILED = "failed"  # the job's count of ranks that have failed: the first one speaks for it
 
 
 # ----------------------------------------------------------------------------- process group
 
-class DataParallel(de.OneProcess):
+class DataParallel(training.OneProcess):
     """fit's `parallel` over the ranks of a process group (one rank, alone: no group, and every
-    member is dualenc.OneProcess's). Also what the runner needs of ranks: barrier, broadcast, and
+    member is training.OneProcess's). Also what the runner needs of ranks: barrier, broadcast, and
     extraction's share of the store's batches."""
 
     def __init__(self, rank=0, ranks=1, store=None, device=None):
@@ -45,11 +45,9 @@ class DataParallel(de.OneProcess):
         self.run_dir = None  # the run folder, once known: a failure's line says how to resume
 
     def wrap(self, model):
+        training.share_dropout(model, (self.rank, self.ranks))
         if self.ranks == 1:
             return model
-        for module in model.modules():
-            if isinstance(module, de.NFM):
-                module.share = (self.rank, self.ranks)
         # buffers (the z-score statistics) are constant: synced once, not at every forward
         ids = [self.device] if self.device.type == "cuda" else None
         return DistributedDataParallel(model, device_ids=ids, forward_sync_buffers=False)

@@ -1,6 +1,7 @@
-"""What the test modules share, so that none imports another: the method's sizes and helpers on
-synthetic activations and a tiny random Llama; the command line; interrupting a run; and the tiny
-LM folder and the tiny runs of the method and of the referee, each made once a session.
+"""What the referee's test modules share, so that none imports another: the method's sizes and
+helpers on synthetic activations and a tiny random Llama (test_dualenc.py's); the command line;
+interrupting a run; and the tiny LM folder and the tiny runs of the method and of the referee,
+each made once a session.
 
 Fixtures need no import; the helpers are imported as `from conftest import ...`. Tests marked
 `slow` (the real SmolLM2, Chromium; see pytest.ini) are left out of the fast tier:
@@ -18,62 +19,45 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import dualenc as de
-import language_model
-import replicate as rp
-import runner
-
-# ----------------------------------------------------------------------------- the method's tests
-
-D, FEATS, K, M = 16, 64, 8, 12
-
-
-def tiny_llama():
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    return LlamaForCausalLM(cfg).eval()
-
-
-def small_cfg(**kw):
-    return de.Config(**{"features": FEATS, "k": K, "embed_dim": M, "epochs": 4, "batch_size": 64,
-                        "eval_every": 10, "lr": 3e-3, **kw})
-
-
-def synthetic_acts(n=1024, d=D, seed=0):
-    """Sparse-ish data with pairwise structure, so every model has something to learn."""
-    g = torch.Generator().manual_seed(seed)
-    atoms = torch.randn(32, d, generator=g)
-    w = F.relu(torch.randn(n, 32, generator=g) - 1.0)
-    x = w @ atoms + 0.5 * (w[:, :1] * w[:, 1:2]) * atoms[2]
-    return (x - x.mean(0)) / x.std(0)
-
+from referee import language_model, runner
+from referee import replicate as rp
+# test_dualenc.py stands alone beside dualenc.py; the referee's tests share its sizes and data
+from test_dualenc import D, FEATS, K, M, small_cfg, synthetic_acts, tiny_llama  # noqa: F401
 
 # ----------------------------------------------------------------------------- runs
 
-def run_cli(script, *args):
-    return subprocess.run([sys.executable, script, *args], capture_output=True, text=True,
-                          cwd=Path(__file__).parent, timeout=600)
+ROOT = Path(__file__).resolve().parents[2]  # the repository: dualenc.py, results/, referee/
 
 
-def torchrun(script, *args, ranks=2, fault=None):
-    """`torchrun --standalone --nproc-per-node ranks script args` (standalone: a free port each
+def program(name):
+    """How python runs a program: "dualenc.py" as a script, "referee" or "referee.runner" as a
+    module."""
+    return [name] if name.endswith(".py") else ["-m", name]
+
+
+def run_cli(name, *args):
+    return subprocess.run([sys.executable, *program(name), *args], capture_output=True,
+                          text=True, cwd=ROOT, timeout=600)
+
+
+def torchrun(name, *args, ranks=2, fault=None):
+    """`torchrun --standalone --nproc-per-node ranks -m name args` (standalone: a free port each
     time), with fault=(rank, kind, n) planted in that rank (plant_fault). Returns (the completed
     process, its seconds)."""
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone",
               f"--nproc-per-node={ranks}"]
-    env = dict(os.environ, DUALENC_FAULT=json.dumps(fault))
-    scripts = [script] if fault is None else [__file__, script]
+    env = dict(os.environ, DUALENC_FAULT=json.dumps(fault), PYTHONPATH=str(ROOT))
+    launched = program(name) if fault is None else [__file__, name]
     t0 = time.perf_counter()
-    done = subprocess.run([*launch, *scripts, *args], capture_output=True, text=True, env=env,
-                          cwd=Path(__file__).parent, timeout=600)
+    done = subprocess.run([*launch, *launched, *args], capture_output=True, text=True, env=env,
+                          cwd=ROOT, timeout=600)
     return done, time.perf_counter() - t0
 
 
-def our_lines(stderr, prog="replicate"):
+def our_lines(stderr, prog="referee"):
     """The lines a run's ranks print as the program, not torchrun's own report (another rank's
     progress bar may stand before one on the terminal's line)."""
     return [line[line.index(f"{prog}: "):] for line in stderr.splitlines() if f"{prog}: " in line]
@@ -123,7 +107,7 @@ def tiny_lm_folder(tmp_path_factory):
     """A tiny random Llama with SmolLM2's tokenizer, saved as a local model folder: the whole
     pipeline runs on it in seconds."""
     folder = tmp_path_factory.mktemp("tiny_lm")
-    _, tokenizer = language_model.load_lm(language_model.SMOLLM2, "cpu")
+    _, tokenizer = language_model.load_lm(de.SMOLLM2, "cpu")
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
                          num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
                          max_position_embeddings=64)
@@ -134,7 +118,7 @@ def tiny_lm_folder(tmp_path_factory):
 
 
 def tiny_method_cfg(model, out, cls=runner.RunConfig, **kw):
-    """A tiny run of the method (runner.py) on the tiny LM."""
+    """A tiny run of the method with run folders (referee.runner) on the tiny LM."""
     return cls(**{"model": model, "tokens": 4096, "ctx": 32, "features": 64, "k": 8, "embed_dim": 8,
                   "epochs": 2, "batch_size": 128, "eval_every": 5, "splice_tokens": 256,
                   "out": str(out), "device": "cpu", **kw})
@@ -148,10 +132,10 @@ def tiny_run_cfg(model, out, **kw):
 
 @pytest.fixture(scope="session")
 def quick_run(tmp_path_factory):
-    """`python replicate.py --quick` on the real SmolLM2 (its store beside it, as `run_store`):
+    """`python -m referee --quick` on the real SmolLM2 (its store beside it, as `run_store`):
     the run folder."""
     out = tmp_path_factory.mktemp("quick") / "run"
-    done = run_cli("replicate.py", "--quick", "--out", str(out), "--store", f"{out}_store")
+    done = run_cli("referee", "--quick", "--out", str(out), "--store", f"{out}_store")
     assert done.returncode == 0, done.stderr[-2000:]
     return out
 
@@ -168,7 +152,7 @@ def tiny_run(tiny_lm_folder, tmp_path_factory):
     return out, rp.run(tiny_run_cfg(tiny_lm_folder, out))
 
 
-if __name__ == "__main__":  # launched by torchrun(..., fault=...): conftest.py SCRIPT ARGS
+if __name__ == "__main__":  # launched by torchrun(..., fault=...): conftest.py MODULE ARGS
     plant_fault(*json.loads(os.environ["DUALENC_FAULT"]))
     sys.argv = sys.argv[1:]
-    runpy.run_path(sys.argv[0], run_name="__main__")
+    runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)

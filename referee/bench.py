@@ -2,14 +2,14 @@
 one run (this machine is shared and noisy, so absolute times are only indicative), each as
 min / median of several repeats. Not a test: nothing here asserts a time.
 
-    python bench_dualenc.py                                # CPU or the GPU torch sees
-    python bench_dualenc.py --results runs/X/results.json  # also split the run's wall time by stage
+    python -m referee.bench                                # CPU or the GPU torch sees
+    python -m referee.bench --results runs/X/results.json  # also split the run's wall time by stage
 
-    python bench_dualenc.py --neighbour                    # only the thread/wait-policy comparison
+    python -m referee.bench --neighbour                    # only the thread/wait-policy comparison
 
-    python bench_dualenc.py --precision                    # only fp32 against bf16
+    python -m referee.bench --precision                    # only fp32 against bf16
 
-    python bench_dualenc.py --ranks                        # only 2 ranks against 1 process
+    python -m referee.bench --ranks                        # only 2 ranks against 1 process
 
 Sections: NFM (sparse vs the dense [B, F, M] reference, with peak memory), SAE decode
 (embedding_bag vs dense matmul), the SAE step (sparse vs dense encoder backward, and where its
@@ -33,17 +33,15 @@ import types
 import torch
 import torch.nn.functional as F
 
-import corpus
-import distributed
 import dualenc as de
-import language_model
-import replicate as rp
-import runner
+from referee import corpus, distributed, language_model, runner
+from referee import replicate as rp
 
 # dualenc's (n_read = k/2) and the paper's (docs/method.md §4, §8)
 CONFIGS = {"default": dict(d=576, f=4608, k=64, m=64, n_read=32, batch=512),
            "paper": dict(d=3200, f=50_000, k=1024, m=300, n_read=512, batch=64)}
 DEFAULT = CONFIGS["default"]
+SELF = [sys.executable, "-m", "referee.bench"]  # a measurement in a process of its own
 MEMORY_CAP_GB = 12  # address-space cap for the "does it fit" check on CPU
 
 
@@ -114,7 +112,7 @@ def peak_memory_mb(cfg_name, impl, device, cap_gb=None):
         except torch.OutOfMemoryError:
             return None
         return (torch.cuda.max_memory_allocated() - base) / 2**20
-    cmd = [sys.executable, __file__, "--peak", cfg_name, impl]
+    cmd = [*SELF, "--peak", cfg_name, impl]
     limit = ((lambda: resource.setrlimit(resource.RLIMIT_AS, (cap_gb * 2**30,) * 2))
              if cap_gb else None)
     r = subprocess.run(cmd, capture_output=True, text=True, preexec_fn=limit)
@@ -231,7 +229,7 @@ def bench_sae_step(device, repeats):
 
 def paper_density_models(d, device):
     """The long run's three models at the paper's density (d_model d): name -> (model, Config)."""
-    cfg = de.Config(**runner.paper_density(d))
+    cfg = runner.RunConfig(**runner.paper_density(d))
     # build reads the data's width, device and z-score; a benchmark's models need no real data
     data = types.SimpleNamespace(x_train=torch.zeros(1, d, device=device), mean=None, std=None)
     joint = de.build(cfg, data, nfm="linear")
@@ -317,10 +315,10 @@ def bench_neighbour(repeats):
         env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
         if policy is not None:
             env["OMP_WAIT_POLICY"] = policy
-        cmd = [sys.executable, __file__, "--sae-step", str(threads), "--repeats", str(repeats * 2)]
+        cmd = [*SELF, "--sae-step", str(threads), "--repeats", str(repeats * 2)]
         quiet = float(subprocess.run(cmd, capture_output=True, text=True, env=env,
                                      check=True).stdout)
-        busy = subprocess.Popen(["nice", "-n", "19", sys.executable, __file__, "--busy"],
+        busy = subprocess.Popen(["nice", "-n", "19", *SELF, "--busy"],
                                 env={**os.environ, "OMP_NUM_THREADS": "1"})
         try:
             loaded = float(subprocess.run(cmd, capture_output=True, text=True, env=env,
@@ -357,11 +355,11 @@ def bench_ranks(repeats):
     1,024 tokens) by 2 ranks of 1 thread (torchrun, gloo) against 1 process of 2 threads."""
     print("\n## SAE step at paper density: 2 ranks x 1 thread (torchrun, gloo) against 1 process x "
           "2 threads, CPU")
-    one = float(subprocess.run([sys.executable, __file__, "--sae-step", "2", "--repeats",
+    one = float(subprocess.run([*SELF, "--sae-step", "2", "--repeats",
                                 str(repeats * 2)], capture_output=True, text=True,
                                check=True).stdout)
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
-    out = subprocess.run([*launch, __file__, "--ranks-step", "--repeats", str(repeats * 2)],
+    out = subprocess.run([*launch, *SELF[1:], "--ranks-step", "--repeats", str(repeats * 2)],
                          capture_output=True, text=True, check=True,
                          env={**os.environ, "OMP_NUM_THREADS": "1"}).stdout
     two, reduce = map(float, out.split())
@@ -386,9 +384,9 @@ def bench_training(device, repeats):
 
 def bench_lm(device, repeats):
     print("\n## SmolLM2 at the middle block: extraction and splicing, 16 windows of 128 tokens")
-    lm, tokenizer = language_model.load_lm(language_model.SMOLLM2, device)
+    lm, tokenizer = language_model.load_lm(de.SMOLLM2, device)
     layer = len(de.decoder_blocks(lm)) // 2
-    ids = corpus.make_windows(tokenizer, corpus.default_text, 16 * 128, 128)
+    ids = de.make_windows(tokenizer, de.default_text, 16 * 128, 128)
     n = ids.numel()
 
     def early():
@@ -458,7 +456,7 @@ def main():
         return busy_child()
     if args.neighbour:
         return bench_neighbour(args.repeats)
-    device = runner.resolve_device(args.device)
+    device = de.resolve_device(args.device)
     name = (torch.cuda.get_device_name() if device.type == "cuda"
             else f"CPU, {torch.get_num_threads()} threads")
     print(f"# dualenc benchmark on {name}, torch {torch.__version__}")

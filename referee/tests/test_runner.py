@@ -1,21 +1,23 @@
-"""Tests of runner.py: text and corpus, loading the LM, checkpoints, run folders, resume and
-eval-only, and the command line. The tiny LM folder and the tiny method run are conftest.py's,
+"""Tests of referee/runner.py: text and corpus, loading the LM, checkpoints, run folders, resume
+and eval-only, the command line; and dualenc.py copied alone. The tiny LM folder and the tiny method run are conftest.py's,
 shared with test_replicate.py."""
 
+import contextlib
 import dataclasses
+import io
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-import checkpoint
-import corpus
 import dualenc as de
-import language_model
-import runner
-from conftest import D, FEATS, K, M, interrupt_training_at, run_cli, tiny_method_cfg
+from referee import checkpoint, corpus, language_model, runner
+from conftest import (D, FEATS, K, M, ROOT, interrupt_training_at, run_cli,
+                      tiny_method_cfg)
 
 
 # ----------------------------------------------------------------------- text, model, output errors
@@ -31,16 +33,16 @@ def test_text_errors(tmp_path):
         corpus.read_text(str(tmp_path / "empty_dir"))
     tok = lambda text, **kw: {"input_ids": list(range(len(text.split())))}  # noqa: E731
     with pytest.raises(de.DualencError, match="longer text"):
-        corpus.make_windows(tok, "a few words only", n_tokens=4096, ctx=128)
+        de.make_windows(tok, "a few words only", n_tokens=4096, ctx=128)
 
 
 def test_the_default_corpus_is_deterministic_and_read_only_as_far_as_needed():
-    text = corpus.default_text(500_000)
+    text = de.default_text(500_000)
     assert 500_000 <= len(text) < 520_000
-    corpus.file_docstrings.cache_clear()
+    de.file_docstrings.cache_clear()
     # a fresh parse
-    assert (corpus.default_text(500_000) == text
-            and corpus.default_text(100_000) == text[:len(corpus.default_text(100_000))])
+    assert (de.default_text(500_000) == text
+            and de.default_text(100_000) == text[:len(de.default_text(100_000))])
 
 
 def test_the_prose_corpus_is_the_pinned_packages_article_leads_in_title_order(monkeypatch):
@@ -63,17 +65,17 @@ def test_the_prose_corpus_is_the_pinned_packages_article_leads_in_title_order(mo
 @pytest.mark.slow  # takes long on its own
 def test_windows_of_the_corpus_are_the_first_tokens_of_its_whole_text():
     tok = lambda text, **kw: {"input_ids": [len(w) for w in text.split()]}  # noqa: E731
-    windows = corpus.make_windows(tok, corpus.default_text, n_tokens=50_000, ctx=100)
-    whole = tok(corpus.default_text(2_000_000))["input_ids"]
+    windows = de.make_windows(tok, de.default_text, n_tokens=50_000, ctx=100)
+    whole = tok(de.default_text(2_000_000))["input_ids"]
     assert windows.shape == (500, 100) and windows.flatten().tolist() == whole[:50_000]
 
 
 def test_device_and_output_errors(tmp_path):
     if not torch.cuda.is_available():
         with pytest.raises(de.DualencError, match="CUDA"):
-            runner.resolve_device("cuda")
+            de.resolve_device("cuda")
     with pytest.raises(de.DualencError, match="auto, cpu or cuda"):
-        runner.resolve_device("tpu")
+        de.resolve_device("tpu")
     blocker = tmp_path / "a_file"
     blocker.write_text("")
     with pytest.raises(de.DualencError, match="cannot write"):
@@ -87,7 +89,7 @@ def test_missing_model_raises():
         language_model.load_lm("missing.gguf", "cpu")
 
 
-@pytest.mark.parametrize("script", ["dualenc.py", "replicate.py"])
+@pytest.mark.parametrize("script", ["dualenc.py", "referee.runner", "referee"])
 @pytest.mark.parametrize("args, msg", [
     (["--k", "5000", "--features", "100"], "exceeds"),
     (["--model", "./nowhere/model"], "no such model folder"),
@@ -97,7 +99,7 @@ def test_missing_model_raises():
     (["--no-such-flag"], "unrecognized arguments"),
 ])
 def test_cli_bad_input_is_one_line_and_nonzero(script, args, msg, tmp_path):
-    out, runs = tmp_path / "run", Path(__file__).parent / "runs"
+    out, runs = tmp_path / "run", ROOT / "runs"
     before = set(runs.iterdir()) if runs.exists() else set()
     r = run_cli(script, *[str(out) if a == "OUT" else a for a in args])
     assert (set(runs.iterdir()) if runs.exists() else set()) == before  # no output folder made
@@ -111,7 +113,7 @@ def test_cli_flags_mirror_the_config():
     cfg = runner.parse_args(["--features", "128", "--k", "4", "--layer", "3", "--lr", "0.01"])
     assert (cfg.features, cfg.k, cfg.layer, cfg.lr, cfg.embed_dim) == (128, 4, 3, 0.01, 64)
     quick = runner.parse_args(["--quick", "--k", "8"])
-    assert quick.quick and quick.k == 8 and quick.tokens == runner.QUICK["tokens"]
+    assert quick.quick and quick.k == 8 and quick.tokens == de.QUICK["tokens"]
     assert runner.parse_args(["--resume", "runs/x", "--device", "cpu"]).resume == "runs/x"
     with pytest.raises(de.DualencError, match="only --device"):
         runner.parse_args(["--resume", "runs/x", "--epochs", "5"])
@@ -134,17 +136,70 @@ def test_paper_density_sets_the_papers_ratios_at_the_models_width(tiny_lm_folder
 
 @pytest.mark.slow  # the real SmolLM2
 def test_the_default_corpus_gives_five_million_smollm2_tokens():
-    _, tokenizer = language_model.load_lm(language_model.SMOLLM2, "cpu")
-    windows_NT = corpus.make_windows(tokenizer, corpus.default_text, 5_000_000, 1000)
+    _, tokenizer = language_model.load_lm(de.SMOLLM2, "cpu")
+    windows_NT = de.make_windows(tokenizer, de.default_text, 5_000_000, 1000)
     assert windows_NT.shape == (5000, 1000)
-    text = corpus.default_text(3_000_000)  # tokenised in pieces, as the whole at once
-    assert (corpus.tokenise(tokenizer, text, piece=200_000).tolist()
+    text = de.default_text(3_000_000)  # tokenised in pieces, as the whole at once
+    assert (de.tokenise(tokenizer, text, piece=200_000).tolist()
             == tokenizer(text, split_special_tokens=True)["input_ids"])
+
+
+def printed_table(stdout):
+    """dualenc.py's printed table: {model: {column: value}}."""
+    lines = stdout.splitlines()
+    header = lines.index(next(ln for ln in lines if ln.startswith("model ")))
+    columns = ["params", "mse", "fvu", "kl", "eps", "patho", "ce", "rec"]  # "kl eps", "ce rec"
+    rows = {}
+    for line in lines[header + 1:header + 4]:
+        name, *values = line.split()
+        rows[name] = dict(zip(columns, (float(v.replace(",", "")) for v in values)))
+    return rows
+
+
+@pytest.mark.slow  # the real SmolLM2
+def test_dualenc_py_copied_alone_prints_the_committed_quick_figures(tmp_path):
+    # The method file alone in an empty folder: no project module beside it, nothing written.
+    (tmp_path / "dualenc.py").write_bytes((ROOT / "dualenc.py").read_bytes())
+    r = subprocess.run([sys.executable, "dualenc.py", "--quick"], capture_output=True, text=True,
+                       cwd=tmp_path, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dualenc.py"]
+    printed = printed_table(r.stdout)
+    committed = json.loads((ROOT / "results/quick/results.json").read_text())
+    assert list(printed) == list(committed["models"]) == ["sae", "sequential", "joint"]
+    for name, m in committed["models"].items():  # to the printed digits, and machines' rounding
+        for column, key in (("mse", "mse"), ("fvu", "fvu"), ("kl", "kl"), ("ce", "ce"),
+                            ("rec", "ce_recovered"), ("eps", "kl_eps_random")):
+            assert printed[name][column] == pytest.approx(m[key], rel=2e-3, abs=1e-3), (name, key)
+    assert f"zero-ablation ce {committed['zero_ce']:.3f}" in r.stdout
+
+
+@pytest.mark.slow  # the real SmolLM2
+def test_the_readmes_api_example_runs_as_written():
+    readme = (ROOT / "README.md").read_text()
+    example = readme.split("```python\n", 1)[1].split("```", 1)[0]
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        exec(example, {})
+    fvu = float(printed.getvalue().split("'fvu': ")[1].split("}")[0])
+    kl, ce_recovered = map(float, printed.getvalue().splitlines()[-1].split())
+    assert 0 < fvu < 1 and 0 < kl and 0 < ce_recovered < 1
+
+
+@pytest.mark.slow  # runs test_dualenc.py once more, in another folder
+def test_test_dualenc_py_passes_beside_a_copied_dualenc_py(tmp_path):
+    for name in ("dualenc.py", "test_dualenc.py"):
+        (tmp_path / name).write_bytes((ROOT / name).read_bytes())
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                        "test_dualenc.py"], capture_output=True, text=True, cwd=tmp_path,
+                       timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:]
+    assert " passed" in r.stdout.splitlines()[-1] and "error" not in r.stdout.splitlines()[-1]
 
 
 @pytest.mark.slow  # the real SmolLM2
 def test_quick_run_of_the_method_on_smollm2_gives_the_committed_results(tmp_path):
-    r = run_cli("dualenc.py", "--quick", "--out", str(tmp_path))
+    r = run_cli("referee.runner", "--quick", "--out", str(tmp_path))
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.loads((tmp_path / "results.json").read_text())
     assert (res["data"]["d_model"] == 576 and res["data"]["layer"] == 15
@@ -163,12 +218,12 @@ def test_quick_run_of_the_method_on_smollm2_gives_the_committed_results(tmp_path
     # intervals and claims are the referee's
     assert "ci" not in res["models"]["sae"] and "claims" not in res
     assert "joint" in r.stdout and "steps per model" in r.stdout
-    # The committed quick run (results/quick, `python dualenc.py --quick --out results/quick`).
+    # The committed quick run (results/quick, `python -m referee.runner --quick --out results/quick`).
     # Machines of this project's kind round fp32 kernels differently (one with AMX moved the
     # massive-norm threshold by 3e-7 and the joint model's KL by 3.6e-4, relative), hence the
     # tolerances; its corpus is checked first, since another Python reads another text. Settings
     # added since take their defaults.
-    committed = json.loads((Path(__file__).parent / "results/quick/results.json").read_text())
+    committed = json.loads((ROOT / "results/quick/results.json").read_text())
     assert res["data"]["corpus_sha1"] == committed["data"]["corpus_sha1"], (
         f"the corpus differs from results/quick's (Python {committed['data']['python']} there, "
         f"{res['data']['python']} here; the default corpus is Python's docstrings): its numbers "
@@ -187,6 +242,18 @@ def test_quick_run_of_the_method_on_smollm2_gives_the_committed_results(tmp_path
             assert ours == pytest.approx(theirs, rel=2e-4)
     assert ((res["clean_ce"], res["zero_ce"])
             == pytest.approx((committed["clean_ce"], committed["zero_ce"])))
+
+
+def test_prepare_gives_each_held_out_token_its_window_and_the_curve_the_first_windows():
+    acts_NTD = torch.randn(20, 6, D)
+    split = de.split_windows(acts_NTD.norm(dim=-1), torch.arange(20).flip(0), 10.0, n_splice=1)
+    data = runner.prepare(split, torch.arange(120).view(20, 6),
+                          lambda w: acts_NTD[w][:, 1:].flatten(0, 1), torch.zeros(D), torch.ones(D),
+                          acts_NTD[split.splice_W], layer=1, n_blocks=2, curve_windows=1,
+                          corpus_sha1="")
+    assert (data.n_eval_windows, len(data.x_train), len(data.x_eval)) == (2, 18 * 5, 2 * 5)
+    assert data.eval_window.tolist() == [0] * 5 + [1] * 5 and data.eval_ids[0, 0] == 6
+    assert torch.equal(data.x_curve, acts_NTD[1, 1:])  # held-out window 0 is window 1
 
 
 # ----------------------------------------------------------------- checkpoints, resume, determinism
@@ -266,7 +333,7 @@ def test_layer_outside_the_model_fails_before_the_corpus_is_read(tiny_lm_folder,
         runner.main(["--model", tiny_lm_folder, "--layer", "999", "--out", str(tmp_path)])
     err = capsys.readouterr().err
     assert (exit_.value.code == 2
-            and err.strip() == "dualenc: error: --layer 999 is outside the model's blocks 0..3")
+            and err.strip() == "referee.runner: error: --layer 999 is outside the model's blocks 0..3")
 
 
 def test_the_method_run_trains_and_evaluates_its_three_models(tiny_method_run):
@@ -313,7 +380,7 @@ def test_resuming_on_another_text_fails_in_one_line(tiny_lm_folder, tmp_path, mo
     with pytest.raises(KeyboardInterrupt):
         runner.run(tiny_method_cfg(tiny_lm_folder, tmp_path))
     monkeypatch.setattr(de, "train_step", real_step)
-    other = corpus.default_text(100_000).replace(" the ", " a ")
+    other = de.default_text(100_000).replace(" the ", " a ")
     monkeypatch.setattr(corpus, "read_text", lambda *a: other)
     with pytest.raises(de.DualencError, match=r"^the text differs from the one .* was started on "
                                               r"\(its windows' sha1 \w{12}, now \w{12}; Python"):

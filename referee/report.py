@@ -13,9 +13,9 @@ import math
 
 import torch
 
-import runner
-import stages34 as s34
-import stats as st
+from referee import runner
+from referee import stages34 as s34
+from referee import stats as st
 
 
 # ----------------------------------------------------------------------------- figures

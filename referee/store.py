@@ -21,13 +21,9 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-import checkpoint
-import corpus
-import distributed
 import dualenc as de
-import language_model
-import runner
 from dualenc import DualencError
+from referee import checkpoint, corpus, distributed, language_model, runner
 
 
 # ----------------------------------------------------------------------------- activation store
@@ -284,11 +280,11 @@ def load_data(cfg, layer, device, parallel=None):
     """runner.load_data with the activations in a store (ActivationStore): extracted once per key
     and reused, the training and held-out tokens read from disk batch by batch (Tokens), so that
     memory does not grow with the number of tokens. The same split as runner's
-    (dualenc.split_windows of runner.window_order), z-scored with the training tokens' moments
+    (dualenc.split_windows of de.window_order), z-scored with the training tokens' moments
     streamed from disk. Under torchrun (`parallel`), the ranks extract the store together."""
     text = corpus.read_text(cfg.text, cfg.corpus)
     lm, tokenizer = language_model.load_lm(cfg.model, device)
-    windows_NT = corpus.make_windows(tokenizer, text, cfg.tokens, cfg.ctx)
+    windows_NT = de.make_windows(tokenizer, text, cfg.tokens, cfg.ctx)
     N, T = windows_NT.shape
     parallel = parallel or distributed.DataParallel()
     parallel.shared(lambda: made(Path(cfg.store)), "activation store")
@@ -298,10 +294,10 @@ def load_data(cfg, layer, device, parallel=None):
         store.extract(lm, windows_NT, layer, cfg.extract_precision, parallel)
     else:
         print(f"activations from the store {store.folder}", file=sys.stderr)
-    split = de.split_windows(store.norms(), runner.window_order(N, cfg.seed), cfg.outlier_factor,
+    split = de.split_windows(store.norms(), de.window_order(N, cfg.seed), cfg.outlier_factor,
                              cfg.splice_tokens // cfg.ctx)
     mean_D, std_D = (t.to(device) for t in streamed_moments(store, split.train_W, split.keep_NT))
-    data = de.prepare(split, windows_NT,
+    data = runner.prepare(split, windows_NT,
                       lambda w: Tokens(store, token_rows(w, split.keep_NT), mean_D, std_D),
                       mean_D, std_D, store.windows(split.splice_W.tolist()).to(device), layer,
                       len(de.decoder_blocks(lm)), cfg.curve_windows,

@@ -6,12 +6,12 @@ model, no language model."""
 
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
 
-import stats as st
+from referee import stats as st
+from conftest import ROOT
 
 
 # ----------------------------------------------------------------------------- intervals
@@ -442,7 +442,7 @@ def test_cells_dealt_at_random_within_items_never_hold(seed, one_thread):
     assert any_holds(st.judge_items(A_ICF, plan, nulls))  # the labels as written do hold
 
 
-COMMITTED_PLAN = Path(__file__).parent / "results" / "prose3" / "stage34_plan.json"
+COMMITTED_PLAN = ROOT / "results" / "prose3" / "stage34_plan.json"
 
 
 def real_features(route, n=4):

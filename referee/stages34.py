@@ -1,5 +1,5 @@
 """stages34: the paper's stages 3-4 (docs/method.md §13) on a trained joint model, with a referee's
-controls. `python replicate.py --stage34` runs them after the run's evaluation (or, with --eval-only
+controls. `python -m referee --stage34` runs them after the run's evaluation (or, with --eval-only
 RUN_DIR, on a finished run). It imports dualenc, stats, checkpoint (the secondary SAE's folder)
 and runner (its metadata); replicate.py imports it, never the other way. Sections, in the order
 data flows:
@@ -32,10 +32,9 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-import checkpoint
 import dualenc as de
-import runner
-import stats as st
+from referee import checkpoint, runner
+from referee import stats as st
 
 
 # ----------------------------------------------------------------------------- secondary SAE
@@ -84,7 +83,7 @@ def train_secondary(joint, x_train_ND, x_eval_ND, cfg, paper_density=False, eval
     secondary = de.DualEncoder(sae, None, mean_M, std_M).to(x_train_ND.device)
     z_train_NM = h_train_NM.sub_(mean_M).div_(std_M)  # secondary.normalize, in place: one copy
     z_eval_NM = secondary.normalize(interaction_hidden(joint, x_eval_ND))
-    z_curve_NM = z_eval_NM if eval_window_N is None else de.curve_subset(
+    z_curve_NM = z_eval_NM if eval_window_N is None else runner.curve_subset(
         z_eval_NM, eval_window_N, cfg.curve_windows)
     curve = de.train_sae(secondary, z_train_NM, z_curve_NM, cfg, name="secondary")
     return secondary, curve, z_eval_NM
@@ -200,7 +199,7 @@ def stage3(lm, joint, data, cfg, folder, generator):
 
 # ----------------------------------------------------------------------------- stimuli
 
-DEFAULT_STIMULI = "stimuli.json"  # beside dualenc.py: dualenc's own 2 x 2 design
+DEFAULT_STIMULI = "stimuli.json"  # beside this file: the referee's own 2 x 2 design
 
 
 MIN_ITEMS = 8  # matched items a design needs: the items' t has at least 7 degrees of freedom

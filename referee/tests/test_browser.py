@@ -11,11 +11,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-import browser
-import checkpoint
 import dualenc as de
-import replicate as rp
-import runner
+from referee import browser, checkpoint, runner
+from referee import replicate as rp
 from conftest import tiny_run_cfg
 
 

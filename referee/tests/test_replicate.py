@@ -10,12 +10,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import checkpoint
-import corpus
 import dualenc as de
-import replicate as rp
-import report as rep
-import runner
+from referee import checkpoint, corpus, runner
+from referee import replicate as rp
+from referee import report as rep
 from conftest import D, FEATS, K, M, interrupt_training_at, tiny_run_cfg
 
 
