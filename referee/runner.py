@@ -45,7 +45,7 @@ class RunConfig(de.Config):
     RUN_FLAGS = ("device", "rank_timeout", "resume", "eval_only")
     POSITIVE = (*de.Config.POSITIVE, "curve_windows", "rank_timeout")
     PROG, COMMAND = "referee.runner", "python -m referee.runner"
-    DESCRIPTION = __doc__.split("\n\n")[0]  # what --help says first
+    DESCRIPTION = sys.modules[__name__].__doc__.split("\n\n")[0]  # the module's, for --help
 
     text: str | None = setting(None, ".txt file or folder of them (default: --corpus)", "PATH")
     out: str | None = setting(None, "output folder (default: runs/<timestamp>)", "DIR")
@@ -395,7 +395,7 @@ def format_models(report):
 # ----------------------------------------------------------------------------- command line
 
 def run(cfg, parallel=None):
-    """python -m referee.runner: check the inputs; extract; train sae, sequential and joint on the same
+    """python -m referee.runner: check the inputs; extract; train sae, sequential and joint on the
     data, batches and steps; evaluate them; write results.json, curves.png and their checkpoints;
     print the table. cfg.resume continues an interrupted run, cfg.eval_only trains nothing.
     `parallel` (distributed.start's, under torchrun): its ranks train together, each extracting

@@ -1,7 +1,7 @@
 """training: the referee's training loop, dualenc.fit with what long runs need besides.
 
 dualenc.fit is the method's loop: one process, one run from step 0 to the end. This one runs the
-same steps, on the same batches, to the same bits in one process (tested), and adds: resuming from
+same steps, on the same batches, to the same bits in one process on the CPU (tested), and adds: resuming from
 a saved state, stopping early (`until`) or ending the schedule elsewhere (`length`), a callback
 at each evaluation, wsd decay branches (a checkpoint as a finished model of its length), and data
 parallelism over torchrun's ranks through `parallel` (distributed.DataParallel; OneProcess here).
@@ -49,7 +49,7 @@ def share_dropout(model, share):
     """Every NFM of `model` drops with SharedDropout of this share of the global batch."""
     for module in model.modules():
         if isinstance(module, de.NFM):
-            module.dropout = SharedDropout(module.config["dropout"], share)
+            module.dropout = SharedDropout(module.config["dropout"], share).train(module.training)
 
 
 class OneProcess:

@@ -125,8 +125,10 @@ def test_a_batch_that_two_ranks_cannot_share_evenly_runs_and_says_what_it_drops(
 
 def test_bad_input_under_torchrun_is_one_line(tiny_lm_folder, tmp_path):
     for bad in (["--k", "0"], ["--layer", "9"]):  # refused before, and after, the ranks meet
-        done, _ = torchrun("referee.runner", *flags(tiny_method_cfg(tiny_lm_folder, tmp_path)), *bad)
-        assert done.returncode != 0 and len(our_lines(done.stderr, "referee.runner")) == 1, done.stderr
+        cfg = tiny_method_cfg(tiny_lm_folder, tmp_path)
+        done, _ = torchrun("referee.runner", *flags(cfg), *bad)
+        lines = our_lines(done.stderr, "referee.runner")
+        assert done.returncode != 0 and len(lines) == 1, done.stderr
 
 
 @pytest.mark.slow  # takes long on its own: three jobs

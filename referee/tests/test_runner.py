@@ -1,6 +1,6 @@
 """Tests of referee/runner.py: text and corpus, loading the LM, checkpoints, run folders, resume
-and eval-only, the command line; and dualenc.py copied alone. The tiny LM folder and the tiny method run are conftest.py's,
-shared with test_replicate.py."""
+and eval-only, the command line; and dualenc.py copied alone. The tiny LM folder and the tiny
+method run are conftest.py's, shared with test_replicate.py."""
 
 import contextlib
 import dataclasses
@@ -218,7 +218,8 @@ def test_quick_run_of_the_method_on_smollm2_gives_the_committed_results(tmp_path
     # intervals and claims are the referee's
     assert "ci" not in res["models"]["sae"] and "claims" not in res
     assert "joint" in r.stdout and "steps per model" in r.stdout
-    # The committed quick run (results/quick, `python -m referee.runner --quick --out results/quick`).
+    # The committed quick run (results/quick:
+    # `python -m referee.runner --quick --out results/quick`).
     # Machines of this project's kind round fp32 kernels differently (one with AMX moved the
     # massive-norm threshold by 3e-7 and the joint model's KL by 3.6e-4, relative), hence the
     # tolerances; its corpus is checked first, since another Python reads another text. Settings
@@ -333,7 +334,8 @@ def test_layer_outside_the_model_fails_before_the_corpus_is_read(tiny_lm_folder,
         runner.main(["--model", tiny_lm_folder, "--layer", "999", "--out", str(tmp_path)])
     err = capsys.readouterr().err
     assert (exit_.value.code == 2
-            and err.strip() == "referee.runner: error: --layer 999 is outside the model's blocks 0..3")
+            and err.strip()
+            == "referee.runner: error: --layer 999 is outside the model's blocks 0..3")
 
 
 def test_the_method_run_trains_and_evaluates_its_three_models(tiny_method_run):
